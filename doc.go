@@ -1,0 +1,13 @@
+// Package mailroom holds what the outbox, relay and inbox packages share:
+// the table names (Tables) and the schema migrations (Migrate).
+//
+// Run Migrate once at deploy time (or `mailroom-relay migrate`); production
+// code paths never create tables on their own.
+//
+//	if err := mailroom.Migrate(ctx, db, mailroom.Tables{}); err != nil {
+//		return err
+//	}
+//
+// The SQL lives in migrations/ with the default table names, ready to copy
+// into golang-migrate or goose.
+package mailroom

@@ -1,0 +1,261 @@
+// Package testenv gives each test its own PostgreSQL schema and its own
+// RabbitMQ names on the real local services, and cleans them up after.
+//
+// Under CI=true a missing service fails the test with the command that starts
+// it; elsewhere the test is skipped with that message.
+package testenv
+
+import (
+	"context"
+	"crypto/rand"
+	"database/sql"
+	"encoding/hex"
+	"fmt"
+	"net/url"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jmoiron/sqlx"
+	_ "github.com/lib/pq" // the driver under test
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/mailroom-go/mailroom"
+)
+
+// Defaults for the local services of a development machine.
+const (
+	DefaultDatabaseURL = "postgres://root@127.0.0.1:5432/test?sslmode=disable"
+	DefaultAMQPURL     = "amqp://guest:guest@127.0.0.1:5672/"
+)
+
+const (
+	startPostgres = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+	startRabbit   = "rabbitmq-server -detached (or `rabbitmqctl start_app` if the node runs)"
+)
+
+// DatabaseURL is $DATABASE_URL or the local default.
+func DatabaseURL() string { return envOr("DATABASE_URL", DefaultDatabaseURL) }
+
+// AMQPURL is $AMQP_URL or the local default.
+func AMQPURL() string { return envOr("AMQP_URL", DefaultAMQPURL) }
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}
+
+// Unavailable fails (CI=true) or skips the test because a service is missing.
+func Unavailable(t testing.TB, what string, err error, start string) {
+	t.Helper()
+	msg := fmt.Sprintf("%s not reachable: %v; start it with: %s", what, err, start)
+	if os.Getenv("CI") == "true" {
+		t.Fatal(msg)
+	}
+	t.Skip(msg)
+}
+
+// Unique returns prefix plus a random suffix, for schema, exchange and queue
+// names that never collide between parallel tests.
+func Unique(prefix string) string {
+	b := make([]byte, 6)
+	_, _ = rand.Read(b)
+	return prefix + "_" + hex.EncodeToString(b)
+}
+
+// Schema is a test's own PostgreSQL schema with the mailroom tables in it.
+type Schema struct {
+	Name string
+	URL  string   // DATABASE_URL with search_path set to the schema
+	DB   *sqlx.DB // connected through URL
+}
+
+// NewSchema creates a fresh schema, migrates the mailroom tables into it and
+// drops it when the test ends.
+func NewSchema(t testing.TB) *Schema {
+	t.Helper()
+	s := NewEmptySchema(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := mailroom.Migrate(ctx, s.DB.DB, mailroom.Tables{}); err != nil {
+		t.Fatalf("migrate: %v", err)
+	}
+	return s
+}
+
+// NewEmptySchema is NewSchema without the migration.
+func NewEmptySchema(t testing.TB) *Schema {
+	t.Helper()
+	admin, err := sql.Open("postgres", DatabaseURL())
+	if err != nil {
+		t.Fatalf("open %s: %v", Redact(DatabaseURL()), err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := admin.PingContext(ctx); err != nil {
+		admin.Close()
+		Unavailable(t, "PostgreSQL at "+Redact(DatabaseURL()), err, startPostgres)
+	}
+	name := Unique("t")
+	if _, err := admin.ExecContext(ctx, `CREATE SCHEMA `+name); err != nil {
+		admin.Close()
+		t.Fatalf("create schema: %v", err)
+	}
+	u, err := WithSearchPath(DatabaseURL(), name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	db, err := sqlx.Open("postgres", u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		db.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if _, err := admin.ExecContext(ctx, `DROP SCHEMA `+name+` CASCADE`); err != nil {
+			t.Errorf("drop schema %s: %v", name, err)
+		}
+		admin.Close()
+	})
+	return &Schema{Name: name, URL: u, DB: db}
+}
+
+// WithSearchPath returns a lib/pq URL whose connections use schema first.
+func WithSearchPath(dbURL, schema string) (string, error) {
+	u, err := url.Parse(dbURL)
+	if err != nil {
+		return "", fmt.Errorf("DATABASE_URL is not a URL: %v", err)
+	}
+	q := u.Query()
+	q.Set("search_path", schema)
+	u.RawQuery = q.Encode()
+	return u.String(), nil
+}
+
+// WithAppName returns a lib/pq URL whose sessions carry application_name, so
+// a fault test can pg_terminate_backend exactly its own sessions.
+func WithAppName(dbURL, name string) string {
+	u, err := url.Parse(dbURL)
+	if err != nil {
+		return dbURL
+	}
+	q := u.Query()
+	q.Set("application_name", name)
+	u.RawQuery = q.Encode()
+	return u.String()
+}
+
+// Redact hides the password of a URL for messages.
+func Redact(s string) string {
+	u, err := url.Parse(s)
+	if err != nil {
+		return "(unparsable URL)"
+	}
+	return u.Redacted()
+}
+
+// Broker is a test's connection to RabbitMQ plus the names it declared.
+type Broker struct {
+	URL  string
+	Conn *amqp.Connection
+	t    testing.TB
+}
+
+// NewBroker connects to RabbitMQ and closes the connection when the test ends.
+func NewBroker(t testing.TB) *Broker {
+	t.Helper()
+	conn, err := Dial(AMQPURL(), Unique("test"))
+	if err != nil {
+		Unavailable(t, "RabbitMQ at "+Redact(AMQPURL()), err, startRabbit)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return &Broker{URL: AMQPURL(), Conn: conn, t: t}
+}
+
+// Dial connects with a connection_name, which `rabbitmqctl list_connections
+// client_properties` shows, so fault tests close only their own connections.
+func Dial(amqpURL, name string) (*amqp.Connection, error) {
+	cfg := amqp.Config{Properties: amqp.NewConnectionProperties(), Heartbeat: 10 * time.Second}
+	cfg.Properties.SetClientConnectionName(name)
+	return amqp.DialConfig(amqpURL, cfg)
+}
+
+// Channel opens a channel closed when the test ends.
+func (b *Broker) Channel() *amqp.Channel {
+	b.t.Helper()
+	ch, err := b.Conn.Channel()
+	if err != nil {
+		b.t.Fatalf("open channel: %v", err)
+	}
+	b.t.Cleanup(func() { ch.Close() })
+	return ch
+}
+
+// Exchange declares a durable topic exchange with a unique name and deletes
+// it when the test ends.
+func (b *Broker) Exchange() string {
+	b.t.Helper()
+	name := Unique("ex")
+	ch := b.Channel()
+	if err := ch.ExchangeDeclare(name, "topic", true, false, false, false, nil); err != nil {
+		b.t.Fatalf("declare exchange: %v", err)
+	}
+	b.t.Cleanup(func() { b.cleanup(func(ch *amqp.Channel) error { return ch.ExchangeDelete(name, false, false) }) })
+	return name
+}
+
+// Queue declares a durable classic queue with a unique name, bound to
+// exchange with routing key pattern (when exchange is not ""), and deletes it
+// when the test ends.
+func (b *Broker) Queue(exchange, pattern string, args amqp.Table) string {
+	b.t.Helper()
+	name := Unique("q")
+	ch := b.Channel()
+	if _, err := ch.QueueDeclare(name, true, false, false, false, args); err != nil {
+		b.t.Fatalf("declare queue: %v", err)
+	}
+	b.t.Cleanup(func() {
+		b.cleanup(func(ch *amqp.Channel) error { _, err := ch.QueueDelete(name, false, false, false); return err })
+	})
+	if exchange != "" {
+		if err := ch.QueueBind(name, pattern, exchange, false, nil); err != nil {
+			b.t.Fatalf("bind queue: %v", err)
+		}
+	}
+	return name
+}
+
+// cleanup runs on a fresh connection: the test may have broken its own.
+func (b *Broker) cleanup(f func(*amqp.Channel) error) {
+	conn, err := Dial(b.URL, "test-cleanup")
+	if err != nil {
+		b.t.Errorf("cleanup: connect: %v", err)
+		return
+	}
+	defer conn.Close()
+	ch, err := conn.Channel()
+	if err != nil {
+		b.t.Errorf("cleanup: channel: %v", err)
+		return
+	}
+	if err := f(ch); err != nil && !strings.Contains(err.Error(), "NOT_FOUND") {
+		b.t.Errorf("cleanup: %v", err)
+	}
+}
+
+// Eventually polls cond until it returns true or the deadline passes.
+// A condition with a deadline, never a sleep, is how tests synchronise.
+func Eventually(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

@@ -1,0 +1,95 @@
+package mailroom_test
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/internal/testenv"
+)
+
+func TestMigrateTwiceAndConcurrently(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewEmptySchema(t)
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	errs := make([]error, 4)
+	for i := range errs {
+		wg.Add(1)
+		go func() { defer wg.Done(); errs[i] = mailroom.Migrate(ctx, s.DB.DB, mailroom.Tables{}) }()
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			t.Fatalf("concurrent migrate: %v", err)
+		}
+	}
+	// Again on a database that already has the latest version.
+	if err := mailroom.Migrate(ctx, s.DB.DB, mailroom.Tables{}); err != nil {
+		t.Fatal(err)
+	}
+	applied, latest, err := mailroom.SchemaVersion(ctx, s.DB.DB, mailroom.Tables{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if applied != latest || latest < 1 {
+		t.Fatalf("applied %d, latest %d", applied, latest)
+	}
+	var records int
+	if err := s.DB.Get(&records, `SELECT count(*) FROM mailroom_schema_migrations`); err != nil {
+		t.Fatal(err)
+	}
+	if records != latest {
+		t.Fatalf("%d version records, want one per version (%d)", records, latest)
+	}
+	var tables []string
+	if err := s.DB.Select(&tables, `SELECT table_name FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1`, s.Name); err != nil {
+		t.Fatal(err)
+	}
+	want := "mailroom_inbox mailroom_outbox mailroom_outbox_dead mailroom_outbox_published mailroom_schema_migrations"
+	if got := strings.Join(tables, " "); got != want {
+		t.Fatalf("tables %q, want %q", got, want)
+	}
+}
+
+func TestMigrateCustomNames(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewEmptySchema(t)
+	ctx := context.Background()
+	// Two table sets side by side in one schema: index names must not collide.
+	for _, tb := range []mailroom.Tables{{Outbox: s.Name + ".events", Inbox: "seen"}, {Outbox: "events2", Inbox: "seen2"}} {
+		if err := mailroom.Migrate(ctx, s.DB.DB, tb); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var idx []string
+	if err := s.DB.Select(&idx, `SELECT indexname FROM pg_indexes WHERE schemaname = $1 AND indexname LIKE 'events%' ORDER BY 1`, s.Name); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"events_available_idx", "events2_available_idx", "events_dead_id_idx", "events2_key_idx"} {
+		found := false
+		for _, i := range idx {
+			found = found || i == want
+		}
+		if !found {
+			t.Errorf("index %s missing; have %v", want, idx)
+		}
+	}
+}
+
+func TestTablesRejectHostileNames(t *testing.T) {
+	t.Parallel()
+	for _, tb := range []mailroom.Tables{
+		{Outbox: `x"; DROP SCHEMA public CASCADE; --`},
+		{Inbox: "a b"},
+		{Dead: "a.b.c"},
+		{Migrations: "1x"},
+		{Outbox: strings.Repeat("o", 60)}, // the derived _dead name would be truncated by PostgreSQL
+	} {
+		if _, err := tb.Resolve(); err == nil {
+			t.Errorf("%+v accepted", tb)
+		}
+	}
+}

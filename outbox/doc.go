@@ -1,0 +1,26 @@
+// Package outbox is the write side of mailroom: it stores events in the
+// outbox table inside the caller's own database transaction, so an event
+// exists if and only if the business change that produced it committed.
+//
+//	ob, err := outbox.New(outbox.Config{}) // table "mailroom_outbox"
+//	…
+//	tx, _ := db.BeginTx(ctx, nil)
+//	_, _ = tx.ExecContext(ctx, `INSERT INTO orders …`)
+//	err = ob.Add(ctx, tx, outbox.Message{
+//		Exchange: "orders", RoutingKey: "order.placed", Key: orderID,
+//		Type: "order.placed", Payload: body,
+//	})
+//	…
+//	err = tx.Commit()
+//
+// Add validates every message before it touches the database (errors wrap
+// ErrInvalidMessage and name the message index and field), writes all of
+// them with one INSERT, and by default sends a NOTIFY in the same statement
+// so a listening relay publishes within milliseconds of the commit. The relay
+// package moves the rows to RabbitMQ; run mailroom.Migrate (or
+// `mailroom-relay migrate`) first to create the tables.
+//
+// Message ids are UUIDs; Add generates time-ordered UUIDv7 ids when ID is
+// empty. Ids must be unique: consumers deduplicate by id, so a reused id
+// is treated as a duplicate delivery.
+package outbox

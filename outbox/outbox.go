@@ -1,0 +1,230 @@
+package outbox
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/lib/pq"
+
+	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/internal/sqlident"
+)
+
+// Message is one event to publish. Only Payload and a route (Exchange and/or
+// RoutingKey) are required.
+type Message struct {
+	ID          string            // UUID string; Add generates a time-ordered UUID (v7) when empty
+	Exchange    string            // RabbitMQ exchange ("" = default exchange, which routes to the queue named RoutingKey)
+	RoutingKey  string            // at most 255 bytes
+	Key         string            // ordering key (e.g. aggregate id); "" = no ordering constraint; at most 255 bytes
+	Type        string            // event type, becomes the AMQP `type` property
+	ContentType string            // default "application/json" (then Payload must be valid JSON)
+	Headers     map[string]string // become AMQP headers; names starting with "x-mailroom-" are reserved
+	Payload     []byte            // at most Config.MaxPayloadBytes
+	AvailableAt time.Time         // zero = now; later = delayed delivery
+}
+
+// Execer is satisfied by *sql.Tx, *sqlx.Tx, *sql.DB, *sqlx.DB, *sql.Conn.
+// Pass the transaction of the business change: the message then exists if
+// and only if that transaction commits.
+type Execer interface {
+	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+}
+
+// ErrInvalidMessage is wrapped by every validation error of Add; the error
+// text names the message index, the field and what to do.
+var ErrInvalidMessage = errors.New("outbox: invalid message")
+
+// DefaultMaxPayloadBytes is the default payload limit: 1 MiB. RabbitMQ
+// accepts far more (max_message_size: 128 MiB on 3.10, 16 MiB from 3.13),
+// but large payloads in a queue table and on a confirm channel hurt every
+// other message; store big blobs elsewhere and send a reference.
+const DefaultMaxPayloadBytes = 1 << 20
+
+// ReservedHeaderPrefix marks headers mailroom sets itself (x-mailroom-key).
+const ReservedHeaderPrefix = "x-mailroom-"
+
+// Config configures an Outbox. The zero value is valid.
+type Config struct {
+	// Table is the outbox table, "table" or "schema.table".
+	// Default "mailroom_outbox" (resolved through search_path).
+	Table string
+	// MaxPayloadBytes rejects larger payloads. Default DefaultMaxPayloadBytes;
+	// at most 128 MiB (RabbitMQ's own ceiling).
+	MaxPayloadBytes int
+	// DisableNotify turns off the NOTIFY that Add sends so a listening relay
+	// wakes within milliseconds. Turn it off behind PgBouncer in transaction
+	// mode (LISTEN cannot work there) or when NOTIFY's commit-time lock costs
+	// more than the relay's poll interval of latency; the relay still polls.
+	DisableNotify bool
+}
+
+// Outbox writes messages into the outbox table inside the caller's
+// transaction. It is safe for concurrent use.
+type Outbox struct {
+	table      sqlident.Name
+	maxPayload int
+	insert     string
+}
+
+// New validates cfg and prepares the insert statement.
+func New(cfg Config) (*Outbox, error) {
+	t := cfg.Table
+	if t == "" {
+		t = mailroom.DefaultOutboxTable
+	}
+	table, err := sqlident.Parse(t)
+	if err != nil {
+		return nil, fmt.Errorf("outbox: Config.Table: %w", err)
+	}
+	switch {
+	case cfg.MaxPayloadBytes == 0:
+		cfg.MaxPayloadBytes = DefaultMaxPayloadBytes
+	case cfg.MaxPayloadBytes < 0 || cfg.MaxPayloadBytes > 128<<20:
+		return nil, fmt.Errorf("outbox: Config.MaxPayloadBytes %d: must be between 1 and %d (128 MiB, RabbitMQ's limit); 0 means the 1 MiB default", cfg.MaxPayloadBytes, 128<<20)
+	}
+	return &Outbox{table: table, maxPayload: cfg.MaxPayloadBytes, insert: insertSQL(table, !cfg.DisableNotify)}, nil
+}
+
+// Channel is the NOTIFY channel of the outbox table: its name as configured.
+// The relay LISTENs on the same channel.
+func Channel(table sqlident.Name) string { return table.String() }
+
+// insertSQL is one statement for any number of messages: the columns arrive
+// as parallel arrays and unnest turns them into rows. The NOTIFY rides in the
+// same statement (no extra round trip); PostgreSQL folds repeated NOTIFYs of
+// one transaction into one.
+func insertSQL(table sqlident.Name, notify bool) string {
+	q := `INSERT INTO ` + table.Quoted() + ` (id, exchange, routing_key, key, type, content_type, headers, payload, available_at)
+SELECT id, exchange, routing_key, key, type, content_type, headers, payload, coalesce(available_at, now())
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::jsonb[], $8::bytea[], $9::timestamptz[])
+  AS m(id, exchange, routing_key, key, type, content_type, headers, payload, available_at)`
+	if !notify {
+		return q
+	}
+	return `WITH ins AS (` + q + `) SELECT pg_notify($10, '')`
+}
+
+// Add validates msgs and inserts them with one statement through tx. It
+// never begins or commits a transaction: pass the transaction that holds the
+// business change. Nothing is written when any message is invalid.
+func (o *Outbox) Add(ctx context.Context, tx Execer, msgs ...Message) error {
+	if len(msgs) == 0 {
+		return nil
+	}
+	n := len(msgs)
+	var (
+		ids, exchanges, routingKeys, keys, types, contentTypes = make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+		headers                                                = make([]sql.NullString, n)
+		payloads                                               = make([][]byte, n)
+		available                                              = make([]sql.NullTime, n)
+	)
+	for i, m := range msgs {
+		id, err := o.validate(i, &m)
+		if err != nil {
+			return err
+		}
+		ids[i], exchanges[i], routingKeys[i], keys[i], types[i], contentTypes[i] = id, m.Exchange, m.RoutingKey, m.Key, m.Type, m.ContentType
+		if len(m.Headers) > 0 {
+			b, err := json.Marshal(m.Headers)
+			if err != nil {
+				return fmt.Errorf("%w: message %d: Headers: %v", ErrInvalidMessage, i, err)
+			}
+			headers[i] = sql.NullString{String: string(b), Valid: true}
+		}
+		payloads[i] = m.Payload
+		if payloads[i] == nil {
+			payloads[i] = []byte{}
+		}
+		if !m.AvailableAt.IsZero() {
+			available[i] = sql.NullTime{Time: m.AvailableAt, Valid: true}
+		}
+	}
+	args := []any{
+		pq.StringArray(ids), pq.StringArray(exchanges), pq.StringArray(routingKeys), pq.StringArray(keys),
+		pq.StringArray(types), pq.StringArray(contentTypes), pq.GenericArray{A: headers},
+		pq.ByteaArray(payloads), pq.GenericArray{A: available},
+	}
+	if strings.HasPrefix(o.insert, "WITH") {
+		args = append(args, Channel(o.table))
+	}
+	if _, err := tx.ExecContext(ctx, o.insert, args...); err != nil {
+		return fmt.Errorf("outbox: insert %d message(s) into %s: %w", n, o.table, err)
+	}
+	return nil
+}
+
+// NewID returns a new time-ordered (v7) message id, for callers that want to
+// know the id before Add.
+func NewID() string { return uuid.Must(uuid.NewV7()).String() }
+
+// validate checks m, fills its defaults and returns its canonical id.
+func (o *Outbox) validate(i int, m *Message) (string, error) {
+	bad := func(field, format string, args ...any) error {
+		return fmt.Errorf("%w: message %d: %s: %s", ErrInvalidMessage, i, field, fmt.Sprintf(format, args...))
+	}
+	id := NewID()
+	if m.ID != "" {
+		u, err := uuid.Parse(m.ID)
+		if err != nil {
+			return "", bad("ID", "%q is not a UUID (leave it empty and Add generates a UUIDv7)", m.ID)
+		}
+		id = u.String()
+	}
+	if m.Exchange == "" && m.RoutingKey == "" {
+		return "", bad("RoutingKey", "empty with the default exchange, which routes by queue name: set Exchange, or RoutingKey to the target queue")
+	}
+	if err := shortString(m.Exchange); err != nil {
+		return "", bad("Exchange", "%v", err)
+	}
+	for _, c := range m.Exchange {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.ContainsRune("-_.:", c)) {
+			return "", bad("Exchange", "%q has %q; AMQP exchange names use letters, digits, '-', '_', '.' and ':'", m.Exchange, c)
+		}
+	}
+	for _, f := range [...]struct{ name, v string }{{"RoutingKey", m.RoutingKey}, {"Key", m.Key}, {"Type", m.Type}, {"ContentType", m.ContentType}} {
+		if err := shortString(f.v); err != nil {
+			return "", bad(f.name, "%v", err)
+		}
+	}
+	if m.ContentType == "" {
+		m.ContentType = "application/json"
+	}
+	for name := range m.Headers {
+		if name == "" {
+			return "", bad("Headers", "empty header name")
+		}
+		if err := shortString(name); err != nil {
+			return "", bad("Headers", "name: %v", err)
+		}
+		if strings.HasPrefix(strings.ToLower(name), ReservedHeaderPrefix) {
+			return "", bad("Headers", "%q: names starting with %q are reserved by mailroom (use Message.Key for the ordering key)", name, ReservedHeaderPrefix)
+		}
+	}
+	if len(m.Payload) > o.maxPayload {
+		return "", bad("Payload", "%d bytes is over the %d-byte limit (Config.MaxPayloadBytes); store large data elsewhere and send a reference", len(m.Payload), o.maxPayload)
+	}
+	if m.ContentType == "application/json" && !json.Valid(m.Payload) {
+		return "", bad("Payload", "not valid JSON, but ContentType is application/json (the default); fix the payload or set ContentType")
+	}
+	return id, nil
+}
+
+// shortString enforces AMQP's 255-byte shortstr limit, which applies to the
+// exchange, routing key, type, content type and header names; the ordering
+// key travels as a header value but is indexed, so it gets the same limit.
+func shortString(s string) error {
+	if len(s) > 255 {
+		return fmt.Errorf("%d bytes is over the 255-byte limit", len(s))
+	}
+	if strings.ContainsRune(s, 0) {
+		return fmt.Errorf("contains a NUL byte")
+	}
+	return nil
+}

@@ -1,0 +1,300 @@
+package outbox_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/mailroom-go/mailroom/internal/testenv"
+	"github.com/mailroom-go/mailroom/outbox"
+)
+
+func newOutbox(t *testing.T, cfg outbox.Config) *outbox.Outbox {
+	t.Helper()
+	ob, err := outbox.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ob
+}
+
+func count(t *testing.T, s *testenv.Schema) int {
+	t.Helper()
+	var n int
+	if err := s.DB.Get(&n, `SELECT count(*) FROM mailroom_outbox`); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func msg(i int) outbox.Message {
+	return outbox.Message{Exchange: "orders", RoutingKey: "order.placed", Type: "order.placed", Payload: []byte(fmt.Sprintf(`{"n":%d}`, i))}
+}
+
+func TestRollbackLeavesNoRow(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	ob := newOutbox(t, outbox.Config{})
+	ctx := context.Background()
+	tx, err := s.DB.BeginTx(ctx, nil) // *sql.Tx
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ob.Add(ctx, tx, msg(1), msg(2)); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Rollback(); err != nil {
+		t.Fatal(err)
+	}
+	if n := count(t, s); n != 0 {
+		t.Fatalf("after rollback: %d rows, want 0", n)
+	}
+}
+
+func TestCommitLeavesExactlyTheRows(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	ob := newOutbox(t, outbox.Config{})
+	ctx := context.Background()
+	tx := s.DB.MustBeginTx(ctx, nil) // *sqlx.Tx
+	id := outbox.NewID()
+	later := time.Now().Add(time.Hour).Truncate(time.Microsecond)
+	in := outbox.Message{
+		ID: strings.ToUpper(id), Exchange: "orders", RoutingKey: "order.placed", Key: "order-7",
+		Type: "order.placed", ContentType: "text/plain", Headers: map[string]string{"tenant": `a"b\c`},
+		Payload: []byte("hello \x00 bytes"), AvailableAt: later,
+	}
+	if err := ob.Add(ctx, tx, in, msg(2)); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	var rows []struct {
+		ID          string    `db:"id"`
+		Exchange    string    `db:"exchange"`
+		RoutingKey  string    `db:"routing_key"`
+		Key         string    `db:"key"`
+		Type        string    `db:"type"`
+		ContentType string    `db:"content_type"`
+		Headers     *string   `db:"headers"`
+		Payload     []byte    `db:"payload"`
+		AvailableAt time.Time `db:"available_at"`
+		CreatedAt   time.Time `db:"created_at"`
+		Attempts    int       `db:"attempts"`
+	}
+	if err := s.DB.Select(&rows, `SELECT id, exchange, routing_key, key, type, content_type, headers::text AS headers, payload, available_at, created_at, attempts FROM mailroom_outbox ORDER BY seq`); err != nil {
+		t.Fatal(err)
+	}
+	if len(rows) != 2 {
+		t.Fatalf("%d rows, want 2", len(rows))
+	}
+	r := rows[0]
+	if r.ID != id || r.Exchange != "orders" || r.RoutingKey != "order.placed" || r.Key != "order-7" || r.Type != "order.placed" ||
+		r.ContentType != "text/plain" || string(r.Payload) != "hello \x00 bytes" || !r.AvailableAt.Equal(later) || r.Attempts != 0 {
+		t.Fatalf("row 0 = %+v", r)
+	}
+	if r.Headers == nil || *r.Headers != `{"tenant": "a\"b\\c"}` {
+		t.Fatalf("headers = %v", r.Headers)
+	}
+	if rows[1].ContentType != "application/json" || rows[1].Headers != nil || rows[1].Key != "" {
+		t.Fatalf("row 1 defaults = %+v", rows[1])
+	}
+	if d := rows[1].AvailableAt.Sub(rows[1].CreatedAt); d != 0 {
+		t.Fatalf("zero AvailableAt should mean now (created_at), differs by %s", d)
+	}
+	if _, err := uuid.Parse(string(rows[1].ID)); err != nil {
+		t.Fatalf("generated id %q: %v", rows[1].ID, err)
+	}
+}
+
+func TestThousandMessagesInOneAdd(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	ob := newOutbox(t, outbox.Config{})
+	ctx := context.Background()
+	msgs := make([]outbox.Message, 1000)
+	for i := range msgs {
+		msgs[i] = msg(i)
+	}
+	tx := s.DB.MustBeginTx(ctx, nil)
+	if err := ob.Add(ctx, tx, msgs...); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	var payloads []string
+	if err := s.DB.Select(&payloads, `SELECT convert_from(payload, 'UTF8') FROM mailroom_outbox ORDER BY seq`); err != nil {
+		t.Fatal(err)
+	}
+	if len(payloads) != 1000 {
+		t.Fatalf("%d rows, want 1000", len(payloads))
+	}
+	for i, p := range payloads {
+		if want := fmt.Sprintf(`{"n":%d}`, i); p != want {
+			t.Fatalf("row %d payload %s, want %s (seq order must follow message order)", i, p, want)
+		}
+	}
+}
+
+func TestConcurrentAdds(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	ob := newOutbox(t, outbox.Config{})
+	ctx := context.Background()
+	const writers, each = 16, 25
+	var wg sync.WaitGroup
+	errs := make(chan error, writers*each)
+	for w := 0; w < writers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < each; i++ {
+				tx, err := s.DB.BeginTxx(ctx, nil)
+				if err != nil {
+					errs <- err
+					return
+				}
+				if err := ob.Add(ctx, tx, msg(i)); err != nil {
+					tx.Rollback()
+					errs <- err
+					return
+				}
+				if err := tx.Commit(); err != nil {
+					errs <- err
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	if n := count(t, s); n != writers*each {
+		t.Fatalf("%d rows, want %d", n, writers*each)
+	}
+}
+
+func TestAddWithoutTransactionAndEmpty(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	ob := newOutbox(t, outbox.Config{DisableNotify: true})
+	ctx := context.Background()
+	if err := ob.Add(ctx, s.DB); err != nil { // nothing to add: no statement at all
+		t.Fatal(err)
+	}
+	conn, err := s.DB.Conn(ctx) // *sql.Conn
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if err := ob.Add(ctx, conn, msg(1)); err != nil {
+		t.Fatal(err)
+	}
+	if err := ob.Add(ctx, s.DB.DB, msg(2)); err != nil { // *sql.DB
+		t.Fatal(err)
+	}
+	if n := count(t, s); n != 2 {
+		t.Fatalf("%d rows, want 2", n)
+	}
+}
+
+func TestValidationErrors(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	ob := newOutbox(t, outbox.Config{MaxPayloadBytes: 64})
+	long := strings.Repeat("k", 256)
+	cases := []struct {
+		name string
+		m    outbox.Message
+		want string
+	}{
+		{"malformed id", outbox.Message{ID: "not-a-uuid", Exchange: "x", Payload: []byte(`{}`)}, `ID: "not-a-uuid" is not a UUID`},
+		{"no route", outbox.Message{Payload: []byte(`{}`)}, "RoutingKey: empty with the default exchange"},
+		{"bad exchange", outbox.Message{Exchange: "a b", Payload: []byte(`{}`)}, `Exchange: "a b" has ' '`},
+		{"long exchange", outbox.Message{Exchange: long, Payload: []byte(`{}`)}, "Exchange: 256 bytes is over the 255-byte limit"},
+		{"long routing key", outbox.Message{Exchange: "x", RoutingKey: long, Payload: []byte(`{}`)}, "RoutingKey: 256 bytes"},
+		{"long key", outbox.Message{Exchange: "x", Key: long, Payload: []byte(`{}`)}, "Key: 256 bytes"},
+		{"nul in type", outbox.Message{Exchange: "x", Type: "a\x00", Payload: []byte(`{}`)}, "Type: contains a NUL byte"},
+		{"reserved header", outbox.Message{Exchange: "x", Headers: map[string]string{"X-Mailroom-Key": "k"}, Payload: []byte(`{}`)}, `Headers: "X-Mailroom-Key": names starting with "x-mailroom-" are reserved`},
+		{"empty header", outbox.Message{Exchange: "x", Headers: map[string]string{"": "v"}, Payload: []byte(`{}`)}, "Headers: empty header name"},
+		{"oversize payload", outbox.Message{Exchange: "x", ContentType: "text/plain", Payload: make([]byte, 65)}, "Payload: 65 bytes is over the 64-byte limit"},
+		{"bad json", outbox.Message{Exchange: "x", Payload: []byte(`{"a":`)}, "Payload: not valid JSON"},
+	}
+	ctx := context.Background()
+	for _, c := range cases {
+		// The bad message is the second one: the index must say so, and the
+		// good first message must not be written either.
+		err := ob.Add(ctx, s.DB, msg(0), c.m)
+		if !errors.Is(err, outbox.ErrInvalidMessage) {
+			t.Errorf("%s: err = %v, want ErrInvalidMessage", c.name, err)
+			continue
+		}
+		if !strings.Contains(err.Error(), "message 1: "+c.want) {
+			t.Errorf("%s: error %q does not contain %q", c.name, err, "message 1: "+c.want)
+		}
+	}
+	if n := count(t, s); n != 0 {
+		t.Fatalf("invalid batches wrote %d rows", n)
+	}
+}
+
+func TestConfigErrors(t *testing.T) {
+	t.Parallel()
+	for _, table := range []string{`x"; DROP TABLE users; --`, "a.b.c", "1abc", "bad name", `"quoted"`} {
+		if _, err := outbox.New(outbox.Config{Table: table}); err == nil || !strings.Contains(err.Error(), "Config.Table") {
+			t.Errorf("Table %q: err = %v, want a Config.Table error", table, err)
+		}
+	}
+	if _, err := outbox.New(outbox.Config{MaxPayloadBytes: -1}); err == nil || !strings.Contains(err.Error(), "MaxPayloadBytes") {
+		t.Errorf("negative MaxPayloadBytes: %v", err)
+	}
+	if _, err := outbox.New(outbox.Config{MaxPayloadBytes: 200 << 20}); err == nil {
+		t.Error("MaxPayloadBytes over RabbitMQ's limit accepted")
+	}
+}
+
+func TestSchemaQualifiedTable(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	ob := newOutbox(t, outbox.Config{Table: s.Name + ".mailroom_outbox"})
+	if err := ob.Add(context.Background(), s.DB, msg(1)); err != nil {
+		t.Fatal(err)
+	}
+	if n := count(t, s); n != 1 {
+		t.Fatalf("%d rows, want 1", n)
+	}
+}
+
+func TestGeneratedIDsSortByCreationTime(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	ob := newOutbox(t, outbox.Config{})
+	ctx := context.Background()
+	for i := 0; i < 50; i++ { // separate transactions: created_at strictly grows
+		if err := ob.Add(ctx, s.DB, msg(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var ids []string
+	if err := s.DB.Select(&ids, `SELECT id::text FROM mailroom_outbox ORDER BY created_at, seq`); err != nil {
+		t.Fatal(err)
+	}
+	if !sort.StringsAreSorted(ids) {
+		t.Fatalf("ids in creation order are not sorted: %v", ids)
+	}
+	for _, id := range ids {
+		if u := uuid.MustParse(id); u.Version() != 7 {
+			t.Fatalf("id %s is version %d, want 7", id, u.Version())
+		}
+	}
+}
