@@ -1,0 +1,52 @@
+// Package amqpx holds the AMQP plumbing the relay and the inbox share:
+// dialing with a connection name and retrying with backoff until the
+// context ends.
+package amqpx
+
+import (
+	"context"
+	"fmt"
+	"net/url"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	amqp "github.com/rabbitmq/amqp091-go"
+)
+
+// Dial connects once. name becomes the connection_name client property,
+// which `rabbitmqctl list_connections name client_properties` shows, so an
+// operator (or a fault test) can tell and close exactly this connection.
+func Dial(amqpURL, name string) (*amqp.Connection, error) {
+	cfg := amqp.Config{
+		Properties: amqp.NewConnectionProperties(),
+		Heartbeat:  10 * time.Second,
+		Locale:     "en_US",
+	}
+	cfg.Properties.SetClientConnectionName(name)
+	conn, err := amqp.DialConfig(amqpURL, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("connect to RabbitMQ at %s: %w", Redact(amqpURL), err)
+	}
+	return conn, nil
+}
+
+// DialRetry dials until it succeeds or ctx ends, waiting between attempts
+// with exponential backoff (capped at maxWait). onError sees each failure.
+func DialRetry(ctx context.Context, amqpURL, name string, maxWait time.Duration, onError func(error, time.Duration)) (*amqp.Connection, error) {
+	b := backoff.NewExponentialBackOff()
+	b.InitialInterval = 100 * time.Millisecond
+	b.MaxInterval = maxWait
+	b.MaxElapsedTime = 0 // until ctx ends
+	return backoff.RetryNotifyWithData(func() (*amqp.Connection, error) {
+		return Dial(amqpURL, name)
+	}, backoff.WithContext(b, ctx), onError)
+}
+
+// Redact hides the password of a URL so it can appear in logs and errors.
+func Redact(s string) string {
+	u, err := url.Parse(s)
+	if err != nil {
+		return "(unparsable URL)"
+	}
+	return u.Redacted()
+}
