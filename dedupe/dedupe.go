@@ -1,0 +1,208 @@
+package dedupe
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/lib/pq"
+
+	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/internal/sqlident"
+)
+
+// DefaultRetention is how long Purge keeps entries when given 0: 7 days.
+const DefaultRetention = 7 * 24 * time.Hour
+
+// DefaultPurgeBatch is the number of rows one purge statement deletes.
+const DefaultPurgeBatch = 1000
+
+// Execer is what Claim and ClaimMany need: *sql.Tx, *sqlx.Tx, *sql.DB,
+// *sqlx.DB and *sql.Conn satisfy it. Pass the transaction that holds the
+// effect, so the id is recorded if and only if the effect commits.
+type Execer interface {
+	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
+}
+
+// ErrInvalid is wrapped by errors about a bad scope or id.
+var ErrInvalid = errors.New("dedupe: invalid argument")
+
+// Config configures a Store. The zero value is valid.
+type Config struct {
+	// Table is the dedupe table, "table" or "schema.table".
+	// Default "mailroom_inbox" (resolved through search_path), created by
+	// mailroom.Migrate.
+	Table string
+	// PurgeBatch is how many rows one purge statement deletes (each in its
+	// own short transaction). Default DefaultPurgeBatch (1000); at most 100000.
+	PurgeBatch int
+}
+
+// Store records (scope, id) pairs. It holds no connection and is safe for
+// concurrent use.
+type Store struct {
+	table      sqlident.Name
+	purgeBatch int
+	claim      string
+	claimMany  string
+	release    string
+	purge      string
+}
+
+// New validates cfg and prepares the statements.
+func New(cfg Config) (*Store, error) {
+	t := cfg.Table
+	if t == "" {
+		t = mailroom.DefaultInboxTable
+	}
+	table, err := sqlident.Parse(t)
+	if err != nil {
+		return nil, fmt.Errorf("dedupe: Config.Table: %w", err)
+	}
+	switch {
+	case cfg.PurgeBatch == 0:
+		cfg.PurgeBatch = DefaultPurgeBatch
+	case cfg.PurgeBatch < 0 || cfg.PurgeBatch > 100000:
+		return nil, fmt.Errorf("dedupe: Config.PurgeBatch %d: must be between 1 and 100000; 0 means %d", cfg.PurgeBatch, DefaultPurgeBatch)
+	}
+	q := table.Quoted()
+	return &Store{
+		table:      table,
+		purgeBatch: cfg.PurgeBatch,
+		// Uses the primary key (scope, id). A concurrent claim of the same
+		// pair waits for the first transaction: it inserts if that one rolls
+		// back and reports a duplicate if it commits.
+		claim: `INSERT INTO ` + q + ` (scope, id) VALUES ($1, $2) ON CONFLICT DO NOTHING`,
+		// One statement for a batch; RETURNING names the ids that were new.
+		claimMany: `INSERT INTO ` + q + ` (scope, id) SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING RETURNING id`,
+		release:   `DELETE FROM ` + q + ` WHERE scope = $1 AND id = $2`,
+		// Walks the recorded_at index from the oldest entry, takes at most
+		// $2 rows and skips rows another purge (or a claim) has locked, so
+		// concurrent purgers split the work and nothing waits on them.
+		purge: `DELETE FROM ` + q + ` WHERE (scope, id) IN (
+	SELECT scope, id FROM ` + q + ` WHERE recorded_at < $1
+	ORDER BY recorded_at LIMIT $2 FOR UPDATE SKIP LOCKED)`,
+	}, nil
+}
+
+// Table is the configured table name.
+func (s *Store) Table() string { return s.table.String() }
+
+func check(scope, id string) error {
+	if scope == "" {
+		return fmt.Errorf("%w: empty scope (use the consumer name, e.g. \"payments\")", ErrInvalid)
+	}
+	if id == "" {
+		return fmt.Errorf("%w: empty id (scope %q)", ErrInvalid, scope)
+	}
+	return nil
+}
+
+// Claim records id under scope inside tx; first is false when it was already
+// recorded (by a committed transaction, or by a concurrent one that then
+// commits: Claim waits for it). Apply the effect only when first is true,
+// in the same transaction.
+func (s *Store) Claim(ctx context.Context, tx Execer, scope, id string) (first bool, err error) {
+	if err := check(scope, id); err != nil {
+		return false, err
+	}
+	res, err := tx.ExecContext(ctx, s.claim, scope, id)
+	if err != nil {
+		return false, fmt.Errorf("dedupe: claim %s/%s in %s: %w", scope, id, s.table, err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return false, fmt.Errorf("dedupe: claim %s/%s: rows affected: %w", scope, id, err)
+	}
+	return n == 1, nil
+}
+
+// ClaimMany is Claim for a batch in one statement. first[i] reports whether
+// ids[i] was new; when an id appears more than once in ids, only its first
+// occurrence can be true.
+func (s *Store) ClaimMany(ctx context.Context, tx Execer, scope string, ids []string) (first []bool, err error) {
+	for _, id := range ids {
+		if err := check(scope, id); err != nil {
+			return nil, err
+		}
+	}
+	first = make([]bool, len(ids))
+	if len(ids) == 0 {
+		return first, nil
+	}
+	rows, err := tx.QueryContext(ctx, s.claimMany, scope, pq.StringArray(ids))
+	if err != nil {
+		return nil, fmt.Errorf("dedupe: claim %d ids under %s in %s: %w", len(ids), scope, s.table, err)
+	}
+	defer rows.Close()
+	fresh := make(map[string]bool, len(ids))
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			return nil, fmt.Errorf("dedupe: claim: scan: %w", err)
+		}
+		fresh[id] = true
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("dedupe: claim %d ids under %s: %w", len(ids), scope, err)
+	}
+	for i, id := range ids {
+		if fresh[id] {
+			first[i] = true
+			delete(fresh, id)
+		}
+	}
+	return first, nil
+}
+
+// Release removes a claim made earlier in the same transaction, for a
+// caller that claimed a batch and then gave up on one of its entries
+// (after rolling back to a savepoint). It is a no-op when id is not recorded.
+func (s *Store) Release(ctx context.Context, tx Execer, scope, id string) error {
+	if err := check(scope, id); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, s.release, scope, id); err != nil {
+		return fmt.Errorf("dedupe: release %s/%s: %w", scope, id, err)
+	}
+	return nil
+}
+
+// Purge deletes entries recorded more than olderThan ago (0 means
+// DefaultRetention), Config.PurgeBatch rows per statement, until none are
+// left or ctx ends, and returns how many it deleted. Pass a *sql.DB or
+// *sqlx.DB, not a transaction: each statement must commit on its own so no
+// lock is held for longer than one batch.
+//
+// Keep olderThan well above the longest time a message can stay in the
+// broker (queue backlog plus retry delays): an id purged before its last
+// redelivery is no longer recognised as a duplicate.
+func (s *Store) Purge(ctx context.Context, db Execer, olderThan time.Duration) (deleted int64, err error) {
+	if olderThan < 0 {
+		return 0, fmt.Errorf("%w: Purge olderThan %s is negative", ErrInvalid, olderThan)
+	}
+	if olderThan == 0 {
+		olderThan = DefaultRetention
+	}
+	cutoff := time.Now().Add(-olderThan)
+	for {
+		res, err := db.ExecContext(ctx, s.purge, cutoff, s.purgeBatch)
+		if err != nil {
+			return deleted, fmt.Errorf("dedupe: purge %s: %w", s.table, err)
+		}
+		n, err := res.RowsAffected()
+		if err != nil {
+			return deleted, fmt.Errorf("dedupe: purge %s: rows affected: %w", s.table, err)
+		}
+		deleted += n
+		if n < int64(s.purgeBatch) {
+			return deleted, nil
+		}
+		if err := ctx.Err(); err != nil {
+			return deleted, err
+		}
+	}
+}

@@ -1,0 +1,208 @@
+package dedupe_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mailroom-go/mailroom/dedupe"
+	"github.com/mailroom-go/mailroom/internal/testenv"
+)
+
+func newStore(t *testing.T, cfg dedupe.Config) *dedupe.Store {
+	t.Helper()
+	s, err := dedupe.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func TestConfigErrorsNameTheField(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		cfg  dedupe.Config
+		want string
+	}{
+		{dedupe.Config{Table: `inbox"; drop`}, "Config.Table"},
+		{dedupe.Config{Table: "a.b.c"}, "Config.Table"},
+		{dedupe.Config{PurgeBatch: -1}, "Config.PurgeBatch"},
+	} {
+		_, err := dedupe.New(tc.cfg)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("New(%+v) = %v, want an error naming %s", tc.cfg, err, tc.want)
+		}
+	}
+}
+
+func TestClaimFirstThenDuplicate(t *testing.T) {
+	t.Parallel()
+	db := testenv.NewSchema(t).DB
+	st := newStore(t, dedupe.Config{})
+	ctx := context.Background()
+
+	tx := db.MustBeginTx(ctx, nil) // *sqlx.Tx
+	first, err := st.Claim(ctx, tx, "payments", "m1")
+	if err != nil || !first {
+		t.Fatalf("first claim = %v, %v; want true", first, err)
+	}
+	if first, err := st.Claim(ctx, tx, "payments", "m1"); err != nil || first {
+		t.Fatalf("same tx again = %v, %v; want false", first, err)
+	}
+	if first, err := st.Claim(ctx, tx, "shipping", "m1"); err != nil || !first {
+		t.Fatalf("other scope = %v, %v; want true", first, err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	sqlTx, err := db.DB.BeginTx(ctx, nil) // *sql.Tx
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sqlTx.Rollback()
+	if first, err := st.Claim(ctx, sqlTx, "payments", "m1"); err != nil || first {
+		t.Fatalf("after commit = %v, %v; want false", first, err)
+	}
+	if _, err := st.Claim(ctx, sqlTx, "", "m1"); !errors.Is(err, dedupe.ErrInvalid) {
+		t.Fatalf("empty scope: %v, want ErrInvalid", err)
+	}
+}
+
+func TestRolledBackClaimIsForgotten(t *testing.T) {
+	t.Parallel()
+	db := testenv.NewSchema(t).DB
+	st := newStore(t, dedupe.Config{})
+	ctx := context.Background()
+	tx := db.MustBeginTx(ctx, nil)
+	if first, err := st.Claim(ctx, tx, "s", "m"); err != nil || !first {
+		t.Fatal(first, err)
+	}
+	tx.Rollback()
+	if first, err := st.Claim(ctx, db, "s", "m"); err != nil || !first {
+		t.Fatalf("after rollback = %v, %v; want true", first, err)
+	}
+}
+
+// Concurrent transactions claiming one id: exactly one commits a first claim.
+func TestConcurrentClaimsOneWinner(t *testing.T) {
+	t.Parallel()
+	db := testenv.NewSchema(t).DB
+	st := newStore(t, dedupe.Config{})
+	ctx := context.Background()
+	var mu sync.Mutex
+	winners := 0
+	var wg sync.WaitGroup
+	for i := 0; i < 8; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			tx := db.MustBeginTx(ctx, nil)
+			first, err := st.Claim(ctx, tx, "s", "same")
+			if err != nil {
+				t.Error(err)
+				tx.Rollback()
+				return
+			}
+			if err := tx.Commit(); err != nil {
+				t.Error(err)
+				return
+			}
+			if first {
+				mu.Lock()
+				winners++
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	if winners != 1 {
+		t.Fatalf("%d winners, want 1", winners)
+	}
+}
+
+func TestClaimManyAndRelease(t *testing.T) {
+	t.Parallel()
+	db := testenv.NewSchema(t).DB
+	st := newStore(t, dedupe.Config{})
+	ctx := context.Background()
+	if _, err := st.Claim(ctx, db, "s", "b"); err != nil {
+		t.Fatal(err)
+	}
+	tx := db.MustBeginTx(ctx, nil)
+	first, err := st.ClaimMany(ctx, tx, "s", []string{"a", "b", "c", "a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []bool{true, false, true, false}; fmt.Sprint(first) != fmt.Sprint(want) {
+		t.Fatalf("ClaimMany = %v, want %v", first, want)
+	}
+	if err := st.Release(ctx, tx, "s", "c"); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	if err := db.Get(&n, `SELECT count(*) FROM mailroom_inbox WHERE scope = 's'`); err != nil || n != 2 {
+		t.Fatalf("rows = %d (%v), want 2 (a, b)", n, err)
+	}
+	if got, err := st.ClaimMany(ctx, db, "s", nil); err != nil || len(got) != 0 {
+		t.Fatalf("empty ClaimMany = %v, %v", got, err)
+	}
+}
+
+func TestPurgeRemovesOnlyOldEntries(t *testing.T) {
+	t.Parallel()
+	db := testenv.NewSchema(t).DB
+	st := newStore(t, dedupe.Config{PurgeBatch: 7}) // several batches
+	ctx := context.Background()
+	// 50 entries 8 days old, 20 entries 6 days old, 10 new ones.
+	if _, err := db.Exec(`INSERT INTO mailroom_inbox (scope, id, recorded_at)
+		SELECT 's', 'old' || g, now() - interval '8 days' FROM generate_series(1, 50) g
+		UNION ALL SELECT 's', 'recent' || g, now() - interval '6 days' FROM generate_series(1, 20) g
+		UNION ALL SELECT 't', 'new' || g, now() FROM generate_series(1, 10) g`); err != nil {
+		t.Fatal(err)
+	}
+	n, err := st.Purge(ctx, db, 0) // default 7 days
+	if err != nil || n != 50 {
+		t.Fatalf("Purge = %d, %v; want 50", n, err)
+	}
+	var left, old int
+	db.Get(&left, `SELECT count(*) FROM mailroom_inbox`)
+	db.Get(&old, `SELECT count(*) FROM mailroom_inbox WHERE id LIKE 'old%'`)
+	if left != 30 || old != 0 {
+		t.Fatalf("left %d (old %d), want 30 (0)", left, old)
+	}
+	if n, err := st.Purge(ctx, db, 5*24*time.Hour); err != nil || n != 20 {
+		t.Fatalf("Purge(5 days) = %d, %v; want 20", n, err)
+	}
+	if first, _ := st.Claim(ctx, db, "s", "old1"); !first {
+		t.Fatal("a purged id should be claimable again")
+	}
+	if _, err := st.Purge(ctx, db, -time.Second); !errors.Is(err, dedupe.ErrInvalid) {
+		t.Fatalf("negative window: %v, want ErrInvalid", err)
+	}
+}
+
+// Purge must not wait on a transaction holding an uncommitted claim, nor
+// delete it.
+func TestPurgeSkipsLockedRows(t *testing.T) {
+	t.Parallel()
+	db := testenv.NewSchema(t).DB
+	st := newStore(t, dedupe.Config{})
+	ctx := context.Background()
+	db.MustExec(`INSERT INTO mailroom_inbox (scope, id, recorded_at) VALUES ('s', 'a', now() - interval '8 days'), ('s', 'b', now() - interval '8 days')`)
+	tx := db.MustBeginTx(ctx, nil)
+	defer tx.Rollback()
+	tx.MustExec(`SELECT 1 FROM mailroom_inbox WHERE id = 'a' FOR UPDATE`)
+	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	n, err := st.Purge(pctx, db, 0)
+	if err != nil || n != 1 {
+		t.Fatalf("Purge = %d, %v; want 1 (the unlocked row), without waiting", n, err)
+	}
+}

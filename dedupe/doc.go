@@ -1,0 +1,42 @@
+// Package dedupe remembers which ids a scope has already seen, inside the
+// caller's transaction, so an effect happens exactly once even when its
+// trigger (a message, an HTTP request with an Idempotency-Key) arrives twice.
+//
+//	store, err := dedupe.New(dedupe.Config{}) // table "mailroom_inbox"
+//	…
+//	tx, _ := db.BeginTxx(ctx, nil)
+//	first, err := store.Claim(ctx, tx, "payments", msgID)
+//	if err == nil && first {
+//		err = charge(ctx, tx, …) // the effect, in the same transaction
+//	}
+//	… commit (or roll back: the claim disappears with the effect)
+//
+// Claim is INSERT … ON CONFLICT DO NOTHING on the primary key (scope, id):
+// a duplicate reports first=false; a concurrent claim of the same pair waits
+// for the first transaction and then knows whether it committed. ClaimMany
+// does the same for a batch in one statement, and Release undoes one claim
+// of a batch inside the transaction (after rolling back to a savepoint).
+// The inbox package calls these for every delivery; an HTTP idempotency
+// middleware can call them with scope "http:orders" and the request's key.
+//
+// # Purging
+//
+// Entries are kept for a window (DefaultRetention, 7 days) and removed by
+// Purge, which you run periodically (the inbox consumer does, see
+// inbox.Config.PurgeInterval). Purge deletes in batches of Config.PurgeBatch
+// (1000) rows, oldest first along the recorded_at index, each batch its own
+// short autocommit statement with FOR UPDATE SKIP LOCKED: no purge holds
+// locks for more than one batch, concurrent purgers never wait on each other
+// or on claims, and autovacuum reclaims the space as it goes.
+//
+// Why batched deletes and not time partitions (DROP PARTITION is cheaper
+// still): the primary key (scope, id) must be unique across the whole
+// window, and a partitioned table can only enforce a unique key that
+// includes the partition column, i.e. (scope, id, recorded_at) — which
+// would no longer detect a duplicate arriving a day later. Partitioning by
+// a hash of the id keeps uniqueness but does not make deletion cheaper.
+// Deduplication tables are small (one short row per message for a week), so
+// bounded deletes keep them steady without that loss of correctness.
+//
+// Run mailroom.Migrate (or `mailroom-relay migrate`) to create the table.
+package dedupe
