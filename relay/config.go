@@ -1,0 +1,117 @@
+package relay
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"time"
+
+	"github.com/mailroom-go/mailroom"
+)
+
+// Config configures a Relay. Zero values take the documented defaults.
+type Config struct {
+	// URL is the AMQP URL, e.g. amqp://guest:guest@127.0.0.1:5672/. Required.
+	URL string
+	// DatabaseURL is the lib/pq URL the relay LISTENs on for wake-ups.
+	// Required unless DisableListen is set. Use the same database (and
+	// search_path) as the *sql.DB given to New.
+	DatabaseURL string
+	// Tables names the outbox, dead-letter and published tables.
+	// Default: mailroom_outbox, mailroom_outbox_dead, mailroom_outbox_published.
+	Tables mailroom.Tables
+	// Name identifies this relay instance in logs and in the AMQP connection
+	// name ("mailroom-relay <Name>"). Default: hostname and pid.
+	Name string
+
+	// BatchSize is how many rows one claim takes. Default 500.
+	BatchSize int
+	// ConfirmWindow bounds the messages published but not yet confirmed by
+	// the broker. Default 1024; at least BatchSize.
+	ConfirmWindow int
+	// ConfirmTimeout bounds the wait for one confirm. When it passes, the
+	// channel is closed and every unconfirmed row is retried (the broker's
+	// answer is unknown). Default 15s.
+	ConfirmTimeout time.Duration
+	// Lease is how long a claimed row belongs to this relay. A relay that
+	// dies mid-batch loses its rows to others when the lease expires.
+	// Default 60s; must exceed 2×ConfirmTimeout.
+	Lease time.Duration
+	// PollInterval is how often the relay looks for due rows without being
+	// woken: the latency of delayed and retried messages, and of everything
+	// when notifications are off or lost. Default 500ms.
+	PollInterval time.Duration
+	// DisableListen turns off LISTEN (for PgBouncer in transaction mode);
+	// the relay then finds new rows by polling only.
+	DisableListen bool
+
+	// MaxAttempts is how many failed publishes (nack, unroutable, missing
+	// exchange) move a row to the dead-letter table. A lost connection is
+	// not the message's fault and does not count. Default 20.
+	MaxAttempts int
+	// MinBackoff and MaxBackoff bound the exponential backoff (with jitter)
+	// between attempts of one row. Defaults 1s and 5m.
+	MinBackoff, MaxBackoff time.Duration
+
+	// Retain keeps published rows in the published table for this long
+	// (audit, replay) instead of deleting them. 0 (default) deletes at once.
+	Retain time.Duration
+
+	// Logger receives the relay's logs; nil discards them.
+	Logger *slog.Logger
+}
+
+func (c *Config) setDefaults() {
+	if c.Name == "" {
+		h, _ := os.Hostname()
+		c.Name = fmt.Sprintf("%s-%d", h, os.Getpid())
+	}
+	def := func(v *int, d int) {
+		if *v == 0 {
+			*v = d
+		}
+	}
+	defDur := func(v *time.Duration, d time.Duration) {
+		if *v == 0 {
+			*v = d
+		}
+	}
+	def(&c.BatchSize, 500)
+	def(&c.ConfirmWindow, 1024)
+	def(&c.MaxAttempts, 20)
+	defDur(&c.ConfirmTimeout, 15*time.Second)
+	defDur(&c.Lease, 60*time.Second)
+	defDur(&c.PollInterval, 500*time.Millisecond)
+	defDur(&c.MinBackoff, time.Second)
+	defDur(&c.MaxBackoff, 5*time.Minute)
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+}
+
+func (c *Config) validate() error {
+	switch {
+	case c.URL == "":
+		return fmt.Errorf("relay: Config.URL is empty: set the AMQP URL, e.g. amqp://guest:guest@127.0.0.1:5672/")
+	case c.DatabaseURL == "" && !c.DisableListen:
+		return fmt.Errorf("relay: Config.DatabaseURL is empty: set it (the relay LISTENs for wake-ups) or set DisableListen to rely on polling")
+	case c.BatchSize < 1 || c.BatchSize > 10000:
+		return fmt.Errorf("relay: Config.BatchSize %d: must be between 1 and 10000", c.BatchSize)
+	case c.ConfirmWindow < c.BatchSize:
+		return fmt.Errorf("relay: Config.ConfirmWindow %d cannot be smaller than BatchSize (%d)", c.ConfirmWindow, c.BatchSize)
+	case c.ConfirmTimeout < 0:
+		return fmt.Errorf("relay: Config.ConfirmTimeout %s: must be positive", c.ConfirmTimeout)
+	case c.Lease < 2*c.ConfirmTimeout:
+		return fmt.Errorf("relay: Config.Lease %s must be at least 2×ConfirmTimeout (%s), or rows are re-claimed while their confirms are still awaited", c.Lease, 2*c.ConfirmTimeout)
+	case c.PollInterval < 10*time.Millisecond:
+		return fmt.Errorf("relay: Config.PollInterval %s: must be at least 10ms", c.PollInterval)
+	case c.MaxAttempts < 1:
+		return fmt.Errorf("relay: Config.MaxAttempts %d: must be at least 1", c.MaxAttempts)
+	case c.MinBackoff < 0 || c.MaxBackoff < c.MinBackoff:
+		return fmt.Errorf("relay: Config.MaxBackoff %s cannot be shorter than MinBackoff (%s)", c.MaxBackoff, c.MinBackoff)
+	case c.Retain < 0:
+		return fmt.Errorf("relay: Config.Retain %s: must be 0 (delete) or positive", c.Retain)
+	}
+	return nil
+}

@@ -1,0 +1,404 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/mailroom-go/mailroom/internal/amqpx"
+)
+
+// publisher owns the AMQP connection and one confirm-mode channel. It
+// publishes rows in claim order with up to ConfirmWindow unconfirmed at
+// once, and turns every confirm, return, nack, timeout or channel loss into
+// an outcome for the finisher.
+type publisher struct {
+	r        *Relay
+	outcomes chan<- outcome
+	slots    chan struct{} // confirm window: one token per unconfirmed message
+
+	conn    *amqp.Connection
+	blocked atomic.Bool // connection.blocked: the broker is under a resource alarm
+	sess    *session
+	probe   *amqp.Channel   // checks exchanges exist (a failed check closes only this channel)
+	known   map[string]bool // exchanges seen to exist on this connection
+}
+
+// session is one confirm-mode channel and the messages awaiting its confirms.
+type session struct {
+	ch   *amqp.Channel
+	mu   sync.Mutex
+	wait map[uint64]*pending // by delivery tag
+	done chan struct{}       // closed when the confirm loop has settled everything
+}
+
+type pending struct {
+	row  *row
+	sent time.Time
+}
+
+func newPublisher(r *Relay, outcomes chan<- outcome) *publisher {
+	return &publisher{r: r, outcomes: outcomes, slots: make(chan struct{}, r.cfg.ConfirmWindow), known: map[string]bool{}}
+}
+
+// run publishes every batch it receives until batches is closed, then waits
+// for the outstanding confirms (bounded by ConfirmTimeout) and closes the
+// connection. Rows it cannot publish because ctx ended are released.
+func (p *publisher) run(ctx context.Context, batches <-chan []*row) {
+	defer p.close()
+	for batch := range batches {
+		for i, w := range batch {
+			if ctx.Err() != nil {
+				p.settle(batch[i:], released, nil)
+				break
+			}
+			p.publish(ctx, w)
+		}
+	}
+	if p.sess != nil {
+		p.awaitConfirms()
+	}
+}
+
+// publish sends one row or settles it: it never returns with the row lost.
+func (p *publisher) publish(ctx context.Context, w *row) {
+	for {
+		if err := p.connect(ctx); err != nil { // only fails when ctx ended
+			p.settle([]*row{w}, released, nil)
+			return
+		}
+		if ok, err := p.exchangeExists(w.exchange); err != nil {
+			p.reset(err)
+			continue
+		} else if !ok {
+			p.settle([]*row{w}, failed, fmt.Errorf("%w: %q (declare it, e.g. `rabbitmqctl eval` or your topology code; the message stays in the outbox and is retried)", ErrNoExchange, w.exchange))
+			return
+		}
+		if !p.waitUnblocked(ctx) || !p.acquire(ctx) {
+			p.settle([]*row{w}, released, nil)
+			return
+		}
+		s := p.sess
+		s.mu.Lock()
+		tag := s.ch.GetNextPublishSeqNo()
+		s.wait[tag] = &pending{row: w, sent: time.Now()}
+		s.mu.Unlock()
+		err := s.ch.PublishWithContext(ctx, w.exchange, w.routingKey, true, false, message(w))
+		if err == nil {
+			return
+		}
+		s.mu.Lock()
+		_, mine := s.wait[tag]
+		delete(s.wait, tag)
+		s.mu.Unlock()
+		if !mine {
+			return // the confirm loop released it as the channel closed
+		}
+		<-p.slots
+		if ctx.Err() != nil {
+			p.settle([]*row{w}, released, nil)
+			return
+		}
+		p.reset(fmt.Errorf("publish: %w", err))
+	}
+}
+
+// message is the AMQP form of a row (CONTRACT.md).
+func message(w *row) amqp.Publishing {
+	h := amqp.Table{}
+	for k, v := range w.headers {
+		h[k] = v
+	}
+	if w.key != "" {
+		h["x-mailroom-key"] = w.key
+	}
+	return amqp.Publishing{
+		MessageId:    w.id,
+		Type:         w.typ,
+		ContentType:  w.contentType,
+		DeliveryMode: amqp.Persistent,
+		Timestamp:    w.createdAt,
+		Headers:      h,
+		Body:         w.payload,
+	}
+}
+
+func (p *publisher) acquire(ctx context.Context) bool {
+	select {
+	case p.slots <- struct{}{}:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// waitUnblocked pauses while the broker blocks the connection (memory or
+// disk alarm): a publish then would block forever.
+func (p *publisher) waitUnblocked(ctx context.Context) bool {
+	if !p.blocked.Load() {
+		return true
+	}
+	p.r.log.Warn("broker blocked the connection (resource alarm); publishing paused")
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for p.blocked.Load() {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-t.C:
+		}
+	}
+	p.r.log.Info("broker unblocked the connection; publishing resumed")
+	return true
+}
+
+// connect makes sure a connection, a confirm channel and a probe channel
+// are open, retrying with backoff until ctx ends.
+func (p *publisher) connect(ctx context.Context) error {
+	for {
+		if p.sess != nil && !p.sess.ch.IsClosed() && p.probe != nil && !p.probe.IsClosed() {
+			return nil
+		}
+		if p.sess != nil && p.sess.ch.IsClosed() {
+			p.reset(errors.New("channel closed"))
+		}
+		if p.conn == nil || p.conn.IsClosed() {
+			conn, err := amqpx.DialRetry(ctx, p.r.cfg.URL, "mailroom-relay "+p.r.cfg.Name, 5*time.Second, func(err error, d time.Duration) {
+				p.r.log.Warn("broker connection failed; retrying", "error", err, "retry_in", d)
+			})
+			if err != nil {
+				return err
+			}
+			p.conn = conn
+			p.known = map[string]bool{}
+			p.blocked.Store(false)
+			blocked := conn.NotifyBlocked(make(chan amqp.Blocking, 4))
+			go func() { // ends when the connection closes the channel
+				for b := range blocked {
+					p.blocked.Store(b.Active)
+				}
+			}()
+		}
+		if err := p.openChannels(); err != nil {
+			p.r.log.Warn("opening broker channels failed; reconnecting", "error", err)
+			p.conn.Close()
+			if !sleepCtx(ctx, 100*time.Millisecond) {
+				return ctx.Err()
+			}
+		}
+	}
+}
+
+func (p *publisher) openChannels() error {
+	if p.probe == nil || p.probe.IsClosed() {
+		ch, err := p.conn.Channel()
+		if err != nil {
+			return err
+		}
+		p.probe = ch
+	}
+	if p.sess != nil && !p.sess.ch.IsClosed() {
+		return nil
+	}
+	ch, err := p.conn.Channel()
+	if err != nil {
+		return err
+	}
+	if err := ch.Confirm(false); err != nil {
+		ch.Close()
+		return fmt.Errorf("enable publisher confirms: %w", err)
+	}
+	s := &session{ch: ch, wait: map[uint64]*pending{}, done: make(chan struct{})}
+	confirms := ch.NotifyPublish(make(chan amqp.Confirmation, p.r.cfg.ConfirmWindow))
+	returns := ch.NotifyReturn(make(chan amqp.Return, p.r.cfg.ConfirmWindow))
+	closed := ch.NotifyClose(make(chan *amqp.Error, 1))
+	p.sess = s
+	go p.confirmLoop(s, confirms, returns, closed)
+	return nil
+}
+
+// confirmLoop settles the messages of one channel. RabbitMQ sends a
+// basic.return before the basic.ack of the same message, and amqp091-go
+// hands both over in that order but on different Go channels; so before
+// settling an ack the loop drains every return already handed over, and an
+// ack of a returned message is a failure (unroutable), not a delivery.
+// Returns carry no delivery tag: they are matched by message id, and if an
+// id is in flight twice both copies count as returned (a needless retry,
+// never a loss).
+func (p *publisher) confirmLoop(s *session, confirms <-chan amqp.Confirmation, returns <-chan amqp.Return, closed <-chan *amqp.Error) {
+	defer close(s.done)
+	returned := map[string]int{}
+	drainReturns := func() {
+		for {
+			select {
+			case r, ok := <-returns:
+				if !ok {
+					returns = nil
+					return
+				}
+				returned[r.MessageId]++
+			default:
+				return
+			}
+		}
+	}
+	tick := time.NewTicker(p.r.cfg.ConfirmTimeout / 4)
+	defer tick.Stop()
+	for {
+		select {
+		case c, ok := <-confirms:
+			if !ok { // channel closed: every unconfirmed message is unknown
+				p.abandon(s, closeReason(closed))
+				return
+			}
+			drainReturns()
+			s.mu.Lock()
+			e := s.wait[c.DeliveryTag]
+			delete(s.wait, c.DeliveryTag)
+			s.mu.Unlock()
+			if e == nil {
+				continue // settled already (publish error path)
+			}
+			<-p.slots
+			switch {
+			case returned[e.row.id] > 0:
+				p.settleAllReturned(s, returned, e)
+			case c.Ack:
+				p.outcomes <- outcome{row: e.row, kind: delivered}
+			default:
+				p.outcomes <- outcome{row: e.row, kind: failed, err: ErrNacked}
+			}
+		case r, ok := <-returns:
+			if !ok {
+				returns = nil
+				continue
+			}
+			returned[r.MessageId]++
+		case <-tick.C:
+			if p.oldest(s) > p.r.cfg.ConfirmTimeout {
+				p.r.log.Warn("confirm timed out; closing the channel so unconfirmed messages are retried", "timeout", p.r.cfg.ConfirmTimeout)
+				s.ch.Close() // confirms is closed next, and we abandon
+			}
+		}
+	}
+}
+
+func (p *publisher) settleAllReturned(s *session, returned map[string]int, e *pending) {
+	returned[e.row.id]--
+	if returned[e.row.id] == 0 {
+		delete(returned, e.row.id)
+	}
+	p.outcomes <- outcome{row: e.row, kind: failed, err: fmt.Errorf("%w (exchange %q, routing key %q)", ErrUnroutable, e.row.exchange, e.row.routingKey)}
+}
+
+func closeReason(closed <-chan *amqp.Error) error {
+	select {
+	case e, ok := <-closed:
+		if ok && e != nil {
+			return e
+		}
+	default:
+	}
+	return errors.New("channel closed")
+}
+
+// abandon releases every message still awaiting a confirm on s: the broker
+// may or may not have it, so it is published again (at-least-once).
+func (p *publisher) abandon(s *session, why error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.wait) > 0 {
+		p.r.log.Warn("channel lost with messages unconfirmed; they will be published again", "unconfirmed", len(s.wait), "error", why)
+	}
+	for tag, e := range s.wait {
+		delete(s.wait, tag)
+		<-p.slots
+		p.outcomes <- outcome{row: e.row, kind: released, err: why}
+	}
+}
+
+func (p *publisher) oldest(s *session) time.Duration {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var age time.Duration
+	for _, e := range s.wait {
+		if a := time.Since(e.sent); a > age {
+			age = a
+		}
+	}
+	return age
+}
+
+// exchangeExists checks (once per connection) that an exchange exists, on
+// the probe channel, because publishing to a missing exchange closes the
+// publishing channel and with it every unconfirmed message.
+func (p *publisher) exchangeExists(name string) (bool, error) {
+	if name == "" || p.known[name] {
+		return true, nil
+	}
+	err := p.probe.ExchangeDeclarePassive(name, "direct", true, false, false, false, nil)
+	var ae *amqp.Error
+	if errors.As(err, &ae) && ae.Code == amqp.NotFound {
+		return false, nil // the probe channel is now closed; connect reopens it
+	}
+	if err != nil {
+		return false, err
+	}
+	p.known[name] = true
+	return true, nil
+}
+
+// reset closes the current channel after an error; its confirm loop
+// releases whatever was unconfirmed, and connect opens a new one.
+func (p *publisher) reset(why error) {
+	p.r.log.Warn("resetting broker channel", "error", why)
+	if p.sess != nil {
+		p.sess.ch.Close()
+		<-p.sess.done
+		p.sess = nil
+	}
+	p.known = map[string]bool{} // an exchange may have vanished
+}
+
+// awaitConfirms waits until every published message is settled or
+// ConfirmTimeout passes; the rest is released by closing the channel.
+func (p *publisher) awaitConfirms() {
+	deadline := time.Now().Add(p.r.cfg.ConfirmTimeout)
+	for time.Now().Before(deadline) {
+		p.sess.mu.Lock()
+		n := len(p.sess.wait)
+		p.sess.mu.Unlock()
+		if n == 0 {
+			break
+		}
+		select {
+		case <-p.sess.done:
+			return
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+func (p *publisher) close() {
+	if p.sess != nil {
+		p.sess.ch.Close()
+		<-p.sess.done
+	}
+	if p.probe != nil {
+		p.probe.Close()
+	}
+	if p.conn != nil {
+		p.conn.Close()
+	}
+}
+
+func (p *publisher) settle(rows []*row, kind outcomeKind, err error) {
+	for _, w := range rows {
+		p.outcomes <- outcome{row: w, kind: kind, err: err}
+	}
+}

@@ -1,0 +1,415 @@
+package relay
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/google/uuid"
+	"github.com/lib/pq"
+
+	"github.com/mailroom-go/mailroom"
+)
+
+// ErrUnroutable is the failure of a message the broker returned (mandatory
+// flag): no queue is bound for its exchange and routing key. The row is
+// retried and, after MaxAttempts, dead-lettered; never silently dropped.
+var ErrUnroutable = errors.New("relay: unroutable: no queue bound for exchange and routing key")
+
+// ErrNacked is the failure of a message the broker refused (basic.nack).
+var ErrNacked = errors.New("relay: nacked by the broker")
+
+// ErrNoExchange is the failure of a message whose exchange does not exist.
+var ErrNoExchange = errors.New("relay: exchange does not exist")
+
+// Relay moves rows from the outbox table to RabbitMQ. Run it in-process or
+// through the mailroom-relay sidecar; any number may run on one table.
+type Relay struct {
+	db      *sql.DB
+	cfg     Config
+	q       queries
+	tables  mailroom.Resolved
+	log     *slog.Logger
+	channel string // NOTIFY channel
+
+	published, failed, dead, released atomic.Int64
+	lastProgress                      atomic.Int64 // unix nanos of the last successful claim
+}
+
+// Stats are counters since the relay was created.
+type Stats struct {
+	Published    int64     // confirmed and removed from the outbox
+	Failed       int64     // failed attempts (nack, unroutable, missing exchange)
+	DeadLettered int64     // moved to the dead-letter table
+	Released     int64     // handed back unpublished (shutdown, lost connection)
+	LastProgress time.Time // last successful claim query: the loop is alive
+}
+
+// Stats returns the relay's counters.
+func (r *Relay) Stats() Stats {
+	return Stats{
+		Published: r.published.Load(), Failed: r.failed.Load(), DeadLettered: r.dead.Load(),
+		Released: r.released.Load(), LastProgress: time.Unix(0, r.lastProgress.Load()),
+	}
+}
+
+// New validates cfg. db must reach the outbox table (same search_path as
+// Config.DatabaseURL).
+func New(db *sql.DB, cfg Config) (*Relay, error) {
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	t, err := cfg.Tables.Resolve()
+	if err != nil {
+		return nil, fmt.Errorf("relay: Config.%w", err)
+	}
+	return &Relay{
+		db: db, cfg: cfg, q: newQueries(t), tables: t,
+		log:     cfg.Logger.With("relay", cfg.Name),
+		channel: t.Outbox.String(),
+	}, nil
+}
+
+// row is one claimed outbox row.
+type row struct {
+	seq         int64
+	lease       string
+	id          string
+	exchange    string
+	routingKey  string
+	key         string
+	typ         string
+	contentType string
+	headers     map[string]string
+	payload     []byte
+	createdAt   time.Time
+	attempts    int
+}
+
+type outcomeKind int
+
+const (
+	delivered outcomeKind = iota
+	failed                // counts as an attempt
+	released              // handed back, no attempt counted
+)
+
+type outcome struct {
+	row  *row
+	kind outcomeKind
+	err  error
+}
+
+// Run claims, publishes and finishes rows until ctx ends, then stops
+// claiming, waits (bounded by ConfirmTimeout) for outstanding confirms,
+// hands back unpublished rows and returns nil. Database and broker outages
+// are retried with backoff, never returned.
+func (r *Relay) Run(ctx context.Context) error {
+	wake := make(chan struct{}, 1)
+	batches := make(chan []*row)                          // unbuffered: at most one batch claimed ahead
+	outcomes := make(chan outcome, 4*r.cfg.ConfirmWindow) // confirms never wait on the database
+
+	var wg sync.WaitGroup
+	stopListen := func() {}
+	if !r.cfg.DisableListen {
+		stopListen = r.listen(wake)
+	}
+	pub := newPublisher(r, outcomes)
+	wg.Add(2)
+	go func() { defer wg.Done(); r.claimLoop(ctx, wake, batches) }()
+	go func() { defer wg.Done(); pub.run(ctx, batches); close(outcomes) }()
+	r.finishLoop(ctx, outcomes) // returns when outcomes is closed and flushed
+	wg.Wait()
+	stopListen()
+	return nil
+}
+
+// listen wakes the claimer on every NOTIFY, and on every listener
+// reconnect (notifications may have been missed meanwhile).
+func (r *Relay) listen(wake chan<- struct{}) (stop func()) {
+	l := pq.NewListener(r.cfg.DatabaseURL, 100*time.Millisecond, 10*time.Second, func(ev pq.ListenerEventType, err error) {
+		if err != nil {
+			r.log.Warn("listen connection", "event", ev, "error", err)
+		}
+	})
+	if err := l.Listen(r.channel); err != nil {
+		r.log.Warn("LISTEN failed; relying on polling until the listener reconnects", "channel", r.channel, "error", err)
+	}
+	done := make(chan struct{})
+	exited := make(chan struct{})
+	go func() {
+		defer close(exited)
+		for {
+			select {
+			case <-done:
+				return
+			case <-l.Notify: // nil on reconnect: wake too
+				select {
+				case wake <- struct{}{}:
+				default:
+				}
+			}
+		}
+	}()
+	return func() { close(done); <-exited; l.Close() }
+}
+
+// claimLoop claims batches while there are due rows, and otherwise waits for
+// a wake-up or the poll interval.
+func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches chan<- []*row) {
+	defer close(batches)
+	bo := backoff.NewExponentialBackOff()
+	bo.InitialInterval, bo.MaxInterval, bo.MaxElapsedTime = 50*time.Millisecond, 5*time.Second, 0
+	poll := time.NewTimer(r.cfg.PollInterval)
+	defer poll.Stop()
+	for ctx.Err() == nil {
+		rows, err := r.claim(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			d := bo.NextBackOff()
+			r.log.Warn("claim failed; retrying", "error", err, "retry_in", d)
+			if !sleepCtx(ctx, d) {
+				return
+			}
+			continue
+		}
+		bo.Reset()
+		r.lastProgress.Store(time.Now().UnixNano())
+		if len(rows) > 0 {
+			select {
+			case batches <- rows:
+			case <-ctx.Done():
+				r.finishNow(ctx, rows, released, nil)
+				return
+			}
+		}
+		if len(rows) == r.cfg.BatchSize {
+			continue // more may be due: claim again at once
+		}
+		if !poll.Stop() {
+			select {
+			case <-poll.C:
+			default:
+			}
+		}
+		poll.Reset(r.cfg.PollInterval)
+		select {
+		case <-ctx.Done():
+		case <-wake:
+		case <-poll.C:
+		}
+	}
+}
+
+func (r *Relay) claim(ctx context.Context) ([]*row, error) {
+	lease := uuid.NewString()
+	rs, err := r.db.QueryContext(ctx, r.q.claim, r.cfg.BatchSize, r.cfg.Lease.Milliseconds(), lease)
+	if err != nil {
+		return nil, fmt.Errorf("claim from %s: %w", r.tables.Outbox, err)
+	}
+	defer rs.Close()
+	var rows []*row
+	for rs.Next() {
+		w := &row{lease: lease}
+		var headers []byte
+		if err := rs.Scan(&w.seq, &w.id, &w.exchange, &w.routingKey, &w.key, &w.typ, &w.contentType, &headers, &w.payload, &w.createdAt, &w.attempts); err != nil {
+			return nil, fmt.Errorf("claim from %s: %w", r.tables.Outbox, err)
+		}
+		if len(headers) > 0 {
+			if err := json.Unmarshal(headers, &w.headers); err != nil {
+				// Only Add writes headers, as a JSON object of strings; a
+				// row edited by hand is failed (and eventually
+				// dead-lettered), never dropped.
+				w.headers = map[string]string{"x-mailroom-bad-headers": string(headers)}
+			}
+		}
+		rows = append(rows, w)
+	}
+	if err := rs.Err(); err != nil {
+		return nil, fmt.Errorf("claim from %s: %w", r.tables.Outbox, err)
+	}
+	// Claim order within a batch follows available_at; publish each key's
+	// rows (there is at most one per key) and the rest oldest first.
+	return rows, nil
+}
+
+// finishLoop applies outcomes to the database in bulk: it blocks for one,
+// takes whatever else is already waiting, and writes them together.
+func (r *Relay) finishLoop(ctx context.Context, outcomes <-chan outcome) {
+	const maxBatch = 2000
+	var pending []outcome
+	for {
+		o, ok := <-outcomes
+		if !ok {
+			return
+		}
+		pending = append(pending[:0], o)
+	drain:
+		for len(pending) < maxBatch {
+			select {
+			case o, ok := <-outcomes:
+				if !ok {
+					break drain
+				}
+				pending = append(pending, o)
+			default:
+				break drain
+			}
+		}
+		r.finish(ctx, pending)
+	}
+}
+
+// finishNow applies one set of outcomes directly (claimer shutdown path).
+func (r *Relay) finishNow(ctx context.Context, rows []*row, kind outcomeKind, err error) {
+	os := make([]outcome, len(rows))
+	for i, w := range rows {
+		os[i] = outcome{row: w, kind: kind, err: err}
+	}
+	r.finish(ctx, os)
+}
+
+// graceful is a context that ends grace after ctx ends, so a stopping relay
+// still gets to record what it did.
+func graceful(ctx context.Context, grace time.Duration) (context.Context, context.CancelFunc) {
+	g, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	stop := context.AfterFunc(ctx, func() { time.AfterFunc(grace, cancel) })
+	return g, func() { stop(); cancel() }
+}
+
+// finish writes outcomes, retrying database errors with backoff. After ctx
+// ends it still tries for a grace period, so a clean stop leaves no row
+// leased; if even that fails, the leases expire and the rows are published
+// again (a duplicate the inbox absorbs, never a loss).
+func (r *Relay) finish(ctx context.Context, os []outcome) {
+	var done, retry, bury, release []outcome
+	for _, o := range os {
+		switch {
+		case o.kind == delivered:
+			done = append(done, o)
+		case o.kind == released:
+			release = append(release, o)
+		case o.row.attempts+1 >= r.cfg.MaxAttempts:
+			bury = append(bury, o)
+		default:
+			retry = append(retry, o)
+		}
+	}
+	op := func() error { return r.apply(done, retry, bury, release) }
+	bo := backoff.NewExponentialBackOff()
+	bo.InitialInterval, bo.MaxInterval, bo.MaxElapsedTime = 50*time.Millisecond, 5*time.Second, 0
+	gctx, cancel := graceful(ctx, 10*time.Second)
+	defer cancel()
+	err := backoff.RetryNotify(op, backoff.WithContext(bo, gctx), func(err error, d time.Duration) {
+		r.log.Warn("recording publish outcomes failed; retrying", "error", err, "retry_in", d)
+	})
+	if err != nil {
+		r.log.Error("could not record publish outcomes before stopping; the rows will be published again after their lease expires", "rows", len(os), "error", err)
+	}
+	if err == nil {
+		r.published.Add(int64(len(done)))
+		r.failed.Add(int64(len(retry) + len(bury)))
+		r.dead.Add(int64(len(bury)))
+		r.released.Add(int64(len(release)))
+		for _, o := range bury {
+			r.log.Error("message dead-lettered", "message_id", o.row.id, "exchange", o.row.exchange, "routing_key", o.row.routingKey, "key", o.row.key, "attempt", o.row.attempts+1, "error", o.err)
+		}
+		for _, o := range retry {
+			r.log.Warn("publish failed; will retry", "message_id", o.row.id, "exchange", o.row.exchange, "routing_key", o.row.routingKey, "key", o.row.key, "attempt", o.row.attempts+1, "error", o.err)
+		}
+	}
+}
+
+func (r *Relay) apply(done, retry, bury, release []outcome) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	tx, err := r.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback() //nolint:errcheck // after Commit this is a no-op
+	if len(done) > 0 {
+		seqs := make([]int64, len(done))
+		for i, o := range done {
+			seqs[i] = o.row.seq
+		}
+		q := r.q.deleteDone
+		if r.cfg.Retain > 0 {
+			q = r.q.archiveDone
+		}
+		if _, err := tx.ExecContext(ctx, q, pq.Int64Array(seqs)); err != nil {
+			return fmt.Errorf("remove published rows: %w", err)
+		}
+	}
+	if len(retry) > 0 {
+		seqs, leases, errs := columnsOf(retry)
+		delays := make([]float64, len(retry))
+		for i, o := range retry {
+			delays[i] = float64(r.backoffFor(o.row.attempts+1).Milliseconds())
+		}
+		if _, err := tx.ExecContext(ctx, r.q.retry, pq.Int64Array(seqs), pq.StringArray(leases), pq.StringArray(errs), pq.Float64Array(delays)); err != nil {
+			return fmt.Errorf("schedule retries: %w", err)
+		}
+	}
+	if len(bury) > 0 {
+		seqs, leases, errs := columnsOf(bury)
+		if _, err := tx.ExecContext(ctx, r.q.bury, pq.Int64Array(seqs), pq.StringArray(leases), pq.StringArray(errs)); err != nil {
+			return fmt.Errorf("move rows to %s: %w", r.tables.Dead, err)
+		}
+	}
+	if len(release) > 0 {
+		seqs, leases, _ := columnsOf(release)
+		if _, err := tx.ExecContext(ctx, r.q.release, pq.Int64Array(seqs), pq.StringArray(leases)); err != nil {
+			return fmt.Errorf("release rows: %w", err)
+		}
+	}
+	return tx.Commit()
+}
+
+func columnsOf(os []outcome) (seqs []int64, leases, errs []string) {
+	for _, o := range os {
+		seqs = append(seqs, o.row.seq)
+		leases = append(leases, o.row.lease)
+		msg := "released"
+		if o.err != nil {
+			msg = o.err.Error()
+		}
+		errs = append(errs, msg)
+	}
+	return seqs, leases, errs
+}
+
+// backoffFor is the delay before attempt n+1 after n failures: exponential
+// from MinBackoff, doubled each time, capped at MaxBackoff, ±50% jitter.
+func (r *Relay) backoffFor(n int) time.Duration {
+	b := backoff.NewExponentialBackOff()
+	b.InitialInterval, b.MaxInterval, b.MaxElapsedTime = r.cfg.MinBackoff, r.cfg.MaxBackoff, 0
+	b.Multiplier, b.RandomizationFactor = 2, 0.5
+	b.Reset()
+	d := b.NextBackOff()
+	for i := 1; i < n; i++ {
+		d = b.NextBackOff()
+	}
+	return d
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}

@@ -1,0 +1,83 @@
+package relay
+
+import (
+	"strings"
+
+	"github.com/mailroom-go/mailroom"
+)
+
+// queries holds every statement of the relay, rendered once for the
+// configured table names.
+type queries struct {
+	claim, deleteDone, archiveDone, retry, bury, release string
+}
+
+const columns = `id, exchange, routing_key, key, type, content_type, headers, payload, created_at, attempts`
+
+func newQueries(t mailroom.Resolved) queries {
+	ob, dead, pub := t.Outbox.Quoted(), t.Dead.Quoted(), t.Published.Quoted()
+	return queries{
+		// claim takes up to $1 due rows, oldest first, and leases them for
+		// $2 ms under token $3, in one short autocommit statement: no
+		// transaction stays open while the broker is awaited.
+		//
+		// Index: available_idx (available_at) for the scan; leased and
+		// backing-off rows lie in the future and are never visited.
+		// Ordering: a keyed row is a candidate only when no earlier row of its
+		// key exists (key_idx probe), so each key has at most one row in
+		// flight across all relays, and the next becomes claimable only once
+		// the previous was confirmed and deleted (or dead-lettered).
+		// SKIP LOCKED lets relays claim side by side; a row another relay
+		// re-leased after this statement's snapshot fails the re-checked
+		// available_at condition and is not claimed twice.
+		claim: `WITH cand AS (
+    SELECT o.seq FROM ` + ob + ` o
+    WHERE o.available_at <= now()
+      AND (o.key = '' OR NOT EXISTS (SELECT 1 FROM ` + ob + ` p WHERE p.key = o.key AND p.seq < o.seq))
+    ORDER BY o.available_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED)
+UPDATE ` + ob + ` o SET available_at = now() + $2 * interval '1 millisecond', lease = $3
+FROM cand WHERE o.seq = cand.seq
+RETURNING o.seq, ` + prefixed("o.", columns),
+
+		// deleteDone removes confirmed rows by primary key. No lease check: a
+		// confirmed message is delivered whoever holds the row now.
+		deleteDone: `DELETE FROM ` + ob + ` WHERE seq = ANY($1::bigint[])`,
+
+		// archiveDone moves confirmed rows to the published table (Retain).
+		archiveDone: `WITH d AS (DELETE FROM ` + ob + ` WHERE seq = ANY($1::bigint[]) RETURNING seq, ` + columns + `)
+INSERT INTO ` + pub + ` (seq, ` + columns + `) SELECT seq, ` + columns + ` FROM d
+ON CONFLICT (seq) DO NOTHING`,
+
+		// retry records a failed attempt and schedules the next one, only
+		// while this relay's lease still owns the row.
+		retry: `UPDATE ` + ob + ` o SET attempts = o.attempts + 1, last_error = f.err,
+    available_at = now() + f.delay_ms * interval '1 millisecond', lease = NULL
+FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::float8[]) AS f(seq, lease, err, delay_ms)
+WHERE o.seq = f.seq AND o.lease = f.lease`,
+
+		// bury moves rows that used up their attempts to the dead-letter
+		// table with their last error, in one statement (one transaction).
+		bury: `WITH f AS (SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[]) AS f(seq, lease, err)),
+d AS (DELETE FROM ` + ob + ` o USING f WHERE o.seq = f.seq AND o.lease = f.lease
+      RETURNING o.seq, ` + prefixed("o.", columns) + `, f.err)
+INSERT INTO ` + dead + ` (seq, ` + columns + `, last_error)
+SELECT seq, id, exchange, routing_key, key, type, content_type, headers, payload, created_at, attempts + 1, err FROM d
+ON CONFLICT (seq) DO NOTHING`,
+
+		// release hands rows back at once (shutdown, lost connection)
+		// without counting an attempt.
+		release: `UPDATE ` + ob + ` o SET available_at = now(), lease = NULL
+FROM unnest($1::bigint[], $2::uuid[]) AS f(seq, lease)
+WHERE o.seq = f.seq AND o.lease = f.lease`,
+	}
+}
+
+func prefixed(p, cols string) string {
+	parts := strings.Split(cols, ", ")
+	for i := range parts {
+		parts[i] = p + parts[i]
+	}
+	return strings.Join(parts, ", ")
+}
