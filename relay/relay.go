@@ -355,7 +355,7 @@ func (r *Relay) apply(done, retry, bury, release []outcome) error {
 		seqs, leases, errs := columnsOf(retry)
 		delays := make([]float64, len(retry))
 		for i, o := range retry {
-			delays[i] = float64(r.backoffFor(o.row.attempts+1).Milliseconds())
+			delays[i] = float64(r.backoffFor(o.row.attempts + 1).Milliseconds())
 		}
 		if _, err := tx.ExecContext(ctx, r.q.retry, pq.Int64Array(seqs), pq.StringArray(leases), pq.StringArray(errs), pq.Float64Array(delays)); err != nil {
 			return fmt.Errorf("schedule retries: %w", err)
