@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -258,4 +259,49 @@ func Eventually(t testing.TB, timeout time.Duration, what string, cond func() bo
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// CleanupQueues deletes the named queues when the test ends (for queues the
+// code under test declared, e.g. through a topology helper).
+func (b *Broker) CleanupQueues(names ...string) {
+	for _, name := range names {
+		b.t.Cleanup(func() {
+			b.cleanup(func(ch *amqp.Channel) error { _, err := ch.QueueDelete(name, false, false, false); return err })
+		})
+	}
+}
+
+// CleanupExchanges deletes the named exchanges when the test ends.
+func (b *Broker) CleanupExchanges(names ...string) {
+	for _, name := range names {
+		b.t.Cleanup(func() {
+			b.cleanup(func(ch *amqp.Channel) error { return ch.ExchangeDelete(name, false, false) })
+		})
+	}
+}
+
+// CloseConnection closes, from the broker side, every connection whose
+// connection_name is exactly name (`rabbitmqctl close_connection`), as a
+// network failure or an operator would, and returns how many it closed.
+// It never touches another connection: tests of other packages run at the
+// same time on the same broker.
+func CloseConnection(t testing.TB, name string) int {
+	t.Helper()
+	out, err := exec.Command("rabbitmqctl", "-q", "list_connections", "pid", "client_properties").CombinedOutput()
+	if err != nil {
+		t.Fatalf("rabbitmqctl list_connections: %v: %s", err, out)
+	}
+	want := `{"connection_name","` + name + `"}`
+	closed := 0
+	for _, line := range strings.Split(string(out), "\n") {
+		pid, props, ok := strings.Cut(line, "\t")
+		if !ok || !strings.Contains(props, want) {
+			continue
+		}
+		if out, err := exec.Command("rabbitmqctl", "-q", "close_connection", pid, "closed by test").CombinedOutput(); err != nil {
+			t.Fatalf("rabbitmqctl close_connection %s: %v: %s", pid, err, out)
+		}
+		closed++
+	}
+	return closed
 }

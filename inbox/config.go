@@ -1,0 +1,206 @@
+package inbox
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"time"
+
+	"github.com/jmoiron/sqlx"
+)
+
+// Handler applies one message inside tx, the transaction that also records
+// the message id. Return nil to commit (then the delivery is acked); return
+// an error, or panic, to roll back and retry later. Do not commit or roll
+// back tx yourself. A handler may be called again for the same message
+// after an error, so it must not have effects outside tx that cannot be
+// repeated (or must make those idempotent by m.ID).
+type Handler func(ctx context.Context, tx *sqlx.Tx, m Message) error
+
+// Defaults for Config.
+const (
+	DefaultConcurrency      = 4
+	DefaultMaxAttempts      = 10
+	DefaultMinBackoff       = time.Second
+	DefaultMaxBackoff       = 5 * time.Minute
+	DefaultShutdownTimeout  = 30 * time.Second
+	DefaultReconnectMaxWait = 30 * time.Second
+	DefaultPurgeInterval    = time.Hour
+	DefaultRetention        = 7 * 24 * time.Hour
+	maxBatchSize            = 1000
+)
+
+// Config configures a Consumer. URL, Queue, Consumer and Handler are
+// required; every other field has a default.
+type Config struct {
+	// URL is the AMQP URL, e.g. amqp://guest:guest@127.0.0.1:5672/.
+	URL string
+	// Queue is the queue to consume. It must exist; DeclareTopology creates
+	// it with its retry and dead-letter queues.
+	Queue string
+	// Consumer names the consumer and scopes deduplication: two consumers
+	// with different names each apply a message once. Keep it stable.
+	Consumer string
+	// Handler applies each message. Required.
+	Handler Handler
+
+	// ConnectionName is the AMQP connection_name, shown by the management
+	// UI and `rabbitmqctl list_connections client_properties`.
+	// Default "mailroom-inbox " + Consumer.
+	ConnectionName string
+	// RetryQueue receives failed messages with a per-message TTL; when the
+	// TTL expires the broker dead-letters them back to Queue.
+	// Default Queue + ".retry". When it does not exist, a failed delivery is
+	// requeued after the backoff delay instead (see the package doc).
+	RetryQueue string
+	// DeadLetterQueue receives undecodable messages and messages that failed
+	// MaxAttempts times, with the reason in the x-mailroom-reason header.
+	// Default Queue + ".dead". When it does not exist the delivery is
+	// rejected without requeue, which dead-letters it through the queue's
+	// own dead-letter exchange if it has one and drops it otherwise.
+	DeadLetterQueue string
+
+	// Concurrency is the number of workers, each with its own transaction.
+	// Default DefaultConcurrency (4).
+	Concurrency int
+	// Prefetch is the channel's QoS prefetch count, the most unacked
+	// deliveries held at once. Default 2 × Concurrency × BatchSize.
+	Prefetch int
+	// BatchSize > 1 lets a worker apply up to that many deliveries already
+	// waiting for it in one transaction, with a savepoint per message so a
+	// failing handler undoes only its own message; the batch is committed
+	// once and then acked. Default 1 (a transaction per message); at most
+	// 1000. Keep it at 64 or below: each savepoint that writes takes a
+	// subtransaction id, and past 64 in one transaction PostgreSQL's
+	// subtransaction cache overflows, which slows snapshots server-wide.
+	BatchSize int
+	// OrderedByKey handles messages that share an x-mailroom-key header one
+	// at a time in delivery order, while different keys run in parallel on
+	// Concurrency workers (by a hash of the key). A failing message is then
+	// retried in place, holding back the later messages of its worker, and
+	// not through the retry queue. Messages without a key run in parallel.
+	OrderedByKey bool
+
+	// MaxAttempts is how many times a message is tried before it is
+	// dead-lettered. Default DefaultMaxAttempts (10).
+	MaxAttempts int
+	// MinBackoff and MaxBackoff bound the exponential, jittered delay
+	// before a retry: MinBackoff after the first failure, doubling up to
+	// MaxBackoff. Defaults 1s and 5m.
+	MinBackoff, MaxBackoff time.Duration
+
+	// ShutdownTimeout bounds how long Run waits for running handlers after
+	// its context ends; then their context is cancelled. Deliveries not yet
+	// started are left unacked and the broker redelivers them.
+	// Default 30s.
+	ShutdownTimeout time.Duration
+	// ReconnectMaxWait caps the backoff between reconnection attempts.
+	// Default 30s.
+	ReconnectMaxWait time.Duration
+
+	// Table is the deduplication table (see package dedupe).
+	// Default "mailroom_inbox".
+	Table string
+	// Retention is how long message ids are remembered; it must be longer
+	// than any message can stay queued or retrying. Default 7 days.
+	Retention time.Duration
+	// PurgeInterval is how often Run purges ids older than Retention (every
+	// running consumer does; concurrent purges share the work). Default 1h;
+	// negative disables purging (run dedupe.Store.Purge yourself).
+	PurgeInterval time.Duration
+
+	// Logger receives warnings and errors (and Debug lines per message).
+	// Nil discards.
+	Logger *slog.Logger
+}
+
+// withDefaults validates cfg and fills its defaults. Every error names the
+// field.
+func (cfg Config) withDefaults() (Config, error) {
+	bad := func(field, format string, args ...any) (Config, error) {
+		return cfg, fmt.Errorf("inbox: Config.%s: %s", field, fmt.Sprintf(format, args...))
+	}
+	if cfg.URL == "" {
+		return bad("URL", "required, e.g. amqp://guest:guest@127.0.0.1:5672/")
+	}
+	if u, err := url.Parse(cfg.URL); err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") {
+		return bad("URL", "not an amqp:// or amqps:// URL")
+	}
+	if cfg.Queue == "" {
+		return bad("Queue", "required: the queue to consume (see DeclareTopology)")
+	}
+	if cfg.Consumer == "" {
+		return bad("Consumer", "required: a stable name that scopes deduplication, e.g. \"payments\"")
+	}
+	if cfg.Handler == nil {
+		return bad("Handler", "required")
+	}
+	if cfg.ConnectionName == "" {
+		cfg.ConnectionName = "mailroom-inbox " + cfg.Consumer
+	}
+	if cfg.RetryQueue == "" {
+		cfg.RetryQueue = RetryQueueName(cfg.Queue)
+	}
+	if cfg.DeadLetterQueue == "" {
+		cfg.DeadLetterQueue = DeadLetterQueueName(cfg.Queue)
+	}
+	if cfg.RetryQueue == cfg.Queue || cfg.DeadLetterQueue == cfg.Queue || cfg.RetryQueue == cfg.DeadLetterQueue {
+		return bad("RetryQueue", "Queue, RetryQueue and DeadLetterQueue must be three different queues")
+	}
+	if cfg.Concurrency == 0 {
+		cfg.Concurrency = DefaultConcurrency
+	} else if cfg.Concurrency < 0 || cfg.Concurrency > 1000 {
+		return bad("Concurrency", "%d: must be between 1 and 1000", cfg.Concurrency)
+	}
+	if cfg.BatchSize == 0 {
+		cfg.BatchSize = 1
+	} else if cfg.BatchSize < 0 || cfg.BatchSize > maxBatchSize {
+		return bad("BatchSize", "%d: must be between 1 and %d", cfg.BatchSize, maxBatchSize)
+	}
+	if cfg.Prefetch == 0 {
+		cfg.Prefetch = min(2*cfg.Concurrency*cfg.BatchSize, 65535)
+	} else if cfg.Prefetch < 0 || cfg.Prefetch > 65535 {
+		return bad("Prefetch", "%d: must be between 1 and 65535", cfg.Prefetch)
+	}
+	if cfg.MaxAttempts == 0 {
+		cfg.MaxAttempts = DefaultMaxAttempts
+	} else if cfg.MaxAttempts < 0 {
+		return bad("MaxAttempts", "%d: must be at least 1", cfg.MaxAttempts)
+	}
+	if cfg.MinBackoff == 0 {
+		cfg.MinBackoff = DefaultMinBackoff
+	}
+	if cfg.MaxBackoff == 0 {
+		cfg.MaxBackoff = max(DefaultMaxBackoff, cfg.MinBackoff)
+	}
+	if cfg.MinBackoff < time.Millisecond {
+		return bad("MinBackoff", "%s: must be at least 1ms (a retry without delay hot-loops)", cfg.MinBackoff)
+	}
+	if cfg.MaxBackoff < cfg.MinBackoff {
+		return bad("MaxBackoff", "%s is shorter than MinBackoff (%s)", cfg.MaxBackoff, cfg.MinBackoff)
+	}
+	if cfg.ShutdownTimeout == 0 {
+		cfg.ShutdownTimeout = DefaultShutdownTimeout
+	} else if cfg.ShutdownTimeout < 0 {
+		return bad("ShutdownTimeout", "%s: must be positive", cfg.ShutdownTimeout)
+	}
+	if cfg.ReconnectMaxWait == 0 {
+		cfg.ReconnectMaxWait = DefaultReconnectMaxWait
+	} else if cfg.ReconnectMaxWait < 10*time.Millisecond {
+		return bad("ReconnectMaxWait", "%s: must be at least 10ms", cfg.ReconnectMaxWait)
+	}
+	if cfg.Retention == 0 {
+		cfg.Retention = DefaultRetention
+	}
+	if worst := time.Duration(cfg.MaxAttempts) * cfg.MaxBackoff; cfg.Retention < 2*worst {
+		return bad("Retention", "%s is shorter than twice the longest retry span (MaxAttempts × MaxBackoff = %s): ids would be forgotten while their message may still be redelivered", cfg.Retention, worst)
+	}
+	if cfg.PurgeInterval == 0 {
+		cfg.PurgeInterval = DefaultPurgeInterval
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	return cfg, nil
+}

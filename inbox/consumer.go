@@ -1,0 +1,321 @@
+package inbox
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/jmoiron/sqlx"
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/mailroom-go/mailroom/dedupe"
+	"github.com/mailroom-go/mailroom/internal/amqpx"
+)
+
+// Consumer applies the deliveries of one queue exactly once each (see the
+// package doc). Create it with New and call Run.
+type Consumer struct {
+	db      *sqlx.DB
+	cfg     Config
+	store   *dedupe.Store
+	running atomic.Bool
+	stats   stats
+
+	afterCommit func(Message) // test hook: between commit and ack
+}
+
+// Stats are counters since New, for metrics.
+type Stats struct {
+	Handled      uint64 // messages applied and committed
+	Duplicates   uint64 // deliveries acked without calling the handler
+	Failed       uint64 // handler errors and panics
+	Retried      uint64 // deliveries sent to the retry queue or retried in place
+	DeadLettered uint64 // deliveries sent to the dead-letter queue (or rejected)
+	Requeued     uint64 // deliveries returned to the queue after a database or broker error
+	Sessions     uint64 // connections established (1 + reconnections)
+}
+
+type stats struct {
+	handled, duplicates, failed, retried, dead, requeued, sessions atomic.Uint64
+}
+
+// Stats returns the counters.
+func (c *Consumer) Stats() Stats {
+	s := &c.stats
+	return Stats{
+		Handled: s.handled.Load(), Duplicates: s.duplicates.Load(), Failed: s.failed.Load(),
+		Retried: s.retried.Load(), DeadLettered: s.dead.Load(), Requeued: s.requeued.Load(),
+		Sessions: s.sessions.Load(),
+	}
+}
+
+// New validates cfg (errors name the field) and returns a Consumer that
+// applies messages through db.
+func New(db *sqlx.DB, cfg Config) (*Consumer, error) {
+	if db == nil {
+		return nil, errors.New("inbox: New: db is nil")
+	}
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	store, err := dedupe.New(dedupe.Config{Table: cfg.Table})
+	if err != nil {
+		return nil, fmt.Errorf("inbox: Config.Table: %w", err)
+	}
+	return &Consumer{db: db, cfg: cfg, store: store}, nil
+}
+
+// Run consumes until ctx ends, reconnecting with backoff whenever the
+// connection or channel is lost or the broker cancels the consumer. When
+// ctx ends it stops taking deliveries, waits up to Config.ShutdownTimeout
+// for running handlers, and returns nil. Run may not be called twice at once.
+func (c *Consumer) Run(ctx context.Context) error {
+	if !c.running.CompareAndSwap(false, true) {
+		return errors.New("inbox: Run called while this Consumer is already running")
+	}
+	defer c.running.Store(false)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	if c.cfg.PurgeInterval > 0 {
+		wg.Add(1)
+		go func() { defer wg.Done(); c.purgeLoop(ctx) }()
+	}
+	log := c.cfg.Logger
+	b := backoff.NewExponentialBackOff()
+	b.InitialInterval, b.MaxInterval, b.MaxElapsedTime = 100*time.Millisecond, c.cfg.ReconnectMaxWait, 0
+	for {
+		conn, err := amqpx.DialRetry(ctx, c.cfg.URL, c.cfg.ConnectionName, c.cfg.ReconnectMaxWait, func(err error, wait time.Duration) {
+			log.Warn("inbox: cannot connect; retrying", "queue", c.cfg.Queue, "err", err, "wait", wait)
+		})
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("inbox: %w", err)
+		}
+		c.stats.sessions.Add(1)
+		started := time.Now()
+		err = c.session(ctx, conn)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if time.Since(started) > time.Minute {
+			b.Reset()
+		}
+		wait := b.NextBackOff()
+		log.Warn("inbox: consumer stopped; reconnecting", "queue", c.cfg.Queue, "err", err, "wait", wait)
+		if !sleep(ctx, wait) {
+			return nil
+		}
+	}
+}
+
+// sleep waits d or until ctx ends; it reports whether d passed.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+func (c *Consumer) purgeLoop(ctx context.Context) {
+	t := time.NewTicker(c.cfg.PurgeInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			n, err := c.store.Purge(ctx, c.db, c.cfg.Retention)
+			if err != nil && ctx.Err() == nil {
+				c.cfg.Logger.Warn("inbox: purge of old message ids failed; retrying next interval", "table", c.store.Table(), "err", err)
+			} else if n > 0 {
+				c.cfg.Logger.Debug("inbox: purged old message ids", "table", c.store.Table(), "deleted", n)
+			}
+		}
+	}
+}
+
+// session is one connection: a consuming channel, a confirm channel for
+// retries and dead letters, and the workers. Deliveries never outlive their
+// session: each is acked on the channel it came from (its Acknowledger), so
+// a tag can never be acked on a newer channel; after a reconnect, whatever
+// was unacked is redelivered and deduplicated. session closes conn.
+func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
+	var bg sync.WaitGroup
+	defer bg.Wait()    // notification drainers end once conn is closed
+	defer conn.Close() //nolint:errcheck // runs first
+	log := c.cfg.Logger.With("queue", c.cfg.Queue, "connection", c.cfg.ConnectionName)
+
+	broken := make(chan struct{}) // closed when a notification means the session is over
+	var once sync.Once
+	brk := func() { once.Do(func() { close(broken) }) }
+	connClosed := conn.NotifyClose(make(chan *amqp.Error, 1))
+	blocked := conn.NotifyBlocked(make(chan amqp.Blocking, 1))
+	bg.Add(1)
+	go func() {
+		defer bg.Done()
+		for connClosed != nil || blocked != nil {
+			select {
+			case err, ok := <-connClosed:
+				if !ok {
+					connClosed = nil
+					continue
+				}
+				log.Warn("inbox: connection closed", "err", err)
+				brk()
+			case b, ok := <-blocked:
+				if !ok {
+					blocked = nil
+					continue
+				}
+				log.Warn("inbox: broker blocked the connection (resource alarm); retries and dead letters wait", "active", b.Active, "reason", b.Reason)
+			}
+		}
+	}()
+
+	retryOK := queueExists(conn, c.cfg.RetryQueue)
+	deadOK := queueExists(conn, c.cfg.DeadLetterQueue)
+	if !retryOK {
+		log.Warn("inbox: retry queue not found; failed messages are requeued after the backoff delay instead (declare it with inbox.DeclareTopology)", "retry_queue", c.cfg.RetryQueue)
+	}
+	if !deadOK {
+		log.Warn("inbox: dead-letter queue not found; poison messages are rejected without requeue (declare it with inbox.DeclareTopology)", "dead_letter_queue", c.cfg.DeadLetterQueue)
+	}
+	pub, err := newPublisher(conn, &bg, log, brk)
+	if err != nil {
+		return err
+	}
+	ch, err := conn.Channel()
+	if err != nil {
+		return fmt.Errorf("open channel: %w", err)
+	}
+	if err := ch.Qos(c.cfg.Prefetch, 0, false); err != nil {
+		return fmt.Errorf("set prefetch %d: %w", c.cfg.Prefetch, err)
+	}
+	chClosed := ch.NotifyClose(make(chan *amqp.Error, 1))
+	cancels := ch.NotifyCancel(make(chan string, 1))
+	bg.Add(1)
+	go func() {
+		defer bg.Done()
+		for chClosed != nil || cancels != nil {
+			select {
+			case err, ok := <-chClosed:
+				if !ok {
+					chClosed = nil
+					continue
+				}
+				log.Warn("inbox: consuming channel closed", "err", err)
+				brk()
+			case tag, ok := <-cancels:
+				if !ok {
+					cancels = nil
+					continue
+				}
+				log.Warn("inbox: broker cancelled the consumer (queue deleted or moved); re-consuming", "tag", tag)
+				brk()
+			}
+		}
+	}()
+	tag := consumerTag(c.cfg.ConnectionName)
+	deliveries, err := ch.Consume(c.cfg.Queue, tag, false, false, false, false, nil)
+	if err != nil {
+		return fmt.Errorf("consume %q: %w", c.cfg.Queue, err)
+	}
+
+	// Handlers run on a context that survives ctx by ShutdownTimeout, so a
+	// stop lets them finish and commit.
+	hctx, hcancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer hcancel()
+	stop := make(chan struct{}) // closed: workers take no new deliveries
+	s := &session{c: c, ctx: hctx, stop: stop, pub: pub, retryOK: retryOK, deadOK: deadOK, log: log}
+
+	var workers sync.WaitGroup
+	inputs := make([]chan amqp.Delivery, c.cfg.Concurrency)
+	shared := make(chan amqp.Delivery, c.cfg.Prefetch) // buffered so a worker finds a batch waiting
+	for i := range inputs {
+		inputs[i] = shared
+		if c.cfg.OrderedByKey {
+			inputs[i] = make(chan amqp.Delivery, max(1, c.cfg.Prefetch/c.cfg.Concurrency))
+		}
+		workers.Add(1)
+		go func(in <-chan amqp.Delivery) { defer workers.Done(); s.work(in) }(inputs[i])
+	}
+	var next uint32 // round robin for deliveries without a key
+	result := func() error {
+		for {
+			select {
+			case d, ok := <-deliveries:
+				if !ok {
+					return errors.New("delivery channel closed (connection lost or consumer cancelled)")
+				}
+				in := shared
+				if c.cfg.OrderedByKey {
+					in = inputs[c.shard(&d, &next)]
+				}
+				select {
+				case in <- d:
+				case <-ctx.Done():
+					return nil
+				case <-broken:
+					return errors.New("session broken")
+				}
+			case <-ctx.Done():
+				return nil
+			case <-broken:
+				return errors.New("session broken")
+			}
+		}
+	}()
+	// Stop: no new deliveries, let running handlers finish (bounded), then
+	// close the connection; the broker requeues what was not acked.
+	_ = ch.Cancel(tag, false)
+	close(stop)
+	timer := time.AfterFunc(c.cfg.ShutdownTimeout, hcancel)
+	workers.Wait()
+	timer.Stop()
+	return result
+}
+
+// shard picks the worker of a delivery: by key when it has one, so one key
+// is handled by one worker in order.
+func (c *Consumer) shard(d *amqp.Delivery, next *uint32) int {
+	key := headerString(d.Headers[HeaderKey])
+	if key == "" {
+		*next++
+		return int(*next % uint32(c.cfg.Concurrency))
+	}
+	h := fnv.New32a()
+	h.Write([]byte(key))
+	return int(h.Sum32() % uint32(c.cfg.Concurrency))
+}
+
+func consumerTag(name string) string {
+	b := make([]byte, 4)
+	_, _ = rand.Read(b)
+	return name + " " + hex.EncodeToString(b)
+}
+
+// queueExists checks with a passive declare on a throwaway channel (a
+// missing queue closes the channel).
+func queueExists(conn *amqp.Connection, name string) bool {
+	ch, err := conn.Channel()
+	if err != nil {
+		return false
+	}
+	defer ch.Close()
+	_, err = ch.QueueDeclarePassive(name, true, false, false, false, nil)
+	return err == nil
+}

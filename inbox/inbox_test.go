@@ -1,0 +1,447 @@
+package inbox_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/jmoiron/sqlx"
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/mailroom-go/mailroom/inbox"
+	"github.com/mailroom-go/mailroom/internal/testenv"
+)
+
+func TestNewValidatesConfig(t *testing.T) {
+	t.Parallel()
+	h := func(context.Context, *sqlx.Tx, inbox.Message) error { return nil }
+	ok := inbox.Config{URL: "amqp://localhost/", Queue: "q", Consumer: "c", Handler: h}
+	db := &sqlx.DB{}
+	for _, tc := range []struct {
+		field string
+		edit  func(*inbox.Config)
+	}{
+		{"URL", func(c *inbox.Config) { c.URL = "" }},
+		{"URL", func(c *inbox.Config) { c.URL = "http://localhost" }},
+		{"Queue", func(c *inbox.Config) { c.Queue = "" }},
+		{"Consumer", func(c *inbox.Config) { c.Consumer = "" }},
+		{"Handler", func(c *inbox.Config) { c.Handler = nil }},
+		{"RetryQueue", func(c *inbox.Config) { c.RetryQueue = "q" }},
+		{"Concurrency", func(c *inbox.Config) { c.Concurrency = -1 }},
+		{"BatchSize", func(c *inbox.Config) { c.BatchSize = 5000 }},
+		{"Prefetch", func(c *inbox.Config) { c.Prefetch = 70000 }},
+		{"MaxAttempts", func(c *inbox.Config) { c.MaxAttempts = -2 }},
+		{"MinBackoff", func(c *inbox.Config) { c.MinBackoff = 1 }},
+		{"MaxBackoff", func(c *inbox.Config) { c.MinBackoff, c.MaxBackoff = 2e9, 1e9 }},
+		{"Retention", func(c *inbox.Config) { c.Retention = 1e9 }},
+		{"Table", func(c *inbox.Config) { c.Table = "no-dashes" }},
+	} {
+		cfg := ok
+		tc.edit(&cfg)
+		_, err := inbox.New(db, cfg)
+		if err == nil || !strings.Contains(err.Error(), "Config."+tc.field) {
+			t.Errorf("%s: New = %v, want an error naming Config.%s", tc.field, err, tc.field)
+		}
+	}
+	if _, err := inbox.New(db, ok); err != nil {
+		t.Fatalf("valid config: %v", err)
+	}
+}
+
+// Every message published twice: one effect each, the copies acked as
+// duplicates without calling the handler.
+func TestEachMessageTwiceOneEffect(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, inbox.Topology{})
+	var calls atomic.Int64
+	c, _ := e.start(e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+		calls.Add(1)
+		return record(ctx, tx, m)
+	}))
+	var msgs []amqp.Publishing
+	for i, id := range ids("twice", 50) {
+		msgs = append(msgs, msg(id, "", i), msg(id, "", i))
+	}
+	e.publish(msgs...)
+	e.waitEffects(50)
+	testenv.Eventually(t, wait, "all 100 deliveries settled", func() bool {
+		s := c.Stats()
+		return s.Handled+s.Duplicates == 100
+	})
+	if s := c.Stats(); s.Handled != 50 || s.Duplicates != 50 || calls.Load() != 50 {
+		t.Fatalf("stats %+v, handler calls %d; want 50 handled, 50 duplicates, 50 calls", s, calls.Load())
+	}
+}
+
+// Two consumer processes on one queue, each message published twice and
+// handled concurrently: still one effect per message.
+func TestTwoConsumersConcurrentDuplicates(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, inbox.Topology{})
+	cfg := e.config(record)
+	cfg.Concurrency = 8
+	c1, _ := e.start(cfg)
+	cfg.ConnectionName = testenv.Unique("inbox-test-2")
+	c2, _ := e.start(cfg)
+	var msgs []amqp.Publishing
+	for i, id := range ids("pair", 200) {
+		msgs = append(msgs, msg(id, "", i), msg(id, "", i))
+	}
+	e.publish(msgs...)
+	e.waitEffects(200)
+	testenv.Eventually(t, wait, "all deliveries settled", func() bool {
+		s1, s2 := c1.Stats(), c2.Stats()
+		return s1.Handled+s1.Duplicates+s2.Handled+s2.Duplicates == 400
+	})
+	s1, s2 := c1.Stats(), c2.Stats()
+	if s1.Handled+s2.Handled != 200 {
+		t.Fatalf("handled %d + %d, want 200 in all", s1.Handled, s2.Handled)
+	}
+	t.Logf("consumer 1 %+v; consumer 2 %+v", s1, s2)
+}
+
+// The connection dies after the commit and before the ack: the broker
+// redelivers, and the redelivery is recognised as a duplicate.
+func TestConnectionLostBetweenCommitAndAck(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, inbox.Topology{})
+	cfg := e.config(record)
+	cfg.Concurrency = 1
+	c, err := inbox.New(e.db, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	committed := make(chan string)
+	resume := make(chan struct{})
+	var once sync.Once
+	inbox.SetAfterCommit(c, func(m inbox.Message) {
+		once.Do(func() {
+			committed <- m.ID
+			<-resume
+		})
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+
+	e.publish(msg("lost-ack", "", 1))
+	id := <-committed
+	if n := testenv.CloseConnection(t, cfg.ConnectionName); n != 1 {
+		t.Fatalf("closed %d connections named %q, want 1", n, cfg.ConnectionName)
+	}
+	close(resume) // the ack now goes to a dead connection
+	testenv.Eventually(t, wait, "the redelivery acked as a duplicate", func() bool { return c.Stats().Duplicates == 1 })
+	if got := e.effects(); got[id] != 1 || len(got) != 1 {
+		t.Fatalf("effects %v, want exactly one for %s", got, id)
+	}
+	if s := c.Stats(); s.Sessions < 2 || s.Handled != 1 {
+		t.Fatalf("stats %+v: want a reconnect and one handled", s)
+	}
+}
+
+// A handler that fails the first k times (by error or panic) is applied
+// once, on attempt k+1: through the retry queue, or in place when ordered.
+func TestHandlerFailsFirstKTimes(t *testing.T) {
+	t.Parallel()
+	const k = 2
+	for _, tc := range []struct {
+		name    string
+		topo    inbox.Topology
+		ordered bool
+		batch   int
+	}{
+		{"quorum retry queue", inbox.Topology{}, false, 1},
+		{"classic retry queue", inbox.Topology{Classic: true}, false, 1},
+		{"ordered in place", inbox.Topology{}, true, 1},
+		{"batched", inbox.Topology{}, false, 8},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t, tc.topo)
+			var mu sync.Mutex
+			seen := map[string]int{}
+			cfg := e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+				mu.Lock()
+				seen[m.ID]++
+				n := seen[m.ID]
+				mu.Unlock()
+				if n != m.Attempt {
+					t.Errorf("%s: call %d has Attempt %d", m.ID, n, m.Attempt)
+				}
+				if n == 1 {
+					panic("first attempt panics")
+				}
+				if n <= k {
+					return fmt.Errorf("attempt %d fails", n)
+				}
+				return record(ctx, tx, m)
+			})
+			cfg.OrderedByKey, cfg.BatchSize = tc.ordered, tc.batch
+			c, _ := e.start(cfg)
+			var msgs []amqp.Publishing
+			for i, id := range ids("flaky", 10) {
+				msgs = append(msgs, msg(id, fmt.Sprint("key", i%3), i))
+			}
+			e.publish(msgs...)
+			e.waitEffects(10)
+			var attempts []int
+			e.db.Select(&attempts, `SELECT DISTINCT attempt FROM effects`)
+			if len(attempts) != 1 || attempts[0] != k+1 {
+				t.Errorf("applied on attempts %v, want all on %d", attempts, k+1)
+			}
+			if s := c.Stats(); s.Failed != 10*k || s.DeadLettered != 0 {
+				t.Errorf("stats %+v, want %d failures and no dead letters", s, 10*k)
+			}
+		})
+	}
+}
+
+// A handler that always fails: after MaxAttempts the message is in the
+// dead-letter queue with the error text, and was never applied.
+func TestAlwaysFailingGoesToDeadLetters(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, inbox.Topology{})
+	var calls atomic.Int64
+	cfg := e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+		calls.Add(1)
+		if err := record(ctx, tx, m); err != nil { // rolled back
+			return err
+		}
+		return errors.New("card declined")
+	})
+	cfg.MaxAttempts = 3
+	c, _ := e.start(cfg)
+	e.publish(msg("doomed", "k", 1))
+	dl := e.deadLetters(1)[0]
+	reason, _ := dl.Headers[inbox.HeaderReason].(string)
+	if !strings.Contains(reason, "card declined") || !strings.Contains(reason, "3 times") {
+		t.Errorf("reason %q: want the error text and the attempt count", reason)
+	}
+	if dl.MessageId != "doomed" || string(dl.Body) != `{"n":1}` || dl.Headers["tenant"] != "acme" || dl.Headers[inbox.HeaderQueue] != e.queue {
+		t.Errorf("dead letter lost its content: %+v", dl)
+	}
+	if n := calls.Load(); n != 3 {
+		t.Errorf("handler called %d times, want MaxAttempts = 3", n)
+	}
+	if got := e.effects(); len(got) != 0 {
+		t.Errorf("effects %v, want none (every attempt rolled back)", got)
+	}
+	if s := c.Stats(); s.DeadLettered != 1 {
+		t.Errorf("stats %+v", s)
+	}
+}
+
+// Poison deliveries (no message_id; invalid JSON) go to the dead-letter
+// queue with a reason, and the consumer keeps going.
+func TestPoisonGoesToDeadLettersConsumerLives(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, inbox.Topology{})
+	var calls atomic.Int64
+	e.start(e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+		calls.Add(1)
+		return record(ctx, tx, m)
+	}))
+	noID := msg("", "", 1)
+	badJSON := msg("bad-json", "", 2)
+	badJSON.Body = []byte(`{"n":`)
+	e.publish(noID, badJSON, msg("good", "", 3))
+	dls := e.deadLetters(2)
+	reasons := map[string]string{}
+	for _, d := range dls {
+		reasons[d.MessageId], _ = d.Headers[inbox.HeaderReason].(string)
+	}
+	if !strings.Contains(reasons[""], "no message_id") || !strings.Contains(reasons["bad-json"], "not valid JSON") {
+		t.Errorf("reasons %q", reasons)
+	}
+	e.waitEffects(1)
+	e.publish(msg("after", "", 4))
+	e.waitEffects(2)
+	if calls.Load() != 2 {
+		t.Errorf("handler called %d times, want 2 (never for poison)", calls.Load())
+	}
+}
+
+// Stopping a consumer mid-stream and starting another: every message is
+// applied exactly once.
+func TestRestartMidStream(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, inbox.Topology{})
+	var msgs []amqp.Publishing
+	for i, id := range ids("restart", 300) {
+		msgs = append(msgs, msg(id, "", i))
+	}
+	e.publish(msgs...)
+	c1, stop1 := e.start(e.config(record))
+	testenv.Eventually(t, wait, "some messages applied", func() bool { return c1.Stats().Handled >= 50 })
+	stop1()
+	first := c1.Stats().Handled
+	e.start(e.config(record))
+	e.waitEffects(300)
+	if first >= 300 {
+		t.Logf("first consumer finished everything (%d) before the stop", first)
+	}
+}
+
+// A batch with one failing handler: the others commit together, the failed
+// one is retried and applied once.
+func TestBatchWithOneFailingHandler(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, inbox.Topology{})
+	var msgs []amqp.Publishing
+	for i, id := range ids("batch", 40) {
+		msgs = append(msgs, msg(id, "", i))
+	}
+	e.publish(msgs...) // queued before the consumer starts, so batches fill
+	var failedOnce atomic.Bool
+	cfg := e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+		if err := record(ctx, tx, m); err != nil {
+			return err
+		}
+		if m.ID == "batch-0005" && failedOnce.CompareAndSwap(false, true) {
+			return errors.New("fails once, after writing (the savepoint undoes the write)")
+		}
+		return nil
+	})
+	cfg.Concurrency, cfg.BatchSize = 1, 10
+	c, _ := e.start(cfg)
+	e.waitEffects(40)
+	var largest int
+	e.db.Get(&largest, `SELECT max(n) FROM (SELECT count(*) AS n FROM effects GROUP BY txid) b`)
+	if largest < 2 {
+		t.Errorf("largest transaction applied %d messages: batching did not happen", largest)
+	}
+	var attempt int
+	e.db.Get(&attempt, `SELECT attempt FROM effects WHERE msg_id = 'batch-0005'`)
+	if attempt != 2 || !failedOnce.Load() {
+		t.Errorf("batch-0005 applied on attempt %d, want 2", attempt)
+	}
+	if s := c.Stats(); s.Handled != 40 || s.Failed != 1 {
+		t.Errorf("stats %+v", s)
+	}
+}
+
+// OrderedByKey: messages of one key are applied in publish order, even when
+// one of them fails first; different keys interleave.
+func TestOrderedByKey(t *testing.T) {
+	t.Parallel()
+	for _, batch := range []int{1, 5} {
+		t.Run(fmt.Sprint("batch ", batch), func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t, inbox.Topology{})
+			var msgs []amqp.Publishing
+			for i := range 100 {
+				msgs = append(msgs, msg(fmt.Sprintf("o-%03d", i), fmt.Sprint("key", i%5), i))
+			}
+			e.publish(msgs...)
+			var failed atomic.Bool
+			cfg := e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+				if m.ID == "o-042" && failed.CompareAndSwap(false, true) {
+					return errors.New("once")
+				}
+				return record(ctx, tx, m)
+			})
+			cfg.OrderedByKey, cfg.Concurrency, cfg.BatchSize = true, 4, batch
+			e.start(cfg)
+			e.waitEffects(100)
+			var rows []struct {
+				ID  string `db:"msg_id"`
+				Key string `db:"key"`
+			}
+			if err := e.db.Select(&rows, `SELECT msg_id, key FROM effects ORDER BY seq`); err != nil {
+				t.Fatal(err)
+			}
+			last := map[string]string{}
+			for _, r := range rows {
+				if r.ID < last[r.Key] {
+					t.Errorf("key %s: %s applied after %s", r.Key, r.ID, last[r.Key])
+				}
+				last[r.Key] = r.ID
+			}
+		})
+	}
+}
+
+// Run returns nil on cancel after the running handler finished and its
+// message was acked.
+func TestRunFinishesInFlightWorkOnCancel(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, inbox.Topology{})
+	entered := make(chan struct{})
+	release := make(chan struct{})
+	cfg := e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+		close(entered)
+		<-release
+		return record(ctx, tx, m)
+	})
+	c, stop := e.start(cfg)
+	e.publish(msg("inflight", "", 1))
+	<-entered
+	stopped := make(chan struct{})
+	go func() { stop(); close(stopped) }()
+	close(release)
+	<-stopped
+	if s := c.Stats(); s.Handled != 1 {
+		t.Fatalf("stats %+v: the in-flight message should have been finished", s)
+	}
+	e.waitEffects(1)
+	// It was acked: a new consumer finds nothing to do.
+	var calls atomic.Int64
+	c2, _ := e.start(e.config(func(context.Context, *sqlx.Tx, inbox.Message) error { calls.Add(1); return nil }))
+	e.publish(msg("marker", "", 2))
+	testenv.Eventually(t, wait, "marker handled", func() bool { return c2.Stats().Handled == 1 })
+	if calls.Load() != 1 || c2.Stats().Duplicates != 0 {
+		t.Fatalf("the in-flight message was redelivered: %+v", c2.Stats())
+	}
+}
+
+// The broker cancels the consumer (queue deleted): the consumer re-consumes
+// once the queue is back. Classic queues: RabbitMQ 3.10 sends no
+// basic.cancel when a quorum queue is deleted.
+func TestConsumerCancelledByBroker(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, inbox.Topology{Classic: true})
+	c, _ := e.start(e.config(record))
+	e.publish(msg("before", "", 1))
+	e.waitEffects(1)
+	if _, err := e.b.Channel().QueueDelete(e.queue, false, false, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := inbox.DeclareTopology(e.b.Channel(), inbox.Topology{Queue: e.queue, Classic: true}); err != nil {
+		t.Fatal(err)
+	}
+	e.publish(msg("after", "", 2))
+	e.waitEffects(2)
+	if s := c.Stats(); s.Sessions < 2 {
+		t.Errorf("stats %+v: want a new session after the cancel", s)
+	}
+}
+
+// Run works on a plain queue without retry and dead-letter queues.
+func TestPlainQueueWithoutTopology(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	b := testenv.NewBroker(t)
+	q := b.Queue("", "", nil)
+	s.DB.MustExec(`CREATE TABLE effects (seq bigserial PRIMARY KEY, msg_id text NOT NULL, key text NOT NULL DEFAULT '', attempt int NOT NULL, txid bigint NOT NULL DEFAULT txid_current())`)
+	e := &env{t: t, db: s.DB, b: b, queue: q}
+	var failed atomic.Bool
+	c, _ := e.start(e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+		if failed.CompareAndSwap(false, true) {
+			return errors.New("once")
+		}
+		return record(ctx, tx, m)
+	}))
+	e.publish(msg("plain", "", 1), msg("", "", 2))
+	e.waitEffects(1)
+	testenv.Eventually(t, wait, "poison rejected", func() bool { return c.Stats().DeadLettered == 1 })
+}

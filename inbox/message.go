@@ -1,0 +1,147 @@
+package inbox
+
+import (
+	"encoding/json"
+	"fmt"
+	"mime"
+	"strconv"
+	"strings"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+)
+
+// Headers mailroom reads and writes. Names starting with "x-mailroom-" are
+// reserved: they never appear in Message.Headers.
+const (
+	// HeaderKey carries the ordering key (outbox Message.Key).
+	HeaderKey = "x-mailroom-key"
+	// HeaderAttempt is the attempt number of a redelivery through the retry
+	// queue (absent = 1).
+	HeaderAttempt = "x-mailroom-attempt"
+	// HeaderReason, on a dead letter, says why it was dead-lettered: the
+	// handler's last error, or what made the delivery undecodable.
+	HeaderReason = "x-mailroom-reason"
+	// HeaderQueue and HeaderConsumer, on a dead letter, say where it failed.
+	HeaderQueue    = "x-mailroom-queue"
+	HeaderConsumer = "x-mailroom-consumer"
+)
+
+// Message is one delivery as the handler sees it.
+type Message struct {
+	ID          string // AMQP message_id: the outbox id, the deduplication key
+	Exchange    string // exchange it was published to (the work queue's, for a retry)
+	RoutingKey  string
+	Key         string // ordering key (x-mailroom-key header); "" when none
+	Type        string // AMQP type
+	ContentType string // AMQP content_type
+	// Headers are the AMQP headers as strings, without mailroom's own
+	// (x-mailroom-*) and the broker's bookkeeping (x-death, x-first-death-*,
+	// x-last-death-*, x-delivery-count). Strings and byte arrays are taken
+	// as they are, numbers and booleans in Go's decimal form, timestamps in
+	// RFC 3339, anything else (tables, arrays, decimals) through fmt.Sprint.
+	Headers map[string]string
+	Payload []byte
+	Attempt int // 1 on first delivery
+}
+
+// poison is a delivery that never reaches a handler.
+type poison struct{ reason string }
+
+func (p poison) Error() string { return p.reason }
+
+// decode turns a delivery into a Message, or says why it cannot.
+func decode(d *amqp.Delivery) (Message, error) {
+	m := Message{
+		ID: d.MessageId, Exchange: d.Exchange, RoutingKey: d.RoutingKey,
+		Type: d.Type, ContentType: d.ContentType, Payload: d.Body, Attempt: 1,
+	}
+	if m.ID == "" {
+		return m, poison{"no message_id: mailroom deduplicates by message_id, so a delivery without one cannot be handled safely (publish through the outbox, or set message_id)"}
+	}
+	for k, v := range d.Headers {
+		switch {
+		case k == HeaderKey:
+			m.Key = headerString(v)
+		case k == HeaderAttempt:
+			n, err := strconv.Atoi(headerString(v))
+			if err != nil || n < 1 {
+				return m, poison{fmt.Sprintf("header %s = %v is not a positive integer", HeaderAttempt, v)}
+			}
+			m.Attempt = n
+		case k == "x-delivery-count":
+			// Quorum queues count returns to the queue (consumer crash,
+			// lost connection, requeue): each was an attempt too.
+			if n, err := strconv.Atoi(headerString(v)); err == nil && n > 0 {
+				m.Attempt += n
+			}
+		case brokerHeader(k) || strings.HasPrefix(k, "x-mailroom-"):
+		default:
+			if m.Headers == nil {
+				m.Headers = make(map[string]string, len(d.Headers))
+			}
+			m.Headers[k] = headerString(v)
+		}
+	}
+	if isJSON(m.ContentType) && !json.Valid(m.Payload) {
+		return m, poison{fmt.Sprintf("payload is not valid JSON but content_type is %q", m.ContentType)}
+	}
+	return m, nil
+}
+
+func brokerHeader(k string) bool {
+	return k == "x-death" || k == "x-delivery-count" ||
+		strings.HasPrefix(k, "x-first-death-") || strings.HasPrefix(k, "x-last-death-")
+}
+
+func isJSON(contentType string) bool {
+	if contentType == "" {
+		return false
+	}
+	mt, _, err := mime.ParseMediaType(contentType)
+	return err == nil && (mt == "application/json" || strings.HasSuffix(mt, "+json"))
+}
+
+// headerString formats an AMQP field value (see Message.Headers).
+func headerString(v any) string {
+	switch x := v.(type) {
+	case nil:
+		return ""
+	case string:
+		return x
+	case []byte:
+		return string(x)
+	case bool:
+		return strconv.FormatBool(x)
+	case int8, int16, int32, int64, int, uint8, uint16, uint32, uint64, uint:
+		return fmt.Sprint(x)
+	case float32:
+		return strconv.FormatFloat(float64(x), 'g', -1, 32)
+	case float64:
+		return strconv.FormatFloat(x, 'g', -1, 64)
+	case time.Time:
+		return x.UTC().Format(time.RFC3339Nano)
+	default:
+		return fmt.Sprint(x)
+	}
+}
+
+// republish copies d for the retry or dead-letter queue: same properties and
+// body, broker bookkeeping dropped, extra headers set.
+func republish(d *amqp.Delivery, extra amqp.Table) amqp.Publishing {
+	h := make(amqp.Table, len(d.Headers)+len(extra))
+	for k, v := range d.Headers {
+		if !brokerHeader(k) {
+			h[k] = v
+		}
+	}
+	for k, v := range extra {
+		h[k] = v
+	}
+	return amqp.Publishing{
+		Headers: h, ContentType: d.ContentType, ContentEncoding: d.ContentEncoding,
+		DeliveryMode: amqp.Persistent, Priority: d.Priority, CorrelationId: d.CorrelationId,
+		ReplyTo: d.ReplyTo, MessageId: d.MessageId, Timestamp: d.Timestamp, Type: d.Type,
+		AppId: d.AppId, Body: d.Body, // not UserId: the broker rejects one that is not ours
+	}
+}

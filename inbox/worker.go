@@ -1,0 +1,366 @@
+package inbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime/debug"
+	"strconv"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/jmoiron/sqlx"
+	"github.com/lib/pq"
+	amqp "github.com/rabbitmq/amqp091-go"
+)
+
+// session holds what the workers of one connection share.
+type session struct {
+	c       *Consumer
+	ctx     context.Context // handlers' context: outlives Run's by ShutdownTimeout
+	stop    <-chan struct{} // closed: take no new deliveries
+	pub     *publisher
+	retryOK bool // the retry queue exists
+	deadOK  bool // the dead-letter queue exists
+	log     *slog.Logger
+	infra   int // consecutive database/broker failures of this worker (see work)
+}
+
+// item is a decoded delivery.
+type item struct {
+	d *amqp.Delivery
+	m Message
+}
+
+// work takes deliveries from in, up to BatchSize of those already waiting
+// at a time, until stop. Each worker runs on its own copy of the session
+// (its own infra counter).
+func (s session) work(in <-chan amqp.Delivery) {
+	size := s.c.cfg.BatchSize
+	for {
+		var first amqp.Delivery
+		select {
+		case <-s.stop:
+			return
+		case first = <-in:
+		}
+		batch := []amqp.Delivery{first}
+	fill:
+		for len(batch) < size {
+			select {
+			case d := <-in:
+				batch = append(batch, d)
+			default:
+				break fill
+			}
+		}
+		s.handle(batch)
+	}
+}
+
+func (s *session) stopped() bool {
+	select {
+	case <-s.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// handle dead-letters undecodable deliveries and applies the rest.
+func (s *session) handle(ds []amqp.Delivery) {
+	items := make([]item, 0, len(ds))
+	for i := range ds {
+		m, err := decode(&ds[i])
+		if err != nil {
+			s.deadLetter(&ds[i], "undecodable: "+err.Error())
+			continue
+		}
+		items = append(items, item{&ds[i], m})
+	}
+	for len(items) > 0 {
+		if len(items) == 1 {
+			s.one(items[0])
+			return
+		}
+		items = s.batch(items)
+	}
+}
+
+// one applies a single message in its own transaction.
+func (s *session) one(it item) {
+	dup, herr, ierr := s.apply(it.m)
+	s.settle(it, dup, herr, ierr)
+}
+
+// settle acks, retries or requeues a message after an attempt. Under
+// OrderedByKey a failed message is retried here, in place: the later
+// messages of its key (and worker) wait for it.
+func (s *session) settle(it item, dup bool, herr, ierr error) {
+	for {
+		switch {
+		case ierr != nil:
+			s.requeue(ierr, it.d)
+			return
+		case herr == nil:
+			s.infra = 0
+			s.done(it, dup)
+			return
+		case s.ctx.Err() != nil:
+			return // shutdown timed out: leave it unacked for redelivery
+		}
+		s.c.stats.failed.Add(1)
+		if !s.c.cfg.OrderedByKey || it.m.Attempt >= s.c.cfg.MaxAttempts {
+			s.failed(it, herr)
+			return
+		}
+		wait := s.c.delay(it.m.Attempt)
+		s.log.Warn("inbox: handler failed; retrying in place", "id", it.m.ID, "key", it.m.Key, "attempt", it.m.Attempt, "wait", wait, "err", herr)
+		s.c.stats.retried.Add(1)
+		if !s.pause(wait) {
+			return // stopping: unacked, so redelivered in order
+		}
+		it.m.Attempt++
+		dup, herr, ierr = s.apply(it.m)
+	}
+}
+
+// apply runs one message in its own transaction. dup reports a duplicate;
+// herr is the handler's failure; ierr a database failure (outcome unknown
+// when it is the commit's).
+func (s *session) apply(m Message) (dup bool, herr, ierr error) {
+	c := s.c
+	tx, err := c.db.BeginTxx(s.ctx, nil)
+	if err != nil {
+		return false, nil, fmt.Errorf("begin: %w", err)
+	}
+	defer tx.Rollback() //nolint:errcheck // no-op after Commit
+	first, err := c.store.Claim(s.ctx, tx, c.cfg.Consumer, m.ID)
+	if err != nil {
+		return false, nil, err
+	}
+	if !first {
+		return true, nil, nil
+	}
+	if err := c.call(s.ctx, tx, m); err != nil {
+		return false, err, nil
+	}
+	if err := tx.Commit(); err != nil {
+		if errors.Is(err, pq.ErrInFailedTransaction) {
+			return false, errors.New("handler returned nil but a statement in its transaction failed"), nil
+		}
+		return false, nil, fmt.Errorf("commit (outcome unknown; the redelivery is deduplicated): %w", err)
+	}
+	return false, nil, nil
+}
+
+// batch applies items in one transaction with a savepoint per message and
+// returns the items still to do: none, or under OrderedByKey the ones after
+// a failure (the failure itself has been handled by one).
+func (s *session) batch(items []item) (rest []item) {
+	c := s.c
+	ids := make([]string, len(items))
+	for i, it := range items {
+		ids[i] = it.m.ID
+	}
+	tx, err := c.db.BeginTxx(s.ctx, nil)
+	if err != nil {
+		s.requeue(fmt.Errorf("begin: %w", err), ds(items)...)
+		return nil
+	}
+	defer tx.Rollback() //nolint:errcheck // no-op after Commit
+	first, err := c.store.ClaimMany(s.ctx, tx, c.cfg.Consumer, ids)
+	if err != nil {
+		s.requeue(err, ds(items)...)
+		return nil
+	}
+	errs := make([]error, len(items))
+	n := len(items) // items[:n] are settled by this transaction
+	for i, it := range items {
+		if !first[i] {
+			continue
+		}
+		if _, err := tx.ExecContext(s.ctx, `SAVEPOINT mailroom_message`); err != nil {
+			s.requeue(fmt.Errorf("savepoint: %w", err), ds(items)...)
+			return nil
+		}
+		herr := c.call(s.ctx, tx, it.m)
+		if herr == nil {
+			if _, err := tx.ExecContext(s.ctx, `RELEASE SAVEPOINT mailroom_message`); err == nil {
+				continue
+			} else if s.ctx.Err() != nil {
+				return nil // shutdown timed out
+			}
+			herr = errors.New("handler returned nil but a statement in its transaction failed")
+		}
+		errs[i] = herr
+		if _, err := tx.ExecContext(s.ctx, `ROLLBACK TO SAVEPOINT mailroom_message`); err != nil {
+			s.requeue(fmt.Errorf("rollback to savepoint: %w", err), ds(items)...)
+			return nil
+		}
+		release := items[i : i+1]
+		if c.cfg.OrderedByKey {
+			// Stop here: the later messages may share its key.
+			n, release = i, items[i:]
+		}
+		for j, r := range release {
+			if first[i+j] {
+				if err := c.store.Release(s.ctx, tx, c.cfg.Consumer, r.m.ID); err != nil {
+					s.requeue(err, ds(items)...)
+					return nil
+				}
+			}
+		}
+		if n < len(items) {
+			break
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		s.requeue(fmt.Errorf("commit of a batch of %d (outcome unknown; redeliveries are deduplicated): %w", n, err), ds(items)...)
+		return nil
+	}
+	for i := range n {
+		s.settle(items[i], !first[i], errs[i], nil)
+	}
+	if n == len(items) {
+		return nil
+	}
+	// OrderedByKey: retry the failed message in place before the ones
+	// behind it.
+	s.settle(items[n], false, errs[n], nil)
+	if s.stopped() {
+		return nil
+	}
+	return items[n+1:]
+}
+
+func ds(items []item) []*amqp.Delivery {
+	out := make([]*amqp.Delivery, len(items))
+	for i := range items {
+		out[i] = items[i].d
+	}
+	return out
+}
+
+// call runs the handler, turning a panic into an error.
+func (c *Consumer) call(ctx context.Context, tx *sqlx.Tx, m Message) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			c.cfg.Logger.Error("inbox: handler panicked", "id", m.ID, "panic", r, "stack", string(debug.Stack()))
+			err = fmt.Errorf("handler panicked: %v", r)
+		}
+	}()
+	return c.cfg.Handler(ctx, tx, m)
+}
+
+// done acks a message that was applied or found to be a duplicate.
+func (s *session) done(it item, dup bool) {
+	if dup {
+		s.c.stats.duplicates.Add(1)
+		s.log.Debug("inbox: duplicate acked without calling the handler", "id", it.m.ID)
+	} else {
+		s.c.stats.handled.Add(1)
+		if s.c.afterCommit != nil {
+			s.c.afterCommit(it.m)
+		}
+	}
+	s.ack(it.d)
+}
+
+// ack acks on the delivery's own channel. If that channel is gone the ack
+// is lost, never misdirected: the broker redelivers and dedupe absorbs it.
+func (s *session) ack(d *amqp.Delivery) {
+	if err := d.Ack(false); err != nil {
+		s.log.Debug("inbox: ack lost with its channel; the redelivery will be deduplicated", "id", d.MessageId, "err", err)
+	}
+}
+
+// failed sends a message whose handler failed to the retry queue, or to the
+// dead-letter queue after MaxAttempts.
+func (s *session) failed(it item, herr error) {
+	attempt, cfg := it.m.Attempt, s.c.cfg
+	if attempt >= cfg.MaxAttempts {
+		s.deadLetter(it.d, fmt.Sprintf("handler failed %d times, last error: %v", attempt, herr))
+		return
+	}
+	wait := s.c.delay(attempt)
+	s.log.Warn("inbox: handler failed; will retry", "id", it.m.ID, "attempt", attempt, "wait", wait, "err", herr)
+	s.c.stats.retried.Add(1)
+	if !s.retryOK {
+		// No retry queue: hold the delivery for the delay, then requeue.
+		if s.pause(wait) {
+			_ = it.d.Nack(false, true)
+		}
+		return
+	}
+	msg := republish(it.d, amqp.Table{HeaderAttempt: int64(attempt + 1)})
+	msg.Expiration = strconv.FormatInt(max(1, wait.Milliseconds()), 10)
+	if err := s.pub.publish(s.ctx, cfg.RetryQueue, msg); err != nil {
+		s.requeue(fmt.Errorf("send to retry queue: %w", err), it.d)
+		return
+	}
+	s.ack(it.d)
+}
+
+// deadLetter moves d to the dead-letter queue with reason.
+func (s *session) deadLetter(d *amqp.Delivery, reason string) {
+	s.c.stats.dead.Add(1)
+	s.log.Error("inbox: dead-lettering message", "id", d.MessageId, "reason", reason)
+	if !s.deadOK {
+		_ = d.Nack(false, false)
+		return
+	}
+	msg := republish(d, amqp.Table{HeaderReason: reason, HeaderQueue: s.c.cfg.Queue, HeaderConsumer: s.c.cfg.Consumer})
+	if err := s.pub.publish(s.ctx, s.c.cfg.DeadLetterQueue, msg); err != nil {
+		s.requeue(fmt.Errorf("send to dead-letter queue: %w", err), d)
+		return
+	}
+	s.ack(d)
+}
+
+// requeue returns deliveries to the queue after a database or broker
+// failure, once a backoff delay has passed, so a database outage does not
+// spin through the queue. They are not acked: a commit that did succeed is
+// caught by dedupe on redelivery.
+func (s *session) requeue(err error, ds ...*amqp.Delivery) {
+	if s.ctx.Err() != nil {
+		return // shutdown timed out; the broker redelivers
+	}
+	s.infra++
+	wait := s.c.delay(min(s.infra, 30))
+	s.log.Warn("inbox: database or broker error; requeueing after a delay", "count", len(ds), "wait", wait, "err", err)
+	s.c.stats.requeued.Add(uint64(len(ds)))
+	if !s.pause(wait) {
+		return
+	}
+	for _, d := range ds {
+		_ = d.Nack(false, true)
+	}
+}
+
+// pause waits d unless the session stops first; it reports whether d passed.
+func (s *session) pause(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-s.stop:
+		return false
+	}
+}
+
+// delay is the backoff before retry number attempt (1-based): exponential
+// from MinBackoff, capped at MaxBackoff, with ±20% jitter.
+func (c *Consumer) delay(attempt int) time.Duration {
+	b := backoff.NewExponentialBackOff()
+	b.InitialInterval, b.MaxInterval, b.RandomizationFactor, b.Multiplier = c.cfg.MinBackoff, c.cfg.MaxBackoff, 0.2, 2
+	b.MaxElapsedTime = 0
+	b.Reset()
+	d := b.NextBackOff()
+	for i := 1; i < attempt && i < 64; i++ {
+		d = b.NextBackOff()
+	}
+	return min(d, c.cfg.MaxBackoff)
+}
