@@ -23,13 +23,13 @@ const wait = 60 * time.Second
 
 // env is a test's own schema, broker connection and topology.
 type env struct {
-	t     *testing.T
+	t     testing.TB
 	db    *sqlx.DB
 	b     *testenv.Broker
 	queue string
 }
 
-func newEnv(t *testing.T, topo inbox.Topology) *env {
+func newEnv(t testing.TB, topo inbox.Topology) *env {
 	t.Helper()
 	s := testenv.NewSchema(t)
 	b := testenv.NewBroker(t)

@@ -7,10 +7,10 @@ import (
 )
 
 // testLogger sends the consumer's log to t.Log (shown with -v or on failure).
-func testLogger(t *testing.T) *slog.Logger { return slog.New(&tlog{t: t}) }
+func testLogger(t testing.TB) *slog.Logger { return slog.New(&tlog{t: t}) }
 
 type tlog struct {
-	t     *testing.T
+	t     testing.TB
 	attrs []slog.Attr
 }
 

@@ -59,6 +59,7 @@ func decode(d *amqp.Delivery) (Message, error) {
 	if m.ID == "" {
 		return m, poison{"no message_id: mailroom deduplicates by message_id, so a delivery without one cannot be handled safely (publish through the outbox, or set message_id)"}
 	}
+	redelivered := 0
 	for k, v := range d.Headers {
 		switch {
 		case k == HeaderKey:
@@ -73,7 +74,7 @@ func decode(d *amqp.Delivery) (Message, error) {
 			// Quorum queues count returns to the queue (consumer crash,
 			// lost connection, requeue): each was an attempt too.
 			if n, err := strconv.Atoi(headerString(v)); err == nil && n > 0 {
-				m.Attempt += n
+				redelivered = n
 			}
 		case brokerHeader(k) || strings.HasPrefix(k, "x-mailroom-"):
 		default:
@@ -83,6 +84,7 @@ func decode(d *amqp.Delivery) (Message, error) {
 			m.Headers[k] = headerString(v)
 		}
 	}
+	m.Attempt += redelivered
 	if isJSON(m.ContentType) && !json.Valid(m.Payload) {
 		return m, poison{fmt.Sprintf("payload is not valid JSON but content_type is %q", m.ContentType)}
 	}

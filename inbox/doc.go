@@ -1,0 +1,76 @@
+// Package inbox is the consumer side of mailroom: it applies each message
+// from a RabbitMQ queue exactly once, in a database transaction of yours.
+//
+//	ch, _ := conn.Channel()
+//	err := inbox.DeclareTopology(ch, inbox.Topology{Queue: "payments", Exchange: "orders", BindingKeys: []string{"order.placed"}})
+//	c, err := inbox.New(db, inbox.Config{
+//		URL: amqpURL, Queue: "payments", Consumer: "payments",
+//		Handler: func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+//			_, err := tx.ExecContext(ctx, `INSERT INTO charges …`, …)
+//			return err
+//		},
+//	})
+//	err = c.Run(ctx) // until ctx ends; nil after a clean stop
+//
+// For each delivery a worker begins a transaction, records (Consumer,
+// message_id) with dedupe.Store.Claim, runs the handler in that
+// transaction, commits, and only then acks. A message already recorded is
+// acked without calling the handler, so a redelivery (after a lost ack, a
+// crash, a reconnect, or a relay publishing twice) has no second effect.
+// A commit error means the outcome is unknown: the delivery is requeued,
+// not acked, and deduplication settles it on redelivery.
+//
+// # Failures
+//
+// A delivery without message_id, or with content_type application/json (or
+// …+json) and a body that is not JSON, never reaches the handler: it goes to
+// the dead-letter queue with the reason in the x-mailroom-reason header.
+//
+// A handler error or panic rolls the transaction back. The consumer then
+// publishes a copy of the message (with publisher confirms) to the retry
+// queue with x-mailroom-attempt = attempt+1 and a per-message TTL of the
+// backoff delay (cenkalti/backoff: MinBackoff doubling to MaxBackoff, ±20%
+// jitter), and acks the original. The retry queue has no consumers; when
+// the TTL expires RabbitMQ dead-letters the copy back to the work queue.
+// The delay is thus held by the broker, not by a process: a failing message
+// costs no broker round trips while it waits, and a consumer crash loses
+// nothing (the copy is confirmed before the original is acked; a crash in
+// between only duplicates it, which dedupe absorbs). A message waits at
+// most MaxBackoff longer than its own delay (RabbitMQ expires messages at
+// the head of a queue only). After MaxAttempts the message goes to the
+// dead-letter queue with the last error in x-mailroom-reason.
+// Message.Attempt is 1 on first delivery; it counts retries and, on quorum
+// queues, redeliveries after a crash (x-delivery-count).
+//
+// Database and broker errors (begin, claim, commit, publishing a retry)
+// requeue the delivery after a backoff delay, so an outage does not spin.
+// Without a retry queue (a queue not declared by DeclareTopology) a failed
+// message is likewise held for its delay and requeued; on a classic queue
+// it is then retried forever, since nothing counts its attempts. Without a
+// dead-letter queue, dead letters are rejected without requeue.
+//
+// # Throughput and ordering
+//
+// Concurrency workers (default 4) run in parallel with a prefetch of
+// 2 × Concurrency × BatchSize. BatchSize > 1 applies up to that many
+// waiting deliveries in one transaction: one ClaimMany, a SAVEPOINT per
+// message (a failing handler rolls back to it and its claim is released),
+// one commit, then one ack each. OrderedByKey sends all deliveries with the
+// same x-mailroom-key header to the same worker, so they are applied one at
+// a time in queue order; a failed one is retried in place (holding back
+// its worker) rather than through the retry queue, which would reorder it.
+//
+// # Connections
+//
+// Run dials with backoff under Config.ConnectionName, sets QoS, consumes,
+// and on any loss (connection or channel closed, consumer cancelled by the
+// broker) waits for its workers and starts over on a new connection. Acks
+// go only to the channel a delivery came from: after a reconnect the old
+// deliveries are redelivered and deduplicated, never acked by tag on the
+// new channel. When ctx ends Run stops consuming, lets running handlers
+// finish for up to ShutdownTimeout, and returns nil; deliveries not yet
+// started return to the queue.
+//
+// Message ids are remembered for Retention (7 days) and purged every
+// PurgeInterval; see package dedupe.
+package inbox
