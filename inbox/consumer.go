@@ -38,12 +38,13 @@ type Stats struct {
 	Failed       uint64 // handler errors and panics
 	Retried      uint64 // deliveries sent to the retry queue or retried in place
 	DeadLettered uint64 // deliveries sent to the dead-letter queue (or rejected)
-	Requeued     uint64 // deliveries returned to the queue after a database or broker error
+	Requeued     uint64 // deliveries returned to the queue (unknown commit outcome, broker error)
+	DBErrors     uint64 // database errors before a commit, retried in place
 	Sessions     uint64 // connections established (1 + reconnections)
 }
 
 type stats struct {
-	handled, duplicates, failed, retried, dead, requeued, sessions atomic.Uint64
+	handled, duplicates, failed, retried, dead, requeued, dbErrors, sessions atomic.Uint64
 }
 
 // Stats returns the counters.
@@ -52,7 +53,7 @@ func (c *Consumer) Stats() Stats {
 	return Stats{
 		Handled: s.handled.Load(), Duplicates: s.duplicates.Load(), Failed: s.failed.Load(),
 		Retried: s.retried.Load(), DeadLettered: s.dead.Load(), Requeued: s.requeued.Load(),
-		Sessions: s.sessions.Load(),
+		DBErrors: s.dbErrors.Load(), Sessions: s.sessions.Load(),
 	}
 }
 
@@ -181,7 +182,11 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 					blocked = nil
 					continue
 				}
-				log.Warn("inbox: broker blocked the connection (resource alarm); retries and dead letters wait", "active", b.Active, "reason", b.Reason)
+				if b.Active {
+					log.Warn("inbox: broker blocked the connection (resource alarm); retries and dead letters wait", "reason", b.Reason)
+				} else {
+					log.Info("inbox: broker unblocked the connection")
+				}
 			}
 		}
 	}()

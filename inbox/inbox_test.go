@@ -445,3 +445,29 @@ func TestPlainQueueWithoutTopology(t *testing.T) {
 	e.waitEffects(1)
 	testenv.Eventually(t, wait, "poison rejected", func() bool { return c.Stats().DeadLettered == 1 })
 }
+
+// A database error before the commit (here: the dedupe table is missing)
+// is retried in place after a delay: no requeue, no attempt counted, and
+// the message is applied once the database is back.
+func TestDatabaseErrorRetriedInPlace(t *testing.T) {
+	t.Parallel()
+	for _, batch := range []int{1, 4} {
+		t.Run(fmt.Sprint("batch ", batch), func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t, inbox.Topology{})
+			e.db.MustExec(`ALTER TABLE mailroom_inbox RENAME TO mailroom_inbox_away`)
+			cfg := e.config(record)
+			cfg.BatchSize = batch
+			c, _ := e.start(cfg)
+			e.publish(msg("db-1", "", 1), msg("db-2", "", 2))
+			testenv.Eventually(t, wait, "database errors", func() bool { return c.Stats().DBErrors >= 2 })
+			e.db.MustExec(`ALTER TABLE mailroom_inbox_away RENAME TO mailroom_inbox`)
+			e.waitEffects(2)
+			var attempts []int
+			e.db.Select(&attempts, `SELECT attempt FROM effects`)
+			if s := c.Stats(); s.Requeued != 0 || s.Failed != 0 || fmt.Sprint(attempts) != "[1 1]" {
+				t.Errorf("stats %+v, attempts %v: want no requeue, no failure, attempt 1", s, attempts)
+			}
+		})
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"runtime/debug"
 	"strconv"
 	"time"
+	"unicode/utf8"
 
 	"github.com/cenkalti/backoff/v4"
 	"github.com/jmoiron/sqlx"
@@ -100,9 +101,15 @@ func (s *session) one(it item) {
 func (s *session) settle(it item, dup bool, herr, ierr error) {
 	for {
 		switch {
-		case ierr != nil:
+		case ierr != nil && errors.Is(ierr, errUnknown):
 			s.requeue(ierr, it.d)
 			return
+		case ierr != nil:
+			if !s.hold(ierr) {
+				return
+			}
+			dup, herr, ierr = s.apply(it.m)
+			continue
 		case herr == nil:
 			s.infra = 0
 			s.done(it, dup)
@@ -126,9 +133,14 @@ func (s *session) settle(it item, dup bool, herr, ierr error) {
 	}
 }
 
+// errUnknown marks a commit whose outcome is unknown: the connection failed
+// during COMMIT. (An error reply from the server means it rolled back.)
+var errUnknown = errors.New("commit outcome unknown; the redelivery will be deduplicated")
+
 // apply runs one message in its own transaction. dup reports a duplicate;
-// herr is the handler's failure; ierr a database failure (outcome unknown
-// when it is the commit's).
+// herr is the handler's failure (including a commit the server refused,
+// e.g. a deferred constraint); ierr a database failure: before the commit
+// (nothing was applied), or wrapping errUnknown.
 func (s *session) apply(m Message) (dup bool, herr, ierr error) {
 	c := s.c
 	tx, err := c.db.BeginTxx(s.ctx, nil)
@@ -147,10 +159,14 @@ func (s *session) apply(m Message) (dup bool, herr, ierr error) {
 		return false, err, nil
 	}
 	if err := tx.Commit(); err != nil {
-		if errors.Is(err, pq.ErrInFailedTransaction) {
+		var pqErr *pq.Error
+		switch {
+		case errors.Is(err, pq.ErrInFailedTransaction):
 			return false, errors.New("handler returned nil but a statement in its transaction failed"), nil
+		case errors.As(err, &pqErr):
+			return false, fmt.Errorf("commit refused: %w", err), nil
 		}
-		return false, nil, fmt.Errorf("commit (outcome unknown; the redelivery is deduplicated): %w", err)
+		return false, nil, fmt.Errorf("%w: %w", errUnknown, err)
 	}
 	return false, nil, nil
 }
@@ -166,14 +182,12 @@ func (s *session) batch(items []item) (rest []item) {
 	}
 	tx, err := c.db.BeginTxx(s.ctx, nil)
 	if err != nil {
-		s.requeue(fmt.Errorf("begin: %w", err), ds(items)...)
-		return nil
+		return s.retryBatch(fmt.Errorf("begin: %w", err), items)
 	}
 	defer tx.Rollback() //nolint:errcheck // no-op after Commit
 	first, err := c.store.ClaimMany(s.ctx, tx, c.cfg.Consumer, ids)
 	if err != nil {
-		s.requeue(err, ds(items)...)
-		return nil
+		return s.retryBatch(err, items)
 	}
 	errs := make([]error, len(items))
 	n := len(items) // items[:n] are settled by this transaction
@@ -182,8 +196,7 @@ func (s *session) batch(items []item) (rest []item) {
 			continue
 		}
 		if _, err := tx.ExecContext(s.ctx, `SAVEPOINT mailroom_message`); err != nil {
-			s.requeue(fmt.Errorf("savepoint: %w", err), ds(items)...)
-			return nil
+			return s.retryBatch(fmt.Errorf("savepoint: %w", err), items)
 		}
 		herr := c.call(s.ctx, tx, it.m)
 		if herr == nil {
@@ -196,8 +209,7 @@ func (s *session) batch(items []item) (rest []item) {
 		}
 		errs[i] = herr
 		if _, err := tx.ExecContext(s.ctx, `ROLLBACK TO SAVEPOINT mailroom_message`); err != nil {
-			s.requeue(fmt.Errorf("rollback to savepoint: %w", err), ds(items)...)
-			return nil
+			return s.retryBatch(fmt.Errorf("rollback to savepoint: %w", err), items)
 		}
 		release := items[i : i+1]
 		if c.cfg.OrderedByKey {
@@ -207,8 +219,7 @@ func (s *session) batch(items []item) (rest []item) {
 		for j, r := range release {
 			if first[i+j] {
 				if err := c.store.Release(s.ctx, tx, c.cfg.Consumer, r.m.ID); err != nil {
-					s.requeue(err, ds(items)...)
-					return nil
+					return s.retryBatch(err, items)
 				}
 			}
 		}
@@ -233,6 +244,15 @@ func (s *session) batch(items []item) (rest []item) {
 		return nil
 	}
 	return items[n+1:]
+}
+
+// retryBatch waits after a database error before the commit (nothing was
+// applied) and returns the batch to be tried again, or nil when stopping.
+func (s *session) retryBatch(err error, items []item) []item {
+	if !s.hold(err) {
+		return nil
+	}
+	return items
 }
 
 func ds(items []item) []*amqp.Delivery {
@@ -303,6 +323,9 @@ func (s *session) failed(it item, herr error) {
 	s.ack(it.d)
 }
 
+// maxReason caps the x-mailroom-reason header (an error text can be long).
+const maxReason = 4096
+
 // deadLetter moves d to the dead-letter queue with reason.
 func (s *session) deadLetter(d *amqp.Delivery, reason string) {
 	s.c.stats.dead.Add(1)
@@ -310,6 +333,13 @@ func (s *session) deadLetter(d *amqp.Delivery, reason string) {
 	if !s.deadOK {
 		_ = d.Nack(false, false)
 		return
+	}
+	if len(reason) > maxReason { // headers must fit in one AMQP frame
+		n := maxReason
+		for n > 0 && !utf8.RuneStart(reason[n]) {
+			n--
+		}
+		reason = reason[:n] + "…"
 	}
 	msg := republish(d, amqp.Table{HeaderReason: reason, HeaderQueue: s.c.cfg.Queue, HeaderConsumer: s.c.cfg.Consumer})
 	if err := s.pub.publish(s.ctx, s.c.cfg.DeadLetterQueue, msg); err != nil {
@@ -337,6 +367,22 @@ func (s *session) requeue(err error, ds ...*amqp.Delivery) {
 	for _, d := range ds {
 		_ = d.Nack(false, true)
 	}
+}
+
+// hold waits after a database error that happened before any commit, so
+// the delivery can be tried again in place: a database outage neither
+// spins through the queue nor counts against its delivery limit. It
+// reports false when the session stops (the delivery then returns to the
+// queue unacked).
+func (s *session) hold(err error) bool {
+	if s.ctx.Err() != nil {
+		return false
+	}
+	s.infra++
+	s.c.stats.dbErrors.Add(1)
+	wait := s.c.delay(min(s.infra, 30))
+	s.log.Warn("inbox: database error; retrying after a delay", "wait", wait, "err", err)
+	return s.pause(wait)
 }
 
 // pause waits d unless the session stops first; it reports whether d passed.
