@@ -80,6 +80,10 @@ type Config struct {
 	// Concurrency workers (by a hash of the key). A failing message is then
 	// retried in place, holding back the later messages of its worker, and
 	// not through the retry queue. Messages without a key run in parallel.
+	// A worker's backlog is bounded (Prefetch / Concurrency); when one
+	// worker is slow the others wait for room too. Order holds within one
+	// consumer process: with several, declare the queue with
+	// Topology.SingleActiveConsumer.
 	OrderedByKey bool
 
 	// MaxAttempts is how many times a message is tried before it is

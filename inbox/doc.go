@@ -59,6 +59,8 @@
 // same x-mailroom-key header to the same worker, so they are applied one at
 // a time in queue order; a failed one is retried in place (holding back
 // its worker) rather than through the retry queue, which would reorder it.
+// Order holds within one consumer process; to keep it with several
+// processes on one queue, declare it with Topology.SingleActiveConsumer.
 //
 // # Connections
 //

@@ -8,6 +8,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/jmoiron/sqlx"
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -470,4 +471,19 @@ func TestDatabaseErrorRetriedInPlace(t *testing.T) {
 			}
 		})
 	}
+}
+
+// Run purges remembered ids older than Retention every PurgeInterval.
+func TestRunPurgesOldIDs(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, inbox.Topology{})
+	e.db.MustExec(`INSERT INTO mailroom_inbox (scope, id, recorded_at) VALUES ('test', 'old', now() - interval '2 hours'), ('test', 'new', now())`)
+	cfg := e.config(record)
+	cfg.Retention, cfg.PurgeInterval = time.Hour, 20*time.Millisecond
+	e.start(cfg)
+	testenv.Eventually(t, wait, "old id purged", func() bool {
+		var ids []string
+		e.db.Select(&ids, `SELECT id FROM mailroom_inbox ORDER BY id`)
+		return fmt.Sprint(ids) == "[new]"
+	})
 }

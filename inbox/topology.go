@@ -43,6 +43,12 @@ type Topology struct {
 	// unlimited, so a message that crashes every consumer loops forever.
 	// Ignored for classic queues.
 	DeliveryLimit int
+	// SingleActiveConsumer sets x-single-active-consumer on Queue: of all
+	// consumers of the queue only one receives deliveries, the others stand
+	// by and take over when it goes away. Use it with Config.OrderedByKey
+	// when several consumer processes run: otherwise the broker spreads one
+	// key's messages over them and per-key order holds only per process.
+	SingleActiveConsumer bool
 	// RetryQueue, DeadLetterQueue and DeadLetterExchange default to Queue +
 	// ".retry", ".dead" and ".dlx".
 	RetryQueue, DeadLetterQueue, DeadLetterExchange string
@@ -127,6 +133,9 @@ func DeclareTopology(ch *amqp.Channel, t Topology) error {
 	work := deadLettering(base(), t.DeadLetterExchange)
 	if !t.Classic && t.DeliveryLimit > 0 {
 		work["x-delivery-limit"] = int64(t.DeliveryLimit)
+	}
+	if t.SingleActiveConsumer {
+		work["x-single-active-consumer"] = true
 	}
 	if err := declareQueue(ch, t.Queue, work); err != nil {
 		return err

@@ -16,7 +16,7 @@ func TestDeclareTopologyIsIdempotentAndBinds(t *testing.T) {
 	q, ex := testenv.Unique("q"), testenv.Unique("ex")
 	b.CleanupQueues(q, inbox.RetryQueueName(q), inbox.DeadLetterQueueName(q))
 	b.CleanupExchanges(ex, inbox.DeadLetterExchangeName(q))
-	topo := inbox.Topology{Queue: q, Exchange: ex, BindingKeys: []string{"order.*"}}
+	topo := inbox.Topology{Queue: q, Exchange: ex, BindingKeys: []string{"order.*"}, SingleActiveConsumer: true}
 	for range 2 {
 		if err := inbox.DeclareTopology(b.Channel(), topo); err != nil {
 			t.Fatal(err)
