@@ -8,6 +8,9 @@ import (
 	"time"
 
 	"github.com/jmoiron/sqlx"
+
+	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/internal/sqlident"
 )
 
 // Handler applies one message inside tx, the transaction that also records
@@ -139,6 +142,12 @@ func (cfg Config) withDefaults() (Config, error) {
 	}
 	if cfg.Handler == nil {
 		return bad("Handler", "required")
+	}
+	if cfg.Table == "" {
+		cfg.Table = mailroom.DefaultInboxTable
+	}
+	if _, err := sqlident.Parse(cfg.Table); err != nil {
+		return bad("Table", "%v", err)
 	}
 	if cfg.ConnectionName == "" {
 		cfg.ConnectionName = "mailroom-inbox " + cfg.Consumer

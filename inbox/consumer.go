@@ -69,7 +69,7 @@ func New(db *sqlx.DB, cfg Config) (*Consumer, error) {
 	}
 	store, err := dedupe.New(dedupe.Config{Table: cfg.Table})
 	if err != nil {
-		return nil, fmt.Errorf("inbox: Config.Table: %w", err)
+		return nil, fmt.Errorf("inbox: %w", err) // unreachable: Table is validated above
 	}
 	return &Consumer{db: db, cfg: cfg, store: store}, nil
 }

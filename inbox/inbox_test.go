@@ -486,3 +486,26 @@ func TestRunPurgesOldIDs(t *testing.T) {
 		return fmt.Sprint(ids) == "[new]"
 	})
 }
+
+// A handler still running ShutdownTimeout after Run's context ended has its
+// context cancelled; Run returns and the message is redelivered later.
+func TestShutdownTimeoutCancelsHandlers(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, inbox.Topology{})
+	entered := make(chan struct{}, 1)
+	cfg := e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+		entered <- struct{}{}
+		<-ctx.Done() // a handler stuck until cancelled
+		return ctx.Err()
+	})
+	cfg.ShutdownTimeout = 100 * time.Millisecond
+	c, stop := e.start(cfg)
+	e.publish(msg("slow", "", 1))
+	<-entered
+	stop() // fails the test unless Run returns nil promptly
+	if s := c.Stats(); s.Handled != 0 || s.Retried != 0 || s.DeadLettered != 0 {
+		t.Fatalf("stats %+v: a handler cancelled by shutdown is neither handled nor counted as a failure", s)
+	}
+	e.start(e.config(record))
+	e.waitEffects(1)
+}
