@@ -328,9 +328,9 @@ const maxReason = 4096
 
 // deadLetter moves d to the dead-letter queue with reason.
 func (s *session) deadLetter(d *amqp.Delivery, reason string) {
-	s.c.stats.dead.Add(1)
 	s.log.Error("inbox: dead-lettering message", "id", d.MessageId, "reason", reason)
 	if !s.deadOK {
+		s.c.stats.dead.Add(1)
 		_ = d.Nack(false, false)
 		return
 	}
@@ -346,6 +346,7 @@ func (s *session) deadLetter(d *amqp.Delivery, reason string) {
 		s.requeue(fmt.Errorf("send to dead-letter queue: %w", err), d)
 		return
 	}
+	s.c.stats.dead.Add(1)
 	s.ack(d)
 }
 
