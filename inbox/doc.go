@@ -17,8 +17,6 @@
 // transaction, commits, and only then acks. A message already recorded is
 // acked without calling the handler, so a redelivery (after a lost ack, a
 // crash, a reconnect, or a relay publishing twice) has no second effect.
-// A commit error means the outcome is unknown: the delivery is requeued,
-// not acked, and deduplication settles it on redelivery.
 //
 // # Failures
 //
@@ -42,12 +40,19 @@
 // Message.Attempt is 1 on first delivery; it counts retries and, on quorum
 // queues, redeliveries after a crash (x-delivery-count).
 //
-// Database and broker errors (begin, claim, commit, publishing a retry)
-// requeue the delivery after a backoff delay, so an outage does not spin.
+// A database error before the commit (begin, claim, savepoint) applied
+// nothing: the worker keeps the delivery and tries again after a backoff
+// delay, so a database outage neither spins through the queue nor spends
+// the quorum delivery limit. A COMMIT the server refuses (a deferred
+// constraint, a serialization failure) rolled back and counts as a handler
+// failure. A COMMIT whose connection failed has an unknown outcome: the
+// delivery is requeued after a delay, never acked, and dedupe settles it.
+// A retry or dead letter that cannot be published is requeued likewise.
+//
 // Without a retry queue (a queue not declared by DeclareTopology) a failed
-// message is likewise held for its delay and requeued; on a classic queue
-// it is then retried forever, since nothing counts its attempts. Without a
-// dead-letter queue, dead letters are rejected without requeue.
+// message is held for its delay and requeued; on a classic queue it is then
+// retried forever, since nothing counts its attempts. Without a dead-letter
+// queue, dead letters are rejected without requeue.
 //
 // # Throughput and ordering
 //
