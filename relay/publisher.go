@@ -169,7 +169,7 @@ func (p *publisher) connect(ctx context.Context) error {
 		}
 		if p.conn == nil || p.conn.IsClosed() {
 			conn, err := amqpx.DialRetry(ctx, p.r.cfg.URL, "mailroom-relay "+p.r.cfg.Name, 5*time.Second, func(err error, d time.Duration) {
-				p.r.log.Warn("broker connection failed; retrying", "error", err, "retry_in", d)
+				p.r.log.Warn("broker connection failed; retrying", "error", err, "retry_in", d.String())
 			})
 			if err != nil {
 				return err

@@ -177,7 +177,7 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 				return
 			}
 			d := bo.NextBackOff()
-			r.log.Warn("claim failed; retrying", "error", err, "retry_in", d)
+			r.log.Warn("claim failed; retrying", "error", err, "retry_in", d.String())
 			if !sleepCtx(ctx, d) {
 				return
 			}
@@ -211,7 +211,12 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 	}
 }
 
+// claim is not interrupted by ctx: a claim cancelled after the server ran
+// it would leave its rows leased, unknown to this relay, until the lease
+// expires. It is one short statement, bounded by its own timeout.
 func (r *Relay) claim(ctx context.Context) ([]*row, error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
 	lease := uuid.NewString()
 	rs, err := r.db.QueryContext(ctx, r.q.claim, r.cfg.BatchSize, r.cfg.Lease.Milliseconds(), lease)
 	if err != nil {
@@ -311,7 +316,7 @@ func (r *Relay) finish(ctx context.Context, os []outcome) {
 	gctx, cancel := graceful(ctx, 10*time.Second)
 	defer cancel()
 	err := backoff.RetryNotify(op, backoff.WithContext(bo, gctx), func(err error, d time.Duration) {
-		r.log.Warn("recording publish outcomes failed; retrying", "error", err, "retry_in", d)
+		r.log.Warn("recording publish outcomes failed; retrying", "error", err, "retry_in", d.String())
 	})
 	if err != nil {
 		r.log.Error("could not record publish outcomes before stopping; the rows will be published again after their lease expires", "rows", len(os), "error", err)

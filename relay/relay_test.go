@@ -2,8 +2,10 @@ package relay_test
 
 import (
 	"context"
+	"database/sql"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"strings"
 	"sync"
 	"testing"
@@ -34,6 +36,7 @@ type env struct {
 	ex     string
 	queue  string
 	appTag string
+	relays []*relay.Relay
 }
 
 func newEnv(t *testing.T) *env {
@@ -57,6 +60,7 @@ func (e *env) config() relay.Config {
 		PollInterval: 50 * time.Millisecond,
 		MinBackoff:   10 * time.Millisecond,
 		MaxBackoff:   50 * time.Millisecond,
+		Logger:       testLogger(e.t),
 	}
 }
 
@@ -64,10 +68,22 @@ func (e *env) config() relay.Config {
 // that Run returns nil.
 func (e *env) start(cfg relay.Config) (stop func()) {
 	e.t.Helper()
-	r, err := relay.New(e.s.DB.DB, cfg)
+	// The relay's own sessions carry application_name, so fault tests can
+	// terminate exactly them.
+	dbURL := cfg.DatabaseURL
+	if dbURL == "" { // poll-only relays have no listen URL
+		dbURL = testenv.WithAppName(e.s.URL, e.appTag)
+	}
+	db, err := sql.Open("postgres", dbURL)
 	if err != nil {
 		e.t.Fatal(err)
 	}
+	e.t.Cleanup(func() { db.Close() })
+	r, err := relay.New(db, cfg)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.relays = append(e.relays, r)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- r.Run(ctx) }()
@@ -99,8 +115,11 @@ func (e *env) add(msgs ...outbox.Message) {
 // receive consumes n messages from queue, or fails at the deadline.
 func (e *env) receive(queue string, n int, timeout time.Duration) []amqp.Delivery {
 	e.t.Helper()
+	// Manual acks, and the channel closed on return: deliveries pushed to
+	// this consumer beyond n are requeued for the next receive.
 	ch := e.b.Channel()
-	ds, err := ch.Consume(queue, "", true, false, false, false, nil)
+	defer ch.Close()
+	ds, err := ch.Consume(queue, "", false, false, false, false, nil)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -109,6 +128,9 @@ func (e *env) receive(queue string, n int, timeout time.Duration) []amqp.Deliver
 	for len(got) < n {
 		select {
 		case d := <-ds:
+			if err := d.Ack(false); err != nil {
+				e.t.Fatal(err)
+			}
 			got = append(got, d)
 		case <-deadline:
 			e.t.Fatalf("received %d of %d messages within %s", len(got), n, timeout)
@@ -309,4 +331,16 @@ func TestPerKeyOrderWithSeveralRelays(t *testing.T) {
 			e.waitDrained()
 		})
 	}
+}
+
+// testLogger sends the relay's logs to the test log (shown on failure or -v).
+func testLogger(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
 }

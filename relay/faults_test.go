@@ -1,0 +1,293 @@
+package relay_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/mailroom-go/mailroom/internal/testenv"
+	"github.com/mailroom-go/mailroom/outbox"
+)
+
+func batch(ex string, n int) ([]outbox.Message, map[string]bool) {
+	msgs := make([]outbox.Message, n)
+	ids := map[string]bool{}
+	for i := range msgs {
+		id := outbox.NewID()
+		msgs[i] = outbox.Message{ID: id, Exchange: ex, RoutingKey: "k", Payload: []byte(fmt.Sprintf(`{"n":%d}`, i))}
+		ids[id] = true
+	}
+	return msgs, ids
+}
+
+// consumeAll collects deliveries from queue until every id in want was seen
+// (duplicates allowed: at-least-once) or the deadline passes.
+func (e *env) consumeAll(queue string, want map[string]bool, timeout time.Duration) (dups int) {
+	e.t.Helper()
+	ch := e.b.Channel()
+	defer ch.Close() // cancel the consumer
+	ds, err := ch.Consume(queue, "", true, false, false, false, nil)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	deadline := time.After(timeout)
+	for len(seen) < len(want) {
+		select {
+		case d := <-ds:
+			if !want[d.MessageId] {
+				e.t.Fatalf("unexpected message %s", d.MessageId)
+			}
+			if seen[d.MessageId] {
+				dups++
+			}
+			seen[d.MessageId] = true
+		case <-deadline:
+			e.t.Fatalf("received %d of %d distinct messages within %s: lost messages", len(seen), len(want), timeout)
+		}
+	}
+	return dups
+}
+
+func TestAMQPConnectionClosedMidBatchLosesNothing(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	msgs, ids := batch(e.ex, 3000)
+	e.add(msgs...)
+	cfg := e.config()
+	cfg.BatchSize = 100
+	cfg.ConfirmWindow = 200
+	e.start(cfg)
+	// Close the relay's connection (only ours, by its name) while it works.
+	closed := 0
+	testenv.Eventually(t, 20*time.Second, "relay connection to close", func() bool {
+		closed += testenv.CloseConnection(t, "mailroom-relay "+e.appTag)
+		return closed > 0
+	})
+	dups := e.consumeAll(e.queue, ids, 60*time.Second)
+	e.waitDrained()
+	t.Logf("closed %d connection(s); %d duplicate deliveries (at-least-once)", closed, dups)
+}
+
+func TestDatabaseSessionsKilledMidRun(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	cfg := e.config()
+	cfg.BatchSize = 50
+	e.start(cfg)
+	want := map[string]bool{}
+	killed := 0
+	for round := 0; round < 5; round++ {
+		msgs, ids := batch(e.ex, 200)
+		for id := range ids {
+			want[id] = true
+		}
+		e.add(msgs...)
+		killed += testenv.TerminateBackends(t, e.appTag)
+	}
+	e.consumeAll(e.queue, want, 60*time.Second)
+	e.waitDrained()
+	if killed == 0 {
+		t.Fatal("no relay database session was terminated: the test proved nothing")
+	}
+	t.Logf("terminated %d relay database sessions", killed)
+}
+
+func TestNackIsRetried(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	// A queue that holds one message and nacks further publishes.
+	q := e.b.Queue("", "", amqp.Table{"x-max-length": 1, "x-overflow": "reject-publish"})
+	ex := e.b.Exchange()
+	if err := e.b.Channel().QueueBind(q, "#", ex, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	cfg := e.config()
+	cfg.MaxAttempts = 1000
+	e.start(cfg)
+	msgs, ids := batch(ex, 5)
+	e.add(msgs...)
+	testenv.Eventually(t, 20*time.Second, "a nacked attempt recorded", func() bool {
+		var n int
+		e.s.DB.Get(&n, `SELECT count(*) FROM mailroom_outbox WHERE last_error LIKE '%nacked%'`)
+		return n > 0
+	})
+	e.consumeAll(q, ids, 60*time.Second)
+	e.waitDrained()
+}
+
+// Returns and acks arrive on different Go channels: interleave routable and
+// unroutable messages and check that exactly the routable ones are deleted
+// as delivered and exactly the unroutable ones are dead-lettered.
+func TestReturnsAndAcksCorrelate(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	lonely := e.b.Exchange() // no queue bound
+	var msgs []outbox.Message
+	routable, unroutable := map[string]bool{}, map[string]bool{}
+	for i := 0; i < 400; i++ {
+		id := outbox.NewID()
+		ex := e.ex
+		if i%3 == 0 {
+			ex = lonely
+			unroutable[id] = true
+		} else {
+			routable[id] = true
+		}
+		msgs = append(msgs, outbox.Message{ID: id, Exchange: ex, RoutingKey: "k", Payload: []byte(`{}`)})
+	}
+	e.add(msgs...)
+	cfg := e.config()
+	cfg.MaxAttempts = 1
+	e.start(cfg)
+	e.consumeAll(e.queue, routable, 30*time.Second)
+	e.waitDrained()
+	var dead []string
+	if err := e.s.DB.Select(&dead, `SELECT id::text FROM mailroom_outbox_dead WHERE last_error LIKE '%unroutable%'`); err != nil {
+		t.Fatal(err)
+	}
+	if len(dead) != len(unroutable) {
+		t.Fatalf("%d dead letters, want %d", len(dead), len(unroutable))
+	}
+	for _, id := range dead {
+		if !unroutable[id] {
+			t.Fatalf("routable message %s was dead-lettered as unroutable", id)
+		}
+	}
+}
+
+// Bigserial ids become visible out of commit order. A relay that read with
+// an "id > last seen" cursor would skip the earlier id forever.
+func TestOutOfCommitOrderRowIsPublished(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.start(e.config())
+	ctx := context.Background()
+	early, err := e.s.DB.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer early.Rollback()
+	idA, idB := outbox.NewID(), outbox.NewID()
+	if err := e.ob.Add(ctx, early, outbox.Message{ID: idA, Exchange: e.ex, RoutingKey: "a", Payload: []byte(`{}`)}); err != nil {
+		t.Fatal(err)
+	}
+	e.add(outbox.Message{ID: idB, Exchange: e.ex, RoutingKey: "b", Payload: []byte(`{}`)}) // higher seq, commits first
+	if d := e.receive(e.queue, 1, 10*time.Second)[0]; d.MessageId != idB {
+		t.Fatalf("first delivery %s, want %s", d.MessageId, idB)
+	}
+	if err := early.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if d := e.receive(e.queue, 1, 10*time.Second)[0]; d.MessageId != idA {
+		t.Fatalf("second delivery %s, want %s", d.MessageId, idA)
+	}
+	e.waitDrained()
+}
+
+func TestNotifyWakesRelay(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	cfg := e.config()
+	cfg.PollInterval = time.Hour // only a NOTIFY can wake it in time
+	e.start(cfg)
+	// Let the relay's first (empty) claim pass, so it is asleep.
+	testenv.Eventually(t, 10*time.Second, "relay idle", func() bool { return !e.relays[0].Stats().LastProgress.IsZero() })
+	for i := 0; i < 3; i++ {
+		e.add(outbox.Message{Exchange: e.ex, RoutingKey: "k", Payload: []byte(`{}`)})
+		e.receive(e.queue, 1, 10*time.Second)
+	}
+}
+
+func TestPollOnlyMode(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	quiet, err := outbox.New(outbox.Config{DisableNotify: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := e.config()
+	cfg.DisableListen = true
+	cfg.DatabaseURL = ""
+	cfg.PollInterval = 20 * time.Millisecond
+	e.start(cfg)
+	msgs, ids := batch(e.ex, 50)
+	if err := quiet.Add(context.Background(), e.s.DB, msgs...); err != nil {
+		t.Fatal(err)
+	}
+	e.consumeAll(e.queue, ids, 20*time.Second)
+	e.waitDrained()
+}
+
+func TestCleanStopLeavesNoLease(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	msgs, _ := batch(e.ex, 3000)
+	e.add(msgs...)
+	cfg := e.config()
+	cfg.BatchSize = 100
+	stop := e.start(cfg)
+	testenv.Eventually(t, 20*time.Second, "some progress", func() bool { return e.pending() < 3000 })
+	stop()
+	var leased int
+	if err := e.s.DB.Get(&leased, `SELECT count(*) FROM mailroom_outbox WHERE lease IS NOT NULL`); err != nil {
+		t.Fatal(err)
+	}
+	if leased != 0 {
+		t.Fatalf("%d rows still leased after a clean stop; they should have been released", leased)
+	}
+	var queued int
+	qi, err := e.b.Channel().QueueDeclarePassive(e.queue, true, false, false, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	queued = qi.Messages
+	if queued+e.pending() < 3000 {
+		t.Fatalf("queued %d + pending %d < 3000: lost messages", queued, e.pending())
+	}
+}
+
+// TestRelayProcessKilled runs the sidecar binary, SIGKILLs it mid-batch and
+// lets a second process finish: nothing is lost once leases expire.
+func TestRelayProcessKilled(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	bin := testenv.BuildBinary(t, "github.com/mailroom-go/mailroom/relay/cmd/mailroom-relay")
+	msgs, ids := batch(e.ex, 5000)
+	e.add(msgs...)
+	start := func(name string) *exec.Cmd {
+		cmd := exec.Command(bin, "run", "--name", name, "--batch-size", "100", "--lease", "2s", "--confirm-timeout", "1s", "--poll-interval", "50ms")
+		cmd.Env = append(os.Environ(), "DATABASE_URL="+e.s.URL, "AMQP_URL="+e.b.URL)
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			cmd.Process.Kill()
+			cmd.Wait()
+			if t.Failed() {
+				t.Logf("%s stderr:\n%s", name, stderr.String())
+			}
+		})
+		return cmd
+	}
+	first := start(e.appTag + "-a")
+	testenv.Eventually(t, 30*time.Second, "first relay mid-run", func() bool { return e.pending() < 4500 })
+	if err := first.Process.Kill(); err != nil { // SIGKILL: no cleanup at all
+		t.Fatal(err)
+	}
+	first.Wait()
+	var leased int
+	e.s.DB.Get(&leased, `SELECT count(*) FROM mailroom_outbox WHERE lease IS NOT NULL`)
+	start(e.appTag + "-b")
+	dups := e.consumeAll(e.queue, ids, 90*time.Second)
+	e.waitDrained()
+	t.Logf("killed with %d rows leased; %d duplicate deliveries", leased, dups)
+}
