@@ -1,0 +1,384 @@
+// Command bench measures the relay against the raw broker, side by side in
+// one run, on the local services (DATABASE_URL, AMQP_URL override):
+//
+//	go run ./internal/bench                 # all figures
+//	go run ./internal/bench -run drain -events 100000
+//
+// Each figure sets up its own schema, exchange and queue (a consumer
+// attached: prefetch 1000, multiple acks), prints one line, and cleans up.
+// Absolute numbers drift with the machine's load: compare figures of one run.
+package main
+
+import (
+	"context"
+	"database/sql"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	_ "github.com/lib/pq"
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/internal/amqpx"
+	"github.com/mailroom-go/mailroom/internal/testenv"
+	"github.com/mailroom-go/mailroom/outbox"
+	"github.com/mailroom-go/mailroom/relay"
+)
+
+var (
+	runFlag   = flag.String("run", "broker,drain,latency", "figures to run, comma-separated: broker, drain, latency")
+	events    = flag.Int("events", 100000, "backlog size for broker and drain")
+	rates     = flag.String("rates", "200,5000", "steady event rates (events/s) for latency, comma-separated")
+	duration  = flag.Duration("duration", 10*time.Second, "how long each latency rate runs")
+	quorum    = flag.Bool("quorum", false, "use a quorum queue instead of a classic one")
+	batchSize = flag.Int("batch", 0, "relay BatchSize (0 = default)")
+	window    = flag.Int("window", 0, "relay ConfirmWindow (0 = default)")
+)
+
+func main() {
+	flag.Parse()
+	want := map[string]bool{}
+	for _, f := range strings.Split(*runFlag, ",") {
+		want[strings.TrimSpace(f)] = true
+	}
+	var brokerRate float64
+	if want["broker"] {
+		brokerRate = must(benchBroker())
+		fmt.Printf("broker   %7d persistent msgs, pipelined confirms (window 512): %8.0f msg/s\n", *events, brokerRate)
+	}
+	if want["drain"] {
+		r := must(benchDrain())
+		line := fmt.Sprintf("drain    %7d events, one relay, consumer attached:            %8.0f events/s", *events, r)
+		if brokerRate > 0 {
+			line += fmt.Sprintf("  (%.2f× broker)", r/brokerRate)
+		}
+		fmt.Println(line)
+	}
+	if want["latency"] {
+		for _, s := range strings.Split(*rates, ",") {
+			var rate int
+			fmt.Sscan(s, &rate)
+			p50, p99, n, achieved := mustLatency(benchLatency(rate))
+			fmt.Printf("latency  %5d events/s target (%.0f achieved, %d events, %d per tx), commit→consumer:  p50 %6.2f ms  p99 %6.2f ms\n", rate, achieved, n, perTx(rate), ms(p50), ms(p99))
+		}
+	}
+}
+
+func must(v float64, err error) float64 {
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+	return v
+}
+
+func mustLatency(p50, p99 time.Duration, n int, achieved float64, err error) (time.Duration, time.Duration, int, float64) {
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+	return p50, p99, n, achieved
+}
+
+// perTx is how many events one business transaction writes at a rate: this
+// machine commits ~1,000–2,000 small transactions/s, so higher rates come
+// from transactions that write several events.
+func perTx(rate int) int { return max(1, (rate+499)/500) }
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// world is one figure's schema, exchange, queue and consumer.
+type world struct {
+	db       *sql.DB
+	dbURL    string
+	schema   string
+	conn     *amqp.Connection
+	exchange string
+	queue    string
+	received atomic.Int64
+	onMsg    func(amqp.Delivery)
+	stop     func()
+}
+
+func setup() (*world, error) {
+	ctx := context.Background()
+	w := &world{schema: testenv.Unique("bench"), exchange: testenv.Unique("bench"), queue: testenv.Unique("bench")}
+	admin, err := sql.Open("postgres", testenv.DatabaseURL())
+	if err != nil {
+		return nil, err
+	}
+	if _, err := admin.Exec(`CREATE SCHEMA ` + w.schema); err != nil {
+		return nil, fmt.Errorf("PostgreSQL at %s: %w", testenv.Redact(testenv.DatabaseURL()), err)
+	}
+	w.dbURL, _ = testenv.WithSearchPath(testenv.DatabaseURL(), w.schema)
+	w.db, _ = sql.Open("postgres", w.dbURL)
+	w.db.SetMaxOpenConns(32)
+	w.db.SetMaxIdleConns(32)
+	if err := mailroom.Migrate(ctx, w.db, mailroom.Tables{}); err != nil {
+		return nil, err
+	}
+	w.conn, err = amqpx.Dial(testenv.AMQPURL(), "bench")
+	if err != nil {
+		return nil, err
+	}
+	ch, err := w.conn.Channel()
+	if err != nil {
+		return nil, err
+	}
+	args := amqp.Table{}
+	if *quorum {
+		args["x-queue-type"] = "quorum"
+	}
+	if err := ch.ExchangeDeclare(w.exchange, "topic", true, false, false, false, nil); err != nil {
+		return nil, err
+	}
+	if _, err := ch.QueueDeclare(w.queue, true, false, false, false, args); err != nil {
+		return nil, err
+	}
+	if err := ch.QueueBind(w.queue, "#", w.exchange, false, nil); err != nil {
+		return nil, err
+	}
+	// The consumer: prefetch 1000, one multiple ack per 500 deliveries.
+	cch, _ := w.conn.Channel()
+	cch.Qos(1000, 0, false)
+	ds, err := cch.Consume(w.queue, "", false, false, false, false, nil)
+	if err != nil {
+		return nil, err
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		n := 0
+		for d := range ds {
+			if w.onMsg != nil {
+				w.onMsg(d)
+			}
+			w.received.Add(1)
+			if n++; n%500 == 0 {
+				d.Ack(true)
+			}
+			if len(ds) == 0 {
+				d.Ack(true)
+				n = 0
+			}
+		}
+	}()
+	w.stop = func() {
+		ch.QueueDelete(w.queue, false, false, false)
+		ch.ExchangeDelete(w.exchange, false, false)
+		w.conn.Close()
+		<-done
+		w.db.Close()
+		admin.Exec(`DROP SCHEMA ` + w.schema + ` CASCADE`)
+		admin.Close()
+	}
+	return w, nil
+}
+
+func (w *world) waitReceived(n int64, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for w.received.Load() < n {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("consumer got %d of %d within %s", w.received.Load(), n, timeout)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return nil
+}
+
+// benchBroker: the ceiling — RabbitMQ alone with pipelined confirms.
+func benchBroker() (float64, error) {
+	w, err := setup()
+	if err != nil {
+		return 0, err
+	}
+	defer w.stop()
+	ch, _ := w.conn.Channel()
+	if err := ch.Confirm(false); err != nil {
+		return 0, err
+	}
+	confirms := ch.NotifyPublish(make(chan amqp.Confirmation, 1024))
+	body := []byte(`{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","amount_cents":1999}`)
+	slots := make(chan struct{}, 512)
+	acked := make(chan error, 1)
+	go func() {
+		for i := 0; i < *events; i++ {
+			c := <-confirms
+			<-slots
+			if !c.Ack {
+				acked <- fmt.Errorf("nack")
+				return
+			}
+		}
+		acked <- nil
+	}()
+	start := time.Now()
+	for i := 0; i < *events; i++ {
+		slots <- struct{}{}
+		if err := ch.PublishWithContext(context.Background(), w.exchange, "k", true, false, amqp.Publishing{
+			MessageId: outbox.NewID(), DeliveryMode: amqp.Persistent, ContentType: "application/json", Body: body,
+		}); err != nil {
+			return 0, err
+		}
+	}
+	if err := <-acked; err != nil {
+		return 0, err
+	}
+	if err := w.waitReceived(int64(*events), time.Minute); err != nil {
+		return 0, err
+	}
+	return float64(*events) / time.Since(start).Seconds(), nil
+}
+
+func newRelay(w *world) (*relay.Relay, error) {
+	return relay.New(w.db, relay.Config{
+		URL: testenv.AMQPURL(), DatabaseURL: w.dbURL, Name: "bench",
+		BatchSize: *batchSize, ConfirmWindow: *window,
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+	})
+}
+
+// benchDrain: a backlog of events drained by one relay into the consumer.
+func benchDrain() (float64, error) {
+	w, err := setup()
+	if err != nil {
+		return 0, err
+	}
+	defer w.stop()
+	ob, _ := outbox.New(outbox.Config{DisableNotify: true})
+	body := []byte(`{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","amount_cents":1999}`)
+	for left := *events; left > 0; left -= 1000 {
+		n := min(left, 1000)
+		msgs := make([]outbox.Message, n)
+		for i := range msgs {
+			msgs[i] = outbox.Message{Exchange: w.exchange, RoutingKey: "k", Payload: body}
+		}
+		if err := ob.Add(context.Background(), w.db, msgs...); err != nil {
+			return 0, err
+		}
+	}
+	w.db.Exec(`VACUUM ANALYZE mailroom_outbox`)
+	r, err := newRelay(w)
+	if err != nil {
+		return 0, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	start := time.Now()
+	go func() { done <- r.Run(ctx) }()
+	err = w.waitReceived(int64(*events), 5*time.Minute)
+	elapsed := time.Since(start)
+	cancel()
+	<-done
+	if err != nil {
+		return 0, err
+	}
+	return float64(*events) / elapsed.Seconds(), nil
+}
+
+// benchLatency: commit→consumer latency at a steady event rate (NOTIFY on,
+// the default), measured from each transaction's commit to the consumer.
+func benchLatency(rate int) (p50, p99 time.Duration, n int, achieved float64, err error) {
+	w, err := setup()
+	if err != nil {
+		return 0, 0, 0, 0, err
+	}
+	defer w.stop()
+	var mu sync.Mutex
+	committed := map[string]time.Time{}
+	var lat []time.Duration
+	w.onMsg = func(d amqp.Delivery) {
+		now := time.Now()
+		mu.Lock()
+		defer mu.Unlock()
+		if t, ok := committed[d.MessageId]; ok {
+			lat = append(lat, now.Sub(t))
+			delete(committed, d.MessageId)
+		} else {
+			committed[d.MessageId] = now // arrived before the writer noted the commit
+		}
+	}
+	r, err := newRelay(w)
+	if err != nil {
+		return 0, 0, 0, 0, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	ob, _ := outbox.New(outbox.Config{})
+	body := []byte(`{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","amount_cents":1999}`)
+	// Writers: enough concurrent clients to sustain the rate, each event
+	// its own transaction, paced by a shared ticker.
+	k := perTx(rate)
+	total := int(float64(rate)*duration.Seconds()) / k
+	tick := time.NewTicker(time.Second * time.Duration(k) / time.Duration(rate))
+	defer tick.Stop()
+	jobs := make(chan struct{}, 1024)
+	var wg sync.WaitGroup
+	var werr atomic.Value
+	for c := 0; c < 16; c++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range jobs {
+				msgs := make([]outbox.Message, k)
+				for i := range msgs {
+					msgs[i] = outbox.Message{ID: outbox.NewID(), Exchange: w.exchange, RoutingKey: "k", Payload: body}
+				}
+				tx, err := w.db.Begin()
+				if err == nil {
+					err = ob.Add(context.Background(), tx, msgs...)
+					if err == nil {
+						err = tx.Commit()
+					} else {
+						tx.Rollback()
+					}
+				}
+				if err != nil {
+					werr.Store(err)
+					continue
+				}
+				now := time.Now()
+				mu.Lock()
+				for _, m := range msgs {
+					if t, ok := committed[m.ID]; ok { // consumer was first
+						lat = append(lat, t.Sub(now)) // ≤ 0: counts as immediate
+						delete(committed, m.ID)
+					} else {
+						committed[m.ID] = now
+					}
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	start := time.Now()
+	for i := 0; i < total; i++ {
+		<-tick.C
+		jobs <- struct{}{}
+	}
+	close(jobs)
+	wg.Wait()
+	achieved = float64(total*k) / time.Since(start).Seconds()
+	if e := werr.Load(); e != nil {
+		return 0, 0, 0, 0, e.(error)
+	}
+	if err := w.waitReceived(int64(total*k), time.Minute); err != nil {
+		return 0, 0, 0, 0, err
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	if len(lat) == 0 {
+		return 0, 0, 0, 0, fmt.Errorf("no latency samples")
+	}
+	return lat[len(lat)/2], lat[len(lat)*99/100], len(lat), achieved, nil
+}
