@@ -1,0 +1,250 @@
+package relay_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/lib/pq"
+
+	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/internal/testenv"
+	"github.com/mailroom-go/mailroom/outbox"
+	"github.com/mailroom-go/mailroom/relay"
+)
+
+// admAdd writes msgs through outbox.Add and returns their ids.
+func admAdd(t *testing.T, s *testenv.Schema, msgs ...outbox.Message) []string {
+	t.Helper()
+	ob, err := outbox.New(outbox.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids := make([]string, len(msgs))
+	for i := range msgs {
+		if msgs[i].ID == "" {
+			msgs[i].ID = outbox.NewID()
+		}
+		if msgs[i].Payload == nil {
+			msgs[i].Payload = []byte(`{}`)
+		}
+		ids[i] = msgs[i].ID
+	}
+	if err := ob.Add(context.Background(), s.DB, msgs...); err != nil {
+		t.Fatal(err)
+	}
+	return ids
+}
+
+// admBury moves outbox rows to the dead-letter table as the relay does
+// after MaxAttempts failures.
+func admBury(t *testing.T, s *testenv.Schema, reason string, ids ...string) {
+	t.Helper()
+	_, err := s.DB.Exec(`WITH d AS (DELETE FROM mailroom_outbox WHERE id = ANY($1::uuid[])
+  RETURNING seq, id, exchange, routing_key, key, type, content_type, headers, payload, created_at)
+INSERT INTO mailroom_outbox_dead (seq, id, exchange, routing_key, key, type, content_type, headers, payload, created_at, attempts, last_error)
+SELECT seq, id, exchange, routing_key, key, type, content_type, headers, payload, created_at, 7, $2 FROM d`, pq.StringArray(ids), reason)
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestStatusEmptyIsZeroNotNull(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	st, err := relay.Status(context.Background(), s.DB.DB, mailroom.Tables{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st != (relay.StatusReport{}) {
+		t.Fatalf("empty outbox: got %+v, want all zero", st)
+	}
+	b, err := json.Marshal(st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]any
+	if err := json.Unmarshal(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"pending", "oldest_pending_age_seconds", "dead"} {
+		if v, ok := m[k].(float64); !ok || v != 0 {
+			t.Errorf("JSON %s = %#v, want the number 0 (%s)", k, m[k], b)
+		}
+	}
+}
+
+func TestStatusCountsAndLag(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	ctx := context.Background()
+	due := admAdd(t, s, outbox.Message{Exchange: "x", RoutingKey: "a"}, outbox.Message{Exchange: "x", RoutingKey: "b"}, outbox.Message{Exchange: "x", RoutingKey: "c"})
+	admAdd(t, s, outbox.Message{Exchange: "x", RoutingKey: "later", AvailableAt: time.Now().Add(time.Hour)})
+	// The oldest due row was written 90s ago and failed twice; a leased row
+	// is in flight.
+	if _, err := s.DB.Exec(`UPDATE mailroom_outbox SET created_at = now() - interval '90 seconds', attempts = 2 WHERE id = $1`, due[0]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.DB.Exec(`UPDATE mailroom_outbox SET lease = gen_random_uuid(), available_at = now() + interval '1 minute' WHERE id = $1`, due[1]); err != nil {
+		t.Fatal(err)
+	}
+	admBury(t, s, "unroutable", due[2])
+
+	st, err := relay.Status(ctx, s.DB.DB, mailroom.Tables{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Pending != 3 || st.Scheduled != 1 || st.Retrying != 1 || st.InFlight != 1 || st.Dead != 1 {
+		t.Fatalf("got %+v; want pending 3, scheduled 1, retrying 1, in flight 1, dead 1", st)
+	}
+	if st.OldestPendingAge < 90*time.Second || st.OldestPendingAge > time.Hour {
+		t.Fatalf("oldest pending age %s, want about 90s (the scheduled row does not count)", st.OldestPendingAge)
+	}
+}
+
+func TestStatusBadTableName(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	_, err := relay.Status(context.Background(), s.DB.DB, mailroom.Tables{Outbox: "no such"})
+	if err == nil {
+		t.Fatal("want an error for an invalid table name")
+	}
+	t.Log(err)
+}
+
+func TestListReplayDiscardDead(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	ctx := context.Background()
+	db := s.DB.DB
+	ids := admAdd(t, s,
+		outbox.Message{Exchange: "x", RoutingKey: "r", Key: "k1", Type: "t.one"},
+		outbox.Message{Exchange: "x", RoutingKey: "r", Key: "k1"},
+		outbox.Message{Exchange: "x", RoutingKey: "r"},
+	)
+	admBury(t, s, "NOT_FOUND - no exchange 'x'", ids[0], ids[2])
+	var origSeq int64
+	if err := s.DB.Get(&origSeq, `SELECT seq FROM mailroom_outbox_dead WHERE id = $1`, ids[0]); err != nil {
+		t.Fatal(err)
+	}
+
+	dead, err := relay.ListDead(ctx, db, mailroom.Tables{}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(dead) != 2 || dead[0].ID != ids[0] || dead[1].ID != ids[2] {
+		t.Fatalf("ListDead: got %+v, want %s then %s", dead, ids[0], ids[2])
+	}
+	d := dead[0]
+	if d.Exchange != "x" || d.RoutingKey != "r" || d.Key != "k1" || d.Type != "t.one" || d.Attempts != 7 ||
+		d.LastError != "NOT_FOUND - no exchange 'x'" || d.PayloadSize != 2 || d.DeadAt.IsZero() || d.CreatedAt.IsZero() {
+		t.Fatalf("ListDead row: %+v", d)
+	}
+	if one, err := relay.ListDead(ctx, db, mailroom.Tables{}, 1); err != nil || len(one) != 1 {
+		t.Fatalf("ListDead limit 1: %v, %v", one, err)
+	}
+
+	// One unknown id: nothing is replayed.
+	unknown := outbox.NewID()
+	_, err = relay.ReplayDead(ctx, db, mailroom.Tables{}, []string{ids[0], unknown})
+	if !errors.Is(err, relay.ErrDeadLetterNotFound) {
+		t.Fatalf("replay with an unknown id: %v, want ErrDeadLetterNotFound", err)
+	}
+	if st, _ := relay.Status(ctx, db, mailroom.Tables{}); st.Dead != 2 || st.Pending != 1 {
+		t.Fatalf("after a failed replay: %+v, want nothing moved", st)
+	}
+	if _, err := relay.ReplayDead(ctx, db, mailroom.Tables{}, []string{"not-a-uuid"}); !errors.Is(err, relay.ErrInvalidID) {
+		t.Fatalf("replay not-a-uuid: %v, want ErrInvalidID", err)
+	}
+	if _, err := relay.DiscardDead(ctx, db, mailroom.Tables{}, nil); !errors.Is(err, relay.ErrInvalidID) {
+		t.Fatalf("discard nothing: %v, want ErrInvalidID", err)
+	}
+
+	// Replay ids[0] (given twice): back in the outbox with attempts 0, a new
+	// seq after the later row of its key, same id and created_at.
+	n, err := relay.ReplayDead(ctx, db, mailroom.Tables{}, []string{ids[0], ids[0]})
+	if err != nil || n != 1 {
+		t.Fatalf("replay: %d, %v", n, err)
+	}
+	var row struct {
+		Seq       int64   `db:"seq"`
+		Attempts  int     `db:"attempts"`
+		LastError *string `db:"last_error"`
+		Due       bool    `db:"due"`
+	}
+	if err := s.DB.Get(&row, `SELECT seq, attempts, last_error, available_at <= now() AS due FROM mailroom_outbox WHERE id = $1`, ids[0]); err != nil {
+		t.Fatal(err)
+	}
+	var laterSeq int64
+	if err := s.DB.Get(&laterSeq, `SELECT seq FROM mailroom_outbox WHERE id = $1`, ids[1]); err != nil {
+		t.Fatal(err)
+	}
+	if row.Attempts != 0 || row.LastError != nil || !row.Due || row.Seq <= laterSeq || row.Seq == origSeq {
+		t.Fatalf("replayed row %+v (later row of the key has seq %d, original seq %d)", row, laterSeq, origSeq)
+	}
+
+	// Discard the other one.
+	if _, err := relay.DiscardDead(ctx, db, mailroom.Tables{}, []string{ids[0]}); !errors.Is(err, relay.ErrDeadLetterNotFound) {
+		t.Fatalf("discard of a replayed id: %v, want ErrDeadLetterNotFound", err)
+	}
+	if n, err := relay.DiscardDead(ctx, db, mailroom.Tables{}, []string{ids[2]}); err != nil || n != 1 {
+		t.Fatalf("discard: %d, %v", n, err)
+	}
+	st, err := relay.Status(ctx, db, mailroom.Tables{})
+	if err != nil || st.Dead != 0 || st.Pending != 2 {
+		t.Fatalf("end: %+v, %v; want 0 dead, 2 pending", st, err)
+	}
+}
+
+func TestReplayAllDeadKeepsWriteOrder(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	ctx := context.Background()
+	var msgs []outbox.Message
+	for range 5 {
+		msgs = append(msgs, outbox.Message{Exchange: "x", RoutingKey: "r", Key: "same"})
+	}
+	ids := admAdd(t, s, msgs...)
+	admBury(t, s, "nack", ids...)
+	n, err := relay.ReplayAllDead(ctx, s.DB.DB, mailroom.Tables{})
+	if err != nil || n != 5 {
+		t.Fatalf("replay all: %d, %v", n, err)
+	}
+	var got []string
+	if err := s.DB.Select(&got, `SELECT id::text FROM mailroom_outbox ORDER BY seq`); err != nil {
+		t.Fatal(err)
+	}
+	for i := range ids {
+		if got[i] != ids[i] {
+			t.Fatalf("replayed order %v, want %v", got, ids)
+		}
+	}
+	if n, err := relay.ReplayAllDead(ctx, s.DB.DB, mailroom.Tables{}); err != nil || n != 0 {
+		t.Fatalf("replay all of nothing: %d, %v; want 0, nil", n, err)
+	}
+}
+
+func TestPurgePublished(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	ctx := context.Background()
+	_, err := s.DB.Exec(`INSERT INTO mailroom_outbox_published (seq, id, exchange, routing_key, payload, created_at, attempts, published_at)
+SELECT g, gen_random_uuid(), 'x', 'r', '\x7b7d', now(), 0, now() - CASE WHEN g <= 25 THEN interval '2 hours' ELSE interval '1 minute' END
+FROM generate_series(1, 30) g`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := relay.PurgePublished(ctx, s.DB, mailroom.Tables{}, 0, 0); err == nil {
+		t.Fatal("olderThan 0: want an error")
+	}
+	n, err := relay.PurgePublished(ctx, s.DB, mailroom.Tables{}, time.Hour, 10) // three batches
+	if err != nil || n != 25 {
+		t.Fatalf("purge: %d, %v; want 25", n, err)
+	}
+	var left int
+	if err := s.DB.Get(&left, `SELECT count(*) FROM mailroom_outbox_published`); err != nil || left != 5 {
+		t.Fatalf("left %d, %v; want the 5 recent rows", left, err)
+	}
+}
