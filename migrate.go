@@ -146,6 +146,7 @@ func render(src string, r Resolved) (string, error) {
 	}{ // longest first, so mailroom_outbox_dead wins over mailroom_outbox
 		{"mailroom_outbox_published", r.Published},
 		{"mailroom_outbox_dead", r.Dead},
+		{"mailroom_outbox_wake", r.Wake},
 		{"mailroom_outbox", r.Outbox},
 		{"mailroom_inbox", r.Inbox},
 	}

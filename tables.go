@@ -22,13 +22,14 @@ type Tables struct {
 	Outbox     string // default "mailroom_outbox"
 	Dead       string // default Outbox + "_dead"
 	Published  string // default Outbox + "_published"
+	Wake       string // default Outbox + "_wake": relays asleep that want a NOTIFY
 	Inbox      string // default "mailroom_inbox"
 	Migrations string // default "mailroom_schema_migrations"
 }
 
 // Resolved is Tables with defaults filled in and every name validated.
 type Resolved struct {
-	Outbox, Dead, Published, Inbox, Migrations sqlident.Name
+	Outbox, Dead, Published, Wake, Inbox, Migrations sqlident.Name
 }
 
 // Resolve fills defaults and validates every name.
@@ -59,6 +60,9 @@ func (t Tables) Resolve() (Resolved, error) {
 		return r, err
 	}
 	if r.Published, err = derive("Published", t.Published, "_published"); err != nil {
+		return r, err
+	}
+	if r.Wake, err = derive("Wake", t.Wake, "_wake"); err != nil {
 		return r, err
 	}
 	if t.Inbox == "" {
