@@ -22,7 +22,6 @@ type Tables struct {
 	Outbox     string // default "mailroom_outbox"
 	Dead       string // default Outbox + "_dead"
 	Published  string // default Outbox + "_published"
-	Wake       string // default Outbox + "_wake": relays asleep that want a NOTIFY
 	Inbox      string // default "mailroom_inbox"
 	Migrations string // default "mailroom_schema_migrations"
 }
@@ -62,7 +61,9 @@ func (t Tables) Resolve() (Resolved, error) {
 	if r.Published, err = derive("Published", t.Published, "_published"); err != nil {
 		return r, err
 	}
-	if r.Wake, err = derive("Wake", t.Wake, "_wake"); err != nil {
+	// The wake table is always Outbox + "_wake": outbox.Add derives it
+	// from the outbox table name alone.
+	if r.Wake, err = derive("Outbox (its _wake table)", "", "_wake"); err != nil {
 		return r, err
 	}
 	if t.Inbox == "" {
