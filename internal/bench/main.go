@@ -33,7 +33,7 @@ import (
 )
 
 var (
-	runFlag   = flag.String("run", "broker,drain,latency", "figures to run, comma-separated: broker, drain, latency")
+	runFlag   = flag.String("run", "broker,drain,latency,relays", "figures to run, comma-separated: broker, drain, latency, relays, scale, dedupe")
 	events    = flag.Int("events", 100000, "backlog size for broker and drain")
 	rates     = flag.String("rates", "200,5000", "steady event rates (events/s) for latency, comma-separated")
 	duration  = flag.Duration("duration", 10*time.Second, "how long each latency rate runs")
@@ -55,11 +55,24 @@ func main() {
 	}
 	if want["drain"] {
 		r := must(benchDrain())
+		defer func() { fmt.Printf("memory   peak RSS of this process (relays, consumer and writers together): %d MiB\n", peakRSS()>>20) }()
 		line := fmt.Sprintf("drain    %7d events, one relay, consumer attached:            %8.0f events/s", *events, r)
 		if brokerRate > 0 {
 			line += fmt.Sprintf("  (%.2f× broker)", r/brokerRate)
 		}
 		fmt.Println(line)
+	}
+	if want["relays"] {
+		one, two := must(benchRelays(1)), must(benchRelays(2))
+		fmt.Printf("relays   %7d events: one relay %8.0f events/s, two relays %8.0f events/s  (%.2f×)\n", *events, one, two, two/one)
+	}
+	if want["scale"] {
+		small, large := must(benchScale(10_000, 10_000)), must(benchScale(1_000_000, 100_000))
+		fmt.Printf("scale    drain rate: 10,000 pending %8.0f events/s, first 100,000 of 1,000,000 pending %8.0f events/s  (%.2f×)\n", small, large, large/small)
+	}
+	if want["dedupe"] {
+		empty, full := must(benchDedupe(0)), must(benchDedupe(10_000_000))
+		fmt.Printf("dedupe   Claim (new ids, 8 clients): empty table %8.0f claims/s, 10,000,000 entries %8.0f claims/s  (%.2f×)\n", empty, full, full/empty)
 	}
 	if want["latency"] {
 		for _, s := range strings.Split(*rates, ",") {
@@ -236,6 +249,10 @@ func benchBroker() (float64, error) {
 	}
 	return float64(*events) / time.Since(start).Seconds(), nil
 }
+
+func amqpURL() string { return testenv.AMQPURL() }
+
+func newID() string { return outbox.NewID() }
 
 func newRelay(w *world) (*relay.Relay, error) {
 	return relay.New(w.db, relay.Config{

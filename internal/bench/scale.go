@@ -1,0 +1,145 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/mailroom-go/mailroom/dedupe"
+	"github.com/mailroom-go/mailroom/relay"
+)
+
+// fill writes n outbox rows with one INSERT … SELECT (bench setup only:
+// fast, and the rows are exactly what Add writes).
+func (w *world) fill(n int) error {
+	_, err := w.db.Exec(`INSERT INTO mailroom_outbox (id, exchange, routing_key, payload)
+SELECT gen_random_uuid(), $1, 'k', convert_to('{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","amount_cents":1999}', 'UTF8')
+FROM generate_series(1, $2)`, w.exchange, n)
+	if err == nil {
+		_, err = w.db.Exec(`VACUUM ANALYZE mailroom_outbox`)
+	}
+	return err
+}
+
+// drainWith runs n relays until the consumer has received want events and
+// returns the rate.
+func (w *world) drainWith(n int, want int64) (float64, error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := 0; i < n; i++ {
+		r, err := relay.New(w.db, relay.Config{URL: amqpURL(), DatabaseURL: w.dbURL, Name: fmt.Sprintf("bench-%d", i), BatchSize: *batchSize, ConfirmWindow: *window})
+		if err != nil {
+			cancel()
+			return 0, err
+		}
+		wg.Add(1)
+		go func() { defer wg.Done(); r.Run(ctx) }()
+	}
+	err := w.waitReceived(want, 10*time.Minute)
+	elapsed := time.Since(start)
+	cancel()
+	wg.Wait()
+	if err != nil {
+		return 0, err
+	}
+	return float64(want) / elapsed.Seconds(), nil
+}
+
+// benchRelays: the same backlog drained by n relays in one process (each
+// with its own connections, as separate processes would have).
+func benchRelays(n int) (float64, error) {
+	w, err := setup()
+	if err != nil {
+		return 0, err
+	}
+	defer w.stop()
+	if err := w.fill(*events); err != nil {
+		return 0, err
+	}
+	return w.drainWith(n, int64(*events))
+}
+
+// benchScale: the drain rate over the first measure events of a backlog.
+func benchScale(backlog, measure int) (float64, error) {
+	w, err := setup()
+	if err != nil {
+		return 0, err
+	}
+	defer w.stop()
+	if err := w.fill(backlog); err != nil {
+		return 0, err
+	}
+	return w.drainWith(1, int64(measure))
+}
+
+// benchDedupe: Claim throughput for new ids with 8 clients, after the inbox
+// table was filled with prefill entries.
+func benchDedupe(prefill int) (float64, error) {
+	w, err := setup()
+	if err != nil {
+		return 0, err
+	}
+	defer w.stop()
+	for done := 0; done < prefill; done += 1_000_000 {
+		if _, err := w.db.Exec(`INSERT INTO mailroom_inbox (scope, id) SELECT 'bench', gen_random_uuid()::text FROM generate_series(1, $1)`, min(1_000_000, prefill-done)); err != nil {
+			return 0, err
+		}
+	}
+	w.db.Exec(`VACUUM ANALYZE mailroom_inbox`)
+	store, err := dedupe.New(dedupe.Config{})
+	if err != nil {
+		return 0, err
+	}
+	const clients, perClient = 8, 2500
+	var failed atomic.Value
+	var wg sync.WaitGroup
+	start := time.Now()
+	for c := 0; c < clients; c++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < perClient; i++ {
+				tx, err := w.db.Begin()
+				if err != nil {
+					failed.Store(err)
+					return
+				}
+				if _, err := store.Claim(context.Background(), tx, "bench", newID()); err != nil {
+					tx.Rollback()
+					failed.Store(err)
+					return
+				}
+				if err := tx.Commit(); err != nil {
+					failed.Store(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if err, _ := failed.Load().(error); err != nil {
+		return 0, err
+	}
+	return float64(clients*perClient) / time.Since(start).Seconds(), nil
+}
+
+// peakRSS is the process's high-water resident set size (VmHWM), in bytes.
+func peakRSS() int64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			return kb << 10
+		}
+	}
+	return 0
+}
