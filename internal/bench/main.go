@@ -55,7 +55,9 @@ func main() {
 	}
 	if want["drain"] {
 		r := must(benchDrain())
-		defer func() { fmt.Printf("memory   peak RSS of this process (relays, consumer and writers together): %d MiB\n", peakRSS()>>20) }()
+		defer func() {
+			fmt.Printf("memory   peak RSS of this process (relays, consumer and writers together): %d MiB\n", peakRSS()>>20)
+		}()
 		line := fmt.Sprintf("drain    %7d events, one relay, consumer attached:            %8.0f events/s", *events, r)
 		if brokerRate > 0 {
 			line += fmt.Sprintf("  (%.2f× broker)", r/brokerRate)
