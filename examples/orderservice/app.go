@@ -255,7 +255,11 @@ func runAll(ctx context.Context, tasks ...func(context.Context) error) error {
 // dialAMQP connects under a connection name, which the management UI and
 // `rabbitmqctl list_connections client_properties` show.
 func dialAMQP(url, name string) (*amqp.Connection, error) {
-	cfg := amqp.Config{Properties: amqp.NewConnectionProperties(), Heartbeat: 10 * time.Second}
+	cfg := amqp.Config{
+		Properties: amqp.NewConnectionProperties(),
+		Heartbeat:  10 * time.Second,
+		Dial:       amqp.DefaultDial(10 * time.Second),
+	}
 	cfg.Properties.SetClientConnectionName(name)
 	conn, err := amqp.DialConfig(url, cfg)
 	if err != nil {

@@ -20,7 +20,6 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"time"
 
@@ -206,40 +205,43 @@ func configFromEnv(getenv func(string) string, log *slog.Logger) Config {
 }
 
 // checkServices connects to PostgreSQL and RabbitMQ once each. When one is
-// not there it says which, where, and how to start it; when it refuses the
-// connection, what to check.
+// not there it says which, where, and how to start it; when it answers but
+// refuses the connection, what to check.
 func checkServices(ctx context.Context, cfg Config, stderr io.Writer) error {
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	db, err := sql.Open("postgres", cfg.DatabaseURL)
 	if err == nil {
 		err = db.PingContext(ctx)
 		db.Close()
 	}
-	if err != nil {
-		var refused *pq.Error // the server answered: wrong user, password or database
-		reportUnavailable(stderr, "PostgreSQL", redact(cfg.DatabaseURL), err, errors.As(err, &refused),
-			"pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start", "DATABASE_URL (user, password, database name)")
+	var pgRefused *pq.Error // the server answered: wrong user, password or database
+	switch {
+	case errors.As(err, &pgRefused):
+		fmt.Fprintf(stderr, "orderservice: PostgreSQL at %s refused the connection: %v\n"+
+			"  check DATABASE_URL (user, password, database name)\n", redact(cfg.DatabaseURL), err)
+		return errFailed
+	case err != nil:
+		fmt.Fprintf(stderr, "orderservice: cannot reach PostgreSQL at %s: %v\n"+
+			"  start it:  pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start\n"+
+			"  or set DATABASE_URL to a running server\n", redact(cfg.DatabaseURL), err)
 		return errFailed
 	}
 	conn, err := dialAMQP(cfg.AMQPURL, "orderservice check")
-	if err != nil {
-		var refused *amqp.Error // the broker answered: wrong user, password or vhost
-		reportUnavailable(stderr, "RabbitMQ", redact(cfg.AMQPURL), errors.Unwrap(err), errors.As(err, &refused),
-			"rabbitmq-server -detached", "AMQP_URL (user, password, vhost)")
+	var amqpRefused *amqp.Error // the broker answered: wrong user, password or vhost
+	switch {
+	case errors.As(err, &amqpRefused):
+		fmt.Fprintf(stderr, "orderservice: RabbitMQ at %s refused the connection: %v\n"+
+			"  check AMQP_URL (user, password, vhost)\n", redact(cfg.AMQPURL), amqpRefused)
+		return errFailed
+	case err != nil:
+		fmt.Fprintf(stderr, "orderservice: cannot reach RabbitMQ at %s: %v\n"+
+			"  start it:  rabbitmq-server -detached  (or rabbitmqctl start_app if the node runs)\n"+
+			"  or set AMQP_URL to a running broker\n", redact(cfg.AMQPURL), errors.Unwrap(err))
 		return errFailed
 	}
 	conn.Close()
 	return nil
-}
-
-func reportUnavailable(w io.Writer, service, addr string, err error, refused bool, start, env string) {
-	if !refused {
-		env, _, _ = strings.Cut(env, " ")
-		fmt.Fprintf(w, "orderservice: cannot reach %s at %s: %v\n  start it:  %s\n  or set %s to a running server\n", service, addr, err, start, env)
-		return
-	}
-	fmt.Fprintf(w, "orderservice: %s at %s refused the connection: %v\n  check %s\n", service, addr, err, env)
 }
 
 func flagSet(name, what string, stderr io.Writer) *flag.FlagSet {
