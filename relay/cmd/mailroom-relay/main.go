@@ -1,12 +1,19 @@
 // Command mailroom-relay is the relay sidecar: it moves outbox rows to
-// RabbitMQ next to a service that only writes them.
+// RabbitMQ next to a service that only writes them, and is the operator's
+// tool for what is waiting and what died.
 //
-//	mailroom-relay migrate            create or upgrade the mailroom tables
-//	mailroom-relay run                run the relay until SIGINT/SIGTERM
+//	mailroom-relay migrate                 create or upgrade the mailroom tables
+//	mailroom-relay run                     run the relay, /healthz /readyz /metrics and a status page
+//	mailroom-relay status [--json]         pending rows, oldest pending age, dead letters
+//	mailroom-relay dead list [--json]      dead letters with their last error
+//	mailroom-relay dead replay ID…|--all   move dead letters back into the outbox
+//	mailroom-relay dead discard ID…        delete dead letters
+//	mailroom-relay version                 print the version
 //
 // Configuration comes from flags and the environment (DATABASE_URL,
 // AMQP_URL, …); flags win. A bad setting exits with status 2 and one line
-// saying which and how to fix it.
+// saying which and how to fix it; a failure at run time exits with status 1.
+// Passwords in URLs never appear in logs or errors.
 package main
 
 import (
@@ -19,15 +26,13 @@ import (
 	"log/slog"
 	"net/url"
 	"os"
-	"os/signal"
 	"strconv"
-	"syscall"
+	"sync"
 	"time"
 
 	_ "github.com/lib/pq"
 
 	"github.com/mailroom-go/mailroom"
-	"github.com/mailroom-go/mailroom/relay"
 )
 
 const usage = `mailroom-relay moves transactional-outbox rows to RabbitMQ.
@@ -36,12 +41,22 @@ Usage:
   mailroom-relay <command> [flags]
 
 Commands:
-  migrate   create or upgrade the mailroom tables (safe to run concurrently and repeatedly)
-  run       run the relay until SIGINT or SIGTERM
+  migrate                create or upgrade the mailroom tables (safe to run concurrently and repeatedly)
+  run                    run the relay until SIGINT or SIGTERM; serves /, /healthz, /readyz, /metrics on --http
+  status [--json]        pending rows, age of the oldest pending row (the lag), dead letters
+  dead list [--json]     dead letters: id, exchange, routing key, key, attempts, last error, when
+  dead replay ID...      move dead letters back into the outbox (--all: every one)
+  dead discard ID...     delete dead letters
+  version                print the version
 
 Environment (flags win): DATABASE_URL, AMQP_URL, MAILROOM_OUTBOX_TABLE,
-MAILROOM_INBOX_TABLE, MAILROOM_BATCH_SIZE, MAILROOM_POLL_INTERVAL,
-MAILROOM_MAX_ATTEMPTS, MAILROOM_LOG_LEVEL.
+MAILROOM_DEAD_TABLE, MAILROOM_PUBLISHED_TABLE, MAILROOM_INBOX_TABLE,
+MAILROOM_LOG_LEVEL; for run also MAILROOM_HTTP, MAILROOM_ADMIN_TOKEN,
+MAILROOM_NAME, MAILROOM_BATCH_SIZE, MAILROOM_POLL_INTERVAL, ... (see
+mailroom-relay run -h).
+
+Exit status: 0 done, 1 failed (e.g. database unreachable, unknown dead-letter
+id), 2 bad command line or configuration.
 
 Run "mailroom-relay <command> -h" for the flags of a command.
 `
@@ -71,8 +86,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdMigrate(args[1:], stdout, stderr)
 	case "run":
 		err = cmdRun(args[1:], stderr)
+	case "status":
+		err = cmdStatus(args[1:], stdout, stderr)
+	case "dead":
+		err = cmdDead(args[1:], stdout, stderr)
+	case "version", "-version", "--version":
+		err = cmdVersion(args[1:], stdout, stderr)
 	default:
-		err = usageErr("unknown command %q; commands: migrate, run (see mailroom-relay -h)", args[0])
+		err = usageErr("unknown command %q; commands: migrate, run, status, dead, version (see mailroom-relay -h)", args[0])
 	}
 	var ue errUsage
 	switch {
@@ -99,6 +120,8 @@ type common struct {
 func (c *common) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.databaseURL, "database-url", "", "PostgreSQL URL (lib/pq), e.g. postgres://user@host:5432/db?sslmode=disable&search_path=app [$DATABASE_URL]")
 	fs.StringVar(&c.tables.Outbox, "outbox-table", os.Getenv("MAILROOM_OUTBOX_TABLE"), "outbox table, \"table\" or \"schema.table\" (default mailroom_outbox) [$MAILROOM_OUTBOX_TABLE]")
+	fs.StringVar(&c.tables.Dead, "dead-table", os.Getenv("MAILROOM_DEAD_TABLE"), "dead-letter table (default <outbox-table>_dead) [$MAILROOM_DEAD_TABLE]")
+	fs.StringVar(&c.tables.Published, "published-table", os.Getenv("MAILROOM_PUBLISHED_TABLE"), "retained published rows (default <outbox-table>_published) [$MAILROOM_PUBLISHED_TABLE]")
 	fs.StringVar(&c.tables.Inbox, "inbox-table", os.Getenv("MAILROOM_INBOX_TABLE"), "inbox/dedupe table (default mailroom_inbox) [$MAILROOM_INBOX_TABLE]")
 	fs.StringVar(&c.logLevel, "log-level", envOr("MAILROOM_LOG_LEVEL", "info"), "debug, info, warn or error [$MAILROOM_LOG_LEVEL]")
 }
@@ -138,7 +161,13 @@ func (c *common) open(ctx context.Context) (*sql.DB, error) {
 }
 
 func cmdMigrate(args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("migrate", "create or upgrade the mailroom tables", stderr)
+	fs := newFlagSet("migrate", `Usage: mailroom-relay migrate [flags]
+
+Creates or upgrades every mailroom table (outbox, dead letters, published
+rows, inbox) in DATABASE_URL, in one transaction under an advisory lock:
+safe to run from several processes at once and again after an upgrade.
+Unqualified table names resolve through the URL's search_path.
+`, stderr)
 	var c common
 	c.register(fs)
 	if err := parse(fs, args, stderr); err != nil {
@@ -164,88 +193,65 @@ func cmdMigrate(args []string, stdout, stderr io.Writer) error {
 	return nil
 }
 
-func cmdRun(args []string, stderr io.Writer) error {
-	fs := newFlagSet("run", "run the relay until SIGINT or SIGTERM", stderr)
-	var c common
-	c.register(fs)
-	cfg := relay.Config{}
-	fs.StringVar(&cfg.URL, "amqp-url", "", "RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/ [$AMQP_URL]")
-	fs.StringVar(&cfg.Name, "name", os.Getenv("MAILROOM_NAME"), "instance name for logs and the AMQP connection name (default host-pid) [$MAILROOM_NAME]")
-	fs.IntVar(&cfg.BatchSize, "batch-size", envInt("MAILROOM_BATCH_SIZE"), "rows per claim (default 500) [$MAILROOM_BATCH_SIZE]")
-	fs.IntVar(&cfg.MaxAttempts, "max-attempts", envInt("MAILROOM_MAX_ATTEMPTS"), "failed publishes before a row is dead-lettered (default 20) [$MAILROOM_MAX_ATTEMPTS]")
-	fs.DurationVar(&cfg.PollInterval, "poll-interval", envDuration("MAILROOM_POLL_INTERVAL"), "poll for due rows this often without a NOTIFY (default 500ms) [$MAILROOM_POLL_INTERVAL]")
-	fs.DurationVar(&cfg.Lease, "lease", envDuration("MAILROOM_LEASE"), "how long a claimed row belongs to this relay (default 60s) [$MAILROOM_LEASE]")
-	fs.DurationVar(&cfg.ConfirmTimeout, "confirm-timeout", envDuration("MAILROOM_CONFIRM_TIMEOUT"), "longest wait for a publisher confirm (default 15s) [$MAILROOM_CONFIRM_TIMEOUT]")
-	fs.DurationVar(&cfg.Retain, "retain", envDuration("MAILROOM_RETAIN"), "keep published rows this long instead of deleting them (default 0) [$MAILROOM_RETAIN]")
-	fs.BoolVar(&cfg.DisableListen, "no-listen", os.Getenv("MAILROOM_NO_LISTEN") == "true", "poll only, no LISTEN (PgBouncer in transaction mode) [$MAILROOM_NO_LISTEN]")
-	if err := parse(fs, args, stderr); err != nil {
-		return err
-	}
-	if envErr != nil {
-		return envErr
-	}
-	log, err := c.check()
-	if err != nil {
-		return err
-	}
-	if cfg.URL == "" {
-		cfg.URL = os.Getenv("AMQP_URL")
-	}
-	if cfg.URL == "" {
-		return usageErr("AMQP_URL is not set: pass --amqp-url or set AMQP_URL, e.g. amqp://guest:guest@127.0.0.1:5672/")
-	}
-	if u, err := url.Parse(cfg.URL); err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") {
-		return usageErr("AMQP_URL is not an amqp:// URL (got %s)", redactURL(cfg.URL))
-	}
-	cfg.DatabaseURL, cfg.Tables, cfg.Logger = c.databaseURL, c.tables, log
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
-	db, err := c.open(ctx)
-	if err != nil {
-		return err
-	}
-	defer db.Close()
-	if applied, latest, err := mailroom.SchemaVersion(ctx, db, c.tables); err != nil || applied < latest {
-		return fmt.Errorf("the mailroom tables are missing or old (schema version %d, this build needs %d): run `mailroom-relay migrate` first", applied, latest)
-	}
-	r, err := relay.New(db, cfg)
-	if err != nil {
-		return usageErr("%v", err)
-	}
-	log.Info("relay starting", "outbox", c.tables.Outbox, "amqp", redactURL(cfg.URL), "database", redactURL(c.databaseURL))
-	if err := r.Run(ctx); err != nil {
-		return err
-	}
-	st := r.Stats()
-	log.Info("relay stopped", "published", st.Published, "failed", st.Failed, "dead_lettered", st.DeadLettered, "released", st.Released)
-	return nil
-}
+// helps holds each flag set's -h printer. The flag package calls Usage on
+// every parse error too; that must not print a screen of help above the
+// one-line error, so Usage is a no-op and parseArgs prints help for -h only.
+var helps sync.Map // *flag.FlagSet -> func()
 
-func newFlagSet(name, what string, stderr io.Writer) *flag.FlagSet {
+// newFlagSet makes a command's flag set; help is printed above the flags
+// for -h: a usage line and what the command does.
+func newFlagSet(name, help string, stderr io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // errors are reported in one line by run
-	fs.Usage = func() {
+	fs.Usage = func() {}
+	helps.Store(fs, func() {
 		fs.SetOutput(stderr)
-		fmt.Fprintf(stderr, "mailroom-relay %s: %s\n\nFlags:\n", name, what)
+		fmt.Fprintf(stderr, "%s\nFlags:\n", help)
 		fs.PrintDefaults()
-	}
+	})
 	return fs
 }
 
+func printHelp(fs *flag.FlagSet) {
+	if h, ok := helps.Load(fs); ok {
+		h.(func())()
+	}
+}
+
 // parse parses flags; -h prints the command's help, anything else wrong is
-// a one-line usage error.
+// a one-line usage error. No positional arguments are allowed.
 func parse(fs *flag.FlagSet, args []string, stderr io.Writer) error {
-	err := fs.Parse(args)
-	switch {
-	case errors.Is(err, flag.ErrHelp):
-		fs.Usage()
+	rest, err := parseArgs(fs, args, stderr)
+	if err != nil {
 		return err
-	case err != nil:
-		return usageErr("%s: %v (see mailroom-relay %s -h)", fs.Name(), err, fs.Name())
-	case fs.NArg() > 0:
-		return usageErr("%s: unexpected argument %q (see mailroom-relay %s -h)", fs.Name(), fs.Arg(0), fs.Name())
+	}
+	if len(rest) > 0 {
+		return usageErr("%s: unexpected argument %q (see mailroom-relay %s -h)", fs.Name(), rest[0], fs.Name())
 	}
 	return nil
+}
+
+// parseArgs parses flags anywhere among the arguments and returns the
+// positional ones ("--" ends the flags).
+func parseArgs(fs *flag.FlagSet, args []string, stderr io.Writer) (rest []string, err error) {
+	for {
+		err := fs.Parse(args)
+		switch {
+		case errors.Is(err, flag.ErrHelp):
+			printHelp(fs)
+			return nil, err
+		case err != nil:
+			return nil, usageErr("%s: %v (see mailroom-relay %s -h)", fs.Name(), err, fs.Name())
+		}
+		if fs.NArg() == 0 {
+			return rest, nil
+		}
+		if len(args) > fs.NArg() && args[len(args)-fs.NArg()-1] == "--" {
+			return append(rest, fs.Args()...), nil
+		}
+		rest = append(rest, fs.Arg(0))
+		args = fs.Args()[1:]
+	}
 }
 
 // envErr records the first malformed numeric environment value, reported
@@ -271,10 +277,12 @@ func envInt(k string) int {
 	return n
 }
 
-func envDuration(k string) time.Duration {
+func envDuration(k string) time.Duration { return envDurationOr(k, 0) }
+
+func envDurationOr(k string, def time.Duration) time.Duration {
 	v := os.Getenv(k)
 	if v == "" {
-		return 0
+		return def
 	}
 	d, err := time.ParseDuration(v)
 	if err != nil && envErr == nil {

@@ -1,0 +1,91 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"sync"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/mailroom-go/mailroom/internal/amqpx"
+)
+
+// brokerRedialDelay is how long the watch waits after losing its connection
+// before dialing again: a dropped connection shows as not ready for at least
+// this long, so a load balancer or a probe polling /readyz sees the flap.
+const brokerRedialDelay = time.Second
+
+// brokerWatch keeps one AMQP connection open, named like the relay's own
+// ("mailroom-relay <name>"), and reports whether it is up: the broker part of
+// /readyz. Closing the relay's connection by name (rabbitmqctl
+// close_connection, a network cut, a broker restart) closes this one too.
+type brokerWatch struct {
+	url, name string
+	log       *slog.Logger
+
+	mu    sync.Mutex
+	up    bool
+	since time.Time
+	err   string
+}
+
+func newBrokerWatch(url, name string, log *slog.Logger) *brokerWatch {
+	return &brokerWatch{url: url, name: name, log: log, since: time.Now(), err: "not connected yet"}
+}
+
+// state reports whether the connection is up, since when, and the last
+// error (secrets redacted).
+func (w *brokerWatch) state() (up bool, since time.Time, lastErr string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.up, w.since, w.err
+}
+
+func (w *brokerWatch) set(up bool, err string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.up != up {
+		w.since = time.Now()
+	}
+	w.up, w.err = up, err
+}
+
+func (w *brokerWatch) run(ctx context.Context) {
+	for {
+		conn, err := amqpx.DialRetry(ctx, w.url, w.name, 5*time.Second, func(err error, d time.Duration) {
+			w.set(false, err.Error()) // amqpx errors carry the redacted URL only
+		})
+		if err != nil {
+			return // ctx ended
+		}
+		w.set(true, "")
+		closed := conn.NotifyClose(make(chan *amqp.Error, 1))
+		select {
+		case <-ctx.Done():
+			conn.Close()
+			return
+		case e := <-closed:
+			msg := "connection closed"
+			if e != nil {
+				msg = e.Error()
+			}
+			w.set(false, msg)
+			w.log.Warn("broker connection lost; not ready until it is back", "error", msg)
+		}
+		if !sleepCtx(ctx, brokerRedialDelay) {
+			return
+		}
+	}
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}

@@ -1,0 +1,270 @@
+package main
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mailroom-go/mailroom/internal/testenv"
+	"github.com/mailroom-go/mailroom/outbox"
+)
+
+const secret = "pw-Secret-4711"
+
+// TestBadInput checks every command's bad-input path: exit status 2 with
+// one line naming the problem, and no password in the output.
+func TestBadInput(t *testing.T) {
+	t.Parallel()
+	db := "postgres://root:" + secret + "@127.0.0.1:5432/test?sslmode=disable"
+	amqp := "amqp://guest:" + secret + "@127.0.0.1:5672/"
+	id := outbox.NewID()
+	cases := []struct {
+		name string
+		env  []string
+		args []string
+		want string // in the one line
+	}{
+		{"unknown command", nil, []string{"frobnicate"}, `unknown command "frobnicate"`},
+		{"no DATABASE_URL", nil, []string{"status"}, "DATABASE_URL is not set"},
+		{"DATABASE_URL not postgres", []string{"DATABASE_URL=mysql://root:" + secret + "@h/db"}, []string{"status"}, "not a postgres:// URL"},
+		{"bad table name", []string{"DATABASE_URL=" + db}, []string{"status", "--outbox-table", "no;such"}, "Tables.Outbox"},
+		{"bad log level", []string{"DATABASE_URL=" + db}, []string{"migrate", "--log-level", "loud"}, "--log-level"},
+		{"unknown flag", []string{"DATABASE_URL=" + db}, []string{"migrate", "--nope"}, "flag provided but not defined"},
+		{"stray argument", []string{"DATABASE_URL=" + db}, []string{"status", "extra"}, `unexpected argument "extra"`},
+		{"run without AMQP_URL", []string{"DATABASE_URL=" + db}, []string{"run"}, "AMQP_URL is not set"},
+		{"run AMQP_URL not amqp", []string{"DATABASE_URL=" + db, "AMQP_URL=http://guest:" + secret + "@h/"}, []string{"run"}, "not an amqp:// URL"},
+		{"run bad --http", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--http", "9108"}, "--http"},
+		{"run short token", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp, "MAILROOM_ADMIN_TOKEN=short"}, []string{"run"}, "--admin-token"},
+		{"run bad env number", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp, "MAILROOM_BATCH_SIZE=lots"}, []string{"run"}, "MAILROOM_BATCH_SIZE"},
+		{"run bad env duration", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp, "MAILROOM_MAINTENANCE_INTERVAL=often"}, []string{"run"}, "MAILROOM_MAINTENANCE_INTERVAL"},
+		{"run bad purge batch", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--purge-batch", "0"}, "--purge-batch"},
+		{"dead without subcommand", nil, []string{"dead"}, "missing subcommand"},
+		{"dead unknown subcommand", nil, []string{"dead", "resurrect"}, `unknown subcommand "resurrect"`},
+		{"dead list bad limit", []string{"DATABASE_URL=" + db}, []string{"dead", "list", "--limit", "0"}, "--limit"},
+		{"dead replay no ids", []string{"DATABASE_URL=" + db}, []string{"dead", "replay"}, "no ids"},
+		{"dead replay ids and --all", []string{"DATABASE_URL=" + db}, []string{"dead", "replay", "--all", id}, "not both"},
+		{"dead replay not a uuid", []string{"DATABASE_URL=" + db}, []string{"dead", "replay", id, "nope"}, `"nope" is not a message id`},
+		{"dead discard no ids", []string{"DATABASE_URL=" + db}, []string{"dead", "discard"}, "no ids"},
+		{"dead discard --all", []string{"DATABASE_URL=" + db}, []string{"dead", "discard", "--all"}, "flag provided but not defined: -all"},
+		{"version extra", nil, []string{"version", "x"}, "unexpected argument"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			r := runBin(t, cleanEnv(c.env...), c.args...)
+			if r.code != 2 {
+				t.Fatalf("exit %d, want 2; stderr: %s", r.code, r.stderr)
+			}
+			lines := strings.Split(strings.TrimSpace(r.stderr), "\n")
+			last := lines[len(lines)-1]
+			if !strings.HasPrefix(last, "mailroom-relay: ") || !strings.Contains(last, c.want) {
+				t.Fatalf("last stderr line %q, want it to contain %q", last, c.want)
+			}
+			if c.name != "dead without subcommand" && len(lines) != 1 {
+				t.Fatalf("want one line, got:\n%s", r.stderr)
+			}
+			if strings.Contains(r.stdout+r.stderr, secret) {
+				t.Fatalf("password in output:\n%s%s", r.stdout, r.stderr)
+			}
+			t.Log(last)
+		})
+	}
+}
+
+func TestHelp(t *testing.T) {
+	t.Parallel()
+	if r := runBin(t, cleanEnv()); r.code != 2 || !strings.Contains(r.stderr, "Commands:") {
+		t.Fatalf("no arguments: exit %d, want 2 and the usage; stderr: %s", r.code, r.stderr)
+	}
+	r := runBin(t, cleanEnv(), "-h")
+	if r.code != 0 {
+		t.Fatalf("-h: exit %d", r.code)
+	}
+	for _, cmd := range []string{"migrate", "run", "status", "dead", "version"} {
+		if !strings.Contains(r.stderr, "\n  "+cmd) {
+			t.Errorf("usage does not list %s:\n%s", cmd, r.stderr)
+		}
+	}
+	for _, args := range [][]string{
+		{"migrate", "-h"}, {"run", "-h"}, {"status", "-h"}, {"dead", "-h"},
+		{"dead", "list", "-h"}, {"dead", "replay", "-h"}, {"dead", "discard", "--help"}, {"version", "-h"},
+	} {
+		r := runBin(t, cleanEnv(), args...)
+		want := "Usage: mailroom-relay " + args[0]
+		if args[0] == "dead" && args[1] != "-h" {
+			want += " " + args[1]
+		}
+		if r.code != 0 || !strings.Contains(r.stderr, want) {
+			t.Errorf("%v: exit %d, want 0 and %q in:\n%s", args, r.code, want, r.stderr)
+		}
+	}
+	if r := runBin(t, cleanEnv(), "run", "-h"); !strings.Contains(r.stderr, "-admin-token") || !strings.Contains(r.stderr, "/readyz") {
+		t.Errorf("run -h does not document --admin-token and /readyz:\n%s", r.stderr)
+	}
+	if r := runBin(t, cleanEnv(), "dead", "replay", "-h"); !strings.Contains(r.stderr, "END of its key") {
+		t.Errorf("dead replay -h does not say what replay does to per-key order:\n%s", r.stderr)
+	}
+}
+
+func TestVersion(t *testing.T) {
+	t.Parallel()
+	r := runBin(t, cleanEnv(), "version")
+	if r.code != 0 || !strings.HasPrefix(r.stdout, "mailroom-relay ") || !strings.Contains(r.stdout, "schema version") {
+		t.Fatalf("version: exit %d, stdout %q", r.code, r.stdout)
+	}
+}
+
+// TestDatabaseUnreachable: a runtime failure exits 1 and hides the password.
+func TestDatabaseUnreachable(t *testing.T) {
+	t.Parallel()
+	db := "postgres://root:" + secret + "@127.0.0.1:1/test?sslmode=disable"
+	for _, args := range [][]string{{"migrate"}, {"status"}, {"dead", "list"}, {"dead", "discard", outbox.NewID()}} {
+		r := runBin(t, cleanEnv("DATABASE_URL="+db), args...)
+		if r.code != 1 || !strings.Contains(r.stderr, "cannot reach PostgreSQL") {
+			t.Errorf("%v: exit %d, want 1 with \"cannot reach PostgreSQL\"; stderr: %s", args, r.code, r.stderr)
+		}
+		if strings.Contains(r.stderr, secret) || !strings.Contains(r.stderr, "xxxxx") {
+			t.Errorf("%v: password not redacted: %s", args, r.stderr)
+		}
+	}
+}
+
+// TestMigrateStatusAndDeadCommands drives migrate, status and the dead
+// commands through their happy paths and their data errors.
+func TestMigrateStatusAndDeadCommands(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewEmptySchema(t)
+	env := cleanEnv("DATABASE_URL=" + withPassword(t, s.URL, secret))
+	check := func(r result, code int, what string) result {
+		t.Helper()
+		if r.code != code {
+			t.Fatalf("%s: exit %d, want %d\nstdout: %s\nstderr: %s", what, r.code, code, r.stdout, r.stderr)
+		}
+		if strings.Contains(r.stdout+r.stderr, secret) {
+			t.Fatalf("%s: password in output:\n%s%s", what, r.stdout, r.stderr)
+		}
+		return r
+	}
+
+	r := check(runBin(t, env, "status"), 1, "status before migrate")
+	if !strings.Contains(r.stderr, "mailroom-relay migrate") {
+		t.Fatalf("status before migrate should say to run migrate: %s", r.stderr)
+	}
+	r = check(runBin(t, env, "migrate"), 0, "migrate")
+	if !strings.Contains(r.stdout, "schema version") {
+		t.Fatalf("migrate output %q", r.stdout)
+	}
+	check(runBin(t, env, "migrate"), 0, "migrate again")
+
+	var st map[string]any
+	r = check(runBin(t, env, "status", "--json"), 0, "status --json (empty)")
+	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil {
+		t.Fatalf("status --json: %v: %q", err, r.stdout)
+	}
+	for _, k := range []string{"pending", "oldest_pending_age_seconds", "dead"} {
+		if v, ok := st[k].(float64); !ok || v != 0 {
+			t.Fatalf("empty status %s = %#v, want 0: %s", k, st[k], r.stdout)
+		}
+	}
+	r = check(runBin(t, env, "dead", "list"), 0, "dead list (empty)")
+	if strings.TrimSpace(r.stdout) != "no dead letters" {
+		t.Fatalf("dead list (empty): %q", r.stdout)
+	}
+	r = check(runBin(t, env, "dead", "list", "--json"), 0, "dead list --json (empty)")
+	if strings.TrimSpace(r.stdout) != "[]" {
+		t.Fatalf("dead list --json (empty): %q, want []", r.stdout)
+	}
+
+	ids := addMessages(t, s,
+		outbox.Message{Exchange: "orders", RoutingKey: "order.placed", Key: "order-1"},
+		outbox.Message{Exchange: "orders", RoutingKey: "order.paid", Key: "order-1"},
+		outbox.Message{Exchange: "orders", RoutingKey: "order.placed", Key: "order-2"},
+		outbox.Message{Exchange: "orders", RoutingKey: "later", AvailableAt: time.Now().Add(time.Hour)},
+	)
+	if _, err := s.DB.Exec(`UPDATE mailroom_outbox SET created_at = now() - interval '42 seconds' WHERE id = $1`, ids[2]); err != nil {
+		t.Fatal(err)
+	}
+	bury(t, s, "relay: unroutable: no queue bound\nfor exchange", ids[0], ids[1])
+
+	r = check(runBin(t, env, "status", "--json"), 0, "status --json")
+	var got struct {
+		Pending   int64   `json:"pending"`
+		Scheduled int64   `json:"scheduled"`
+		Age       float64 `json:"oldest_pending_age_seconds"`
+		Dead      int64   `json:"dead"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &got); err != nil {
+		t.Fatal(err)
+	}
+	if got.Pending != 2 || got.Scheduled != 1 || got.Dead != 2 || got.Age < 42 || got.Age > 3600 {
+		t.Fatalf("status --json: %s; want pending 2, scheduled 1, dead 2, age about 42", r.stdout)
+	}
+	r = check(runBin(t, env, "status"), 0, "status")
+	if !strings.Contains(r.stdout, "pending             2") || !strings.Contains(r.stdout, "dead letters        2") {
+		t.Fatalf("status:\n%s", r.stdout)
+	}
+
+	r = check(runBin(t, env, "dead", "list"), 0, "dead list")
+	for _, want := range []string{ids[0], ids[1], "order.paid", "order-1", "relay: unroutable: no queue bound for exchange", "ATTEMPTS"} {
+		if !strings.Contains(r.stdout, want) {
+			t.Fatalf("dead list lacks %q:\n%s", want, r.stdout)
+		}
+	}
+	r = check(runBin(t, env, "dead", "list", "--limit", "1"), 0, "dead list --limit 1")
+	if !strings.Contains(r.stdout, "(1 of 2 shown") || strings.Contains(r.stdout, ids[1]) {
+		t.Fatalf("dead list --limit 1:\n%s", r.stdout)
+	}
+	r = check(runBin(t, env, "dead", "list", "--json"), 0, "dead list --json")
+	var dead []struct {
+		ID, Exchange string
+		LastError    string `json:"last_error"`
+		RoutingKey   string `json:"routing_key"`
+		Key          string
+		Attempts     int
+		DeadAt       time.Time `json:"dead_at"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &dead); err != nil {
+		t.Fatal(err)
+	}
+	if len(dead) != 2 || dead[1].ID != ids[1] || dead[1].Exchange != "orders" || dead[1].RoutingKey != "order.paid" ||
+		dead[1].Key != "order-1" || dead[1].Attempts != 3 || !strings.Contains(dead[1].LastError, "unroutable") || dead[1].DeadAt.IsZero() {
+		t.Fatalf("dead list --json: %s", r.stdout)
+	}
+
+	// An unknown id changes nothing, and says which.
+	unknown := outbox.NewID()
+	r = check(runBin(t, env, "dead", "replay", ids[0], unknown), 1, "replay with an unknown id")
+	if !strings.Contains(r.stderr, unknown) || !strings.Contains(r.stderr, "nothing was replayed") {
+		t.Fatalf("replay unknown: %s", r.stderr)
+	}
+	r = check(runBin(t, env, "dead", "discard", unknown), 1, "discard an unknown id")
+	if !strings.Contains(r.stderr, unknown) {
+		t.Fatalf("discard unknown: %s", r.stderr)
+	}
+	var n int
+	if err := s.DB.Get(&n, `SELECT count(*) FROM mailroom_outbox_dead`); err != nil || n != 2 {
+		t.Fatalf("dead rows after failed commands: %d, %v; want 2", n, err)
+	}
+
+	// Flags after ids work too.
+	r = check(runBin(t, cleanEnv(), "dead", "replay", ids[0], "--database-url", withPassword(t, s.URL, secret)), 0, "replay")
+	if !strings.Contains(r.stdout, "replayed 1") {
+		t.Fatalf("replay: %q", r.stdout)
+	}
+	var attempts int
+	if err := s.DB.Get(&attempts, `SELECT attempts FROM mailroom_outbox WHERE id = $1`, ids[0]); err != nil || attempts != 0 {
+		t.Fatalf("replayed row: attempts %d, %v; want the row back with 0", attempts, err)
+	}
+	r = check(runBin(t, env, "dead", "discard", ids[1]), 0, "discard")
+	if !strings.Contains(r.stdout, "discarded 1") {
+		t.Fatalf("discard: %q", r.stdout)
+	}
+	r = check(runBin(t, env, "dead", "replay", "--all"), 0, "replay --all (none left)")
+	if !strings.Contains(r.stdout, "replayed 0") {
+		t.Fatalf("replay --all: %q", r.stdout)
+	}
+	if err := s.DB.Get(&n, `SELECT count(*) FROM mailroom_outbox_dead`); err != nil || n != 0 {
+		t.Fatalf("dead rows at the end: %d, %v; want 0", n, err)
+	}
+}

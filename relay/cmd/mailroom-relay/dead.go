@@ -1,0 +1,204 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/mailroom-go/mailroom/relay"
+)
+
+const deadHelp = `Usage: mailroom-relay dead <list|replay|discard> [flags] [ID...]
+
+Dead letters are outbox rows the relay gave up on after --max-attempts
+failed publishes (unroutable, nacked, missing exchange), kept with their
+last error.
+
+  dead list [--json] [--limit N]   show them, oldest first
+  dead replay ID... | --all        move them back into the outbox
+  dead discard ID...               delete them
+
+Run "mailroom-relay dead <subcommand> -h" for details.
+`
+
+const deadListHelp = `Usage: mailroom-relay dead list [--json] [--limit N] [flags]
+
+Lists dead letters in the order they were written: message id, exchange,
+routing key, ordering key, attempts, last error and when the row died.
+--json prints a JSON array of objects with the fields
+id, seq, exchange, routing_key, key, type, content_type, payload_bytes,
+attempts, last_error, created_at, dead_at ([] when there are none).
+`
+
+const deadReplayHelp = `Usage: mailroom-relay dead replay [flags] ID... | --all
+
+Moves the dead letters with these message ids (or all of them) back into
+the outbox in one transaction: attempts start again at 0, the row is due at
+once, and id, payload, headers and creation time are kept. If an id is not
+a dead letter, nothing is replayed (exit status 1).
+
+Per-key order: a replayed row goes to the END of its key. It gets a new
+sequence number, so rows of the same key written after it and still pending
+are published before it, and consumers see it after everything of its key
+already published. Replayed rows keep their order among themselves.
+`
+
+const deadDiscardHelp = `Usage: mailroom-relay dead discard [flags] ID...
+
+Deletes the dead letters with these message ids, in one transaction. If an
+id is not a dead letter, nothing is deleted (exit status 1). There is no
+--all: discarding is not undoable; list the ids first.
+`
+
+func cmdDead(args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, deadHelp)
+		return usageErr("dead: missing subcommand: list, replay or discard (see mailroom-relay dead -h)")
+	}
+	switch args[0] {
+	case "-h", "--help", "help":
+		fmt.Fprint(stderr, deadHelp)
+		return nil
+	case "list":
+		return cmdDeadList(args[1:], stdout, stderr)
+	case "replay":
+		return cmdDeadMove(args[1:], true, stdout, stderr)
+	case "discard":
+		return cmdDeadMove(args[1:], false, stdout, stderr)
+	default:
+		return usageErr("dead: unknown subcommand %q: use list, replay or discard (see mailroom-relay dead -h)", args[0])
+	}
+}
+
+func cmdDeadList(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("dead list", deadListHelp, stderr)
+	var c common
+	c.register(fs)
+	asJSON := fs.Bool("json", false, "print a JSON array")
+	limit := fs.Int("limit", relay.DefaultDeadListLimit, "show at most this many")
+	if err := parse(fs, args, stderr); err != nil {
+		return err
+	}
+	if *limit < 1 {
+		return usageErr("dead list: --limit %d: must be at least 1", *limit)
+	}
+	if _, err := c.check(); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	db, err := c.open(ctx)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	dead, err := relay.ListDead(ctx, db, c.tables, *limit)
+	if err != nil {
+		return c.hint(err)
+	}
+	if *asJSON {
+		if dead == nil {
+			dead = []relay.DeadLetter{}
+		}
+		return json.NewEncoder(stdout).Encode(dead)
+	}
+	if len(dead) == 0 {
+		fmt.Fprintln(stdout, "no dead letters")
+		return nil
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tEXCHANGE\tROUTING KEY\tKEY\tATTEMPTS\tDEAD AT\tLAST ERROR")
+	for _, d := range dead {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", d.ID, orDash(d.Exchange), orDash(d.RoutingKey), orDash(d.Key), d.Attempts,
+			d.DeadAt.UTC().Format(time.RFC3339), oneLine(d.LastError))
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if len(dead) == *limit {
+		if st, err := relay.Status(ctx, db, c.tables); err == nil && st.Dead > int64(len(dead)) {
+			fmt.Fprintf(stdout, "(%d of %d shown; raise --limit to see more)\n", len(dead), st.Dead)
+		}
+	}
+	return nil
+}
+
+func cmdDeadMove(args []string, replay bool, stdout, stderr io.Writer) error {
+	name, help := "dead discard", deadDiscardHelp
+	if replay {
+		name, help = "dead replay", deadReplayHelp
+	}
+	fs := newFlagSet(name, help, stderr)
+	var c common
+	c.register(fs)
+	all := new(bool)
+	if replay {
+		fs.BoolVar(all, "all", false, "replay every dead letter")
+	}
+	ids, err := parseArgs(fs, args, stderr)
+	if err != nil {
+		return err
+	}
+	switch {
+	case *all && len(ids) > 0:
+		return usageErr("%s: give ids or --all, not both", name)
+	case !*all && len(ids) == 0 && replay:
+		return usageErr("%s: no ids: give the message ids to replay (from `mailroom-relay dead list`), or --all", name)
+	case len(ids) == 0 && !replay:
+		return usageErr("%s: no ids: give the message ids to discard (from `mailroom-relay dead list`)", name)
+	}
+	for _, id := range ids {
+		if _, err := uuid.Parse(id); err != nil {
+			return usageErr("%s: %q is not a message id (a UUID; copy it from `mailroom-relay dead list`)", name, id)
+		}
+	}
+	if _, err := c.check(); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	db, err := c.open(ctx)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	var n int64
+	switch {
+	case *all:
+		n, err = relay.ReplayAllDead(ctx, db, c.tables)
+	case replay:
+		n, err = relay.ReplayDead(ctx, db, c.tables, ids)
+	default:
+		n, err = relay.DiscardDead(ctx, db, c.tables, ids)
+	}
+	if errors.Is(err, relay.ErrInvalidID) {
+		return usageErr("%s: %v", name, err)
+	}
+	if err != nil {
+		return c.hint(err)
+	}
+	if replay {
+		fmt.Fprintf(stdout, "replayed %d dead letter(s) into the outbox\n", n)
+	} else {
+		fmt.Fprintf(stdout, "discarded %d dead letter(s)\n", n)
+	}
+	return nil
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func oneLine(s string) string {
+	return strings.Join(strings.Fields(s), " ")
+}

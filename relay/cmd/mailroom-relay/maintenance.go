@@ -1,0 +1,181 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"errors"
+	"log/slog"
+	"time"
+
+	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/dedupe"
+	"github.com/mailroom-go/mailroom/relay"
+)
+
+type maintConfig struct {
+	interval        time.Duration // 0 = off
+	timeout         time.Duration // bound of one run
+	dedupeRetention time.Duration // 0 = leave the inbox alone
+	retain          time.Duration // relay's --retain; 0 = no published rows to purge
+	batch           int
+}
+
+// maintLockClass is the first key of the maintenance advisory lock
+// ("mrmn"); the second is the outbox table's OID, so each mailroom
+// installation (schema) has its own leader. The two-key form lives apart from
+// Migrate's one-key lock.
+const maintLockClass = 0x6d726d6e
+
+const (
+	maintLockSQL   = `SELECT pg_try_advisory_lock($2::int, ($1::regclass)::oid::int)`
+	maintUnlockSQL = `SELECT pg_advisory_unlock($2::int, ($1::regclass)::oid::int)`
+)
+
+// maintainer purges old inbox entries and retained published rows on one
+// sidecar at a time. The leader holds a session-level advisory lock on a
+// dedicated connection and runs every purge statement on that same
+// connection: if the session dies, the lock is gone and so is the leader's
+// ability to purge, so two instances never purge at once. (Concurrent
+// purges would still be correct, they skip each other's rows; the lock
+// saves the duplicate work.)
+type maintainer struct {
+	cfg    maintConfig
+	db     *sql.DB
+	tables mailroom.Tables
+	store  *dedupe.Store
+	m      *metrics
+	log    *slog.Logger
+	outbox string // quoted outbox table name, the lock's object
+
+	conn *sql.Conn // non-nil while this instance is the leader
+}
+
+func newMaintainer(cfg maintConfig, db *sql.DB, tables mailroom.Tables, store *dedupe.Store, m *metrics, log *slog.Logger) *maintainer {
+	r, _ := tables.Resolve() // validated by common.check
+	return &maintainer{cfg: cfg, db: db, tables: tables, store: store, m: m, log: log.With("component", "maintenance"), outbox: r.Outbox.Quoted()}
+}
+
+func (mt *maintainer) run(ctx context.Context) {
+	if mt.cfg.interval <= 0 {
+		mt.log.Info("maintenance is off (--maintenance-interval 0)")
+		return
+	}
+	defer mt.resign()
+	t := time.NewTicker(mt.cfg.interval)
+	defer t.Stop()
+	for {
+		mt.once(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// once runs maintenance if this instance is (or becomes) the leader.
+func (mt *maintainer) once(ctx context.Context) {
+	if !mt.lead(ctx) {
+		mt.m.maintRuns.WithLabelValues("skipped").Inc()
+		return
+	}
+	start := time.Now()
+	rctx, cancel := context.WithTimeout(ctx, mt.cfg.timeout)
+	defer cancel()
+	var inbox, published int64
+	var errs []error
+	// bounded reports whether err only means the run hit its time limit.
+	bounded := func(err error) bool { return err != nil && rctx.Err() != nil && ctx.Err() == nil }
+	if mt.cfg.dedupeRetention > 0 {
+		n, err := mt.store.Purge(rctx, mt.conn, mt.cfg.dedupeRetention)
+		inbox = n
+		if err != nil && !bounded(err) {
+			errs = append(errs, err)
+		}
+	}
+	if mt.cfg.retain > 0 && rctx.Err() == nil {
+		n, err := relay.PurgePublished(rctx, mt.conn, mt.tables, mt.cfg.retain, mt.cfg.batch)
+		published = n
+		if err != nil && !bounded(err) {
+			errs = append(errs, err)
+		}
+	}
+	d := time.Since(start)
+	mt.m.maintPurged.WithLabelValues("inbox").Add(float64(inbox))
+	mt.m.maintPurged.WithLabelValues("published").Add(float64(published))
+	mt.m.maintDuration.Observe(d.Seconds())
+	switch {
+	case ctx.Err() != nil:
+		return // stopping: not a failure
+	case len(errs) > 0:
+		mt.m.maintRuns.WithLabelValues("error").Inc()
+		mt.log.Warn("maintenance failed; giving up the lock and trying again next run", "error", errors.Join(errs...), "inbox_purged", inbox, "published_purged", published)
+		mt.resign() // the session may be gone, and the lock with it
+		return
+	}
+	mt.m.maintRuns.WithLabelValues("ok").Inc()
+	lvl := slog.LevelDebug
+	if inbox+published > 0 || rctx.Err() != nil {
+		lvl = slog.LevelInfo
+	}
+	mt.log.Log(ctx, lvl, "maintenance done", "inbox_purged", inbox, "published_purged", published,
+		"duration", d.String(), "time_limit_reached", rctx.Err() != nil)
+}
+
+// lead makes this instance the leader if no other holds the lock.
+func (mt *maintainer) lead(ctx context.Context) bool {
+	if mt.conn != nil {
+		return true // checked by use: a failed purge resigns
+	}
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	conn, err := mt.db.Conn(cctx)
+	if err != nil {
+		if ctx.Err() == nil {
+			mt.log.Warn("maintenance: no database connection", "error", err)
+		}
+		return false
+	}
+	var got bool
+	if err := conn.QueryRowContext(cctx, maintLockSQL, mt.outbox, maintLockClass).Scan(&got); err != nil {
+		if ctx.Err() == nil {
+			mt.log.Warn("maintenance: taking the lock failed", "error", err)
+		}
+		discard(conn)
+		return false
+	}
+	if !got {
+		conn.Close() // holds no lock: back to the pool
+		return false
+	}
+	mt.conn = conn
+	mt.m.maintLeader.Set(1)
+	mt.log.Info("maintenance leader: this instance runs maintenance", "interval", mt.cfg.interval.String())
+	return true
+}
+
+// resign gives the lock up. A connection whose unlock fails is discarded,
+// never returned to the pool still holding the lock.
+func (mt *maintainer) resign() {
+	if mt.conn == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var released bool
+	if err := mt.conn.QueryRowContext(ctx, maintUnlockSQL, mt.outbox, maintLockClass).Scan(&released); err != nil || !released {
+		discard(mt.conn)
+	} else {
+		mt.conn.Close()
+	}
+	mt.conn = nil
+	mt.m.maintLeader.Set(0)
+	mt.log.Info("maintenance leader: lock released")
+}
+
+// discard closes conn's session instead of returning it to the pool.
+func discard(conn *sql.Conn) {
+	_ = conn.Raw(func(any) error { return driver.ErrBadConn })
+	conn.Close()
+}

@@ -1,0 +1,158 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"log/slog"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/relay"
+)
+
+// metrics are the sidecar's own instruments, on a private registry (no
+// global state, nothing registered twice in tests).
+type metrics struct {
+	maintRuns     *prometheus.CounterVec // by result: ok, error, skipped
+	maintPurged   *prometheus.CounterVec // by table: inbox, published
+	maintLeader   prometheus.Gauge
+	maintDuration prometheus.Histogram
+}
+
+func newMetrics(reg *prometheus.Registry, db *sql.DB, tables mailroom.Tables, log *slog.Logger) *metrics {
+	m := &metrics{
+		maintRuns: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "mailroom_relay_maintenance_runs_total",
+			Help: "Maintenance runs by result: ok, error, or skipped (another instance holds the maintenance lock).",
+		}, []string{"result"}),
+		maintPurged: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "mailroom_relay_maintenance_purged_rows_total",
+			Help: "Rows deleted by maintenance, by table: inbox (old dedupe entries) or published (retained rows older than --retain).",
+		}, []string{"table"}),
+		maintLeader: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "mailroom_relay_maintenance_leader",
+			Help: "1 while this instance holds the maintenance lock and runs maintenance, else 0.",
+		}),
+		maintDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "mailroom_relay_maintenance_duration_seconds",
+			Help:    "Duration of maintenance runs on the leader.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 4, 10),
+		}),
+	}
+	for _, r := range []string{"ok", "error", "skipped"} {
+		m.maintRuns.WithLabelValues(r)
+	}
+	for _, t := range []string{"inbox", "published"} {
+		m.maintPurged.WithLabelValues(t)
+	}
+	reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		collectors.NewDBStatsCollector(db, "mailroom_relay"),
+		newOutboxCollector(db, tables, log),
+		m.maintRuns, m.maintPurged, m.maintLeader, m.maintDuration,
+	)
+	return m
+}
+
+func (m *metrics) registerBroker(reg *prometheus.Registry, w *brokerWatch) {
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "mailroom_relay_broker_up",
+		Help: "1 while the sidecar's broker connection is open, else 0.",
+	}, func() float64 {
+		if up, _, _ := w.state(); up {
+			return 1
+		}
+		return 0
+	}))
+}
+
+// registerRelayStats exposes relay.Stats. It is the one place to change
+// when the relay's OpenTelemetry instruments land: replace it with an
+// OpenTelemetry Prometheus exporter registered on the same registry
+// (otelprom.New(otelprom.WithRegisterer(reg))) and a MeterProvider using it
+// passed to relay.Config; everything else here stays as it is.
+func registerRelayStats(reg *prometheus.Registry, r *relay.Relay) {
+	counter := func(name, help string, v func(relay.Stats) int64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help},
+			func() float64 { return float64(v(r.Stats())) })
+	}
+	reg.MustRegister(
+		counter("mailroom_relay_published_total", "Messages confirmed by the broker and removed from the outbox by this relay.",
+			func(s relay.Stats) int64 { return s.Published }),
+		counter("mailroom_relay_publish_failures_total", "Failed publish attempts (nack, unroutable, missing exchange); each is retried or dead-lettered.",
+			func(s relay.Stats) int64 { return s.Failed }),
+		counter("mailroom_relay_dead_lettered_total", "Messages moved to the dead-letter table after their last attempt.",
+			func(s relay.Stats) int64 { return s.DeadLettered }),
+		counter("mailroom_relay_released_total", "Claimed messages handed back unpublished (shutdown, lost connection), without counting an attempt.",
+			func(s relay.Stats) int64 { return s.Released }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "mailroom_relay_last_progress_timestamp_seconds",
+			Help: "Unix time of the relay loop's last successful claim (0 before the first).",
+		}, func() float64 {
+			t := r.Stats().LastProgress
+			if t.UnixNano() <= 0 {
+				return 0
+			}
+			return float64(t.UnixNano()) / 1e9
+		}),
+	)
+}
+
+// outboxCollector reads the outbox at scrape time, so the gauges are never
+// staler than the scrape. A failed read is counted and the gauges are left
+// out of that scrape (alert on absent(mailroom_outbox_pending_rows)).
+type outboxCollector struct {
+	db     *sql.DB
+	tables mailroom.Tables
+	log    *slog.Logger
+	errors prometheus.Counter
+
+	pending, scheduled, retrying, inFlight, age, dead *prometheus.Desc
+}
+
+func newOutboxCollector(db *sql.DB, tables mailroom.Tables, log *slog.Logger) *outboxCollector {
+	d := func(name, help string) *prometheus.Desc { return prometheus.NewDesc(name, help, nil, nil) }
+	return &outboxCollector{
+		db: db, tables: tables, log: log,
+		errors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "mailroom_outbox_status_errors_total",
+			Help: "Scrapes whose outbox status query failed (the outbox gauges are missing from those scrapes).",
+		}),
+		pending:   d("mailroom_outbox_pending_rows", "Rows in the outbox not yet published: due, in flight, retrying or scheduled."),
+		scheduled: d("mailroom_outbox_scheduled_rows", "Pending rows not attempted yet whose delivery time is in the future."),
+		retrying:  d("mailroom_outbox_retrying_rows", "Pending rows that failed at least once."),
+		inFlight:  d("mailroom_outbox_in_flight_rows", "Pending rows leased by a relay right now."),
+		age:       d("mailroom_outbox_oldest_pending_age_seconds", "Age of the oldest pending row that is due (the relay's lag); 0 when none is pending."),
+		dead:      d("mailroom_outbox_dead_rows", "Rows in the dead-letter table."),
+	}
+}
+
+func (c *outboxCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.pending, c.scheduled, c.retrying, c.inFlight, c.age, c.dead} {
+		ch <- d
+	}
+	c.errors.Describe(ch)
+}
+
+func (c *outboxCollector) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := relay.Status(ctx, c.db, c.tables)
+	if err != nil {
+		c.errors.Inc()
+		c.log.Warn("metrics: reading the outbox status failed", "error", err)
+	} else {
+		g := func(d *prometheus.Desc, v float64) { ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v) }
+		g(c.pending, float64(st.Pending))
+		g(c.scheduled, float64(st.Scheduled))
+		g(c.retrying, float64(st.Retrying))
+		g(c.inFlight, float64(st.InFlight))
+		g(c.age, st.OldestPendingAge.Seconds())
+		g(c.dead, float64(st.Dead))
+	}
+	c.errors.Collect(ch)
+}

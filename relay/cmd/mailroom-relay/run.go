@@ -1,0 +1,231 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/signal"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/dedupe"
+	"github.com/mailroom-go/mailroom/relay"
+)
+
+const runHelp = `Usage: mailroom-relay run [flags]
+
+Runs the relay until SIGINT or SIGTERM: claims due outbox rows, publishes
+them (persistent, mandatory), waits for the broker's confirm, then deletes
+them (or, with --retain, moves them to the published table). On SIGTERM it
+stops claiming, waits for outstanding confirms (at most --confirm-timeout),
+hands unpublished rows back to the outbox, stops its HTTP server and exits 0.
+
+On --http it serves:
+  /          status page: pending, lag, throughput and lag over the last
+             minutes, dead letters (replay/discard need --admin-token)
+  /healthz   200 while the process runs
+  /readyz    200 when PostgreSQL answers, the broker connection is up and the
+             relay loop made progress within --stall-timeout; otherwise 503
+             (the JSON body says which check failed)
+  /metrics   Prometheus metrics
+
+Maintenance runs on one instance at a time (a PostgreSQL advisory lock held
+by the leader's session): every --maintenance-interval it deletes inbox
+(dedupe) entries older than --dedupe-retention and, when --retain is set,
+published rows older than --retain, --purge-batch rows per statement and for
+at most --maintenance-timeout per run.
+`
+
+// runOpts are the sidecar's settings beyond relay.Config.
+type runOpts struct {
+	httpAddr    string
+	adminToken  string
+	stall       time.Duration
+	sampleEvery time.Duration
+	maint       maintConfig
+}
+
+func cmdRun(args []string, stderr io.Writer) error {
+	fs := newFlagSet("run", runHelp, stderr)
+	var c common
+	c.register(fs)
+	cfg := relay.Config{}
+	fs.StringVar(&cfg.URL, "amqp-url", "", "RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/ [$AMQP_URL]")
+	fs.StringVar(&cfg.Name, "name", os.Getenv("MAILROOM_NAME"), "instance name for logs, the AMQP connection name (\"mailroom-relay <name>\") and the PostgreSQL application_name (default host-pid) [$MAILROOM_NAME]")
+	fs.IntVar(&cfg.BatchSize, "batch-size", envInt("MAILROOM_BATCH_SIZE"), "rows per claim (default 500) [$MAILROOM_BATCH_SIZE]")
+	fs.IntVar(&cfg.MaxAttempts, "max-attempts", envInt("MAILROOM_MAX_ATTEMPTS"), "failed publishes before a row is dead-lettered (default 20) [$MAILROOM_MAX_ATTEMPTS]")
+	fs.DurationVar(&cfg.PollInterval, "poll-interval", envDuration("MAILROOM_POLL_INTERVAL"), "poll for due rows this often without a NOTIFY (default 500ms) [$MAILROOM_POLL_INTERVAL]")
+	fs.DurationVar(&cfg.Lease, "lease", envDuration("MAILROOM_LEASE"), "how long a claimed row belongs to this relay (default 60s) [$MAILROOM_LEASE]")
+	fs.DurationVar(&cfg.ConfirmTimeout, "confirm-timeout", envDuration("MAILROOM_CONFIRM_TIMEOUT"), "longest wait for a publisher confirm (default 15s) [$MAILROOM_CONFIRM_TIMEOUT]")
+	fs.DurationVar(&cfg.MinBackoff, "min-backoff", envDuration("MAILROOM_MIN_BACKOFF"), "delay before the first retry of a failed row, doubled each time (default 1s) [$MAILROOM_MIN_BACKOFF]")
+	fs.DurationVar(&cfg.MaxBackoff, "max-backoff", envDuration("MAILROOM_MAX_BACKOFF"), "longest delay between retries of a row (default 5m) [$MAILROOM_MAX_BACKOFF]")
+	fs.DurationVar(&cfg.Retain, "retain", envDuration("MAILROOM_RETAIN"), "keep published rows this long in the published table instead of deleting them; maintenance purges older ones (default 0: delete at once) [$MAILROOM_RETAIN]")
+	fs.BoolVar(&cfg.DisableListen, "no-listen", os.Getenv("MAILROOM_NO_LISTEN") == "true", "poll only, no LISTEN (PgBouncer in transaction mode) [$MAILROOM_NO_LISTEN]")
+	var o runOpts
+	fs.StringVar(&o.httpAddr, "http", envOr("MAILROOM_HTTP", "127.0.0.1:9108"), "listen address for /, /healthz, /readyz, /metrics; port 0 picks a free port (logged as \"http listening\") [$MAILROOM_HTTP]")
+	fs.StringVar(&o.adminToken, "admin-token", "", "enables replay/discard on the status page; POSTs must carry it (form field token or Authorization: Bearer); at least 16 characters [$MAILROOM_ADMIN_TOKEN]")
+	fs.DurationVar(&o.stall, "stall-timeout", envDurationOr("MAILROOM_STALL_TIMEOUT", 30*time.Second), "/readyz fails when the relay loop made no progress for this long [$MAILROOM_STALL_TIMEOUT]")
+	fs.DurationVar(&o.sampleEvery, "sample-interval", envDurationOr("MAILROOM_SAMPLE_INTERVAL", 5*time.Second), "how often the status page's chart samples throughput and lag (it keeps 10 minutes) [$MAILROOM_SAMPLE_INTERVAL]")
+	fs.DurationVar(&o.maint.interval, "maintenance-interval", envDurationOr("MAILROOM_MAINTENANCE_INTERVAL", time.Minute), "how often maintenance runs; 0 turns it off [$MAILROOM_MAINTENANCE_INTERVAL]")
+	fs.DurationVar(&o.maint.timeout, "maintenance-timeout", envDurationOr("MAILROOM_MAINTENANCE_TIMEOUT", 30*time.Second), "longest one maintenance run may take; the rest waits for the next run [$MAILROOM_MAINTENANCE_TIMEOUT]")
+	fs.DurationVar(&o.maint.dedupeRetention, "dedupe-retention", envDurationOr("MAILROOM_DEDUPE_RETENTION", dedupe.DefaultRetention), "delete inbox (dedupe) entries older than this; keep it above the longest a message can stay in the broker; 0 leaves the inbox alone [$MAILROOM_DEDUPE_RETENTION]")
+	fs.IntVar(&o.maint.batch, "purge-batch", envIntOr("MAILROOM_PURGE_BATCH", dedupe.DefaultPurgeBatch), "rows per purge statement [$MAILROOM_PURGE_BATCH]")
+	if err := parse(fs, args, stderr); err != nil {
+		return err
+	}
+	if envErr != nil {
+		return envErr
+	}
+	log, err := c.check()
+	if err != nil {
+		return err
+	}
+	if cfg.URL == "" {
+		cfg.URL = os.Getenv("AMQP_URL")
+	}
+	if cfg.URL == "" {
+		return usageErr("AMQP_URL is not set: pass --amqp-url or set AMQP_URL, e.g. amqp://guest:guest@127.0.0.1:5672/")
+	}
+	if u, err := url.Parse(cfg.URL); err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") {
+		return usageErr("AMQP_URL is not an amqp:// URL (got %s)", redactURL(cfg.URL))
+	}
+	if o.adminToken == "" {
+		o.adminToken = os.Getenv("MAILROOM_ADMIN_TOKEN")
+	}
+	if err := o.check(); err != nil {
+		return err
+	}
+	if cfg.Name == "" {
+		h, _ := os.Hostname()
+		cfg.Name = fmt.Sprintf("%s-%d", h, os.Getpid())
+	}
+	c.databaseURL = withAppName(c.databaseURL, "mailroom-relay "+cfg.Name)
+	o.maint.retain = cfg.Retain
+	cfg.DatabaseURL, cfg.Tables, cfg.Logger = c.databaseURL, c.tables, log
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	db, err := c.open(ctx)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	if applied, latest, err := mailroom.SchemaVersion(ctx, db, c.tables); err != nil || applied < latest {
+		return fmt.Errorf("the mailroom tables are missing or old (schema version %d, this build needs %d): run `mailroom-relay migrate` first", applied, latest)
+	}
+	r, err := relay.New(db, cfg)
+	if err != nil {
+		return usageErr("%v", err)
+	}
+	store, err := dedupe.New(dedupe.Config{Table: c.tables.Inbox, PurgeBatch: o.maint.batch})
+	if err != nil {
+		return usageErr("%v", err)
+	}
+	ln, err := net.Listen("tcp", o.httpAddr)
+	if err != nil {
+		return fmt.Errorf("cannot listen on --http %s: %v (pick another address with --http or MAILROOM_HTTP)", o.httpAddr, err)
+	}
+
+	reg := prometheus.NewRegistry()
+	m := newMetrics(reg, db, c.tables, log)
+	registerRelayStats(reg, r)
+	watch := newBrokerWatch(cfg.URL, "mailroom-relay "+cfg.Name, log)
+	m.registerBroker(reg, watch)
+	samp := newSampler(db, c.tables, r, o.sampleEvery, log)
+	maint := newMaintainer(o.maint, db, c.tables, store, m, log)
+	srv := &server{
+		db: db, tables: c.tables, relay: r, watch: watch, samp: samp, reg: reg,
+		stall: o.stall, token: o.adminToken, name: cfg.Name, log: log, started: time.Now(),
+	}
+	context.AfterFunc(ctx, func() { srv.stopping.Store(true) }) // /readyz fails at once on SIGTERM
+	httpSrv := &http.Server{Handler: srv.routes(), ReadHeaderTimeout: 10 * time.Second}
+
+	var wg sync.WaitGroup
+	serveErr := make(chan error, 1)
+	wg.Add(4)
+	go func() {
+		defer wg.Done()
+		if err := httpSrv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			serveErr <- err
+			stop() // without its endpoints the sidecar is blind: stop cleanly and say why
+		}
+	}()
+	go func() { defer wg.Done(); watch.run(ctx) }()
+	go func() { defer wg.Done(); samp.run(ctx) }()
+	go func() { defer wg.Done(); maint.run(ctx) }()
+
+	log.Info("http listening", "addr", ln.Addr().String(), "admin", o.adminToken != "")
+	resolved, _ := c.tables.Resolve()
+	log.Info("relay starting", "name", cfg.Name, "outbox", resolved.Outbox.String(), "amqp", redactURL(cfg.URL), "database", redactURL(c.databaseURL))
+	runErr := r.Run(ctx) // returns after ctx ends, with in-flight rows finished or released
+	srv.stopping.Store(true)
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := httpSrv.Shutdown(sctx); err != nil {
+		log.Warn("http server did not shut down cleanly", "error", err)
+	}
+	wg.Wait()
+	st := r.Stats()
+	log.Info("relay stopped", "published", st.Published, "failed", st.Failed, "dead_lettered", st.DeadLettered, "released", st.Released)
+	select {
+	case err := <-serveErr:
+		return fmt.Errorf("http server on %s failed: %w", ln.Addr(), err)
+	default:
+	}
+	return runErr
+}
+
+func (o *runOpts) check() error {
+	if _, _, err := net.SplitHostPort(o.httpAddr); err != nil {
+		return usageErr("--http %q is not host:port (e.g. 127.0.0.1:9108, or :9108 for every interface)", o.httpAddr)
+	}
+	switch {
+	case o.adminToken != "" && len(o.adminToken) < 16:
+		return usageErr("--admin-token (MAILROOM_ADMIN_TOKEN) is too short: use at least 16 random characters, e.g. `openssl rand -hex 16`")
+	case o.stall < time.Second:
+		return usageErr("--stall-timeout %s: must be at least 1s", o.stall)
+	case o.sampleEvery < 100*time.Millisecond:
+		return usageErr("--sample-interval %s: must be at least 100ms", o.sampleEvery)
+	case o.maint.interval < 0:
+		return usageErr("--maintenance-interval %s: must be positive, or 0 to turn maintenance off", o.maint.interval)
+	case o.maint.interval > 0 && o.maint.timeout <= 0:
+		return usageErr("--maintenance-timeout %s: must be positive", o.maint.timeout)
+	case o.maint.dedupeRetention < 0:
+		return usageErr("--dedupe-retention %s: must be positive, or 0 to leave the inbox alone", o.maint.dedupeRetention)
+	case o.maint.batch < 1 || o.maint.batch > 100000:
+		return usageErr("--purge-batch %d: must be between 1 and 100000", o.maint.batch)
+	}
+	return nil
+}
+
+// withAppName sets application_name on a lib/pq URL unless it has one, so
+// the sidecar's sessions are recognisable in pg_stat_activity.
+func withAppName(dbURL, name string) string {
+	u, err := url.Parse(dbURL)
+	if err != nil {
+		return dbURL
+	}
+	q := u.Query()
+	if q.Get("application_name") != "" {
+		return dbURL
+	}
+	q.Set("application_name", name)
+	u.RawQuery = q.Encode()
+	return u.String()
+}
+
+func envIntOr(k string, def int) int {
+	if os.Getenv(k) == "" {
+		return def
+	}
+	return envInt(k)
+}
