@@ -1,0 +1,475 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mailroom-go/mailroom/internal/testenv"
+	"github.com/mailroom-go/mailroom/outbox"
+)
+
+// TestRunPublishesAndServes: probes, metrics (parsed with the Prometheus
+// text parser) and JSON logs without passwords.
+func TestRunPublishesAndServes(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	b := testenv.NewBroker(t)
+	ex := b.Exchange()
+	q := b.Queue(ex, "#", nil)
+	// Many attempts: the row with a missing exchange below must stay
+	// pending, not be dead-lettered.
+	sc := startSidecar(t, withPassword(t, s.URL, secret), "--max-attempts", "1000000")
+	sc.waitReady()
+	if code, body := sc.get("/healthz"); code != http.StatusOK || strings.TrimSpace(body) != "ok" {
+		t.Fatalf("/healthz: %d %q", code, body)
+	}
+	var ready struct {
+		Ready  bool
+		Checks map[string]string
+	}
+	_, body := sc.get("/readyz")
+	if err := json.Unmarshal([]byte(body), &ready); err != nil || !ready.Ready || ready.Checks["database"] != "ok" || ready.Checks["broker"] != "ok" || ready.Checks["relay"] != "ok" {
+		t.Fatalf("/readyz body %s (%v)", body, err)
+	}
+
+	// A scheduled row stays pending: the gauges must show it.
+	addMessages(t, s, outbox.Message{Exchange: ex, RoutingKey: "later", AvailableAt: time.Now().Add(time.Hour)})
+	var msgs []outbox.Message
+	for i := range 50 {
+		msgs = append(msgs, outbox.Message{Exchange: ex, RoutingKey: "order.placed", Key: fmt.Sprint("k", i%5)})
+	}
+	ids := addMessages(t, s, msgs...)
+	receiveIDs(t, b, q, ids, time.Minute)
+	testenv.Eventually(t, 30*time.Second, "published_total to reach 50", func() bool {
+		return sc.metric("mailroom_relay_published_total") == 50
+	})
+	m := sc.metrics()
+	for key, want := range map[string]float64{
+		"mailroom_outbox_pending_rows":                                  1,
+		"mailroom_outbox_scheduled_rows":                                1,
+		"mailroom_outbox_oldest_pending_age_seconds":                    0, // the only pending row is not due
+		"mailroom_outbox_dead_rows":                                     0,
+		"mailroom_outbox_status_errors_total":                           0,
+		"mailroom_relay_publish_failures_total":                         0,
+		"mailroom_relay_dead_lettered_total":                            0,
+		"mailroom_relay_broker_up":                                      1,
+		"mailroom_relay_maintenance_leader":                             1,
+		"mailroom_relay_maintenance_purged_rows_total{table=inbox}":     0,
+		"mailroom_relay_maintenance_purged_rows_total{table=published}": 0,
+		"mailroom_relay_maintenance_runs_total{result=error}":           0,
+		"mailroom_relay_maintenance_runs_total{result=skipped}":         0,
+	} {
+		if got, ok := m[key]; !ok {
+			t.Errorf("metric %s missing", key)
+		} else if got != want {
+			t.Errorf("metric %s = %v, want %v", key, got, want)
+		}
+	}
+	for _, key := range []string{
+		"mailroom_relay_released_total", "mailroom_relay_maintenance_runs_total{result=ok}",
+		"mailroom_relay_maintenance_duration_seconds_count", "go_sql_open_connections{db_name=mailroom_relay}",
+		"process_cpu_seconds_total", "go_goroutines",
+	} {
+		if _, ok := m[key]; !ok {
+			t.Errorf("metric %s missing", key)
+		}
+	}
+	if m["mailroom_relay_last_progress_timestamp_seconds"] < float64(time.Now().Add(-time.Minute).Unix()) {
+		t.Errorf("last progress %v is not recent", m["mailroom_relay_last_progress_timestamp_seconds"])
+	}
+
+	// The lag gauge follows a due row that cannot be published (its
+	// exchange does not exist): it is as old as the row.
+	lagID := addMessages(t, s, outbox.Message{Exchange: testenv.Unique("missing"), RoutingKey: "x"})[0]
+	if _, err := s.DB.Exec(`UPDATE mailroom_outbox SET created_at = now() - interval '1 hour' WHERE id = $1`, lagID); err != nil {
+		t.Fatal(err)
+	}
+	if lag := sc.metric("mailroom_outbox_oldest_pending_age_seconds"); lag < 3600 || lag > 7200 {
+		t.Errorf("lag gauge %v, want about 3600", lag)
+	}
+
+	if code := sc.stop(); code != 0 {
+		t.Fatalf("exit %d after SIGTERM, want 0", code)
+	}
+	logs := sc.lines()
+	for _, l := range logs {
+		if !json.Valid([]byte(l)) {
+			t.Errorf("log line is not JSON: %s", l)
+		}
+		if strings.Contains(l, secret) || strings.Contains(l, ":guest@") {
+			t.Errorf("password in a log line: %s", l)
+		}
+	}
+	if last := logs[len(logs)-1]; !strings.Contains(last, `"msg":"relay stopped"`) {
+		t.Errorf("last log line %s, want relay stopped", last)
+	}
+}
+
+// TestReadinessFollowsBrokerConnection closes only this sidecar's broker
+// connections: /readyz turns 503 naming the broker, then recovers.
+func TestReadinessFollowsBrokerConnection(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	b := testenv.NewBroker(t)
+	ex := b.Exchange()
+	q := b.Queue(ex, "#", nil)
+	sc := startSidecar(t, s.URL)
+	sc.waitReady()
+	// The relay dials on its first publish: make it connect.
+	receiveIDs(t, b, q, addMessages(t, s, outbox.Message{Exchange: ex, RoutingKey: "a"}), time.Minute)
+
+	// Poll /readyz continuously from before the close, so a short outage
+	// is seen however long rabbitmqctl takes to return.
+	var notReady atomic.Value // the body of the first 503
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			resp, err := http.Get(sc.url("/readyz"))
+			if err != nil {
+				continue
+			}
+			body := readAll(resp)
+			if resp.StatusCode == http.StatusServiceUnavailable && notReady.Load() == nil {
+				notReady.Store(body)
+			}
+			time.Sleep(5 * time.Millisecond) // polling pace, not synchronisation
+		}
+	}()
+	closed := testenv.CloseConnection(t, "mailroom-relay "+sc.name)
+	if closed < 2 {
+		t.Fatalf("closed %d connections named %q, want the relay's and the readiness watch's", closed, "mailroom-relay "+sc.name)
+	}
+	testenv.Eventually(t, 30*time.Second, "/readyz to report 503", func() bool { return notReady.Load() != nil })
+	close(stop)
+	wg.Wait()
+	body := notReady.Load().(string)
+	var r struct {
+		Ready  bool
+		Checks map[string]string
+	}
+	if err := json.Unmarshal([]byte(body), &r); err != nil || r.Ready || r.Checks["broker"] == "ok" {
+		t.Fatalf("503 body %s, want the broker check failing", body)
+	}
+	t.Logf("not ready: %s", strings.TrimSpace(body))
+	sc.waitReady()
+	// And it publishes again.
+	receiveIDs(t, b, q, addMessages(t, s, outbox.Message{Exchange: ex, RoutingKey: "b"}), time.Minute)
+}
+
+func readAll(resp *http.Response) string {
+	defer resp.Body.Close()
+	var b strings.Builder
+	buf := make([]byte, 4096)
+	for {
+		n, err := resp.Body.Read(buf)
+		b.Write(buf[:n])
+		if err != nil {
+			return b.String()
+		}
+	}
+}
+
+// TestSIGTERMUnderLoadLosesNothing stops a sidecar while a writer keeps
+// adding messages: it exits 0 and leaves no row leased, and a second sidecar
+// delivers the rest, so every message reaches the queue.
+func TestSIGTERMUnderLoadLosesNothing(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	b := testenv.NewBroker(t)
+	ex := b.Exchange()
+	q := b.Queue(ex, "#", nil)
+
+	var mu sync.Mutex
+	var ids []string
+	stopWriter := make(chan struct{})
+	writerDone := make(chan struct{})
+	go func() { // the load: batches of 20 until told to stop
+		defer close(writerDone)
+		for i := 0; ; i++ {
+			select {
+			case <-stopWriter:
+				return
+			default:
+			}
+			msgs := make([]outbox.Message, 20)
+			for j := range msgs {
+				msgs[j] = outbox.Message{Exchange: ex, RoutingKey: "load", Key: fmt.Sprint("k", (i*20+j)%50)}
+			}
+			got := addMessages(t, s, msgs...)
+			mu.Lock()
+			ids = append(ids, got...)
+			mu.Unlock()
+		}
+	}()
+	defer func() {
+		select {
+		case <-stopWriter:
+		default:
+			close(stopWriter)
+		}
+		<-writerDone
+	}()
+
+	first := startSidecar(t, s.URL, "--batch-size", "50")
+	testenv.Eventually(t, time.Minute, "the first sidecar to publish 500", func() bool {
+		return first.metric("mailroom_relay_published_total") >= 500
+	})
+	if code := first.stop(); code != 0 {
+		t.Fatalf("exit %d after SIGTERM, want 0", code)
+	}
+	close(stopWriter)
+	<-writerDone
+	var pending, leased int
+	if err := s.DB.Get(&pending, `SELECT count(*) FROM mailroom_outbox`); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DB.Get(&leased, `SELECT count(*) FROM mailroom_outbox WHERE lease IS NOT NULL AND available_at > now()`); err != nil {
+		t.Fatal(err)
+	}
+	if leased != 0 {
+		t.Fatalf("%d rows still leased after a clean stop", leased)
+	}
+	mu.Lock()
+	all := append([]string(nil), ids...)
+	mu.Unlock()
+	t.Logf("stopped with %d of %d rows pending, none leased", pending, len(all))
+
+	second := startSidecar(t, s.URL)
+	deliveries := receiveIDs(t, b, q, all, 2*time.Minute)
+	testenv.Eventually(t, time.Minute, "the outbox to drain", func() bool {
+		var left int
+		return s.DB.Get(&left, `SELECT count(*) FROM mailroom_outbox`) == nil && left == 0
+	})
+	t.Logf("%d deliveries for %d messages", deliveries, len(all))
+	if code := second.stop(); code != 0 {
+		t.Fatalf("second sidecar exit %d", code)
+	}
+}
+
+// TestDeadReplayIsPublished: a row dead-lettered by the relay (unroutable,
+// one attempt) is replayed by the CLI and published.
+func TestDeadReplayIsPublished(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	b := testenv.NewBroker(t)
+	ex := b.Exchange() // no queue bound yet: unroutable
+	sc := startSidecar(t, s.URL, "--max-attempts", "1")
+	id := addMessages(t, s, outbox.Message{Exchange: ex, RoutingKey: "order.placed", Key: "order-7"})[0]
+	testenv.Eventually(t, time.Minute, "the row to be dead-lettered", func() bool {
+		return sc.metric("mailroom_outbox_dead_rows") == 1
+	})
+	if got := sc.metric("mailroom_relay_dead_lettered_total"); got != 1 {
+		t.Fatalf("dead_lettered_total %v, want 1", got)
+	}
+	env := cleanEnv("DATABASE_URL=" + s.URL)
+	r := runBin(t, env, "dead", "list", "--json")
+	var dead []struct {
+		ID        string `json:"id"`
+		LastError string `json:"last_error"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &dead); err != nil || len(dead) != 1 || dead[0].ID != id || !strings.Contains(dead[0].LastError, "unroutable") {
+		t.Fatalf("dead list --json: %s %v", r.stdout, err)
+	}
+
+	q := b.Queue(ex, "order.*", nil)
+	if r := runBin(t, env, "dead", "replay", id); r.code != 0 {
+		t.Fatalf("dead replay: exit %d: %s", r.code, r.stderr)
+	}
+	receiveIDs(t, b, q, []string{id}, time.Minute)
+	testenv.Eventually(t, 30*time.Second, "outbox and dead letters empty", func() bool {
+		return sc.metric("mailroom_outbox_pending_rows") == 0 && sc.metric("mailroom_outbox_dead_rows") == 0
+	})
+}
+
+// TestStatusPageAdminActions: the page lists dead letters; replay and
+// discard need the token (form field or bearer), refuse cross-origin posts,
+// and are disabled without --admin-token.
+func TestStatusPageAdminActions(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	b := testenv.NewBroker(t)
+	ex := b.Exchange()
+	q := b.Queue(ex, "#", nil)
+	ids := addMessages(t, s,
+		outbox.Message{Exchange: ex, RoutingKey: "a"},
+		outbox.Message{Exchange: ex, RoutingKey: "b"},
+		outbox.Message{Exchange: ex, RoutingKey: "c"},
+	)
+	// Dead before any sidecar runs; replayed, they are published.
+	bury(t, s, `NOT_FOUND - no exchange "nowhere" <script>`, ids...)
+
+	plain := startSidecar(t, s.URL, "--maintenance-interval", "0")
+	_, page := plain.get("/")
+	if !strings.Contains(page, ids[0]) || !strings.Contains(page, `id="admin-off"`) || !strings.Contains(page, `<button type="submit" id="replay" disabled>`) {
+		t.Fatalf("page without a token should list the dead letter with disabled buttons:\n%s", page)
+	}
+	if strings.Contains(page, "<script>") || !strings.Contains(page, "&lt;script&gt;") {
+		t.Fatalf("the last error is not HTML-escaped")
+	}
+	if code, body := post(t, plain, "/dead/replay", url.Values{"id": {ids[0]}, "token": {"anything-anything"}}, nil); code != http.StatusForbidden || !strings.Contains(body, "--admin-token") {
+		t.Fatalf("POST without --admin-token: %d %s", code, body)
+	}
+
+	token := "t0ken-" + testenv.Unique("admin")
+	admin := startSidecar(t, s.URL, "--maintenance-interval", "0", "--admin-token", token)
+	_, page = admin.get("/")
+	if !strings.Contains(page, `<button type="submit" id="replay" formaction="/dead/replay">`) || strings.Contains(page, token) {
+		t.Fatalf("page with a token should enable the buttons and never show the token:\n%s", page)
+	}
+	for _, c := range []struct {
+		what  string
+		form  url.Values
+		hdr   map[string]string
+		wantC int
+	}{
+		{"no token", url.Values{"id": {ids[0]}}, nil, http.StatusForbidden},
+		{"wrong token", url.Values{"id": {ids[0]}, "token": {token + "x"}}, nil, http.StatusForbidden},
+		{"cross-origin", url.Values{"id": {ids[0]}, "token": {token}}, map[string]string{"Origin": "http://evil.example"}, http.StatusForbidden},
+		{"cross-site fetch", url.Values{"id": {ids[0]}, "token": {token}}, map[string]string{"Sec-Fetch-Site": "cross-site"}, http.StatusForbidden},
+	} {
+		if code, body := post(t, admin, "/dead/replay", c.form, c.hdr); code != c.wantC {
+			t.Errorf("%s: %d %s, want %d", c.what, code, body, c.wantC)
+		}
+	}
+	var dead int
+	if err := s.DB.Get(&dead, `SELECT count(*) FROM mailroom_outbox_dead`); err != nil || dead != 3 {
+		t.Fatalf("refused posts changed the dead letters: %d, %v", dead, err)
+	}
+
+	// Browser form: token field, redirect back with the outcome.
+	code, body := post(t, admin, "/dead/replay", url.Values{"id": {ids[0]}, "token": {token}}, map[string]string{"Origin": "http://" + admin.addr})
+	if code != http.StatusSeeOther || !strings.Contains(body, "replayed 1 dead letter") {
+		t.Fatalf("replay by form: %d %q", code, body)
+	}
+	receiveIDs(t, b, q, ids[:1], time.Minute)
+	// Script: bearer token, JSON answers.
+	jsonHdr := map[string]string{"Authorization": "Bearer " + token, "Accept": "application/json"}
+	if code, body := post(t, admin, "/dead/discard", url.Values{"id": {ids[1]}}, jsonHdr); code != http.StatusOK || strings.TrimSpace(body) != `{"discarded":1}` {
+		t.Fatalf("discard by bearer: %d %s", code, body)
+	}
+	if code, body := post(t, admin, "/dead/discard", url.Values{"id": {ids[1]}}, jsonHdr); code != http.StatusNotFound || !strings.Contains(body, ids[1]) {
+		t.Fatalf("discard again: %d %s, want 404 naming the id", code, body)
+	}
+	if code, body := post(t, admin, "/dead/replay", url.Values{"id": {"junk"}}, jsonHdr); code != http.StatusBadRequest {
+		t.Fatalf("replay junk id: %d %s, want 400", code, body)
+	}
+	if code, body := post(t, admin, "/dead/replay", url.Values{}, jsonHdr); code != http.StatusBadRequest {
+		t.Fatalf("replay nothing: %d %s, want 400", code, body)
+	}
+	if code, body := post(t, admin, "/dead/replay", url.Values{"all": {"true"}}, jsonHdr); code != http.StatusOK || strings.TrimSpace(body) != `{"replayed":1}` {
+		t.Fatalf("replay all: %d %s", code, body)
+	}
+	receiveIDs(t, b, q, ids[2:], time.Minute)
+	_, page = admin.get("/")
+	if !strings.Contains(page, `id="no-dead"`) || !strings.Contains(page, `<div class="n" id="dead">0</div>`) {
+		t.Fatalf("page after replay and discard should show no dead letters:\n%s", page)
+	}
+}
+
+// post sends a form without following redirects; for a redirect it returns
+// the decoded Location query as the body.
+func post(t *testing.T, sc *sidecar, path string, form url.Values, hdr map[string]string) (int, string) {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodPost, sc.url(path), strings.NewReader(form.Encode()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	c := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatalf("POST %s: %v", path, err)
+	}
+	if resp.StatusCode == http.StatusSeeOther {
+		resp.Body.Close()
+		loc, _ := url.Parse(resp.Header.Get("Location"))
+		return resp.StatusCode, loc.Query().Get("done") + loc.Query().Get("error")
+	}
+	return resp.StatusCode, readAll(resp)
+}
+
+// TestMaintenanceRunsOnOneInstance: of two sidecars on one schema only one
+// holds the maintenance lock and purges; when it stops, the other takes
+// over.
+func TestMaintenanceRunsOnOneInstance(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	testenv.NewBroker(t)
+	seed := func(published, inbox int) {
+		t.Helper()
+		if _, err := s.DB.Exec(`INSERT INTO mailroom_outbox_published (seq, id, exchange, routing_key, payload, created_at, attempts, published_at)
+SELECT g, gen_random_uuid(), 'x', 'r', '\x7b7d', now() - interval '3 hours', 0, now() - interval '2 hours'
+FROM generate_series((SELECT coalesce(max(seq), 0) + 1 FROM mailroom_outbox_published), (SELECT coalesce(max(seq), 0) FROM mailroom_outbox_published) + $1) g`, published); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.DB.Exec(`INSERT INTO mailroom_inbox (scope, id, recorded_at)
+SELECT 'payments', gen_random_uuid()::text, now() - interval '2 hours' FROM generate_series(1, $1)`, inbox); err != nil {
+			t.Fatal(err)
+		}
+		// Fresh entries stay.
+		if _, err := s.DB.Exec(`INSERT INTO mailroom_inbox (scope, id) SELECT 'payments', gen_random_uuid()::text FROM generate_series(1, 5)`); err != nil {
+			t.Fatal(err)
+		}
+	}
+	seed(2500, 1500)
+	flags := []string{"--maintenance-interval", "100ms", "--retain", "1h", "--dedupe-retention", "1h", "--purge-batch", "500"}
+	a := startSidecar(t, s.URL, flags...)
+	b := startSidecar(t, s.URL, flags...)
+	purged := func(sc *sidecar) float64 {
+		m := sc.metrics()
+		return m["mailroom_relay_maintenance_purged_rows_total{table=inbox}"] + m["mailroom_relay_maintenance_purged_rows_total{table=published}"]
+	}
+	testenv.Eventually(t, time.Minute, "both to have tried maintenance, and the old rows to be purged", func() bool {
+		ma, mb := a.metrics(), b.metrics()
+		tried := func(m map[string]float64) bool {
+			return m["mailroom_relay_maintenance_runs_total{result=ok}"]+m["mailroom_relay_maintenance_runs_total{result=skipped}"] > 0
+		}
+		return tried(ma) && tried(mb) && purged(a)+purged(b) == 4000
+	})
+	leader, follower := a, b
+	if b.metric("mailroom_relay_maintenance_leader") == 1 {
+		leader, follower = b, a
+	}
+	lm, fm := leader.metrics(), follower.metrics()
+	if lm["mailroom_relay_maintenance_leader"] != 1 || fm["mailroom_relay_maintenance_leader"] != 0 {
+		t.Fatalf("leader gauges %v and %v, want exactly one 1", lm["mailroom_relay_maintenance_leader"], fm["mailroom_relay_maintenance_leader"])
+	}
+	if fm["mailroom_relay_maintenance_runs_total{result=ok}"] != 0 || purged(follower) != 0 || fm["mailroom_relay_maintenance_runs_total{result=skipped}"] == 0 {
+		t.Fatalf("the follower ran maintenance: %v", fm)
+	}
+	if lm["mailroom_relay_maintenance_purged_rows_total{table=published}"] != 2500 || lm["mailroom_relay_maintenance_purged_rows_total{table=inbox}"] != 1500 {
+		t.Fatalf("leader purged published %v, inbox %v; want 2500 and 1500",
+			lm["mailroom_relay_maintenance_purged_rows_total{table=published}"], lm["mailroom_relay_maintenance_purged_rows_total{table=inbox}"])
+	}
+	var fresh int
+	if err := s.DB.Get(&fresh, `SELECT count(*) FROM mailroom_inbox`); err != nil || fresh != 5 {
+		t.Fatalf("inbox rows left %d, %v; want the 5 fresh ones", fresh, err)
+	}
+
+	// The leader stops (and unlocks); the follower takes over.
+	if code := leader.stop(); code != 0 {
+		t.Fatalf("leader exit %d", code)
+	}
+	seed(100, 100)
+	testenv.Eventually(t, time.Minute, "the follower to take over and purge", func() bool {
+		return follower.metric("mailroom_relay_maintenance_leader") == 1 && purged(follower) == 200
+	})
+}
