@@ -8,6 +8,9 @@ import (
 	"time"
 
 	"github.com/jmoiron/sqlx"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/internal/sqlident"
@@ -117,9 +120,22 @@ type Config struct {
 	// negative disables purging (run dedupe.Store.Purge yourself).
 	PurgeInterval time.Duration
 
-	// Logger receives warnings and errors (and Debug lines per message).
+	// Logger receives warnings and errors (and Debug lines per message;
+	// nothing per successful message above Debug). Keys: consumer, queue,
+	// message_id, exchange, routing_key, key, attempt, error, retry_in.
 	// Nil discards.
 	Logger *slog.Logger
+
+	// TracerProvider creates the consumer span around each handler call
+	// (see the package doc). Default nil: the global provider
+	// (otel.GetTracerProvider).
+	TracerProvider trace.TracerProvider
+	// MeterProvider creates the consumer's instruments (see the package
+	// doc for their names). Default nil: the global provider.
+	MeterProvider metric.MeterProvider
+	// Propagator reads the writer's trace context from the message
+	// headers. Default nil: the global propagator, looked up at each use.
+	Propagator propagation.TextMapPropagator
 }
 
 // withDefaults validates cfg and fills its defaults. Every error names the

@@ -27,11 +27,13 @@ type Consumer struct {
 	store   *dedupe.Store
 	running atomic.Bool
 	stats   stats
+	tel     *instruments
 
 	afterCommit func(Message) // test hook: between commit and ack
 }
 
-// Stats are counters since New, for metrics.
+// Stats are counters since New. The metrics (see the package doc) observe
+// the same counters.
 type Stats struct {
 	Handled      uint64 // messages applied and committed
 	Duplicates   uint64 // deliveries acked without calling the handler
@@ -71,7 +73,11 @@ func New(db *sqlx.DB, cfg Config) (*Consumer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("inbox: %w", err) // unreachable: Table is validated above
 	}
-	return &Consumer{db: db, cfg: cfg, store: store}, nil
+	tel, err := newInstruments(&cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &Consumer{db: db, cfg: cfg, store: store, tel: tel}, nil
 }
 
 // Run consumes until ctx ends, reconnecting with backoff whenever the
@@ -89,12 +95,17 @@ func (c *Consumer) Run(ctx context.Context) error {
 		wg.Add(1)
 		go func() { defer wg.Done(); c.purgeLoop(ctx) }()
 	}
-	log := c.cfg.Logger
+	log := c.cfg.Logger.With("consumer", c.cfg.Consumer)
+	unregister, err := c.register()
+	if err != nil {
+		return err
+	}
+	defer unregister()
 	b := backoff.NewExponentialBackOff()
 	b.InitialInterval, b.MaxInterval, b.MaxElapsedTime = 100*time.Millisecond, c.cfg.ReconnectMaxWait, 0
 	for {
 		conn, err := amqpx.DialRetry(ctx, c.cfg.URL, c.cfg.ConnectionName, c.cfg.ReconnectMaxWait, func(err error, wait time.Duration) {
-			log.Warn("inbox: cannot connect; retrying", "queue", c.cfg.Queue, "err", err, "wait", wait)
+			log.Warn("inbox: cannot connect; retrying", "queue", c.cfg.Queue, "error", err, "retry_in", wait.String())
 		})
 		if err != nil {
 			if ctx.Err() != nil {
@@ -112,7 +123,7 @@ func (c *Consumer) Run(ctx context.Context) error {
 			b.Reset()
 		}
 		wait := b.NextBackOff()
-		log.Warn("inbox: consumer stopped; reconnecting", "queue", c.cfg.Queue, "err", err, "wait", wait)
+		log.Warn("inbox: consumer stopped; reconnecting", "queue", c.cfg.Queue, "error", err, "retry_in", wait.String())
 		if !sleep(ctx, wait) {
 			return nil
 		}
@@ -141,8 +152,9 @@ func (c *Consumer) purgeLoop(ctx context.Context) {
 		case <-t.C:
 			n, err := c.store.Purge(ctx, c.db, c.cfg.Retention)
 			if err != nil && ctx.Err() == nil {
-				c.cfg.Logger.Warn("inbox: purge of old message ids failed; retrying next interval", "table", c.store.Table(), "err", err)
+				c.cfg.Logger.Warn("inbox: purge of old message ids failed; retrying next interval", "consumer", c.cfg.Consumer, "table", c.store.Table(), "error", err)
 			} else if n > 0 {
+				c.tel.purged.Add(ctx, n, c.tel.purgedOpts...)
 				c.cfg.Logger.Debug("inbox: purged old message ids", "table", c.store.Table(), "deleted", n)
 			}
 		}
@@ -158,7 +170,7 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 	var bg sync.WaitGroup
 	defer bg.Wait()    // notification drainers end once conn is closed
 	defer conn.Close() //nolint:errcheck // runs first
-	log := c.cfg.Logger.With("queue", c.cfg.Queue, "connection", c.cfg.ConnectionName)
+	log := c.cfg.Logger.With("consumer", c.cfg.Consumer, "queue", c.cfg.Queue, "connection", c.cfg.ConnectionName)
 
 	broken := make(chan struct{}) // closed when a notification means the session is over
 	var once sync.Once
@@ -175,7 +187,7 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 					connClosed = nil
 					continue
 				}
-				log.Warn("inbox: connection closed", "err", err)
+				log.Warn("inbox: connection closed", "error", err)
 				brk()
 			case b, ok := <-blocked:
 				if !ok {
@@ -222,7 +234,7 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 					chClosed = nil
 					continue
 				}
-				log.Warn("inbox: consuming channel closed", "err", err)
+				log.Warn("inbox: consuming channel closed", "error", err)
 				brk()
 			case tag, ok := <-cancels:
 				if !ok {

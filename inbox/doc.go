@@ -80,4 +80,41 @@
 //
 // Message ids are remembered for Retention (7 days) and purged every
 // PurgeInterval; see package dedupe.
+//
+// # Observability
+//
+// Tracing: the handler runs in a consumer span named "process <queue>",
+// a child of the trace context in the message headers (written by
+// outbox.Add, continued by the relay's publish span), so
+// trace.SpanContextFromContext(ctx) in the handler carries the writer's
+// trace id. The span covers the transaction (dedupe claim, handler,
+// commit) and has the messaging attributes messaging.system=rabbitmq,
+// messaging.operation.type=process, messaging.destination.name (the
+// exchange), messaging.rabbitmq.destination.routing_key,
+// messaging.message.id, messaging.consumer.group.name (Consumer),
+// messaging.destination.subscription.name (Queue) and mailroom.attempt.
+// A batched transaction (BatchSize > 1) has its own span, linked to every
+// message's context, and each handler call still runs in a span that is a
+// child of its own message's context (linked to the batch span).
+// Config.TracerProvider and Config.Propagator default to the global ones.
+//
+// Metrics, through Config.MeterProvider (attributes consumer and queue; the
+// Prometheus names are what the OpenTelemetry Prometheus exporter renders):
+//
+//	mailroom.inbox.processed        counter    mailroom_inbox_processed_total
+//	mailroom.inbox.duplicates       counter    mailroom_inbox_duplicates_total
+//	mailroom.inbox.failures         counter    mailroom_inbox_failures_total
+//	mailroom.inbox.retries          counter    mailroom_inbox_retries_total
+//	mailroom.inbox.dead_lettered    counter    mailroom_inbox_dead_lettered_total
+//	mailroom.inbox.requeued         counter    mailroom_inbox_requeued_total
+//	mailroom.inbox.handler.duration histogram  mailroom_inbox_handler_duration_seconds (+ result=ok|error)
+//	mailroom.dedupe.purged          counter    mailroom_dedupe_purged_total (table only)
+//
+// The counters are observable views of the counters Stats returns, read at
+// collection time, so they cost the message path nothing and cannot
+// disagree with Stats. They are registered while Run runs.
+//
+// Logs: Config.Logger gets warnings and errors with the keys consumer,
+// queue, message_id, exchange, routing_key, key, attempt, error and
+// retry_in; per-message lines for successful messages are at Debug only.
 package inbox

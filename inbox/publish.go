@@ -38,7 +38,7 @@ func newPublisher(conn *amqp.Connection, bg *sync.WaitGroup, log *slog.Logger, b
 	go func() {
 		defer bg.Done()
 		for err := range closed {
-			log.Warn("inbox: publishing channel closed", "err", err)
+			log.Warn("inbox: publishing channel closed", "error", err)
 			brk()
 		}
 	}()

@@ -123,7 +123,7 @@ func (s *session) settle(it item, dup bool, herr, ierr error) {
 			return
 		}
 		wait := s.c.delay(it.m.Attempt)
-		s.log.Warn("inbox: handler failed; retrying in place", "id", it.m.ID, "key", it.m.Key, "attempt", it.m.Attempt, "wait", wait, "err", herr)
+		s.log.Warn("inbox: handler failed; retrying in place", msgAttrs(&it.m, "retry_in", wait.String(), "error", herr)...)
 		s.c.stats.retried.Add(1)
 		if !s.pause(wait) {
 			return // stopping: unacked, so redelivered in order
@@ -143,19 +143,21 @@ var errUnknown = errors.New("commit outcome unknown; the redelivery will be dedu
 // (nothing was applied), or wrapping errUnknown.
 func (s *session) apply(m Message) (dup bool, herr, ierr error) {
 	c := s.c
-	tx, err := c.db.BeginTxx(s.ctx, nil)
+	ctx, span := c.startProcess(s.ctx, &m, nil)
+	defer func() { endSpan(span, dup, errors.Join(herr, ierr)) }()
+	tx, err := c.db.BeginTxx(ctx, nil)
 	if err != nil {
 		return false, nil, fmt.Errorf("begin: %w", err)
 	}
 	defer tx.Rollback() //nolint:errcheck // no-op after Commit
-	first, err := c.store.Claim(s.ctx, tx, c.cfg.Consumer, m.ID)
+	first, err := c.store.Claim(ctx, tx, c.cfg.Consumer, m.ID)
 	if err != nil {
 		return false, nil, err
 	}
 	if !first {
 		return true, nil, nil
 	}
-	if err := c.call(s.ctx, tx, m); err != nil {
+	if err := c.call(ctx, tx, m); err != nil {
 		return false, err, nil
 	}
 	if err := tx.Commit(); err != nil {
@@ -180,8 +182,12 @@ func (s *session) batch(items []item) (rest []item) {
 	for i, it := range items {
 		ids[i] = it.m.ID
 	}
-	tx, err := c.db.BeginTxx(s.ctx, nil)
+	bctx, bspan := c.startBatch(s.ctx, items)
+	var berr error
+	defer func() { endSpan(bspan, false, berr) }()
+	tx, err := c.db.BeginTxx(bctx, nil)
 	if err != nil {
+		berr = err
 		return s.retryBatch(fmt.Errorf("begin: %w", err), items)
 	}
 	defer tx.Rollback() //nolint:errcheck // no-op after Commit
@@ -198,7 +204,9 @@ func (s *session) batch(items []item) (rest []item) {
 		if _, err := tx.ExecContext(s.ctx, `SAVEPOINT mailroom_message`); err != nil {
 			return s.retryBatch(fmt.Errorf("savepoint: %w", err), items)
 		}
-		herr := c.call(s.ctx, tx, it.m)
+		mctx, span := c.startProcess(bctx, &it.m, bspan)
+		herr := c.call(mctx, tx, it.m)
+		endSpan(span, false, herr)
 		if herr == nil {
 			if _, err := tx.ExecContext(s.ctx, `RELEASE SAVEPOINT mailroom_message`); err == nil {
 				continue
@@ -228,6 +236,7 @@ func (s *session) batch(items []item) (rest []item) {
 		}
 	}
 	if err := tx.Commit(); err != nil {
+		berr = err
 		s.requeue(fmt.Errorf("commit of a batch of %d (outcome unknown; redeliveries are deduplicated): %w", n, err), ds(items)...)
 		return nil
 	}
@@ -265,11 +274,13 @@ func ds(items []item) []*amqp.Delivery {
 
 // call runs the handler, turning a panic into an error.
 func (c *Consumer) call(ctx context.Context, tx *sqlx.Tx, m Message) (err error) {
+	start := time.Now()
 	defer func() {
 		if r := recover(); r != nil {
-			c.cfg.Logger.Error("inbox: handler panicked", "id", m.ID, "panic", r, "stack", string(debug.Stack()))
+			c.cfg.Logger.Error("inbox: handler panicked", "consumer", c.cfg.Consumer, "message_id", m.ID, "key", m.Key, "attempt", m.Attempt, "panic", r, "stack", string(debug.Stack()))
 			err = fmt.Errorf("handler panicked: %v", r)
 		}
+		c.observeHandler(start, err)
 	}()
 	return c.cfg.Handler(ctx, tx, m)
 }
@@ -278,7 +289,7 @@ func (c *Consumer) call(ctx context.Context, tx *sqlx.Tx, m Message) (err error)
 func (s *session) done(it item, dup bool) {
 	if dup {
 		s.c.stats.duplicates.Add(1)
-		s.log.Debug("inbox: duplicate acked without calling the handler", "id", it.m.ID)
+		s.log.Debug("inbox: duplicate acked without calling the handler", "message_id", it.m.ID)
 	} else {
 		s.c.stats.handled.Add(1)
 		if s.c.afterCommit != nil {
@@ -292,7 +303,7 @@ func (s *session) done(it item, dup bool) {
 // is lost, never misdirected: the broker redelivers and dedupe absorbs it.
 func (s *session) ack(d *amqp.Delivery) {
 	if err := d.Ack(false); err != nil {
-		s.log.Debug("inbox: ack lost with its channel; the redelivery will be deduplicated", "id", d.MessageId, "err", err)
+		s.log.Debug("inbox: ack lost with its channel; the redelivery will be deduplicated", "message_id", d.MessageId, "error", err)
 	}
 }
 
@@ -305,7 +316,7 @@ func (s *session) failed(it item, herr error) {
 		return
 	}
 	wait := s.c.delay(attempt)
-	s.log.Warn("inbox: handler failed; will retry", "id", it.m.ID, "attempt", attempt, "wait", wait, "err", herr)
+	s.log.Warn("inbox: handler failed; will retry", msgAttrs(&it.m, "retry_in", wait.String(), "error", herr)...)
 	s.c.stats.retried.Add(1)
 	if !s.retryOK {
 		// No retry queue: hold the delivery for the delay, then requeue.
@@ -328,7 +339,7 @@ const maxReason = 4096
 
 // deadLetter moves d to the dead-letter queue with reason.
 func (s *session) deadLetter(d *amqp.Delivery, reason string) {
-	s.log.Error("inbox: dead-lettering message", "id", d.MessageId, "reason", reason)
+	s.log.Error("inbox: dead-lettering message", "message_id", d.MessageId, "exchange", d.Exchange, "routing_key", d.RoutingKey, "key", headerString(d.Headers[HeaderKey]), "reason", reason)
 	if !s.deadOK {
 		s.c.stats.dead.Add(1)
 		_ = d.Nack(false, false)
@@ -360,7 +371,7 @@ func (s *session) requeue(err error, ds ...*amqp.Delivery) {
 	}
 	s.infra++
 	wait := s.c.delay(min(s.infra, 30))
-	s.log.Warn("inbox: database or broker error; requeueing after a delay", "count", len(ds), "wait", wait, "err", err)
+	s.log.Warn("inbox: database or broker error; requeueing after a delay", "count", len(ds), "retry_in", wait.String(), "error", err)
 	s.c.stats.requeued.Add(uint64(len(ds)))
 	if !s.pause(wait) {
 		return
@@ -382,8 +393,13 @@ func (s *session) hold(err error) bool {
 	s.infra++
 	s.c.stats.dbErrors.Add(1)
 	wait := s.c.delay(min(s.infra, 30))
-	s.log.Warn("inbox: database error; retrying after a delay", "wait", wait, "err", err)
+	s.log.Warn("inbox: database error; retrying after a delay", "retry_in", wait.String(), "error", err)
 	return s.pause(wait)
+}
+
+// msgAttrs are the log attributes of a message, then extra.
+func msgAttrs(m *Message, extra ...any) []any {
+	return append([]any{"message_id", m.ID, "exchange", m.Exchange, "routing_key", m.RoutingKey, "key", m.Key, "attempt", m.Attempt}, extra...)
 }
 
 // pause waits d unless the session stops first; it reports whether d passed.

@@ -23,4 +23,15 @@
 // Message ids are UUIDs; Add generates time-ordered UUIDv7 ids when ID is
 // empty. Ids must be unique: consumers deduplicate by id, so a reused id
 // is treated as a duplicate delivery.
+//
+// # Tracing
+//
+// Add writes the trace context of its ctx into each message's headers
+// through Config.Propagator (default: the global OpenTelemetry propagator;
+// set it to propagation.TraceContext{} for W3C traceparent/tracestate).
+// Headers the caller set explicitly are kept as they are. The relay
+// publishes the message in a producer span that continues that trace and
+// the inbox runs the handler in a consumer span below it, so one request
+// can be followed from the writer to every consumer. With no propagator
+// configured, nothing is added.
 package outbox

@@ -11,9 +11,11 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/lib/pq"
+	"go.opentelemetry.io/otel/propagation"
 
 	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/internal/sqlident"
+	"github.com/mailroom-go/mailroom/internal/telemetry"
 )
 
 // Message is one event to publish. Only Payload and a route (Exchange and/or
@@ -63,6 +65,14 @@ type Config struct {
 	// mode (LISTEN cannot work there) or when NOTIFY's commit-time lock costs
 	// more than the relay's poll interval of latency; the relay still polls.
 	DisableNotify bool
+	// Propagator writes the trace context of Add's ctx (the current span,
+	// and baggage if the propagator carries it) into each message's
+	// Headers, so the relay's publish span and the consumer's span join the
+	// writer's trace. Headers the caller set are never overwritten.
+	// Default nil: the global propagator (otel.GetTextMapPropagator, a
+	// no-op until the application sets one, e.g. to
+	// propagation.TraceContext{} for W3C traceparent/tracestate).
+	Propagator propagation.TextMapPropagator
 }
 
 // Outbox writes messages into the outbox table inside the caller's
@@ -71,6 +81,7 @@ type Outbox struct {
 	table      sqlident.Name
 	maxPayload int
 	insert     string
+	propagator propagation.TextMapPropagator // nil: the global one, looked up at each Add
 }
 
 // New validates cfg and prepares the insert statement.
@@ -89,7 +100,7 @@ func New(cfg Config) (*Outbox, error) {
 	case cfg.MaxPayloadBytes < 0 || cfg.MaxPayloadBytes > 128<<20:
 		return nil, fmt.Errorf("outbox: Config.MaxPayloadBytes %d: must be between 1 and %d (128 MiB, RabbitMQ's limit); 0 means the 1 MiB default", cfg.MaxPayloadBytes, 128<<20)
 	}
-	return &Outbox{table: table, maxPayload: cfg.MaxPayloadBytes, insert: insertSQL(table, !cfg.DisableNotify)}, nil
+	return &Outbox{table: table, maxPayload: cfg.MaxPayloadBytes, insert: insertSQL(table, !cfg.DisableNotify), propagator: cfg.Propagator}, nil
 }
 
 // Channel is the NOTIFY channel of the outbox table: its name as configured.
@@ -125,11 +136,13 @@ func (o *Outbox) Add(ctx context.Context, tx Execer, msgs ...Message) error {
 		payloads                                               = make([][]byte, n)
 		available                                              = make([]sql.NullTime, n)
 	)
+	trace := o.traceHeaders(ctx)
 	for i, m := range msgs {
 		id, err := o.validate(i, &m)
 		if err != nil {
 			return err
 		}
+		m.Headers = withTrace(m.Headers, trace)
 		ids[i], exchanges[i], routingKeys[i], keys[i], types[i], contentTypes[i] = id, m.Exchange, m.RoutingKey, m.Key, m.Type, m.ContentType
 		if len(m.Headers) > 0 {
 			b, err := json.Marshal(m.Headers)
@@ -158,6 +171,43 @@ func (o *Outbox) Add(ctx context.Context, tx Execer, msgs ...Message) error {
 		return fmt.Errorf("outbox: insert %d message(s) into %s: %w", n, o.table, err)
 	}
 	return nil
+}
+
+// traceHeaders returns the headers the propagator derives from ctx (W3C
+// traceparent and tracestate with propagation.TraceContext), or nil.
+func (o *Outbox) traceHeaders(ctx context.Context) propagation.MapCarrier {
+	var c lazyCarrier
+	telemetry.Propagator(o.propagator).Inject(ctx, &c)
+	return c.m
+}
+
+// withTrace returns h plus the trace headers it does not already have,
+// without modifying h (it belongs to the caller).
+func withTrace(h, trace map[string]string) map[string]string {
+	if len(trace) == 0 {
+		return h
+	}
+	out := make(map[string]string, len(h)+len(trace))
+	for k, v := range trace {
+		out[k] = v
+	}
+	for k, v := range h { // the caller's headers win
+		out[k] = v
+	}
+	return out
+}
+
+// lazyCarrier allocates its map only when the propagator writes to it, so
+// Add allocates nothing for tracing when there is nothing to propagate.
+type lazyCarrier struct{ m propagation.MapCarrier }
+
+func (c *lazyCarrier) Get(key string) string { return c.m[key] }
+func (c *lazyCarrier) Keys() []string        { return c.m.Keys() }
+func (c *lazyCarrier) Set(key, value string) {
+	if c.m == nil {
+		c.m = make(propagation.MapCarrier, 2)
+	}
+	c.m[key] = value
 }
 
 // NewID returns a new time-ordered (v7) message id, for callers that want to

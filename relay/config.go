@@ -7,6 +7,10 @@ import (
 	"os"
 	"time"
 
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/mailroom-go/mailroom"
 )
 
@@ -58,8 +62,26 @@ type Config struct {
 	// (audit, replay) instead of deleting them. 0 (default) deletes at once.
 	Retain time.Duration
 
-	// Logger receives the relay's logs; nil discards them.
+	// Logger receives the relay's logs; nil discards them. Keys:
+	// message_id, exchange, routing_key, key, attempt, error. Successful
+	// publishes are not logged.
 	Logger *slog.Logger
+
+	// TracerProvider creates the producer span of each publish (see the
+	// package doc). Default nil: the global provider (otel.GetTracerProvider).
+	TracerProvider trace.TracerProvider
+	// MeterProvider creates the relay's instruments (see the package doc
+	// for their names). Default nil: the global provider.
+	MeterProvider metric.MeterProvider
+	// Propagator reads the trace context outbox.Add stored in the headers
+	// and writes the publish span's context into the AMQP headers. Default
+	// nil: the global propagator, looked up at each use.
+	Propagator propagation.TextMapPropagator
+	// BacklogInterval is how often at most the pending-rows and lag gauges
+	// query the outbox table (the query scans it; see sql.go). The query
+	// runs only when a metric reader collects. Default 5s; negative turns
+	// the two gauges off.
+	BacklogInterval time.Duration
 }
 
 func (c *Config) setDefaults() {
@@ -85,6 +107,7 @@ func (c *Config) setDefaults() {
 	defDur(&c.PollInterval, 500*time.Millisecond)
 	defDur(&c.MinBackoff, time.Second)
 	defDur(&c.MaxBackoff, 5*time.Minute)
+	defDur(&c.BacklogInterval, 5*time.Second)
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}

@@ -27,6 +27,8 @@ type publisher struct {
 	sess    *session
 	probe   *amqp.Channel   // checks exchanges exist (a failed check closes only this channel)
 	known   map[string]bool // exchanges seen to exist on this connection
+
+	spanNames map[string]string // "publish <exchange>" by exchange, built once
 }
 
 // session is one confirm-mode channel and the messages awaiting its confirms.
@@ -35,6 +37,8 @@ type session struct {
 	mu   sync.Mutex
 	wait map[uint64]*pending // by delivery tag
 	done chan struct{}       // closed when the confirm loop has settled everything
+
+	timedOut atomic.Bool // the confirm loop closed the channel on ConfirmTimeout
 }
 
 type pending struct {
@@ -43,7 +47,7 @@ type pending struct {
 }
 
 func newPublisher(r *Relay, outcomes chan<- outcome) *publisher {
-	return &publisher{r: r, outcomes: outcomes, slots: make(chan struct{}, r.cfg.ConfirmWindow), known: map[string]bool{}}
+	return &publisher{r: r, outcomes: outcomes, slots: make(chan struct{}, r.cfg.ConfirmWindow), known: map[string]bool{}, spanNames: map[string]string{}}
 }
 
 // run publishes every batch it receives until batches is closed, then waits
@@ -67,6 +71,11 @@ func (p *publisher) run(ctx context.Context, batches <-chan []*row) {
 
 // publish sends one row or settles it: it never returns with the row lost.
 func (p *publisher) publish(ctx context.Context, w *row) {
+	w.span = p.startPublish(w)
+	msg := message(w)
+	if w.span != nil {
+		p.injectSpan(w.span, msg.Headers)
+	}
 	for {
 		if err := p.connect(ctx); err != nil { // only fails when ctx ended
 			p.settle([]*row{w}, released, nil)
@@ -76,7 +85,8 @@ func (p *publisher) publish(ctx context.Context, w *row) {
 			p.reset(err)
 			continue
 		} else if !ok {
-			p.settle([]*row{w}, failed, fmt.Errorf("%w: %q (declare it, e.g. `rabbitmqctl eval` or your topology code; the message stays in the outbox and is retried)", ErrNoExchange, w.exchange))
+			p.emit(outcome{row: w, kind: failed, reason: reasonNoExchange,
+				err: fmt.Errorf("%w: %q (declare it, e.g. `rabbitmqctl eval` or your topology code; the message stays in the outbox and is retried)", ErrNoExchange, w.exchange)})
 			return
 		}
 		if !p.waitUnblocked(ctx) || !p.acquire(ctx) {
@@ -88,7 +98,7 @@ func (p *publisher) publish(ctx context.Context, w *row) {
 		tag := s.ch.GetNextPublishSeqNo()
 		s.wait[tag] = &pending{row: w, sent: time.Now()}
 		s.mu.Unlock()
-		err := s.ch.PublishWithContext(ctx, w.exchange, w.routingKey, true, false, message(w))
+		err := s.ch.PublishWithContext(ctx, w.exchange, w.routingKey, true, false, msg)
 		if err == nil {
 			return
 		}
@@ -265,13 +275,14 @@ func (p *publisher) confirmLoop(s *session, confirms <-chan amqp.Confirmation, r
 				continue // settled already (publish error path)
 			}
 			<-p.slots
+			p.r.tel.confirm.Record(context.Background(), time.Since(e.sent).Seconds(), p.r.tel.record...)
 			switch {
 			case returned[e.row.id] > 0:
 				p.settleAllReturned(s, returned, e)
 			case c.Ack:
-				p.outcomes <- outcome{row: e.row, kind: delivered}
+				p.emit(outcome{row: e.row, kind: delivered})
 			default:
-				p.outcomes <- outcome{row: e.row, kind: failed, err: ErrNacked}
+				p.emit(outcome{row: e.row, kind: failed, err: ErrNacked, reason: reasonNack})
 			}
 		case r, ok := <-returns:
 			if !ok {
@@ -282,6 +293,7 @@ func (p *publisher) confirmLoop(s *session, confirms <-chan amqp.Confirmation, r
 		case <-tick.C:
 			if p.oldest(s) > p.r.cfg.ConfirmTimeout {
 				p.r.log.Warn("confirm timed out; closing the channel so unconfirmed messages are retried", "timeout", p.r.cfg.ConfirmTimeout)
+				s.timedOut.Store(true)
 				s.ch.Close() // confirms is closed next, and we abandon
 			}
 		}
@@ -293,7 +305,7 @@ func (p *publisher) settleAllReturned(s *session, returned map[string]int, e *pe
 	if returned[e.row.id] == 0 {
 		delete(returned, e.row.id)
 	}
-	p.outcomes <- outcome{row: e.row, kind: failed, err: fmt.Errorf("%w (exchange %q, routing key %q)", ErrUnroutable, e.row.exchange, e.row.routingKey)}
+	p.emit(outcome{row: e.row, kind: failed, reason: reasonUnroutable, err: fmt.Errorf("%w (exchange %q, routing key %q)", ErrUnroutable, e.row.exchange, e.row.routingKey)})
 }
 
 func closeReason(closed <-chan *amqp.Error) error {
@@ -315,10 +327,14 @@ func (p *publisher) abandon(s *session, why error) {
 	if len(s.wait) > 0 {
 		p.r.log.Warn("channel lost with messages unconfirmed; they will be published again", "unconfirmed", len(s.wait), "error", why)
 	}
+	rs := reasonChannelClosed
+	if s.timedOut.Load() {
+		rs = reasonTimeout
+	}
 	for tag, e := range s.wait {
 		delete(s.wait, tag)
 		<-p.slots
-		p.outcomes <- outcome{row: e.row, kind: released, err: why}
+		p.emit(outcome{row: e.row, kind: released, err: why, reason: rs})
 	}
 }
 
@@ -399,6 +415,12 @@ func (p *publisher) close() {
 
 func (p *publisher) settle(rows []*row, kind outcomeKind, err error) {
 	for _, w := range rows {
-		p.outcomes <- outcome{row: w, kind: kind, err: err}
+		p.emit(outcome{row: w, kind: kind, err: err})
 	}
+}
+
+// emit hands an outcome to the finisher, after ending the row's span.
+func (p *publisher) emit(o outcome) {
+	p.r.settled(&o)
+	p.outcomes <- o
 }

@@ -8,12 +8,12 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
 	"github.com/google/uuid"
 	"github.com/lib/pq"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/mailroom-go/mailroom"
 )
@@ -39,11 +39,13 @@ type Relay struct {
 	log     *slog.Logger
 	channel string // NOTIFY channel
 
-	published, failed, dead, released atomic.Int64
-	lastProgress                      atomic.Int64 // unix nanos of the last successful claim
+	counters counters
+	tel      *instruments
+	backlog  backlogCache
 }
 
-// Stats are counters since the relay was created.
+// Stats are counters since the relay was created. The metrics (see the
+// package doc) observe the same counters.
 type Stats struct {
 	Published    int64     // confirmed and removed from the outbox
 	Failed       int64     // failed attempts (nack, unroutable, missing exchange)
@@ -54,9 +56,10 @@ type Stats struct {
 
 // Stats returns the relay's counters.
 func (r *Relay) Stats() Stats {
+	c := &r.counters
 	return Stats{
-		Published: r.published.Load(), Failed: r.failed.Load(), DeadLettered: r.dead.Load(),
-		Released: r.released.Load(), LastProgress: time.Unix(0, r.lastProgress.Load()),
+		Published: c.published.Load(), Failed: c.failed(), DeadLettered: c.dead.Load(),
+		Released: c.released.Load(), LastProgress: time.Unix(0, c.lastProgress.Load()),
 	}
 }
 
@@ -71,10 +74,15 @@ func New(db *sql.DB, cfg Config) (*Relay, error) {
 	if err != nil {
 		return nil, fmt.Errorf("relay: Config.%w", err)
 	}
+	tel, err := newInstruments(&cfg, t.Outbox.String())
+	if err != nil {
+		return nil, err
+	}
 	return &Relay{
 		db: db, cfg: cfg, q: newQueries(t), tables: t,
 		log:     cfg.Logger.With("relay", cfg.Name),
 		channel: t.Outbox.String(),
+		tel:     tel,
 	}, nil
 }
 
@@ -92,6 +100,9 @@ type row struct {
 	payload     []byte
 	createdAt   time.Time
 	attempts    int
+
+	span  trace.Span  // the publish span while it is recording, else nil
+	batch *batchClock // times the batch the row was claimed in
 }
 
 type outcomeKind int
@@ -103,9 +114,10 @@ const (
 )
 
 type outcome struct {
-	row  *row
-	kind outcomeKind
-	err  error
+	row    *row
+	kind   outcomeKind
+	err    error
+	reason reason // labels the publish failures metric; noReason for a delivery or a plain release
 }
 
 // Run claims, publishes and finishes rows until ctx ends, then stops
@@ -113,6 +125,11 @@ type outcome struct {
 // hands back unpublished rows and returns nil. Database and broker outages
 // are retried with backoff, never returned.
 func (r *Relay) Run(ctx context.Context) error {
+	unregister, err := r.register()
+	if err != nil {
+		return err
+	}
+	defer unregister()
 	wake := make(chan struct{}, 1)
 	batches := make(chan []*row)                          // unbuffered: at most one batch claimed ahead
 	outcomes := make(chan outcome, 4*r.cfg.ConfirmWindow) // confirms never wait on the database
@@ -184,7 +201,7 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 			continue
 		}
 		bo.Reset()
-		r.lastProgress.Store(time.Now().UnixNano())
+		r.counters.lastProgress.Store(time.Now().UnixNano())
 		if len(rows) > 0 {
 			select {
 			case batches <- rows:
@@ -218,6 +235,9 @@ func (r *Relay) claim(ctx context.Context) ([]*row, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
 	lease := uuid.NewString()
+	start := time.Now()
+	clock := &batchClock{claimed: start}
+	defer func() { r.tel.claim.Record(ctx, time.Since(start).Seconds(), r.tel.record...) }()
 	rs, err := r.db.QueryContext(ctx, r.q.claim, r.cfg.BatchSize, r.cfg.Lease.Milliseconds(), lease)
 	if err != nil {
 		return nil, fmt.Errorf("claim from %s: %w", r.tables.Outbox, err)
@@ -225,7 +245,7 @@ func (r *Relay) claim(ctx context.Context) ([]*row, error) {
 	defer rs.Close()
 	var rows []*row
 	for rs.Next() {
-		w := &row{lease: lease}
+		w := &row{lease: lease, batch: clock}
 		var headers []byte
 		if err := rs.Scan(&w.seq, &w.id, &w.exchange, &w.routingKey, &w.key, &w.typ, &w.contentType, &headers, &w.payload, &w.createdAt, &w.attempts); err != nil {
 			return nil, fmt.Errorf("claim from %s: %w", r.tables.Outbox, err)
@@ -243,6 +263,7 @@ func (r *Relay) claim(ctx context.Context) ([]*row, error) {
 	if err := rs.Err(); err != nil {
 		return nil, fmt.Errorf("claim from %s: %w", r.tables.Outbox, err)
 	}
+	clock.left.Store(int32(len(rows)))
 	// Claim order within a batch follows available_at; publish each key's
 	// rows (there is at most one per key) and the rest oldest first.
 	return rows, nil
@@ -322,10 +343,15 @@ func (r *Relay) finish(ctx context.Context, os []outcome) {
 		r.log.Error("could not record publish outcomes before stopping; the rows will be published again after their lease expires", "rows", len(os), "error", err)
 	}
 	if err == nil {
-		r.published.Add(int64(len(done)))
-		r.failed.Add(int64(len(retry) + len(bury)))
-		r.dead.Add(int64(len(bury)))
-		r.released.Add(int64(len(release)))
+		c := &r.counters
+		c.published.Add(int64(len(done)))
+		c.dead.Add(int64(len(bury)))
+		c.released.Add(int64(len(release)))
+		for _, o := range os {
+			if o.reason != noReason {
+				c.failures[o.reason].Add(1)
+			}
+		}
 		for _, o := range bury {
 			r.log.Error("message dead-lettered", "message_id", o.row.id, "exchange", o.row.exchange, "routing_key", o.row.routingKey, "key", o.row.key, "attempt", o.row.attempts+1, "error", o.err)
 		}

@@ -1,0 +1,216 @@
+// Package telemetry holds what the relay, the inbox and the outbox share for
+// OpenTelemetry: the instrument names (which the sidecar's Prometheus
+// exporter renders unchanged, see Names), the attribute keys, the
+// providers' nil-means-global resolution and an AMQP header carrier for
+// trace propagation.
+//
+// Library packages use the OpenTelemetry API only; an SDK is wired by the
+// application (or a test).
+package telemetry
+
+import (
+	"reflect"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
+)
+
+// Instrumentation scope names: the import path of the instrumented package.
+const (
+	ScopeRelay  = "github.com/mailroom-go/mailroom/relay"
+	ScopeInbox  = "github.com/mailroom-go/mailroom/inbox"
+	ScopeOutbox = "github.com/mailroom-go/mailroom/outbox"
+)
+
+// Instrument names. The OpenTelemetry Prometheus exporter turns dots into
+// underscores, appends the unit ("_seconds") and, for counters, "_total":
+// the Prometheus name is in each comment.
+const (
+	// RelayPublished counts messages confirmed by the broker and removed
+	// from the outbox. mailroom_relay_published_total{table}
+	RelayPublished = "mailroom.relay.published"
+	// RelayPublishFailures counts failed publishes by reason (see Reason*).
+	// mailroom_relay_publish_failures_total{table,reason}
+	RelayPublishFailures = "mailroom.relay.publish.failures"
+	// RelayDeadLettered counts rows moved to the dead-letter table.
+	// mailroom_relay_dead_lettered_total{table}
+	RelayDeadLettered = "mailroom.relay.dead_lettered"
+	// RelayReleased counts rows handed back unpublished without counting an
+	// attempt (shutdown, lost channel, confirm timeout).
+	// mailroom_relay_released_total{table}
+	RelayReleased = "mailroom.relay.released"
+	// RelayConfirmDuration is the time from publish to the broker's
+	// confirm (ack, nack or return), in seconds.
+	// mailroom_relay_confirm_duration_seconds{table}
+	RelayConfirmDuration = "mailroom.relay.confirm.duration"
+	// RelayBatchDuration is the time from claiming a batch until every row
+	// of it is settled (confirmed, failed or released), in seconds.
+	// mailroom_relay_batch_duration_seconds{table}
+	RelayBatchDuration = "mailroom.relay.batch.duration"
+	// RelayClaimDuration is the time of one claim statement, in seconds.
+	// mailroom_relay_claim_duration_seconds{table}
+	RelayClaimDuration = "mailroom.relay.claim.duration"
+	// OutboxPending is the number of rows in the outbox table (due,
+	// in flight, backing off or delayed). mailroom_outbox_pending{table}
+	OutboxPending = "mailroom.outbox.pending"
+	// OutboxOldestPendingAge is the lag: the age in seconds of the oldest
+	// row that is due, in flight or retrying (0 when none).
+	// mailroom_outbox_oldest_pending_age_seconds{table}
+	OutboxOldestPendingAge = "mailroom.outbox.oldest_pending_age"
+
+	// InboxProcessed counts messages applied and committed.
+	// mailroom_inbox_processed_total{consumer,queue}
+	InboxProcessed = "mailroom.inbox.processed"
+	// InboxDuplicates counts deliveries acked without calling the handler
+	// because their id was already recorded.
+	// mailroom_inbox_duplicates_total{consumer,queue}
+	InboxDuplicates = "mailroom.inbox.duplicates"
+	// InboxFailures counts handler errors and panics.
+	// mailroom_inbox_failures_total{consumer,queue}
+	InboxFailures = "mailroom.inbox.failures"
+	// InboxRetries counts deliveries sent to the retry queue or retried in
+	// place. mailroom_inbox_retries_total{consumer,queue}
+	InboxRetries = "mailroom.inbox.retries"
+	// InboxDeadLettered counts deliveries sent to the dead-letter queue (or
+	// rejected). mailroom_inbox_dead_lettered_total{consumer,queue}
+	InboxDeadLettered = "mailroom.inbox.dead_lettered"
+	// InboxRequeued counts deliveries returned to the queue after a
+	// database or broker failure. mailroom_inbox_requeued_total{consumer,queue}
+	InboxRequeued = "mailroom.inbox.requeued"
+	// InboxHandlerDuration is the handler's run time in seconds, by
+	// result (ok or error).
+	// mailroom_inbox_handler_duration_seconds{consumer,queue,result}
+	InboxHandlerDuration = "mailroom.inbox.handler.duration"
+	// DedupePurged counts message ids purged after their retention.
+	// mailroom_dedupe_purged_total{table}
+	DedupePurged = "mailroom.dedupe.purged"
+)
+
+// Attribute keys (all low cardinality: never a message id).
+const (
+	AttrTable    = attribute.Key("table")
+	AttrReason   = attribute.Key("reason")
+	AttrConsumer = attribute.Key("consumer")
+	AttrQueue    = attribute.Key("queue")
+	AttrResult   = attribute.Key("result")
+)
+
+// Values of AttrReason on RelayPublishFailures. nack, unroutable and
+// no_exchange count as attempts of the message; timeout and
+// channel_closed are not the message's fault and release it instead.
+const (
+	ReasonNack          = "nack"
+	ReasonUnroutable    = "unroutable"
+	ReasonNoExchange    = "no_exchange"
+	ReasonTimeout       = "timeout"
+	ReasonChannelClosed = "channel_closed"
+)
+
+// DurationBuckets are the histogram boundaries, in seconds, of every
+// duration instrument: 1ms to 30s. (The SDK's default boundaries are meant
+// for milliseconds and would put every publish in the first bucket.)
+var DurationBuckets = []float64{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}
+
+// TracerProvider returns tp, or the global provider when tp is nil.
+func TracerProvider(tp trace.TracerProvider) trace.TracerProvider {
+	if tp == nil {
+		return otel.GetTracerProvider()
+	}
+	return tp
+}
+
+// MeterProvider returns mp, or the global provider when mp is nil.
+func MeterProvider(mp metric.MeterProvider) metric.MeterProvider {
+	if mp == nil {
+		return otel.GetMeterProvider()
+	}
+	return mp
+}
+
+// Propagator returns p, or the global propagator when p is nil. The global
+// one is resolved at each call, so a propagator set after New still counts.
+func Propagator(p propagation.TextMapPropagator) propagation.TextMapPropagator {
+	if p == nil {
+		return otel.GetTextMapPropagator()
+	}
+	return p
+}
+
+// AMQPCarrier lets a propagator read and write AMQP headers. Get returns
+// only string (and []byte) values.
+type AMQPCarrier amqp.Table
+
+var _ propagation.TextMapCarrier = AMQPCarrier(nil)
+
+// Get returns the header key as a string, or "".
+func (c AMQPCarrier) Get(key string) string {
+	switch v := c[key].(type) {
+	case string:
+		return v
+	case []byte:
+		return string(v)
+	}
+	return ""
+}
+
+// Set sets the header key.
+func (c AMQPCarrier) Set(key, value string) { c[key] = value }
+
+// Keys lists the header names.
+func (c AMQPCarrier) Keys() []string {
+	keys := make([]string, 0, len(c))
+	for k := range c {
+		keys = append(keys, k)
+	}
+	return keys
+}
+
+// Tracing is a package's tracer plus a cheap test of whether spans can be
+// recorded at all, so the message path skips extracting contexts and
+// starting spans when no SDK is installed.
+type Tracing struct {
+	trace.Tracer
+	configured trace.TracerProvider // nil: the global provider, checked at each use
+	recording  bool                 // for configured
+}
+
+// NewTracing returns the tracer of scope from tp (nil: the global
+// provider, which may be replaced later; Enabled follows it).
+func NewTracing(tp trace.TracerProvider, scope string) Tracing {
+	return Tracing{Tracer: TracerProvider(tp).Tracer(scope), configured: tp, recording: tp != nil && !isNoop(tp)}
+}
+
+// Enabled reports whether a span started now could record: false with the
+// no-op provider and with the global provider while the application has
+// not installed one (otel.SetTracerProvider). A recording-capable provider
+// may still sample a span out; callers check span.IsRecording for that.
+//
+// One consequence: zero-code eBPF auto-instrumentation, which hooks the
+// global provider without installing one, sees no mailroom spans.
+func (t Tracing) Enabled() bool {
+	if t.configured != nil {
+		return t.recording
+	}
+	return !isNoop(otel.GetTracerProvider())
+}
+
+// globalPkg is where the global delegating provider lives; the global
+// provider is that type exactly until otel.SetTracerProvider replaces it.
+const globalPkg = "go.opentelemetry.io/otel/internal/global"
+
+func isNoop(tp trace.TracerProvider) bool {
+	switch tp.(type) {
+	case noop.TracerProvider, *noop.TracerProvider:
+		return true
+	}
+	t := reflect.TypeOf(tp)
+	if t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	return t.PkgPath() == globalPkg
+}
