@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"database/sql"
 	_ "embed"
 	"errors"
 	"fmt"
@@ -159,6 +160,15 @@ func (a *App) Close() error { return a.db.Close() }
 // exchanges. It is idempotent. A real service runs the same steps at deploy
 // time (mailroom-relay migrate plus its own migrations).
 func (a *App) Setup(ctx context.Context) error {
+	var schema sql.NullString
+	if err := a.db.QueryRowContext(ctx, `SELECT current_schema()`).Scan(&schema); err != nil {
+		return fmt.Errorf("setup: %w", err)
+	}
+	if !schema.Valid {
+		var path string
+		_ = a.db.QueryRowContext(ctx, `SHOW search_path`).Scan(&path)
+		return fmt.Errorf("setup: no schema of the search_path (%s) exists: create it (CREATE SCHEMA …) or fix search_path in DATABASE_URL", path)
+	}
 	for _, t := range []mailroom.Tables{ordersTables, paymentsTables} {
 		if err := mailroom.Migrate(ctx, a.db.DB, t); err != nil {
 			return err

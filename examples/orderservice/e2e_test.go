@@ -55,6 +55,11 @@ func TestDemoFlow(t *testing.T) {
 	if got := a.count(t, `SELECT count(*) FROM orders_inbox WHERE scope = 'orders-api'`); got != n {
 		t.Errorf("%d Idempotency-Keys recorded, want %d", got, n)
 	}
+	for _, c := range a.consumers {
+		if st := c.Stats(); st.Failed != 0 || st.DeadLettered != 0 {
+			t.Errorf("consumer stats %+v: a handler failed", st)
+		}
+	}
 	for _, table := range []string{"orders_outbox", "payments_outbox"} {
 		testenv.Eventually(t, 30*time.Second, table+" to be empty", func() bool {
 			return a.count(t, `SELECT count(*) FROM `+table) == 0
@@ -138,5 +143,53 @@ func TestCommandUsageErrors(t *testing.T) {
 		if code != 2 || stderr.Len() == 0 {
 			t.Errorf("%q: exit %d with %q, want exit 2 with a message", args, code, stderr.String())
 		}
+	}
+}
+
+// The demo runs again on the same tables and queues: setup is idempotent and
+// each run counts only its own orders. The second run uses a second App (a
+// new process, as `make demo` twice would) while the first still runs: two
+// instances of each service on one database and broker.
+func TestDemoRerun(t *testing.T) {
+	t.Parallel()
+	first := newTestApp(t, true)
+	second, err := NewApp(first.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { second.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	if err := second.Setup(ctx); err != nil {
+		t.Fatalf("second setup: %v", err)
+	}
+	ln := listen(t)
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- second.Run(runCtx, ln) }()
+	t.Cleanup(func() {
+		stop()
+		if err := <-done; err != nil {
+			t.Errorf("second app.Run: %v", err)
+		}
+	})
+
+	const n = 20
+	for i, url := range []string{first.URL, "http://" + ln.Addr().String()} {
+		var progress strings.Builder
+		run := placeOrders(ctx, url, n, 4, &progress)
+		if err := waitPaid(ctx, first.DB(), run, 2*time.Minute, &progress); err != nil {
+			t.Fatal(err)
+		}
+		s, err := summarize(ctx, first.DB(), run)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := (Summary{Orders: n, Paid: n, Charges: n, DuplicatesSuppressed: n / 5}); s != want {
+			t.Fatalf("run %d: %s, want %s\n%s", i+1, s, want, progress.String())
+		}
+	}
+	if got := first.count(t, `SELECT count(*) FROM orders`); got != 2*n {
+		t.Errorf("%d orders in the table after two runs, want %d", got, 2*n)
 	}
 }

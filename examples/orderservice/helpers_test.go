@@ -48,10 +48,7 @@ func newTestApp(t *testing.T, run bool) *testApp {
 	if err := app.Setup(ctx); err != nil {
 		t.Fatalf("setup: %v", err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln := listen(t)
 	if !run { // the API alone
 		app.relays, app.consumers = nil, nil
 	}
@@ -87,4 +84,14 @@ func closedPort(t *testing.T) string {
 	addr := ln.Addr().String()
 	ln.Close()
 	return addr
+}
+
+// listen opens a loopback listener on a free port.
+func listen(t *testing.T) net.Listener {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ln
 }
