@@ -40,7 +40,7 @@
 //	mailroom.relay.confirm.duration  histogram  s     mailroom_relay_confirm_duration_seconds       table
 //	mailroom.relay.batch.duration    histogram  s     mailroom_relay_batch_duration_seconds         table
 //	mailroom.relay.claim.duration    histogram  s     mailroom_relay_claim_duration_seconds         table
-//	mailroom.outbox.pending          gauge      1     mailroom_outbox_pending                       table
+//	mailroom.outbox.pending_rows     gauge      1     mailroom_outbox_pending_rows                  table
 //	mailroom.outbox.oldest_pending_age gauge    s     mailroom_outbox_oldest_pending_age_seconds    table
 //
 // reason is nack, unroutable or no_exchange (attempts of the message, the
@@ -52,7 +52,7 @@
 // the last row of the batch is settled. Histogram buckets run from 1ms to
 // 30s.
 //
-// pending counts every row in the outbox (due, in flight, retrying or
+// pending_rows counts every row in the outbox (due, in flight, retrying or
 // scheduled); oldest_pending_age is the lag: the age of the oldest row that
 // is not merely scheduled for later, 0 when none. Both come from one query
 // that scans the outbox table (cheap while the relay keeps up, about 100ms

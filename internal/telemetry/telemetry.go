@@ -56,8 +56,8 @@ const (
 	// mailroom_relay_claim_duration_seconds{table}
 	RelayClaimDuration = "mailroom.relay.claim.duration"
 	// OutboxPending is the number of rows in the outbox table (due,
-	// in flight, backing off or delayed). mailroom_outbox_pending{table}
-	OutboxPending = "mailroom.outbox.pending"
+	// in flight, backing off or delayed). mailroom_outbox_pending_rows{table}
+	OutboxPending = "mailroom.outbox.pending_rows"
 	// OutboxOldestPendingAge is the lag: the age in seconds of the oldest
 	// row that is due, in flight or retrying (0 when none).
 	// mailroom_outbox_oldest_pending_age_seconds{table}
