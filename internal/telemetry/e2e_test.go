@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -36,6 +37,7 @@ const wait = 60 * time.Second
 // exchange and queues.
 type pipeline struct {
 	t     *testing.T
+	logs  *logSink
 	s     *testenv.Schema
 	b     *testenv.Broker
 	ex    string
@@ -47,7 +49,7 @@ func newPipeline(t *testing.T, bindingKeys ...string) *pipeline {
 	t.Helper()
 	s := testenv.NewSchema(t)
 	b := testenv.NewBroker(t)
-	p := &pipeline{t: t, s: s, b: b, ex: testenv.Unique("ex"), queue: testenv.Unique("q")}
+	p := &pipeline{t: t, s: s, b: b, ex: testenv.Unique("ex"), queue: testenv.Unique("q"), logs: &logSink{t: t}}
 	b.CleanupExchanges(p.ex, inbox.DeadLetterExchangeName(p.queue))
 	b.CleanupQueues(p.queue, inbox.RetryQueueName(p.queue), inbox.DeadLetterQueueName(p.queue))
 	if err := inbox.DeclareTopology(b.Channel(), inbox.Topology{Queue: p.queue, Exchange: p.ex, BindingKeys: bindingKeys, Classic: true}); err != nil {
@@ -84,7 +86,7 @@ func (p *pipeline) runRelay(cfg relay.Config) *relay.Relay {
 		p.t.Fatal(err)
 	}
 	cfg.URL, cfg.DisableListen, cfg.PollInterval = p.b.URL, true, 20*time.Millisecond
-	cfg.Name, cfg.Logger = testenv.Unique("relay"), testLogger(p.t)
+	cfg.Name, cfg.Logger = testenv.Unique("relay"), slog.New(&logHandler{sink: p.logs})
 	r, err := relay.New(db, cfg)
 	if err != nil {
 		p.t.Fatal(err)
@@ -98,7 +100,7 @@ func (p *pipeline) runRelay(cfg relay.Config) *relay.Relay {
 func (p *pipeline) runInbox(cfg inbox.Config) *inbox.Consumer {
 	p.t.Helper()
 	cfg.URL, cfg.Queue, cfg.Consumer = testenv.AMQPURL(), p.queue, "telemetry-test"
-	cfg.ConnectionName, cfg.Logger = testenv.Unique("inbox"), testLogger(p.t)
+	cfg.ConnectionName, cfg.Logger = testenv.Unique("inbox"), slog.New(&logHandler{sink: p.logs})
 	cfg.MinBackoff, cfg.MaxBackoff = 10*time.Millisecond, 50*time.Millisecond
 	c, err := inbox.New(p.s.DB, cfg)
 	if err != nil {
@@ -367,6 +369,27 @@ func TestMetricsAfterDuplicatesRetriesAndDeadLetters(t *testing.T) {
 	if got := m.sum(t, telemetry.OutboxPending); got != 0 {
 		t.Errorf("pending = %d, want 0", got)
 	}
+
+	// The failures were logged with the shared keys.
+	recs := p.logs.all()
+	checkLogs(t, recs)
+	want := map[string]bool{} // message id → logged as failing
+	for _, r := range recs {
+		if r.level >= slog.LevelWarn && r.attrs["message_id"] != "" {
+			want[r.attrs["message_id"]] = true
+			if r.attrs["consumer"] == "" && r.attrs["relay"] == "" {
+				t.Errorf("log %q about a message names neither the consumer nor the relay: %v", r.msg, r.attrs)
+			}
+		}
+	}
+	if !want[flaky] || !want[poison] {
+		t.Errorf("the flaky and poison messages' failures are not logged with message_id (logged: %v)", want)
+	}
+	for _, id := range []string{a, b, c} {
+		if want[id] {
+			t.Errorf("message %s succeeded but was logged at Warn or above", id)
+		}
+	}
 }
 
 // The pending gauge counts every row; the lag ignores rows scheduled for
@@ -494,15 +517,70 @@ func (m metrics) count(t *testing.T, name string, attrs ...attribute.KeyValue) u
 	return n
 }
 
-// testLogger sends logs to t.Log.
-func testLogger(t *testing.T) *slog.Logger {
-	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+// logSink keeps the relay's and the inbox's log records (and shows them
+// with t.Log) so tests can check their keys.
+type logSink struct {
+	t       *testing.T
+	mu      sync.Mutex
+	records []logRecord
 }
 
-type tWriter struct{ t *testing.T }
+type logRecord struct {
+	level slog.Level
+	msg   string
+	attrs map[string]string
+}
 
-func (w tWriter) Write(b []byte) (int, error) {
-	defer func() { _ = recover() }() // a log line after the test ended
-	w.t.Log(string(b))
-	return len(b), nil
+func (s *logSink) all() []logRecord {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]logRecord(nil), s.records...)
+}
+
+type logHandler struct {
+	sink  *logSink
+	attrs []slog.Attr
+}
+
+func (h *logHandler) Enabled(context.Context, slog.Level) bool { return true }
+func (h *logHandler) Handle(_ context.Context, r slog.Record) error {
+	rec := logRecord{level: r.Level, msg: r.Message, attrs: map[string]string{}}
+	for _, a := range h.attrs {
+		rec.attrs[a.Key] = a.Value.String()
+	}
+	r.Attrs(func(a slog.Attr) bool { rec.attrs[a.Key] = a.Value.String(); return true })
+	h.sink.mu.Lock()
+	h.sink.records = append(h.sink.records, rec)
+	h.sink.mu.Unlock()
+	func() {
+		defer func() { _ = recover() }() // a log line after the test ended
+		h.sink.t.Log(rec.level, rec.msg, rec.attrs)
+	}()
+	return nil
+}
+func (h *logHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	return &logHandler{sink: h.sink, attrs: append(append([]slog.Attr{}, h.attrs...), as...)}
+}
+func (h *logHandler) WithGroup(string) slog.Handler { return h }
+
+// checkLogs asserts the house rules on every record: the shared keys
+// (message_id, not id; error, not err), nothing about a single message at
+// Info or below Warn unless Debug, and no password.
+func checkLogs(t *testing.T, recs []logRecord) {
+	t.Helper()
+	for _, r := range recs {
+		for _, bad := range []string{"id", "err", "wait"} {
+			if _, ok := r.attrs[bad]; ok {
+				t.Errorf("log %q uses key %q; the shared keys are message_id, error, retry_in", r.msg, bad)
+			}
+		}
+		if _, ok := r.attrs["message_id"]; ok && r.level == slog.LevelInfo {
+			t.Errorf("log %q: a line about one message at Info", r.msg)
+		}
+		for k, v := range r.attrs {
+			if strings.Contains(v, ":guest@") {
+				t.Errorf("log %q: %s contains the broker password: %s", r.msg, k, v)
+			}
+		}
+	}
 }
