@@ -88,9 +88,9 @@ func (s *server) page(w http.ResponseWriter, r *http.Request) {
 	_, _ = w.Write(buf.Bytes())
 }
 
-// drawChart scales samples into a 600×120 viewBox, newest on the right.
+// drawChart scales samples into a 480×120 viewBox, newest on the right.
 func drawChart(samples []sample, v func(sample) float64, unit string) chart {
-	c := chart{W: 600, H: 120, Samples: len(samples)}
+	c := chart{W: 480, H: 120, Samples: len(samples)}
 	if len(samples) == 0 {
 		c.Max, c.Last, c.Span = "0"+unit, "-", "no samples yet"
 		return c
