@@ -6,9 +6,16 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/goleak"
+
 	"github.com/mailroom-go/mailroom/inbox"
 	"github.com/mailroom-go/mailroom/internal/testenv"
 )
+
+// No goroutine of the services outlives App.Run.
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
 
 // testApp is the example wired on a test's own schema, exchanges and
 // queues, cleaned up when the test ends.
