@@ -78,9 +78,9 @@ type Config struct {
 	// nil: the global propagator, looked up at each use.
 	Propagator propagation.TextMapPropagator
 	// BacklogInterval is how often at most the pending-rows and lag gauges
-	// query the outbox table (the query scans it; see sql.go). The query
-	// runs only when a metric reader collects. Default 5s; negative turns
-	// the two gauges off.
+	// run Status, which scans the outbox and dead-letter tables; it runs
+	// only when a metric reader collects. Default 5s; negative turns the
+	// two gauges off (the sidecar, which exports its own, does that).
 	BacklogInterval time.Duration
 }
 

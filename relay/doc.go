@@ -54,11 +54,12 @@
 //
 // pending_rows counts every row in the outbox (due, in flight, retrying or
 // scheduled); oldest_pending_age is the lag: the age of the oldest row that
-// is not merely scheduled for later, 0 when none. Both come from one query
-// that scans the outbox table (cheap while the relay keeps up, about 100ms
-// per million waiting rows). It runs only when a reader collects and at
-// most once per Config.BacklogInterval (default 5s); every relay on a table
-// reports the same table-wide figures, so aggregate them with max, not sum.
+// is not merely scheduled for later, 0 when none. Both come from Status,
+// the query behind the sidecar's status command, which scans the outbox
+// table (cheap while the relay keeps up; on the order of 100ms per million
+// waiting rows). It runs only when a reader collects and at most once per
+// Config.BacklogInterval (default 5s); every relay on a table reports the
+// same table-wide figures, so aggregate them with max, not sum.
 //
 // Logs: Config.Logger (nil discards) gets warnings (retries, reconnects)
 // and errors (dead letters), with the keys message_id, exchange,

@@ -9,7 +9,7 @@ import (
 // queries holds every statement of the relay, rendered once for the
 // configured table names.
 type queries struct {
-	claim, deleteDone, archiveDone, retry, bury, release, backlog string
+	claim, deleteDone, archiveDone, retry, bury, release string
 }
 
 const columns = `id, exchange, routing_key, key, type, content_type, headers, payload, created_at, attempts`
@@ -65,20 +65,6 @@ d AS (DELETE FROM ` + ob + ` o USING f WHERE o.seq = f.seq AND o.lease = f.lease
 INSERT INTO ` + dead + ` (seq, ` + columns + `, last_error)
 SELECT seq, id, exchange, routing_key, key, type, content_type, headers, payload, created_at, attempts + 1, err FROM d
 ON CONFLICT (seq) DO NOTHING`,
-
-		// backlog counts the outbox and measures its lag for the metrics:
-		// the age of the oldest row that is not merely scheduled for later
-		// (never attempted, not leased, not yet due), the same definition
-		// as the sidecar's status command.
-		//
-		// Cost: a sequential scan of the outbox table. The table holds only
-		// what is not yet published, so it is small while the relay keeps
-		// up; with a million rows waiting it reads them all (on the order
-		// of 100 ms). The relay runs it only when a metric reader collects,
-		// and at most once per Config.BacklogInterval (default 5s).
-		backlog: `SELECT count(*),
-    coalesce(greatest(extract(epoch FROM now() - min(created_at) FILTER (WHERE NOT (attempts = 0 AND lease IS NULL AND available_at > now()))), 0), 0)::float8
-FROM ` + ob,
 
 		// release hands rows back at once (shutdown, lost connection)
 		// without counting an attempt.

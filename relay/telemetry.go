@@ -2,7 +2,6 @@ package relay
 
 import (
 	"context"
-	"database/sql"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -162,44 +161,17 @@ func (r *Relay) register() (unregister func(), err error) {
 	return func() { _ = reg.Unregister() }, nil
 }
 
-// Backlog is what waits in an outbox table.
-type Backlog struct {
-	// Pending counts every row still in the outbox: due, in flight,
-	// retrying, or scheduled for later (Message.AvailableAt).
-	Pending int64
-	// OldestPendingAge is the age since it was written of the oldest row
-	// that is not scheduled for later (never attempted, not leased, not yet
-	// due): the relay's lag. 0 when there is none.
-	OldestPendingAge time.Duration
-}
-
-// ReadBacklog runs the backlog query on the relay's outbox table. It scans
-// the table (see sql.go); the metric callback caches its result for
-// Config.BacklogInterval.
-func (r *Relay) ReadBacklog(ctx context.Context) (Backlog, error) {
-	return readBacklog(ctx, r.db, r.q.backlog)
-}
-
-func readBacklog(ctx context.Context, db *sql.DB, q string) (Backlog, error) {
-	var b Backlog
-	var age float64
-	if err := db.QueryRowContext(ctx, q).Scan(&b.Pending, &age); err != nil {
-		return Backlog{}, fmt.Errorf("relay: read backlog: %w", err)
-	}
-	b.OldestPendingAge = time.Duration(age * float64(time.Second))
-	return b, nil
-}
-
-// backlogCache runs the backlog query at most once per BacklogInterval,
-// however often metrics are collected (several readers, fast scrapes).
+// backlogCache runs Status (the same query as the sidecar's status
+// command, so the gauges and the command cannot disagree) at most once per
+// BacklogInterval, however often metrics are collected.
 type backlogCache struct {
 	mu   sync.Mutex
 	at   time.Time
-	last Backlog
+	last StatusReport
 	ok   bool
 }
 
-func (c *backlogCache) read(ctx context.Context, r *Relay) (Backlog, bool) {
+func (c *backlogCache) read(ctx context.Context, r *Relay) (StatusReport, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.at.IsZero() && time.Since(c.at) < r.cfg.BacklogInterval {
@@ -207,7 +179,7 @@ func (c *backlogCache) read(ctx context.Context, r *Relay) (Backlog, bool) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	b, err := r.ReadBacklog(ctx)
+	b, err := Status(ctx, r.db, r.cfg.Tables)
 	c.at, c.last, c.ok = time.Now(), b, err == nil
 	if err != nil {
 		r.log.Warn("backlog metrics: query failed; the pending and lag gauges are not reported until it succeeds", "error", err)
