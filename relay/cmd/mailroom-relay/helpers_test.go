@@ -12,7 +12,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strings"
 	"sync"
 	"syscall"
@@ -222,9 +221,18 @@ func (s *sidecar) waitReady() {
 	})
 }
 
-// metrics scrapes /metrics and parses it with the Prometheus text parser,
-// flattened to "name" or "name{k=v,...}" (labels sorted) -> value.
-func (s *sidecar) metrics() map[string]float64 {
+// series is one sample of a scrape.
+type series struct {
+	labels map[string]string
+	value  float64 // a histogram's sample count
+}
+
+// scrape is /metrics parsed with the Prometheus text parser: series by
+// metric name.
+type scrape map[string][]series
+
+// metrics scrapes /metrics.
+func (s *sidecar) metrics() scrape {
 	s.t.Helper()
 	resp, err := http.Get(s.url("/metrics"))
 	if err != nil {
@@ -239,39 +247,52 @@ func (s *sidecar) metrics() map[string]float64 {
 	if err != nil {
 		s.t.Fatalf("parse /metrics: %v", err)
 	}
-	out := map[string]float64{}
+	out := scrape{}
 	for name, f := range fams {
 		for _, m := range f.GetMetric() {
-			var ls []string
+			se := series{labels: map[string]string{}}
 			for _, l := range m.GetLabel() {
-				ls = append(ls, l.GetName()+"="+l.GetValue())
-			}
-			sort.Strings(ls)
-			key := name
-			if len(ls) > 0 {
-				key += "{" + strings.Join(ls, ",") + "}"
+				se.labels[l.GetName()] = l.GetValue()
 			}
 			switch {
 			case m.GetCounter() != nil:
-				out[key] = m.GetCounter().GetValue()
+				se.value = m.GetCounter().GetValue()
 			case m.GetGauge() != nil:
-				out[key] = m.GetGauge().GetValue()
+				se.value = m.GetGauge().GetValue()
 			case m.GetHistogram() != nil:
-				out[key+"_count"] = float64(m.GetHistogram().GetSampleCount())
+				se.value = float64(m.GetHistogram().GetSampleCount())
 			case m.GetUntyped() != nil:
-				out[key] = m.GetUntyped().GetValue()
+				se.value = m.GetUntyped().GetValue()
 			}
+			out[name] = append(out[name], se)
 		}
 	}
 	return out
 }
 
-// metric returns one value; the test fails if it is missing.
-func (s *sidecar) metric(key string) float64 {
+// get sums the series of name whose labels include every "k=v" of match;
+// ok is false when there is none.
+func (sc scrape) get(name string, match ...string) (v float64, ok bool) {
+next:
+	for _, se := range sc[name] {
+		for _, kv := range match {
+			k, want, _ := strings.Cut(kv, "=")
+			if se.labels[k] != want {
+				continue next
+			}
+		}
+		v, ok = v+se.value, true
+	}
+	return v, ok
+}
+
+// metric scrapes and returns get(name, match...); the test fails if it is
+// missing.
+func (s *sidecar) metric(name string, match ...string) float64 {
 	s.t.Helper()
-	v, ok := s.metrics()[key]
+	v, ok := s.metrics().get(name, match...)
 	if !ok {
-		s.t.Fatalf("metric %s missing from /metrics", key)
+		s.t.Fatalf("metric %s%v missing from /metrics", name, match)
 	}
 	return v
 }

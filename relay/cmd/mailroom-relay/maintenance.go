@@ -102,8 +102,8 @@ func (mt *maintainer) once(ctx context.Context) {
 		}
 	}
 	d := time.Since(start)
-	mt.m.maintPurged.WithLabelValues("inbox").Add(float64(inbox))
-	mt.m.maintPurged.WithLabelValues("published").Add(float64(published))
+	mt.m.inbox.Add(float64(inbox))
+	mt.m.published.Add(float64(published))
 	mt.m.maintDuration.Observe(d.Seconds())
 	switch {
 	case ctx.Err() != nil:

@@ -3,11 +3,15 @@ package main
 import (
 	"context"
 	"database/sql"
+	"fmt"
 	"log/slog"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/otlptranslator"
+	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 
 	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/relay"
@@ -17,12 +21,15 @@ import (
 // global state, nothing registered twice in tests).
 type metrics struct {
 	maintRuns     *prometheus.CounterVec // by result: ok, error, skipped
-	maintPurged   *prometheus.CounterVec // by table: inbox, published
+	maintPurged   *prometheus.CounterVec // by table name
+	inbox         prometheus.Counter     // maintPurged of the inbox table
+	published     prometheus.Counter     // maintPurged of the published table
 	maintLeader   prometheus.Gauge
 	maintDuration prometheus.Histogram
 }
 
 func newMetrics(reg *prometheus.Registry, db *sql.DB, tables mailroom.Tables, log *slog.Logger) *metrics {
+	r, _ := tables.Resolve() // validated by common.check
 	m := &metrics{
 		maintRuns: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "mailroom_relay_maintenance_runs_total",
@@ -30,7 +37,7 @@ func newMetrics(reg *prometheus.Registry, db *sql.DB, tables mailroom.Tables, lo
 		}, []string{"result"}),
 		maintPurged: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "mailroom_relay_maintenance_purged_rows_total",
-			Help: "Rows deleted by maintenance, by table: inbox (old dedupe entries) or published (retained rows older than --retain).",
+			Help: "Rows deleted by maintenance, by table: the inbox (old dedupe entries) and the published table (rows older than --retain).",
 		}, []string{"table"}),
 		maintLeader: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "mailroom_relay_maintenance_leader",
@@ -45,9 +52,7 @@ func newMetrics(reg *prometheus.Registry, db *sql.DB, tables mailroom.Tables, lo
 	for _, r := range []string{"ok", "error", "skipped"} {
 		m.maintRuns.WithLabelValues(r)
 	}
-	for _, t := range []string{"inbox", "published"} {
-		m.maintPurged.WithLabelValues(t)
-	}
+	m.inbox, m.published = m.maintPurged.WithLabelValues(r.Inbox.String()), m.maintPurged.WithLabelValues(r.Published.String())
 	reg.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
@@ -70,36 +75,40 @@ func (m *metrics) registerBroker(reg *prometheus.Registry, w *brokerWatch) {
 	}))
 }
 
-// registerRelayStats exposes relay.Stats. It is the one place to change
-// when the relay's OpenTelemetry instruments land: replace it with an
-// OpenTelemetry Prometheus exporter registered on the same registry
-// (otelprom.New(otelprom.WithRegisterer(reg))) and a MeterProvider using it
-// passed to relay.Config; everything else here stays as it is.
-func registerRelayStats(reg *prometheus.Registry, r *relay.Relay) {
-	counter := func(name, help string, v func(relay.Stats) int64) prometheus.Collector {
-		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help},
-			func() float64 { return float64(v(r.Stats())) })
-	}
-	reg.MustRegister(
-		counter("mailroom_relay_published_total", "Messages confirmed by the broker and removed from the outbox by this relay.",
-			func(s relay.Stats) int64 { return s.Published }),
-		counter("mailroom_relay_publish_failures_total", "Failed publish attempts (nack, unroutable, missing exchange); each is retried or dead-lettered.",
-			func(s relay.Stats) int64 { return s.Failed }),
-		counter("mailroom_relay_dead_lettered_total", "Messages moved to the dead-letter table after their last attempt.",
-			func(s relay.Stats) int64 { return s.DeadLettered }),
-		counter("mailroom_relay_released_total", "Claimed messages handed back unpublished (shutdown, lost connection), without counting an attempt.",
-			func(s relay.Stats) int64 { return s.Released }),
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "mailroom_relay_last_progress_timestamp_seconds",
-			Help: "Unix time of the relay loop's last successful claim (0 before the first).",
-		}, func() float64 {
-			t := r.Stats().LastProgress
-			if t.UnixNano() <= 0 {
-				return 0
-			}
-			return float64(t.UnixNano()) / 1e9
-		}),
+// relayMeterProvider exports the relay's OpenTelemetry instruments
+// (relay/doc.go lists them: published, failures by reason, dead-lettered,
+// released, confirm/batch/claim duration histograms) through the
+// OpenTelemetry Prometheus exporter on reg, under the Prometheus names the
+// doc gives. The relay's own backlog gauges are turned off
+// (Config.BacklogInterval < 0): outboxCollector exports those, read at
+// scrape time, with the same names.
+func relayMeterProvider(reg *prometheus.Registry) (*sdkmetric.MeterProvider, error) {
+	exp, err := otelprom.New(
+		otelprom.WithRegisterer(reg),
+		otelprom.WithTranslationStrategy(otlptranslator.UnderscoreEscapingWithSuffixes),
+		otelprom.WithoutScopeInfo(),
+		otelprom.WithoutTargetInfo(), // the scrape target already says which process this is
 	)
+	if err != nil {
+		return nil, fmt.Errorf("metrics: OpenTelemetry Prometheus exporter: %w", err)
+	}
+	return sdkmetric.NewMeterProvider(sdkmetric.WithReader(exp)), nil
+}
+
+// registerRelayProgress exposes Stats().LastProgress, which the readiness
+// check uses and the relay's instruments do not carry.
+func registerRelayProgress(reg *prometheus.Registry, r *relay.Relay, table string) {
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name:        "mailroom_relay_last_progress_timestamp_seconds",
+		Help:        "Unix time of the relay loop's last successful claim (0 before the first); /readyz fails when it is older than --stall-timeout.",
+		ConstLabels: prometheus.Labels{"table": table},
+	}, func() float64 {
+		t := r.Stats().LastProgress
+		if t.UnixNano() <= 0 {
+			return 0
+		}
+		return float64(t.UnixNano()) / 1e9
+	}))
 }
 
 // outboxCollector reads the outbox at scrape time, so the gauges are never
@@ -115,12 +124,15 @@ type outboxCollector struct {
 }
 
 func newOutboxCollector(db *sql.DB, tables mailroom.Tables, log *slog.Logger) *outboxCollector {
-	d := func(name, help string) *prometheus.Desc { return prometheus.NewDesc(name, help, nil, nil) }
+	r, _ := tables.Resolve() // validated by common.check
+	labels := prometheus.Labels{"table": r.Outbox.String()}
+	d := func(name, help string) *prometheus.Desc { return prometheus.NewDesc(name, help, nil, labels) }
 	return &outboxCollector{
 		db: db, tables: tables, log: log,
 		errors: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "mailroom_outbox_status_errors_total",
-			Help: "Scrapes whose outbox status query failed (the outbox gauges are missing from those scrapes).",
+			Name:        "mailroom_outbox_status_errors_total",
+			Help:        "Scrapes whose outbox status query failed (the outbox gauges are missing from those scrapes).",
+			ConstLabels: labels,
 		}),
 		pending:   d("mailroom_outbox_pending_rows", "Rows in the outbox not yet published: due, in flight, retrying or scheduled."),
 		scheduled: d("mailroom_outbox_scheduled_rows", "Pending rows not attempted yet whose delivery time is in the future."),

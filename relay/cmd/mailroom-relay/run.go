@@ -122,6 +122,14 @@ func cmdRun(args []string, stderr io.Writer) error {
 	if applied, latest, err := mailroom.SchemaVersion(ctx, db, c.tables); err != nil || applied < latest {
 		return fmt.Errorf("the mailroom tables are missing or old (schema version %d, this build needs %d): run `mailroom-relay migrate` first", applied, latest)
 	}
+	reg := prometheus.NewRegistry()
+	mp, err := relayMeterProvider(reg)
+	if err != nil {
+		return err
+	}
+	defer mp.Shutdown(context.Background()) //nolint:errcheck // nothing is pushed: the exporter is pulled
+	cfg.MeterProvider = mp
+	cfg.BacklogInterval = -1 // outboxCollector exports pending and lag, read at scrape time
 	r, err := relay.New(db, cfg)
 	if err != nil {
 		return usageErr("%v", err)
@@ -135,9 +143,9 @@ func cmdRun(args []string, stderr io.Writer) error {
 		return fmt.Errorf("cannot listen on --http %s: %v (pick another address with --http or MAILROOM_HTTP)", o.httpAddr, err)
 	}
 
-	reg := prometheus.NewRegistry()
 	m := newMetrics(reg, db, c.tables, log)
-	registerRelayStats(reg, r)
+	resolved, _ := c.tables.Resolve()
+	registerRelayProgress(reg, r, resolved.Outbox.String())
 	watch := newBrokerWatch(cfg.URL, "mailroom-relay "+cfg.Name, log)
 	m.registerBroker(reg, watch)
 	samp := newSampler(db, c.tables, r, o.sampleEvery, log)
@@ -164,7 +172,6 @@ func cmdRun(args []string, stderr io.Writer) error {
 	go func() { defer wg.Done(); maint.run(ctx) }()
 
 	log.Info("http listening", "addr", ln.Addr().String(), "admin", o.adminToken != "")
-	resolved, _ := c.tables.Resolve()
 	log.Info("relay starting", "name", cfg.Name, "outbox", resolved.Outbox.String(), "amqp", redactURL(cfg.URL), "database", redactURL(c.databaseURL))
 	runErr := r.Run(ctx) // returns after ctx ends, with in-flight rows finished or released
 	srv.stopping.Store(true)

@@ -51,38 +51,46 @@ func TestRunPublishesAndServes(t *testing.T) {
 		return sc.metric("mailroom_relay_published_total") == 50
 	})
 	m := sc.metrics()
-	for key, want := range map[string]float64{
-		"mailroom_outbox_pending_rows":                                  1,
-		"mailroom_outbox_scheduled_rows":                                1,
-		"mailroom_outbox_oldest_pending_age_seconds":                    0, // the only pending row is not due
-		"mailroom_outbox_dead_rows":                                     0,
-		"mailroom_outbox_status_errors_total":                           0,
-		"mailroom_relay_publish_failures_total":                         0,
-		"mailroom_relay_dead_lettered_total":                            0,
-		"mailroom_relay_broker_up":                                      1,
-		"mailroom_relay_maintenance_leader":                             1,
-		"mailroom_relay_maintenance_purged_rows_total{table=inbox}":     0,
-		"mailroom_relay_maintenance_purged_rows_total{table=published}": 0,
-		"mailroom_relay_maintenance_runs_total{result=error}":           0,
-		"mailroom_relay_maintenance_runs_total{result=skipped}":         0,
+	for _, c := range []struct {
+		name  string
+		match []string
+		want  float64
+	}{
+		{"mailroom_outbox_pending_rows", []string{"table=mailroom_outbox"}, 1},
+		{"mailroom_outbox_scheduled_rows", []string{"table=mailroom_outbox"}, 1},
+		{"mailroom_outbox_oldest_pending_age_seconds", []string{"table=mailroom_outbox"}, 0}, // the only pending row is not due
+		{"mailroom_outbox_dead_rows", nil, 0},
+		{"mailroom_outbox_status_errors_total", nil, 0},
+		{"mailroom_relay_published_total", []string{"table=mailroom_outbox"}, 50},
+		{"mailroom_relay_publish_failures_total", []string{"reason=unroutable"}, 0},
+		{"mailroom_relay_dead_lettered_total", nil, 0},
+		{"mailroom_relay_confirm_duration_seconds", nil, 50}, // histogram: one confirm per message
+		{"mailroom_relay_broker_up", nil, 1},
+		{"mailroom_relay_maintenance_leader", nil, 1},
+		{"mailroom_relay_maintenance_purged_rows_total", []string{"table=mailroom_inbox"}, 0},
+		{"mailroom_relay_maintenance_purged_rows_total", []string{"table=mailroom_outbox_published"}, 0},
+		{"mailroom_relay_maintenance_runs_total", []string{"result=error"}, 0},
+		{"mailroom_relay_maintenance_runs_total", []string{"result=skipped"}, 0},
 	} {
-		if got, ok := m[key]; !ok {
-			t.Errorf("metric %s missing", key)
-		} else if got != want {
-			t.Errorf("metric %s = %v, want %v", key, got, want)
+		if got, ok := m.get(c.name, c.match...); !ok {
+			t.Errorf("metric %s%v missing", c.name, c.match)
+		} else if got != c.want {
+			t.Errorf("metric %s%v = %v, want %v", c.name, c.match, got, c.want)
 		}
 	}
-	for _, key := range []string{
-		"mailroom_relay_released_total", "mailroom_relay_maintenance_runs_total{result=ok}",
-		"mailroom_relay_maintenance_duration_seconds_count", "go_sql_open_connections{db_name=mailroom_relay}",
-		"process_cpu_seconds_total", "go_goroutines",
+	for _, name := range []string{
+		"mailroom_relay_released_total", "mailroom_relay_batch_duration_seconds", "mailroom_relay_claim_duration_seconds",
+		"mailroom_relay_maintenance_duration_seconds", "go_sql_open_connections", "process_cpu_seconds_total", "go_goroutines",
 	} {
-		if _, ok := m[key]; !ok {
-			t.Errorf("metric %s missing", key)
+		if _, ok := m.get(name); !ok {
+			t.Errorf("metric %s missing", name)
 		}
 	}
-	if m["mailroom_relay_last_progress_timestamp_seconds"] < float64(time.Now().Add(-time.Minute).Unix()) {
-		t.Errorf("last progress %v is not recent", m["mailroom_relay_last_progress_timestamp_seconds"])
+	if len(m["mailroom_relay_publish_failures_total"]) != 5 {
+		t.Errorf("publish failures by reason: %v, want the five reasons", m["mailroom_relay_publish_failures_total"])
+	}
+	if p, _ := m.get("mailroom_relay_last_progress_timestamp_seconds"); p < float64(time.Now().Add(-time.Minute).Unix()) {
+		t.Errorf("last progress %v is not recent", p)
 	}
 
 	// The lag gauge follows a due row that cannot be published (its
@@ -94,6 +102,9 @@ func TestRunPublishesAndServes(t *testing.T) {
 	if lag := sc.metric("mailroom_outbox_oldest_pending_age_seconds"); lag < 3600 || lag > 7200 {
 		t.Errorf("lag gauge %v, want about 3600", lag)
 	}
+	testenv.Eventually(t, 30*time.Second, "a no_exchange failure to be counted", func() bool {
+		return sc.metric("mailroom_relay_publish_failures_total", "reason=no_exchange") > 0
+	})
 
 	if code := sc.stop(); code != 0 {
 		t.Fatalf("exit %d after SIGTERM, want 0", code)
@@ -434,13 +445,14 @@ SELECT 'payments', gen_random_uuid()::text, now() - interval '2 hours' FROM gene
 	a := startSidecar(t, s.URL, flags...)
 	b := startSidecar(t, s.URL, flags...)
 	purged := func(sc *sidecar) float64 {
-		m := sc.metrics()
-		return m["mailroom_relay_maintenance_purged_rows_total{table=inbox}"] + m["mailroom_relay_maintenance_purged_rows_total{table=published}"]
+		return sc.metric("mailroom_relay_maintenance_purged_rows_total")
 	}
 	testenv.Eventually(t, time.Minute, "both to have tried maintenance, and the old rows to be purged", func() bool {
 		ma, mb := a.metrics(), b.metrics()
-		tried := func(m map[string]float64) bool {
-			return m["mailroom_relay_maintenance_runs_total{result=ok}"]+m["mailroom_relay_maintenance_runs_total{result=skipped}"] > 0
+		tried := func(m scrape) bool {
+			ok, _ := m.get("mailroom_relay_maintenance_runs_total", "result=ok")
+			skipped, _ := m.get("mailroom_relay_maintenance_runs_total", "result=skipped")
+			return ok+skipped > 0
 		}
 		return tried(ma) && tried(mb) && purged(a)+purged(b) == 4000
 	})
@@ -449,15 +461,23 @@ SELECT 'payments', gen_random_uuid()::text, now() - interval '2 hours' FROM gene
 		leader, follower = b, a
 	}
 	lm, fm := leader.metrics(), follower.metrics()
-	if lm["mailroom_relay_maintenance_leader"] != 1 || fm["mailroom_relay_maintenance_leader"] != 0 {
-		t.Fatalf("leader gauges %v and %v, want exactly one 1", lm["mailroom_relay_maintenance_leader"], fm["mailroom_relay_maintenance_leader"])
+	val := func(m scrape, name string, match ...string) float64 {
+		v, ok := m.get(name, match...)
+		if !ok {
+			t.Fatalf("metric %s%v missing", name, match)
+		}
+		return v
 	}
-	if fm["mailroom_relay_maintenance_runs_total{result=ok}"] != 0 || purged(follower) != 0 || fm["mailroom_relay_maintenance_runs_total{result=skipped}"] == 0 {
+	if val(lm, "mailroom_relay_maintenance_leader") != 1 || val(fm, "mailroom_relay_maintenance_leader") != 0 {
+		t.Fatalf("leader gauges %v and %v, want exactly one 1", val(lm, "mailroom_relay_maintenance_leader"), val(fm, "mailroom_relay_maintenance_leader"))
+	}
+	if val(fm, "mailroom_relay_maintenance_runs_total", "result=ok") != 0 || val(fm, "mailroom_relay_maintenance_purged_rows_total") != 0 ||
+		val(fm, "mailroom_relay_maintenance_runs_total", "result=skipped") == 0 {
 		t.Fatalf("the follower ran maintenance: %v", fm)
 	}
-	if lm["mailroom_relay_maintenance_purged_rows_total{table=published}"] != 2500 || lm["mailroom_relay_maintenance_purged_rows_total{table=inbox}"] != 1500 {
-		t.Fatalf("leader purged published %v, inbox %v; want 2500 and 1500",
-			lm["mailroom_relay_maintenance_purged_rows_total{table=published}"], lm["mailroom_relay_maintenance_purged_rows_total{table=inbox}"])
+	if pub, inbox := val(lm, "mailroom_relay_maintenance_purged_rows_total", "table=mailroom_outbox_published"),
+		val(lm, "mailroom_relay_maintenance_purged_rows_total", "table=mailroom_inbox"); pub != 2500 || inbox != 1500 {
+		t.Fatalf("leader purged published %v, inbox %v; want 2500 and 1500", pub, inbox)
 	}
 	var fresh int
 	if err := s.DB.Get(&fresh, `SELECT count(*) FROM mailroom_inbox`); err != nil || fresh != 5 {
