@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	"github.com/mailroom-go/mailroom/internal/sqlident"
+	"github.com/mailroom-go/mailroom/internal/wakeup"
 )
 
 // Default table names. Unqualified names resolve through the connection's
@@ -63,8 +64,8 @@ func (t Tables) Resolve() (Resolved, error) {
 	}
 	// The wake table is always Outbox + "_wake": outbox.Add derives it
 	// from the outbox table name alone.
-	if r.Wake, err = derive("Outbox (its _wake table)", "", "_wake"); err != nil {
-		return r, err
+	if r.Wake, err = wakeup.Table(r.Outbox); err != nil {
+		return r, fmt.Errorf("mailroom: Tables.Outbox (its _wake table): %w", err)
 	}
 	if t.Inbox == "" {
 		t.Inbox = DefaultInboxTable

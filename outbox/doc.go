@@ -15,10 +15,13 @@
 //
 // Add validates every message before it touches the database (errors wrap
 // ErrInvalidMessage and name the message index and field), writes all of
-// them with one INSERT, and by default sends a NOTIFY in the same statement
-// so a listening relay publishes within milliseconds of the commit. The relay
-// package moves the rows to RabbitMQ; run mailroom.Migrate (or
-// `mailroom-relay migrate`) first to create the tables.
+// them with one INSERT. In the same statement it sends a NOTIFY, so a
+// sleeping relay publishes within milliseconds of the commit — but only
+// while some relay is asleep waiting for work: a NOTIFY serialises commits
+// on a database-wide lock, and a busy relay claims again by itself, so
+// under load writers pay nothing for wake-ups. The relay package moves the
+// rows to RabbitMQ; run mailroom.Migrate (or `mailroom-relay migrate`)
+// first to create the tables.
 //
 // Message ids are UUIDs; Add generates time-ordered UUIDv7 ids when ID is
 // empty. Ids must be unique: consumers deduplicate by id, so a reused id

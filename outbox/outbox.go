@@ -15,6 +15,7 @@ import (
 
 	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/internal/sqlident"
+	"github.com/mailroom-go/mailroom/internal/wakeup"
 	"github.com/mailroom-go/mailroom/internal/telemetry"
 )
 
@@ -60,10 +61,11 @@ type Config struct {
 	// MaxPayloadBytes rejects larger payloads. Default DefaultMaxPayloadBytes;
 	// at most 128 MiB (RabbitMQ's own ceiling).
 	MaxPayloadBytes int
-	// DisableNotify turns off the NOTIFY that Add sends so a listening relay
-	// wakes within milliseconds. Turn it off behind PgBouncer in transaction
-	// mode (LISTEN cannot work there) or when NOTIFY's commit-time lock costs
-	// more than the relay's poll interval of latency; the relay still polls.
+	// DisableNotify turns off the NOTIFY that wakes a sleeping relay within
+	// milliseconds of the commit. Add sends it only while a relay is asleep
+	// waiting for work (see the package doc), so it costs busy writers
+	// nothing; turn it off behind PgBouncer in transaction mode (LISTEN
+	// cannot work there). The relay still polls.
 	DisableNotify bool
 	// Propagator writes the trace context of Add's ctx (the current span,
 	// and baggage if the propagator carries it) into each message's
@@ -100,18 +102,19 @@ func New(cfg Config) (*Outbox, error) {
 	case cfg.MaxPayloadBytes < 0 || cfg.MaxPayloadBytes > 128<<20:
 		return nil, fmt.Errorf("outbox: Config.MaxPayloadBytes %d: must be between 1 and %d (128 MiB, RabbitMQ's limit); 0 means the 1 MiB default", cfg.MaxPayloadBytes, 128<<20)
 	}
-	return &Outbox{table: table, maxPayload: cfg.MaxPayloadBytes, insert: insertSQL(table, !cfg.DisableNotify), propagator: cfg.Propagator}, nil
+	wake, err := wakeup.Table(table)
+	if err != nil {
+		return nil, fmt.Errorf("outbox: Config.Table: %w", err)
+	}
+	return &Outbox{table: table, maxPayload: cfg.MaxPayloadBytes, insert: insertSQL(table, wake, !cfg.DisableNotify), propagator: cfg.Propagator}, nil
 }
-
-// Channel is the NOTIFY channel of the outbox table: its name as configured.
-// The relay LISTENs on the same channel.
-func Channel(table sqlident.Name) string { return table.String() }
 
 // insertSQL is one statement for any number of messages: the columns arrive
 // as parallel arrays and unnest turns them into rows. The NOTIFY rides in the
-// same statement (no extra round trip); PostgreSQL folds repeated NOTIFYs of
-// one transaction into one.
-func insertSQL(table sqlident.Name, notify bool) string {
+// same statement (no extra round trip) and only when a relay is asleep
+// (a live row in the wake table); PostgreSQL folds repeated NOTIFYs of one
+// transaction into one.
+func insertSQL(table, wake sqlident.Name, notify bool) string {
 	q := `INSERT INTO ` + table.Quoted() + ` (id, exchange, routing_key, key, type, content_type, headers, payload, available_at)
 SELECT id, exchange, routing_key, key, type, content_type, headers, payload, coalesce(available_at, now())
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::jsonb[], $8::bytea[], $9::timestamptz[])
@@ -119,7 +122,8 @@ FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text
 	if !notify {
 		return q
 	}
-	return `WITH ins AS (` + q + `) SELECT pg_notify($10, '')`
+	return `WITH ins AS (` + q + `)
+SELECT pg_notify(` + wakeup.ChannelExpr("$10") + `, '') FROM ` + wake.Quoted() + ` WHERE wake_until > now() LIMIT 1`
 }
 
 // Add validates msgs and inserts them with one statement through tx. It
@@ -165,7 +169,7 @@ func (o *Outbox) Add(ctx context.Context, tx Execer, msgs ...Message) error {
 		pq.ByteaArray(payloads), pq.GenericArray{A: available},
 	}
 	if strings.HasPrefix(o.insert, "WITH") {
-		args = append(args, Channel(o.table))
+		args = append(args, o.table.Quoted())
 	}
 	if _, err := tx.ExecContext(ctx, o.insert, args...); err != nil {
 		return fmt.Errorf("outbox: insert %d message(s) into %s: %w", n, o.table, err)

@@ -262,7 +262,7 @@ func TestRelayProcessKilled(t *testing.T) {
 	msgs, ids := batch(e.ex, 5000)
 	e.add(msgs...)
 	start := func(name string) *exec.Cmd {
-		cmd := exec.Command(bin, "run", "--name", name, "--batch-size", "100", "--lease", "2s", "--confirm-timeout", "1s", "--poll-interval", "50ms")
+		cmd := exec.Command(bin, "run", "--name", name, "--batch-size", "100", "--lease", "2s", "--confirm-timeout", "1s", "--poll-interval", "50ms", "--http", "127.0.0.1:0")
 		cmd.Env = append(os.Environ(), "DATABASE_URL="+e.s.URL, "AMQP_URL="+e.b.URL)
 		var stderr strings.Builder
 		cmd.Stderr = &stderr
@@ -290,4 +290,26 @@ func TestRelayProcessKilled(t *testing.T) {
 	dups := e.consumeAll(e.queue, ids, 90*time.Second)
 	e.waitDrained()
 	t.Logf("killed with %d rows leased; %d duplicate deliveries", leased, dups)
+}
+
+// The relay's wake row says "asleep" while it waits (so writers NOTIFY it)
+// and "awake" while it keeps finding work (so writers do not pay for
+// NOTIFYs), and goes back to sleep when the work is done.
+func TestWakeRowFollowsLoad(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	cfg := e.config()
+	cfg.BatchSize = 100
+	e.start(cfg)
+	state := func() string {
+		var s string
+		e.s.DB.Get(&s, `SELECT CASE WHEN wake_until > now() THEN 'asleep' ELSE 'awake' END FROM mailroom_outbox_wake WHERE relay = $1`, cfg.Name)
+		return s
+	}
+	testenv.Eventually(t, 10*time.Second, "relay announced asleep", func() bool { return state() == "asleep" })
+	msgs, _ := batch(e.ex, 6000)
+	e.add(msgs...)
+	testenv.Eventually(t, 30*time.Second, "relay marked awake under load", func() bool { return state() == "awake" })
+	e.waitDrained()
+	testenv.Eventually(t, 10*time.Second, "relay asleep again when idle", func() bool { return state() == "asleep" })
 }

@@ -16,6 +16,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/internal/wakeup"
 )
 
 // ErrUnroutable is the failure of a message the broker returned (mandatory
@@ -37,7 +38,6 @@ type Relay struct {
 	q       queries
 	tables  mailroom.Resolved
 	log     *slog.Logger
-	channel string // NOTIFY channel
 
 	counters counters
 	tel      *instruments
@@ -81,7 +81,6 @@ func New(db *sql.DB, cfg Config) (*Relay, error) {
 	return &Relay{
 		db: db, cfg: cfg, q: newQueries(t), tables: t,
 		log:     cfg.Logger.With("relay", cfg.Name),
-		channel: t.Outbox.String(),
 		tel:     tel,
 	}, nil
 }
@@ -150,20 +149,37 @@ func (r *Relay) Run(ctx context.Context) error {
 }
 
 // listen wakes the claimer on every NOTIFY, and on every listener
-// reconnect (notifications may have been missed meanwhile).
+// reconnect (notifications may have been missed meanwhile). The channel is
+// named after the outbox table's OID (see internal/wakeup), resolved once
+// the database answers; until then the relay polls.
 func (r *Relay) listen(wake chan<- struct{}) (stop func()) {
 	l := pq.NewListener(r.cfg.DatabaseURL, 100*time.Millisecond, 10*time.Second, func(ev pq.ListenerEventType, err error) {
 		if err != nil {
 			r.log.Warn("listen connection", "event", ev, "error", err)
 		}
 	})
-	if err := l.Listen(r.channel); err != nil {
-		r.log.Warn("LISTEN failed; relying on polling until the listener reconnects", "channel", r.channel, "error", err)
-	}
 	done := make(chan struct{})
 	exited := make(chan struct{})
 	go func() {
 		defer close(exited)
+		bo := backoff.NewExponentialBackOff()
+		bo.InitialInterval, bo.MaxInterval, bo.MaxElapsedTime = 100*time.Millisecond, 10*time.Second, 0
+		for {
+			channel, err := r.notifyChannel()
+			if err == nil {
+				err = l.Listen(channel)
+			}
+			if err == nil || errors.Is(err, pq.ErrChannelAlreadyOpen) {
+				break
+			}
+			d := bo.NextBackOff()
+			r.log.Warn("LISTEN failed; polling meanwhile", "error", err, "retry_in", d.String())
+			select {
+			case <-done:
+				return
+			case <-time.After(d):
+			}
+		}
 		for {
 			select {
 			case <-done:
@@ -179,10 +195,41 @@ func (r *Relay) listen(wake chan<- struct{}) (stop func()) {
 	return func() { close(done); <-exited; l.Close() }
 }
 
+func (r *Relay) notifyChannel() (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var ch sql.NullString
+	if err := r.db.QueryRowContext(ctx, `SELECT `+wakeup.ChannelExpr("$1"), r.tables.Outbox.Quoted()).Scan(&ch); err != nil {
+		return "", err
+	}
+	if !ch.Valid {
+		return "", fmt.Errorf("table %s does not exist (run `mailroom-relay migrate`)", r.tables.Outbox)
+	}
+	return ch.String, nil
+}
+
+// busyAfter is how long the relay must keep finding work before it tells
+// writers to stop sending NOTIFYs; shorter bursts keep the wake-ups.
+const busyAfter = 50 * time.Millisecond
+
+// awakePause is how long an awake relay (writers do not notify it) waits
+// after a partial batch before it looks again: it bounds the claim rate at
+// a trickle, and the added latency.
+const awakePause = time.Millisecond
+
 // claimLoop claims batches while there are due rows, and otherwise waits for
-// a wake-up or the poll interval.
+// a wake-up or the poll interval. With LISTEN on it also keeps the relay's
+// wake row (see wake.go): asleep while idle, so writers NOTIFY it; awake
+// once it has been busy for busyAfter, so writers stop paying for NOTIFYs
+// and the relay looks for new rows by itself.
 func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches chan<- []*row) {
 	defer close(batches)
+	listening := !r.cfg.DisableListen
+	if listening {
+		defer r.dropWakeRow()
+	}
+	asleep := false // our wake row asks writers to NOTIFY
+	var busySince time.Time
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval, bo.MaxInterval, bo.MaxElapsedTime = 50*time.Millisecond, 5*time.Second, 0
 	poll := time.NewTimer(r.cfg.PollInterval)
@@ -209,9 +256,30 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 				r.finishNow(ctx, rows, released, nil)
 				return
 			}
-		}
-		if len(rows) == r.cfg.BatchSize {
-			continue // more may be due: claim again at once
+			if listening && asleep {
+				if busySince.IsZero() {
+					busySince = time.Now()
+				} else if time.Since(busySince) >= busyAfter && r.setWakeRow(ctx, false) {
+					asleep = false
+				}
+			}
+			if len(rows) == r.cfg.BatchSize {
+				continue // more may be due: claim again at once
+			}
+			if listening && !asleep { // nobody notifies us: look again shortly
+				if !sleepCtx(ctx, awakePause) {
+					return
+				}
+				continue
+			}
+		} else {
+			busySince = time.Time{}
+			if listening && !asleep && r.setWakeRow(ctx, true) {
+				// Announce, then look once more: a commit before the
+				// announcement is seen now, a commit after it notifies.
+				asleep = true
+				continue
+			}
 		}
 		if !poll.Stop() {
 			select {
@@ -224,6 +292,9 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 		case <-ctx.Done():
 		case <-wake:
 		case <-poll.C:
+			if listening && asleep {
+				r.setWakeRow(ctx, true) // keep the announcement alive
+			}
 		}
 	}
 }
