@@ -15,8 +15,8 @@ import (
 
 	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/internal/sqlident"
-	"github.com/mailroom-go/mailroom/internal/wakeup"
 	"github.com/mailroom-go/mailroom/internal/telemetry"
+	"github.com/mailroom-go/mailroom/internal/wakeup"
 )
 
 // Message is one event to publish. Only Payload and a route (Exchange and/or

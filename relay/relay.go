@@ -33,11 +33,11 @@ var ErrNoExchange = errors.New("relay: exchange does not exist")
 // Relay moves rows from the outbox table to RabbitMQ. Run it in-process or
 // through the mailroom-relay sidecar; any number may run on one table.
 type Relay struct {
-	db      *sql.DB
-	cfg     Config
-	q       queries
-	tables  mailroom.Resolved
-	log     *slog.Logger
+	db     *sql.DB
+	cfg    Config
+	q      queries
+	tables mailroom.Resolved
+	log    *slog.Logger
 
 	counters counters
 	tel      *instruments
@@ -80,8 +80,8 @@ func New(db *sql.DB, cfg Config) (*Relay, error) {
 	}
 	return &Relay{
 		db: db, cfg: cfg, q: newQueries(t), tables: t,
-		log:     cfg.Logger.With("relay", cfg.Name),
-		tel:     tel,
+		log: cfg.Logger.With("relay", cfg.Name),
+		tel: tel,
 	}, nil
 }
 
