@@ -1,6 +1,9 @@
 package main
 
 import (
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/trace"
+
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -49,13 +52,17 @@ func (a *API) placeOrder(w http.ResponseWriter, r *http.Request) {
 		writeError(w, status, err.Error())
 		return
 	}
-	o, replayed, err := a.orders.Place(r.Context(), key, req)
+	// The span is the root of the order's trace: outbox.Add stores its
+	// context with order.placed, and the relay and consumers continue it.
+	ctx, span := otel.Tracer("orderservice").Start(r.Context(), "POST /orders", trace.WithSpanKind(trace.SpanKindServer))
+	defer span.End()
+	o, replayed, err := a.orders.Place(ctx, key, req)
 	switch {
 	case errors.Is(err, ErrKeyReused):
 		writeError(w, http.StatusUnprocessableEntity, err.Error())
 		return
 	case err != nil:
-		a.log.Error("place order", "err", err)
+		a.log.Error("place order", "error", err)
 		writeError(w, http.StatusInternalServerError, "internal error; retry with the same Idempotency-Key")
 		return
 	case replayed:
@@ -125,7 +132,7 @@ func (a *API) getOrder(w http.ResponseWriter, r *http.Request) {
 	case errors.Is(err, ErrNotFound):
 		writeError(w, http.StatusNotFound, fmt.Sprintf("order %s not found", id))
 	case err != nil:
-		a.log.Error("get order", "id", id, "err", err)
+		a.log.Error("get order", "id", id, "error", err)
 		writeError(w, http.StatusInternalServerError, "internal error")
 	default:
 		writeJSON(w, http.StatusOK, o)
