@@ -27,6 +27,7 @@ import (
 	"net/url"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -254,9 +255,34 @@ func parseArgs(fs *flag.FlagSet, args []string, stderr io.Writer) (rest []string
 	}
 }
 
-// envErr records the first malformed numeric environment value, reported
-// after flags are parsed (a flag may override it).
-var envErr error
+// envErrs records malformed numeric environment values, in order. They are
+// reported after flags are parsed, except where a flag overrides the
+// variable (flags win).
+var envErrs []envError
+
+type envError struct {
+	key string
+	err error
+}
+
+// checkEnv returns the first environment error whose variable no flag given
+// on the command line overrides. A flag documents its variable as [$KEY].
+func checkEnv(fs *flag.FlagSet) error {
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	for _, e := range envErrs {
+		overridden := false
+		fs.VisitAll(func(f *flag.Flag) {
+			if set[f.Name] && strings.Contains(f.Usage, "[$"+e.key+"]") {
+				overridden = true
+			}
+		})
+		if !overridden {
+			return e.err
+		}
+	}
+	return nil
+}
 
 func envOr(k, def string) string {
 	if v := os.Getenv(k); v != "" {
@@ -271,8 +297,8 @@ func envInt(k string) int {
 		return 0
 	}
 	n, err := strconv.Atoi(v)
-	if err != nil && envErr == nil {
-		envErr = usageErr("%s=%q is not a whole number", k, v)
+	if err != nil {
+		envErrs = append(envErrs, envError{k, usageErr("%s=%q is not a whole number", k, v)})
 	}
 	return n
 }
@@ -285,8 +311,8 @@ func envDurationOr(k string, def time.Duration) time.Duration {
 		return def
 	}
 	d, err := time.ParseDuration(v)
-	if err != nil && envErr == nil {
-		envErr = usageErr("%s=%q is not a duration (e.g. 500ms, 2s, 1m)", k, v)
+	if err != nil {
+		envErrs = append(envErrs, envError{k, usageErr("%s=%q is not a duration (e.g. 500ms, 2s, 1m)", k, v)})
 	}
 	return d
 }

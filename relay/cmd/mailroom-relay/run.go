@@ -82,8 +82,8 @@ func cmdRun(args []string, stderr io.Writer) error {
 	if err := parse(fs, args, stderr); err != nil {
 		return err
 	}
-	if envErr != nil {
-		return envErr
+	if err := checkEnv(fs); err != nil {
+		return err
 	}
 	log, err := c.check()
 	if err != nil {
