@@ -212,6 +212,14 @@ func (r *Relay) notifyChannel() (string, error) {
 // writers to stop sending NOTIFYs; shorter bursts keep the wake-ups.
 const busyAfter = 50 * time.Millisecond
 
+// settleDelay is how long after announcing sleep the relay looks once
+// more, for transactions that called Add just before the announcement.
+const settleDelay = 5 * time.Millisecond
+
+// busyGap is the longest wait between claims that still counts as
+// continuous work (the next NOTIFY was already pending, or came at once).
+const busyGap = 2 * time.Millisecond
+
 // awakePause is how long an awake relay (writers do not notify it) waits
 // after a partial batch before it looks again: it bounds the claim rate at
 // a trickle, and the added latency.
@@ -230,6 +238,15 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 	}
 	asleep := false // our wake row asks writers to NOTIFY
 	var busySince time.Time
+	settle := false // just announced: look once more after settleDelay
+	var announced time.Time // when the wake row was last written "asleep"
+	announce := func() bool {
+		if r.setWakeRow(ctx, true) {
+			announced = time.Now()
+			return true
+		}
+		return false
+	}
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval, bo.MaxInterval, bo.MaxElapsedTime = 50*time.Millisecond, 5*time.Second, 0
 	poll := time.NewTimer(r.cfg.PollInterval)
@@ -249,6 +266,7 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 		}
 		bo.Reset()
 		r.counters.lastProgress.Store(time.Now().UnixNano())
+		wait := r.cfg.PollInterval
 		if len(rows) > 0 {
 			select {
 			case batches <- rows:
@@ -274,11 +292,17 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 			}
 		} else {
 			busySince = time.Time{}
-			if listening && !asleep && r.setWakeRow(ctx, true) {
-				// Announce, then look once more: a commit before the
-				// announcement is seen now, a commit after it notifies.
-				asleep = true
+			if listening && !asleep && announce() {
+				// Announce, then look again at once and once more a
+				// moment later: a commit before the announcement is seen
+				// by these claims, an Add after it notifies. Only a
+				// transaction that called Add before the announcement and
+				// commits after settleDelay waits for the poll.
+				asleep, settle = true, true
 				continue
+			}
+			if settle {
+				settle, wait = false, settleDelay
 			}
 		}
 		if !poll.Stop() {
@@ -287,14 +311,18 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 			default:
 			}
 		}
-		poll.Reset(r.cfg.PollInterval)
+		poll.Reset(wait)
+		waitStart := time.Now()
 		select {
 		case <-ctx.Done():
 		case <-wake:
 		case <-poll.C:
-			if listening && asleep {
-				r.setWakeRow(ctx, true) // keep the announcement alive
-			}
+		}
+		if listening && asleep && time.Since(announced) >= r.cfg.PollInterval {
+			announce() // keep the announcement alive: it expires after a few poll intervals
+		}
+		if time.Since(waitStart) > busyGap {
+			busySince = time.Time{} // a real pause: not continuously busy
 		}
 	}
 }
@@ -440,6 +468,13 @@ func (r *Relay) apply(done, retry, bury, release []outcome) error {
 		return err
 	}
 	defer tx.Rollback() //nolint:errcheck // after Commit this is a no-op
+	// Asynchronous commit: if a crash loses this transaction, confirmed
+	// rows are published again (a duplicate the inbox absorbs) and failed
+	// ones keep their lease until it expires. Nothing is lost, and the
+	// relay does not wait for the WAL flush.
+	if _, err := tx.ExecContext(ctx, `SET LOCAL synchronous_commit = off`); err != nil {
+		return err
+	}
 	if len(done) > 0 {
 		seqs := make([]int64, len(done))
 		for i, o := range done {

@@ -24,21 +24,29 @@ func newQueries(t mailroom.Resolved) queries {
 		// Index: available_idx (available_at) for the scan; leased and
 		// backing-off rows lie in the future and are never visited.
 		// Ordering: a keyed row is a candidate only when no earlier row of its
-		// key exists (key_idx probe), so each key has at most one row in
+		// key exists (key_idx probe; "p.key <> ''" lets the planner use that
+		// partial index instead of a sequential scan per keyed candidate), so each key has at most one row in
 		// flight across all relays, and the next becomes claimable only once
 		// the previous was confirmed and deleted (or dead-lettered).
 		// SKIP LOCKED lets relays claim side by side; a row another relay
 		// re-leased after this statement's snapshot fails the re-checked
 		// available_at condition and is not claimed twice.
-		claim: `WITH cand AS (
+		//
+		// The claim commits asynchronously (synchronous_commit off for this
+		// statement's transaction): a lease lost in a database crash only
+		// lets the row be claimed and published again — a duplicate the
+		// inbox absorbs — and not waiting for the WAL flush keeps the claim
+		// off the disk's latency.
+		claim: `WITH async AS (SELECT set_config('synchronous_commit', 'off', true)),
+cand AS (
     SELECT o.seq FROM ` + ob + ` o
     WHERE o.available_at <= now()
-      AND (o.key = '' OR NOT EXISTS (SELECT 1 FROM ` + ob + ` p WHERE p.key = o.key AND p.seq < o.seq))
+      AND (o.key = '' OR NOT EXISTS (SELECT 1 FROM ` + ob + ` p WHERE p.key = o.key AND p.key <> '' AND p.seq < o.seq))
     ORDER BY o.available_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED)
 UPDATE ` + ob + ` o SET available_at = now() + $2 * interval '1 millisecond', lease = $3
-FROM cand WHERE o.seq = cand.seq
+FROM cand WHERE o.seq = cand.seq AND (SELECT true FROM async)
 RETURNING o.seq, ` + prefixed("o.", columns),
 
 		// deleteDone removes confirmed rows by primary key. No lease check: a

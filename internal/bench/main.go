@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"runtime/pprof"
 	"sort"
 	"strings"
 	"sync"
@@ -40,10 +41,20 @@ var (
 	quorum    = flag.Bool("quorum", false, "use a quorum queue instead of a classic one")
 	batchSize = flag.Int("batch", 0, "relay BatchSize (0 = default)")
 	window    = flag.Int("window", 0, "relay ConfirmWindow (0 = default)")
+	cpuProf   = flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 )
 
 func main() {
 	flag.Parse()
+	if *cpuProf != "" {
+		f, err := os.Create(*cpuProf)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(2)
+		}
+		pprof.StartCPUProfile(f)
+		defer pprof.StopCPUProfile()
+	}
 	want := map[string]bool{}
 	for _, f := range strings.Split(*runFlag, ",") {
 		want[strings.TrimSpace(f)] = true
