@@ -238,7 +238,7 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 	}
 	asleep := false // our wake row asks writers to NOTIFY
 	var busySince time.Time
-	settle := false // just announced: look once more after settleDelay
+	settle := false         // just announced: look once more after settleDelay
 	var announced time.Time // when the wake row was last written "asleep"
 	announce := func() bool {
 		if r.setWakeRow(ctx, true) {
