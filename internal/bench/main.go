@@ -41,6 +41,7 @@ var (
 	quorum    = flag.Bool("quorum", false, "use a quorum queue instead of a classic one")
 	batchSize = flag.Int("batch", 0, "relay BatchSize (0 = default)")
 	window    = flag.Int("window", 0, "relay ConfirmWindow (0 = default)")
+	repeat    = flag.Int("repeat", 3, "how many times broker and drain alternate (medians are compared)")
 	cpuProf   = flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 )
 
@@ -59,21 +60,29 @@ func main() {
 	for _, f := range strings.Split(*runFlag, ",") {
 		want[strings.TrimSpace(f)] = true
 	}
-	var brokerRate float64
-	if want["broker"] {
-		brokerRate = must(benchBroker())
-		fmt.Printf("broker   %7d persistent msgs, pipelined confirms (window 512): %8.0f msg/s\n", *events, brokerRate)
+	// The broker ceiling and the relay drain alternate, -repeat times, and
+	// the medians are compared: this machine's rate drifts run to run.
+	var brokerRates, drainRates []float64
+	for i := 0; i < *repeat; i++ {
+		if want["broker"] {
+			r := must(benchBroker())
+			brokerRates = append(brokerRates, r)
+			fmt.Printf("broker   %7d persistent msgs, pipelined confirms (window 512): %8.0f msg/s\n", *events, r)
+		}
+		if want["drain"] {
+			r := must(benchDrain())
+			drainRates = append(drainRates, r)
+			fmt.Printf("drain    %7d events, one relay, consumer attached:            %8.0f events/s\n", *events, r)
+		}
+	}
+	if len(brokerRates) > 0 && len(drainRates) > 0 {
+		b, d := median(brokerRates), median(drainRates)
+		fmt.Printf("ratio    median drain %.0f events/s / median broker %.0f msg/s = %.2f× (%d runs each)\n", d, b, d/b, *repeat)
 	}
 	if want["drain"] {
-		r := must(benchDrain())
 		defer func() {
 			fmt.Printf("memory   peak RSS of this process (relays, consumer and writers together): %d MiB\n", peakRSS()>>20)
 		}()
-		line := fmt.Sprintf("drain    %7d events, one relay, consumer attached:            %8.0f events/s", *events, r)
-		if brokerRate > 0 {
-			line += fmt.Sprintf("  (%.2f× broker)", r/brokerRate)
-		}
-		fmt.Println(line)
 	}
 	if want["relays"] {
 		one, two := must(benchRelays(1)), must(benchRelays(2))
@@ -117,6 +126,12 @@ func mustLatency(p50, p99 time.Duration, n int, achieved float64, err error) (ti
 // machine commits ~1,000–2,000 small transactions/s, so higher rates come
 // from transactions that write several events.
 func perTx(rate int) int { return max(1, (rate+499)/500) }
+
+func median(v []float64) float64 {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	return s[len(s)/2]
+}
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
