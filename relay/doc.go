@@ -13,6 +13,54 @@
 //	…
 //	err = r.Run(ctx) // until ctx ends; then finishes or releases in-flight rows
 //
+// # Guarantees
+//
+// No loss: a row leaves the outbox only after the broker acked its publish
+// (publisher confirms) and did not return it (mandatory flag). A nack, a
+// basic.return, a missing exchange, a confirm timeout or a lost channel all
+// mean "not delivered", and the row is published again. Delivery is
+// at-least-once: a relay that dies after the broker acked but before the
+// row was deleted publishes it again; consumers deduplicate by message id
+// (package inbox).
+//
+// Ordering: for two messages with the same non-empty Key, A before B, where
+// A was added earlier in the same transaction or by a transaction that
+// committed before B's transaction called Add, A reaches the broker before
+// B is published — across any number of relays. The claim takes a keyed row
+// only when no earlier row of its key remains in the outbox, so each key has
+// at most one message in flight and the next is published only after the
+// previous one was confirmed and deleted. Messages of concurrent
+// transactions are ordered by the sequence their INSERTs drew, which is not
+// promised to follow commit order. Different keys, and messages without a
+// key, are published in parallel and in no promised order. A failing
+// message holds back the later messages of its key while it is retried;
+// once it is dead-lettered they continue (a replayed dead letter goes to the
+// end of its key). Consumers keep the order only if they apply one key at a
+// time (inbox.Config.OrderedByKey with one active consumer). A key with a
+// large backlog moves at one message per claim round trip; spread hot
+// aggregates over keys.
+//
+// Failures: each failed attempt (nack, unroutable, missing exchange)
+// increments attempts, records last_error and reschedules the row with
+// exponential backoff and jitter (MinBackoff doubling to MaxBackoff); after
+// MaxAttempts the row moves to the dead-letter table with its last error,
+// in one statement. A poison row never blocks other rows, only the later
+// rows of its own key. A lost connection or a confirm timeout is not the
+// message's fault: the row is released without counting an attempt.
+//
+// Wake-up: LISTEN/NOTIFY wakes a sleeping relay within milliseconds of a
+// commit, and polling (PollInterval) finds everything when notifications
+// are lost or off (PgBouncer in transaction mode: DisableListen and
+// outbox.Config.DisableNotify). outbox.Add sends the NOTIFY only while some
+// relay is asleep (see internal/wakeup): a NOTIFY serialises commits on a
+// database-wide lock, and a busy relay looks for work by itself.
+//
+// Leases: a claim is one short statement that leases rows for Lease; no
+// transaction stays open while the broker is awaited, so the vacuum horizon
+// is never pinned. Rows of a relay that died are claimed by others when the
+// lease expires. Each relay's Name must be unique among the relays of a
+// table (the default, host and pid, is).
+//
 // # Observability
 //
 // Tracing: each publish is a producer span named "publish <exchange>"
