@@ -98,17 +98,15 @@ func cmdDemo(ctx context.Context, args []string, getenv func(string) string, std
 	concurrency := fs.Int("concurrency", 16, "concurrent HTTP clients")
 	wait := fs.Duration("wait", time.Minute, "how long to wait for every order to be paid")
 	verbose := fs.Bool("v", false, "log the relays and consumers at info level")
-	traceOn := fs.Bool("trace", false, "print every span (OpenTelemetry, JSON) to stderr")
+	traceOn := traceFlag(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	if *traceOn {
-		shutdown, err := printSpans(stderr)
-		if err != nil {
-			return err
-		}
-		defer shutdown()
+	stopTracing, err := startTracing(*traceOn, stderr)
+	if err != nil {
+		return err
 	}
+	defer stopTracing()
 	switch {
 	case *orders < 1:
 		return errUsage{fmt.Errorf("demo: --orders %d: must be at least 1", *orders)}
@@ -172,17 +170,15 @@ func cmdServe(ctx context.Context, args []string, getenv func(string) string, st
 	fs := flagSet("serve", "run the API, relays and workers until SIGINT or SIGTERM", stderr)
 	addr := fs.String("addr", "127.0.0.1:8080", "HTTP listen address of the order API")
 	external := fs.Bool("external-relay", false, "do not relay in-process; run `mailroom-relay run` for each outbox instead")
-	traceOn := fs.Bool("trace", false, "print every span (OpenTelemetry, JSON) to stderr")
+	traceOn := traceFlag(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	if *traceOn {
-		shutdown, err := printSpans(stderr)
-		if err != nil {
-			return err
-		}
-		defer shutdown()
+	stopTracing, err := startTracing(*traceOn, stderr)
+	if err != nil {
+		return err
 	}
+	defer stopTracing()
 	log := slog.New(slog.NewTextHandler(stderr, nil))
 	cfg := configFromEnv(getenv, log)
 	cfg.ExternalRelay = *external

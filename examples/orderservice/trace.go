@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"flag"
 	"io"
 
 	"go.opentelemetry.io/otel"
@@ -11,6 +12,19 @@ import (
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	semconv "go.opentelemetry.io/otel/semconv/v1.39.0"
 )
+
+// traceFlag is the --trace flag of demo and serve.
+func traceFlag(fs *flag.FlagSet) *bool {
+	return fs.Bool("trace", false, "print every span (OpenTelemetry, JSON) to stderr")
+}
+
+// startTracing prints spans to w when on; the returned func flushes them.
+func startTracing(on bool, w io.Writer) (stop func(), err error) {
+	if !on {
+		return func() {}, nil
+	}
+	return printSpans(w)
+}
 
 // printSpans installs a tracer provider that writes every span as JSON to w,
 // and the W3C propagator. The mailroom packages use the global providers by

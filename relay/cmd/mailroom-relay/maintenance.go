@@ -10,6 +10,7 @@ import (
 
 	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/dedupe"
+	"github.com/mailroom-go/mailroom/internal/sqlident"
 	"github.com/mailroom-go/mailroom/relay"
 )
 
@@ -49,6 +50,8 @@ type maintainer struct {
 	outbox string // quoted outbox table name, the lock's object
 
 	conn *sql.Conn // non-nil while this instance is the leader
+
+	noInbox bool // the inbox table is missing: said once, purge skipped
 }
 
 func newMaintainer(cfg maintConfig, db *sql.DB, tables mailroom.Tables, store *dedupe.Store, m *metrics, log *slog.Logger) *maintainer {
@@ -87,7 +90,7 @@ func (mt *maintainer) once(ctx context.Context) {
 	var errs []error
 	// bounded reports whether err only means the run hit its time limit.
 	bounded := func(err error) bool { return err != nil && rctx.Err() != nil && ctx.Err() == nil }
-	if mt.cfg.dedupeRetention > 0 {
+	if mt.cfg.dedupeRetention > 0 && mt.inboxExists(rctx) {
 		n, err := mt.store.Purge(rctx, mt.conn, mt.cfg.dedupeRetention)
 		inbox = n
 		if err != nil && !bounded(err) {
@@ -178,4 +181,20 @@ func (mt *maintainer) resign() {
 func discard(conn *sql.Conn) {
 	_ = conn.Raw(func(any) error { return driver.ErrBadConn })
 	conn.Close()
+}
+
+// inboxExists reports whether the inbox table is there. A service that
+// names its inbox tables otherwise (and did not pass --inbox-table) has no
+// mailroom_inbox: that is configuration, not a failure, so it is said once
+// and the purge skipped, instead of a warning every run.
+func (mt *maintainer) inboxExists(ctx context.Context) bool {
+	var found bool
+	if err := mt.conn.QueryRowContext(ctx, `SELECT to_regclass($1) IS NOT NULL`, sqlident.MustParse(mt.store.Table()).Quoted()).Scan(&found); err != nil {
+		return true // let the purge report the real error
+	}
+	if !found && !mt.noInbox {
+		mt.log.Info("inbox table not found; skipping the dedupe purge (set --inbox-table to your inbox table, or --dedupe-retention 0)", "table", mt.store.Table())
+	}
+	mt.noInbox = !found
+	return found
 }

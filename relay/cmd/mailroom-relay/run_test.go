@@ -493,3 +493,29 @@ SELECT 'payments', gen_random_uuid()::text, now() - interval '2 hours' FROM gene
 		return follower.metric("mailroom_relay_maintenance_leader") == 1 && purged(follower) == 200
 	})
 }
+
+// A service with its own inbox table names (and no --inbox-table) has no
+// mailroom_inbox: maintenance says so once and keeps running, instead of
+// failing every run.
+func TestMaintenanceWithoutInboxTable(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	testenv.NewBroker(t)
+	sc := startSidecar(t, s.URL, "--maintenance-interval", "50ms", "--inbox-table", "no_such_inbox")
+	testenv.Eventually(t, time.Minute, "several maintenance runs", func() bool {
+		v, _ := sc.metrics().get("mailroom_relay_maintenance_runs_total", "result=ok")
+		return v >= 3
+	})
+	said, failed := 0, 0
+	for _, l := range sc.lines() {
+		if strings.Contains(l, "inbox table not found") {
+			said++
+		}
+		if strings.Contains(l, "maintenance failed") {
+			failed++
+		}
+	}
+	if said != 1 || failed != 0 {
+		t.Fatalf("missing inbox table logged %d times (want once), maintenance failed %d times (want 0)", said, failed)
+	}
+}
