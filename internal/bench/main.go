@@ -282,8 +282,16 @@ func amqpURL() string { return testenv.AMQPURL() }
 
 func newID() string { return outbox.NewID() }
 
+// newRelay gives the relay its own connection pool, as the sidecar has:
+// sharing the writers' pool makes its claims queue behind their
+// transactions for a free connection.
 func newRelay(w *world) (*relay.Relay, error) {
-	return relay.New(w.db, relay.Config{
+	db, err := sql.Open("postgres", w.dbURL)
+	if err != nil {
+		return nil, err
+	}
+	db.SetMaxIdleConns(4)
+	return relay.New(db, relay.Config{
 		URL: testenv.AMQPURL(), DatabaseURL: w.dbURL, Name: "bench",
 		BatchSize: *batchSize, ConfirmWindow: *window,
 		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
