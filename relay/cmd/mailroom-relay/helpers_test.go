@@ -297,6 +297,14 @@ func (s *sidecar) metric(name string, match ...string) float64 {
 	return v
 }
 
+// value is metric for waiting conditions: 0 while the metric is not
+// exposed yet (the relay registers its instruments when Run starts, which
+// can be after the first scrape).
+func (s *sidecar) value(name string, match ...string) float64 {
+	v, _ := s.metrics().get(name, match...)
+	return v
+}
+
 // addMessages writes msgs through outbox.Add and returns their ids.
 func addMessages(t *testing.T, s *testenv.Schema, msgs ...outbox.Message) []string {
 	t.Helper()

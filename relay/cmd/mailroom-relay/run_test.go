@@ -48,7 +48,7 @@ func TestRunPublishesAndServes(t *testing.T) {
 	ids := addMessages(t, s, msgs...)
 	receiveIDs(t, b, q, ids, time.Minute)
 	testenv.Eventually(t, 30*time.Second, "published_total to reach 50", func() bool {
-		return sc.metric("mailroom_relay_published_total") == 50
+		return sc.value("mailroom_relay_published_total") == 50
 	})
 	m := sc.metrics()
 	for _, c := range []struct {
@@ -103,7 +103,7 @@ func TestRunPublishesAndServes(t *testing.T) {
 		t.Errorf("lag gauge %v, want about 3600", lag)
 	}
 	testenv.Eventually(t, 30*time.Second, "a no_exchange failure to be counted", func() bool {
-		return sc.metric("mailroom_relay_publish_failures_total", "reason=no_exchange") > 0
+		return sc.value("mailroom_relay_publish_failures_total", "reason=no_exchange") > 0
 	})
 
 	if code := sc.stop(); code != 0 {
@@ -238,7 +238,7 @@ func TestSIGTERMUnderLoadLosesNothing(t *testing.T) {
 
 	first := startSidecar(t, s.URL, "--batch-size", "50")
 	testenv.Eventually(t, time.Minute, "the first sidecar to publish 500", func() bool {
-		return first.metric("mailroom_relay_published_total") >= 500
+		return first.value("mailroom_relay_published_total") >= 500
 	})
 	if code := first.stop(); code != 0 {
 		t.Fatalf("exit %d after SIGTERM, want 0", code)
@@ -282,7 +282,7 @@ func TestDeadReplayIsPublished(t *testing.T) {
 	sc := startSidecar(t, s.URL, "--max-attempts", "1")
 	id := addMessages(t, s, outbox.Message{Exchange: ex, RoutingKey: "order.placed", Key: "order-7"})[0]
 	testenv.Eventually(t, time.Minute, "the row to be dead-lettered", func() bool {
-		return sc.metric("mailroom_outbox_dead_rows") == 1
+		return sc.value("mailroom_outbox_dead_rows") == 1
 	})
 	if got := sc.metric("mailroom_relay_dead_lettered_total"); got != 1 {
 		t.Fatalf("dead_lettered_total %v, want 1", got)
@@ -303,7 +303,10 @@ func TestDeadReplayIsPublished(t *testing.T) {
 	}
 	receiveIDs(t, b, q, []string{id}, time.Minute)
 	testenv.Eventually(t, 30*time.Second, "outbox and dead letters empty", func() bool {
-		return sc.metric("mailroom_outbox_pending_rows") == 0 && sc.metric("mailroom_outbox_dead_rows") == 0
+		m := sc.metrics()
+		pending, ok1 := m.get("mailroom_outbox_pending_rows")
+		dead, ok2 := m.get("mailroom_outbox_dead_rows")
+		return ok1 && ok2 && pending == 0 && dead == 0
 	})
 }
 
@@ -445,7 +448,7 @@ SELECT 'payments', gen_random_uuid()::text, now() - interval '2 hours' FROM gene
 	a := startSidecar(t, s.URL, flags...)
 	b := startSidecar(t, s.URL, flags...)
 	purged := func(sc *sidecar) float64 {
-		return sc.metric("mailroom_relay_maintenance_purged_rows_total")
+		return sc.value("mailroom_relay_maintenance_purged_rows_total")
 	}
 	testenv.Eventually(t, time.Minute, "both to have tried maintenance, and the old rows to be purged", func() bool {
 		ma, mb := a.metrics(), b.metrics()
@@ -490,7 +493,7 @@ SELECT 'payments', gen_random_uuid()::text, now() - interval '2 hours' FROM gene
 	}
 	seed(100, 100)
 	testenv.Eventually(t, time.Minute, "the follower to take over and purge", func() bool {
-		return follower.metric("mailroom_relay_maintenance_leader") == 1 && purged(follower) == 200
+		return follower.value("mailroom_relay_maintenance_leader") == 1 && purged(follower) == 200
 	})
 }
 
