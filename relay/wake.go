@@ -19,8 +19,12 @@ func (r *Relay) wakeRow(ctx context.Context, asleep bool) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
 	// The database's clock, not ours: Add compares against its now().
-	_, err := r.db.ExecContext(ctx, `INSERT INTO `+r.tables.Wake.Quoted()+` (relay, wake_until)
-VALUES ($1, CASE WHEN $2 THEN now() + $3 * interval '1 millisecond' ELSE '-infinity' END)
+	// Asynchronous commit, like the claim: the claim loop waits for this
+	// statement, and a wake row lost in a crash costs nothing (it is
+	// rewritten within a poll interval).
+	_, err := r.db.ExecContext(ctx, `WITH async AS (SELECT set_config('synchronous_commit', 'off', true))
+INSERT INTO `+r.tables.Wake.Quoted()+` (relay, wake_until)
+SELECT $1, CASE WHEN $2 THEN now() + $3 * interval '1 millisecond' ELSE '-infinity' END FROM async
 ON CONFLICT (relay) DO UPDATE SET wake_until = excluded.wake_until`, r.cfg.Name, asleep, (3*r.cfg.PollInterval + time.Second).Milliseconds())
 	return err
 }
