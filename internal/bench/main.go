@@ -146,6 +146,7 @@ type world struct {
 	received atomic.Int64
 	onMsg    func(amqp.Delivery)
 	stop     func()
+	closers  []func() error // the relays' connection pools
 }
 
 func setup() (*world, error) {
@@ -216,6 +217,9 @@ func setup() (*world, error) {
 		ch.ExchangeDelete(w.exchange, false, false)
 		w.conn.Close()
 		<-done
+		for _, c := range w.closers {
+			c()
+		}
 		w.db.Close()
 		admin.Exec(`DROP SCHEMA ` + w.schema + ` CASCADE`)
 		admin.Close()
@@ -291,6 +295,7 @@ func newRelay(w *world) (*relay.Relay, error) {
 		return nil, err
 	}
 	db.SetMaxIdleConns(4)
+	w.closers = append(w.closers, db.Close)
 	return relay.New(db, relay.Config{
 		URL: testenv.AMQPURL(), DatabaseURL: w.dbURL, Name: "bench",
 		BatchSize: *batchSize, ConfirmWindow: *window,

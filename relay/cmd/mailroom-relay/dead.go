@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -89,16 +88,11 @@ func cmdDeadList(args []string, stdout, stderr io.Writer) error {
 	if *limit < 1 {
 		return usageErr("dead list: --limit %d: must be at least 1", *limit)
 	}
-	if _, err := c.check(); err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	db, err := c.open(ctx)
+	ctx, db, done, err := c.connect(30 * time.Second)
 	if err != nil {
 		return err
 	}
-	defer db.Close()
+	defer done()
 	dead, err := relay.ListDead(ctx, db, c.tables, *limit)
 	if err != nil {
 		return c.hint(err)
@@ -159,16 +153,11 @@ func cmdDeadMove(args []string, replay bool, stdout, stderr io.Writer) error {
 			return usageErr("%s: %q is not a message id (a UUID; copy it from `mailroom-relay dead list`)", name, id)
 		}
 	}
-	if _, err := c.check(); err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	db, err := c.open(ctx)
+	ctx, db, done, err := c.connect(5 * time.Minute)
 	if err != nil {
 		return err
 	}
-	defer db.Close()
+	defer done()
 	var n int64
 	switch {
 	case *all:

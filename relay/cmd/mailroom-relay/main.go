@@ -147,6 +147,24 @@ func (c *common) check() (*slog.Logger, error) {
 	return slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: lvl})), nil
 }
 
+// connect is what the one-shot commands start with: validate the settings,
+// then open and ping the database, within timeout (0 = none). done cancels
+// and closes.
+func (c *common) connect(timeout time.Duration) (ctx context.Context, db *sql.DB, done func(), err error) {
+	if _, err := c.check(); err != nil {
+		return nil, nil, nil, err
+	}
+	ctx, cancel := context.Background(), context.CancelFunc(func() {})
+	if timeout > 0 {
+		ctx, cancel = context.WithTimeout(ctx, timeout)
+	}
+	if db, err = c.open(ctx); err != nil {
+		cancel()
+		return nil, nil, nil, err
+	}
+	return ctx, db, func() { db.Close(); cancel() }, nil
+}
+
 func (c *common) open(ctx context.Context) (*sql.DB, error) {
 	db, err := sql.Open("postgres", c.databaseURL)
 	if err != nil {
@@ -174,15 +192,11 @@ Unqualified table names resolve through the URL's search_path.
 	if err := parse(fs, args, stderr); err != nil {
 		return err
 	}
-	if _, err := c.check(); err != nil {
-		return err
-	}
-	ctx := context.Background()
-	db, err := c.open(ctx)
+	ctx, db, done, err := c.connect(0)
 	if err != nil {
 		return err
 	}
-	defer db.Close()
+	defer done()
 	if err := mailroom.Migrate(ctx, db, c.tables); err != nil {
 		return err
 	}

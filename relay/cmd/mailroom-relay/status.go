@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -33,16 +32,11 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 	if err := parse(fs, args, stderr); err != nil {
 		return err
 	}
-	if _, err := c.check(); err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	db, err := c.open(ctx)
+	ctx, db, done, err := c.connect(30 * time.Second)
 	if err != nil {
 		return err
 	}
-	defer db.Close()
+	defer done()
 	st, err := relay.Status(ctx, db, c.tables)
 	if err != nil {
 		return c.hint(err)
