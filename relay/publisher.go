@@ -23,7 +23,8 @@ type publisher struct {
 	slots    chan struct{} // confirm window: one token per unconfirmed message
 
 	conn    *amqp.Connection
-	blocked atomic.Bool // connection.blocked: the broker is under a resource alarm
+	wire    *amqpx.BatchConn // conn's socket: publishes of a batch are held and written at once
+	blocked atomic.Bool      // connection.blocked: the broker is under a resource alarm
 	sess    *session
 	probe   *amqp.Channel   // checks exchanges exist (a failed check closes only this channel)
 	known   map[string]bool // exchanges seen to exist on this connection
@@ -63,6 +64,7 @@ func (p *publisher) run(ctx context.Context, batches <-chan []*row) {
 			}
 			p.publish(ctx, w)
 		}
+		p.flush()
 	}
 	if p.sess != nil {
 		p.awaitConfirms()
@@ -98,6 +100,7 @@ func (p *publisher) publish(ctx context.Context, w *row) {
 		tag := s.ch.GetNextPublishSeqNo()
 		s.wait[tag] = &pending{row: w, sent: time.Now()}
 		s.mu.Unlock()
+		p.wire.Hold()
 		err := s.ch.PublishWithContext(ctx, w.exchange, w.routingKey, true, false, msg)
 		if err == nil {
 			return
@@ -138,12 +141,28 @@ func message(w *row) amqp.Publishing {
 	}
 }
 
+// acquire takes a window slot; before waiting for one it flushes the held
+// publishes, whose confirms free the slots.
 func (p *publisher) acquire(ctx context.Context) bool {
+	select {
+	case p.slots <- struct{}{}:
+		return true
+	default:
+	}
+	p.flush()
 	select {
 	case p.slots <- struct{}{}:
 		return true
 	case <-ctx.Done():
 		return false
+	}
+}
+
+// flush writes the held publishes. A failed write closes the connection;
+// the confirm loop then releases their rows.
+func (p *publisher) flush() {
+	if p.wire != nil {
+		p.wire.Flush()
 	}
 }
 
@@ -153,6 +172,7 @@ func (p *publisher) waitUnblocked(ctx context.Context) bool {
 	if !p.blocked.Load() {
 		return true
 	}
+	p.flush()
 	p.r.log.Warn("broker blocked the connection (resource alarm); publishing paused")
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
@@ -178,13 +198,13 @@ func (p *publisher) connect(ctx context.Context) error {
 			p.reset(errors.New("channel closed"))
 		}
 		if p.conn == nil || p.conn.IsClosed() {
-			conn, err := amqpx.DialRetry(ctx, p.r.cfg.URL, "mailroom-relay "+p.r.cfg.Name, 5*time.Second, func(err error, d time.Duration) {
+			conn, wire, err := amqpx.DialBatchRetry(ctx, p.r.cfg.URL, "mailroom-relay "+p.r.cfg.Name, 5*time.Second, func(err error, d time.Duration) {
 				p.r.log.Warn("broker connection failed; retrying", "error", err, "retry_in", d.String())
 			})
 			if err != nil {
 				return err
 			}
-			p.conn = conn
+			p.conn, p.wire = conn, wire
 			p.known = map[string]bool{}
 			p.blocked.Store(false)
 			blocked := conn.NotifyBlocked(make(chan amqp.Blocking, 4))
@@ -357,6 +377,7 @@ func (p *publisher) exchangeExists(name string) (bool, error) {
 	if name == "" || p.known[name] {
 		return true, nil
 	}
+	p.flush()
 	err := p.probe.ExchangeDeclarePassive(name, "direct", true, false, false, false, nil)
 	var ae *amqp.Error
 	if errors.As(err, &ae) && ae.Code == amqp.NotFound {
@@ -373,6 +394,7 @@ func (p *publisher) exchangeExists(name string) (bool, error) {
 // releases whatever was unconfirmed, and connect opens a new one.
 func (p *publisher) reset(why error) {
 	p.r.log.Warn("resetting broker channel", "error", why)
+	p.flush() // the channel.close must not wait behind held publishes
 	if p.sess != nil {
 		p.sess.ch.Close()
 		<-p.sess.done
@@ -401,6 +423,7 @@ func (p *publisher) awaitConfirms() {
 }
 
 func (p *publisher) close() {
+	p.flush()
 	if p.sess != nil {
 		p.sess.ch.Close()
 		<-p.sess.done

@@ -17,12 +17,20 @@ import (
 // which `rabbitmqctl list_connections name client_properties` shows, so an
 // operator (or a fault test) can tell and close exactly this connection.
 func Dial(amqpURL, name string) (*amqp.Connection, error) {
+	return dialConfig(amqpURL, config(name))
+}
+
+func config(name string) amqp.Config {
 	cfg := amqp.Config{
 		Properties: amqp.NewConnectionProperties(),
 		Heartbeat:  10 * time.Second,
 		Locale:     "en_US",
 	}
 	cfg.Properties.SetClientConnectionName(name)
+	return cfg
+}
+
+func dialConfig(amqpURL string, cfg amqp.Config) (*amqp.Connection, error) {
 	conn, err := amqp.DialConfig(amqpURL, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("connect to RabbitMQ at %s: %w", Redact(amqpURL), err)
@@ -33,13 +41,15 @@ func Dial(amqpURL, name string) (*amqp.Connection, error) {
 // DialRetry dials until it succeeds or ctx ends, waiting between attempts
 // with exponential backoff (capped at maxWait). onError sees each failure.
 func DialRetry(ctx context.Context, amqpURL, name string, maxWait time.Duration, onError func(error, time.Duration)) (*amqp.Connection, error) {
+	return retry(ctx, maxWait, onError, func() (*amqp.Connection, error) { return Dial(amqpURL, name) })
+}
+
+func retry(ctx context.Context, maxWait time.Duration, onError func(error, time.Duration), dial func() (*amqp.Connection, error)) (*amqp.Connection, error) {
 	b := backoff.NewExponentialBackOff()
 	b.InitialInterval = 100 * time.Millisecond
 	b.MaxInterval = maxWait
 	b.MaxElapsedTime = 0 // until ctx ends
-	return backoff.RetryNotifyWithData(func() (*amqp.Connection, error) {
-		return Dial(amqpURL, name)
-	}, backoff.WithContext(b, ctx), onError)
+	return backoff.RetryNotifyWithData(dial, backoff.WithContext(b, ctx), onError)
 }
 
 // Redact hides the password of a URL so it can appear in logs and errors.
