@@ -9,7 +9,7 @@ import (
 // queries holds every statement of the relay, rendered once for the
 // configured table names.
 type queries struct {
-	claim, deleteDone, archiveDone, retry, bury, release string
+	claim, deleteDone, deleteDoneAsync, archiveDone, retry, bury, release string
 }
 
 const columns = `id, exchange, routing_key, key, type, content_type, headers, payload, created_at, attempts`
@@ -52,6 +52,11 @@ RETURNING o.seq, ` + prefixed("o.", columns),
 		// deleteDone removes confirmed rows by primary key. No lease check: a
 		// confirmed message is delivered whoever holds the row now.
 		deleteDone: `DELETE FROM ` + ob + ` WHERE seq = ANY($1::bigint[])`,
+
+		// deleteDoneAsync is deleteDone as one autocommit statement that
+		// commits asynchronously, like the claim.
+		deleteDoneAsync: `WITH async AS (SELECT set_config('synchronous_commit', 'off', true))
+DELETE FROM ` + ob + ` WHERE seq = ANY($1::bigint[]) AND (SELECT true FROM async)`,
 
 		// archiveDone moves confirmed rows to the published table (Retain).
 		archiveDone: `WITH d AS (DELETE FROM ` + ob + ` WHERE seq = ANY($1::bigint[]) RETURNING seq, ` + columns + `)
