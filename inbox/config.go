@@ -20,7 +20,8 @@ import (
 // the message id. Return nil to commit (then the delivery is acked); return
 // an error, or panic, to roll back and retry later. Do not commit or roll
 // back tx yourself. A handler may be called again for the same message
-// after an error, so it must not have effects outside tx that cannot be
+// after an error (its own, or in a batch another message's: see
+// Config.BatchSize), so it must not have effects outside tx that cannot be
 // repeated (or must make those idempotent by m.ID).
 type Handler func(ctx context.Context, tx *sqlx.Tx, m Message) error
 
@@ -74,10 +75,15 @@ type Config struct {
 	// deliveries held at once. Default 2 × Concurrency × BatchSize.
 	Prefetch int
 	// BatchSize > 1 lets a worker apply up to that many deliveries already
-	// waiting for it in one transaction, with a savepoint per message so a
-	// failing handler undoes only its own message; the batch is committed
-	// once and then acked. Default 1 (a transaction per message); at most
-	// 1000. Keep it at 64 or below: each savepoint that writes takes a
+	// waiting for it in one transaction, committed once and then acked.
+	// The handlers run one after the other without savepoints; when one
+	// fails, the whole transaction is rolled back and the batch is redone
+	// with a savepoint per message, so a failing handler undoes only its
+	// own message. The redo calls the handlers before the failing one
+	// again (with the same Message.Attempt); the failing one is not called
+	// again. A batch holding a retried message goes straight to
+	// savepoints. Default 1 (a transaction per message); at most 1000.
+	// Keep it at 64 or below: each savepoint that writes takes a
 	// subtransaction id, and past 64 in one transaction PostgreSQL's
 	// subtransaction cache overflows, which slows snapshots server-wide.
 	BatchSize int

@@ -58,14 +58,28 @@
 //
 // Concurrency workers (default 4) run in parallel with a prefetch of
 // 2 × Concurrency × BatchSize. BatchSize > 1 applies up to that many
-// waiting deliveries in one transaction: one ClaimMany, a SAVEPOINT per
-// message (a failing handler rolls back to it and its claim is released),
-// one commit, then one ack each. OrderedByKey sends all deliveries with the
-// same x-mailroom-key header to the same worker, so they are applied one at
-// a time in queue order; a failed one is retried in place (holding back
-// its worker) rather than through the retry queue, which would reorder it.
-// Order holds within one consumer process; to keep it with several
-// processes on one queue, declare it with Topology.SingleActiveConsumer.
+// waiting deliveries in one transaction: one ClaimMany, the handlers one
+// after the other, one commit, then one ack each.
+//
+// A savepoint costs a round trip and a subtransaction, so a batch first
+// runs without them. If a handler fails, the transaction is rolled back
+// and the batch redone with a SAVEPOINT per message (a failing handler
+// rolls back to it and its claim is released). The failing handler is not
+// called again by the redo: its failure stands, and Stats and the handler
+// duration metric count it once (the other runs that were rolled back
+// are not recorded). The handlers before it run again, with the same
+// Message.Attempt; their traces show both process spans, and the batch
+// span has an event mailroom.batch.redo. When a handler returns nil after
+// a failed statement, which message broke the transaction is unknown, so
+// the redo runs every handler again and the savepoints find it. A batch
+// holding a retried message (Attempt > 1) uses savepoints from the start.
+//
+// OrderedByKey sends all deliveries with the same x-mailroom-key header to
+// the same worker, so they are applied one at a time in queue order; a
+// failed one is retried in place (holding back its worker) rather than
+// through the retry queue, which would reorder it. Order holds within one
+// consumer process; to keep it with several processes on one queue,
+// declare it with Topology.SingleActiveConsumer.
 //
 // # Connections
 //

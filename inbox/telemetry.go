@@ -173,11 +173,11 @@ func endSpan(span trace.Span, dup bool, err error) {
 	span.End()
 }
 
-// since records the handler duration that began at start.
-func (c *Consumer) observeHandler(start time.Time, err error) {
+// observeHandler records a handler's duration d.
+func (c *Consumer) observeHandler(d time.Duration, err error) {
 	opts := c.tel.handlerOK
 	if err != nil {
 		opts = c.tel.handlerErr
 	}
-	c.tel.handler.Record(context.Background(), time.Since(start).Seconds(), opts...)
+	c.tel.handler.Record(context.Background(), d.Seconds(), opts...)
 }

@@ -14,6 +14,8 @@ import (
 	"github.com/jmoiron/sqlx"
 	"github.com/lib/pq"
 	amqp "github.com/rabbitmq/amqp091-go"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // session holds what the workers of one connection share.
@@ -173,25 +175,133 @@ func (s *session) apply(m Message) (dup bool, herr, ierr error) {
 	return false, nil, nil
 }
 
-// batch applies items in one transaction with a savepoint per message and
-// returns the items still to do: none, or under OrderedByKey the ones after
-// a failure (the failure itself has been handled by one).
+// batch applies items in one transaction and returns the items still to
+// do: none, or under OrderedByKey the ones after a failure (the failure
+// itself has been handled by settle). It tries the batch without
+// savepoints first (fast), unless a message in it is being retried; only
+// when a handler or a statement fails is that transaction rolled back and
+// the batch redone with a savepoint per message (careful).
 func (s *session) batch(items []item) (rest []item) {
-	c := s.c
-	ids := make([]string, len(items))
-	for i, it := range items {
-		ids[i] = it.m.ID
-	}
-	bctx, bspan := c.startBatch(s.ctx, items)
+	bctx, bspan := s.c.startBatch(s.ctx, items)
 	var berr error
 	defer func() { endSpan(bspan, false, berr) }()
+	if retried(items) {
+		// It failed before and may well fail again: a fast attempt
+		// would likely be wasted.
+		return s.careful(bctx, bspan, items, noFailure, &berr)
+	}
+	rest, f, settled := s.fast(bctx, bspan, items, &berr)
+	if settled {
+		return rest
+	}
+	if bspan != nil {
+		id := "unknown"
+		if f.at >= 0 {
+			id = items[f.at].m.ID
+		}
+		bspan.AddEvent("mailroom.batch.redo", trace.WithAttributes(attribute.String("mailroom.failed_message_id", id)))
+	}
+	return s.careful(bctx, bspan, items, f, &berr)
+}
+
+// retried reports whether a message of items is being retried.
+func retried(items []item) bool {
+	for i := range items {
+		if items[i].m.Attempt > 1 {
+			return true
+		}
+	}
+	return false
+}
+
+// failure is a handler failure seen by a rolled-back fast attempt: items[at]
+// failed with err. at is -1 when a statement failed and which message's
+// handler broke the transaction is unknown.
+type failure struct {
+	at  int
+	err error
+}
+
+var noFailure = failure{at: -1}
+
+// fast applies items in one transaction without savepoints. When a
+// handler fails, or a statement failed (the transaction is aborted), it
+// rolls back and returns settled false with the failure. The handler
+// durations of a rolled-back attempt are not recorded, except the failing
+// handler's: its failure counts, and careful does not call it again.
+func (s *session) fast(bctx context.Context, bspan trace.Span, items []item, berr *error) (rest []item, f failure, settled bool) {
+	c := s.c
 	tx, err := c.db.BeginTxx(bctx, nil)
 	if err != nil {
-		berr = err
+		*berr = err
+		return s.retryBatch(fmt.Errorf("begin: %w", err), items), noFailure, true
+	}
+	defer tx.Rollback() //nolint:errcheck // no-op after Commit
+	first, err := c.store.ClaimMany(s.ctx, tx, c.cfg.Consumer, msgIDs(items))
+	if err != nil {
+		return s.retryBatch(err, items), noFailure, true
+	}
+	took := make([]time.Duration, len(items))
+	for i, it := range items {
+		if !first[i] {
+			continue
+		}
+		mctx, span := c.startProcess(bctx, &it.m, bspan)
+		d, herr := c.run(mctx, tx, it.m)
+		endSpan(span, false, herr)
+		switch {
+		case herr == nil:
+			took[i] = d
+			continue
+		case s.ctx.Err() != nil:
+			c.observeHandler(d, herr)
+			return nil, noFailure, true // shutdown timed out: left unacked for redelivery
+		case aborted(herr):
+			// A statement failed earlier, maybe in another message's
+			// handler that returned nil: careful finds which.
+			return nil, noFailure, false
+		}
+		c.observeHandler(d, herr)
+		return nil, failure{i, herr}, false
+	}
+	if err := tx.Commit(); err != nil {
+		if errors.Is(err, pq.ErrInFailedTransaction) {
+			return nil, noFailure, false // a handler returned nil after a failed statement
+		}
+		*berr = err
+		s.requeue(fmt.Errorf("commit of a batch of %d (outcome unknown; redeliveries are deduplicated): %w", len(items), err), ds(items)...)
+		return nil, noFailure, true
+	}
+	for i := range items {
+		if first[i] {
+			c.observeHandler(took[i], nil)
+		}
+	}
+	for i := range items {
+		s.settle(items[i], !first[i], nil, nil)
+	}
+	return nil, noFailure, true
+}
+
+// aborted reports whether err is PostgreSQL refusing a statement because
+// the transaction has already failed.
+func aborted(err error) bool {
+	var pqErr *pq.Error
+	return errors.As(err, &pqErr) && pqErr.Code == "25P02" // in_failed_sql_transaction
+}
+
+// careful applies items in one transaction with a savepoint per message,
+// after fast rolled back: a failing handler undoes only its own message.
+// The handler of f.at already failed in fast and is not called again.
+func (s *session) careful(bctx context.Context, bspan trace.Span, items []item, f failure, berr *error) (rest []item) {
+	c := s.c
+	tx, err := c.db.BeginTxx(bctx, nil)
+	if err != nil {
+		*berr = err
 		return s.retryBatch(fmt.Errorf("begin: %w", err), items)
 	}
 	defer tx.Rollback() //nolint:errcheck // no-op after Commit
-	first, err := c.store.ClaimMany(s.ctx, tx, c.cfg.Consumer, ids)
+	first, err := c.store.ClaimMany(s.ctx, tx, c.cfg.Consumer, msgIDs(items))
 	if err != nil {
 		return s.retryBatch(err, items)
 	}
@@ -201,24 +311,27 @@ func (s *session) batch(items []item) (rest []item) {
 		if !first[i] {
 			continue
 		}
-		if _, err := tx.ExecContext(s.ctx, `SAVEPOINT mailroom_message`); err != nil {
-			return s.retryBatch(fmt.Errorf("savepoint: %w", err), items)
-		}
-		mctx, span := c.startProcess(bctx, &it.m, bspan)
-		herr := c.call(mctx, tx, it.m)
-		endSpan(span, false, herr)
-		if herr == nil {
-			if _, err := tx.ExecContext(s.ctx, `RELEASE SAVEPOINT mailroom_message`); err == nil {
-				continue
-			} else if s.ctx.Err() != nil {
-				return nil // shutdown timed out
+		herr := f.err
+		if i != f.at {
+			if _, err := tx.ExecContext(s.ctx, `SAVEPOINT mailroom_message`); err != nil {
+				return s.retryBatch(fmt.Errorf("savepoint: %w", err), items)
 			}
-			herr = errors.New("handler returned nil but a statement in its transaction failed")
+			mctx, span := c.startProcess(bctx, &it.m, bspan)
+			herr = c.call(mctx, tx, it.m)
+			endSpan(span, false, herr)
+			if herr == nil {
+				if _, err := tx.ExecContext(s.ctx, `RELEASE SAVEPOINT mailroom_message`); err == nil {
+					continue
+				} else if s.ctx.Err() != nil {
+					return nil // shutdown timed out
+				}
+				herr = errors.New("handler returned nil but a statement in its transaction failed")
+			}
+			if _, err := tx.ExecContext(s.ctx, `ROLLBACK TO SAVEPOINT mailroom_message`); err != nil {
+				return s.retryBatch(fmt.Errorf("rollback to savepoint: %w", err), items)
+			}
 		}
 		errs[i] = herr
-		if _, err := tx.ExecContext(s.ctx, `ROLLBACK TO SAVEPOINT mailroom_message`); err != nil {
-			return s.retryBatch(fmt.Errorf("rollback to savepoint: %w", err), items)
-		}
 		release := items[i : i+1]
 		if c.cfg.OrderedByKey {
 			// Stop here: the later messages may share its key.
@@ -236,7 +349,7 @@ func (s *session) batch(items []item) (rest []item) {
 		}
 	}
 	if err := tx.Commit(); err != nil {
-		berr = err
+		*berr = err
 		s.requeue(fmt.Errorf("commit of a batch of %d (outcome unknown; redeliveries are deduplicated): %w", n, err), ds(items)...)
 		return nil
 	}
@@ -264,6 +377,14 @@ func (s *session) retryBatch(err error, items []item) []item {
 	return items
 }
 
+func msgIDs(items []item) []string {
+	out := make([]string, len(items))
+	for i := range items {
+		out[i] = items[i].m.ID
+	}
+	return out
+}
+
 func ds(items []item) []*amqp.Delivery {
 	out := make([]*amqp.Delivery, len(items))
 	for i := range items {
@@ -272,17 +393,25 @@ func ds(items []item) []*amqp.Delivery {
 	return out
 }
 
-// call runs the handler, turning a panic into an error.
-func (c *Consumer) call(ctx context.Context, tx *sqlx.Tx, m Message) (err error) {
+// call runs the handler and records its duration.
+func (c *Consumer) call(ctx context.Context, tx *sqlx.Tx, m Message) error {
+	d, err := c.run(ctx, tx, m)
+	c.observeHandler(d, err)
+	return err
+}
+
+// run runs the handler, turning a panic into an error, and says how long
+// it took.
+func (c *Consumer) run(ctx context.Context, tx *sqlx.Tx, m Message) (took time.Duration, err error) {
 	start := time.Now()
 	defer func() {
 		if r := recover(); r != nil {
 			c.cfg.Logger.Error("inbox: handler panicked", "consumer", c.cfg.Consumer, "message_id", m.ID, "key", m.Key, "attempt", m.Attempt, "panic", r, "stack", string(debug.Stack()))
 			err = fmt.Errorf("handler panicked: %v", r)
 		}
-		c.observeHandler(start, err)
+		took = time.Since(start)
 	}()
-	return c.cfg.Handler(ctx, tx, m)
+	return 0, c.cfg.Handler(ctx, tx, m)
 }
 
 // done acks a message that was applied or found to be a duplicate.

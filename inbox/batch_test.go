@@ -1,0 +1,199 @@
+package inbox_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+
+	"github.com/jmoiron/sqlx"
+	amqp "github.com/rabbitmq/amqp091-go"
+	"go.opentelemetry.io/otel/attribute"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/metric/metricdata"
+
+	"github.com/mailroom-go/mailroom/inbox"
+)
+
+// A batch runs without savepoints first; a failing handler rolls the whole
+// transaction back and the batch is redone with savepoints. The failing
+// handler is not called again by the redo, so calls, Stats and the handler
+// metric count each failure once; the others are applied exactly once.
+func TestBatchFailureRedoneWithSavepoints(t *testing.T) {
+	t.Parallel()
+	for _, ordered := range []bool{false, true} {
+		t.Run(fmt.Sprint("ordered ", ordered), func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t, inbox.Topology{})
+			var msgs []amqp.Publishing
+			for i, id := range ids("redo", 40) {
+				msgs = append(msgs, msg(id, fmt.Sprint("key", i%3), i))
+			}
+			e.publish(msgs...) // queued before the consumer starts, so batches fill
+			const doomed = "redo-0025"
+			var mu sync.Mutex
+			calls := map[string]int{}
+			cfg := e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+				mu.Lock()
+				calls[m.ID]++
+				mu.Unlock()
+				if err := record(ctx, tx, m); err != nil {
+					return err
+				}
+				if m.ID == doomed {
+					return errors.New("always fails, after writing")
+				}
+				return nil
+			})
+			reader := sdkmetric.NewManualReader()
+			mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
+			t.Cleanup(func() { _ = mp.Shutdown(context.Background()) })
+			cfg.MeterProvider = mp
+			cfg.Concurrency, cfg.BatchSize, cfg.MaxAttempts, cfg.OrderedByKey = 1, 10, 3, ordered
+			c, _ := e.start(cfg)
+			e.deadLetters(1)
+			got := e.waitEffects(39)
+			if got[doomed] != 0 {
+				t.Errorf("%s applied although its handler always fails", doomed)
+			}
+			largestTx(t, e)
+			mu.Lock()
+			if calls[doomed] != 3 {
+				t.Errorf("failing handler called %d times, want MaxAttempts = 3 (the redo must not call it again)", calls[doomed])
+			}
+			redone := 0
+			for _, n := range calls {
+				redone += n - 1
+			}
+			mu.Unlock()
+			if s := c.Stats(); s.Handled != 39 || s.Failed != 3 || s.DeadLettered != 1 {
+				t.Errorf("stats %+v, want 39 handled, 3 failed, 1 dead letter", s)
+			}
+			ok, failed := handlerRuns(t, reader)
+			if ok != 39 || failed != 3 {
+				t.Errorf("handler duration recorded %d ok and %d error, want 39 and 3 (rolled-back runs are not recorded)", ok, failed)
+			}
+			t.Logf("%d handler calls beyond the first of their message (redone batches and retries)", redone)
+			if ordered {
+				checkKeyOrder(t, e)
+			}
+		})
+	}
+}
+
+// A handler that swallows a failed statement and returns nil leaves the
+// transaction aborted: the next statement of the batch (another message's
+// handler) or the commit fails, and the fast attempt cannot tell which
+// message broke it. The redo with savepoints finds it: only that message
+// fails (and is applied on attempt 2), the others once on attempt 1.
+func TestBatchStatementFailureSwallowedByHandler(t *testing.T) {
+	t.Parallel()
+	for _, ordered := range []bool{false, true} {
+		t.Run(fmt.Sprint("ordered ", ordered), func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t, inbox.Topology{})
+			var msgs []amqp.Publishing
+			swallows := map[string]bool{}
+			for i, id := range ids("swallow", 60) {
+				msgs = append(msgs, msg(id, fmt.Sprint("key", i%3), i))
+				if i%7 == 3 { // at varying places in the batches
+					swallows[id] = true
+				}
+			}
+			e.publish(msgs...)
+			cfg := e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+				if swallows[m.ID] && m.Attempt == 1 {
+					_, _ = tx.ExecContext(ctx, `SELECT 1/0`) // error ignored: the transaction is now aborted
+					return nil
+				}
+				return record(ctx, tx, m)
+			})
+			cfg.Concurrency, cfg.BatchSize, cfg.OrderedByKey = 1, 10, ordered
+			c, _ := e.start(cfg)
+			e.waitEffects(60)
+			largestTx(t, e)
+			var rows []struct {
+				ID      string `db:"msg_id"`
+				Attempt int    `db:"attempt"`
+			}
+			if err := e.db.Select(&rows, `SELECT msg_id, attempt FROM effects`); err != nil {
+				t.Fatal(err)
+			}
+			for _, r := range rows {
+				want := 1
+				if swallows[r.ID] {
+					want = 2
+				}
+				if r.Attempt != want {
+					t.Errorf("%s applied on attempt %d, want %d", r.ID, r.Attempt, want)
+				}
+			}
+			if s := c.Stats(); s.Handled != 60 || s.Failed != uint64(len(swallows)) {
+				t.Errorf("stats %+v, want 60 handled and %d failed", s, len(swallows))
+			}
+			if ordered {
+				checkKeyOrder(t, e)
+			}
+		})
+	}
+}
+
+// largestTx fails the test unless some transaction applied several
+// messages (the batching these tests are about happened).
+func largestTx(t *testing.T, e *env) {
+	t.Helper()
+	var largest int
+	if err := e.db.Get(&largest, `SELECT max(n) FROM (SELECT count(*) AS n FROM effects GROUP BY txid) b`); err != nil {
+		t.Fatal(err)
+	}
+	if largest < 2 {
+		t.Errorf("largest transaction applied %d messages: batching did not happen", largest)
+	}
+}
+
+// checkKeyOrder fails the test if two messages of one key were applied out
+// of id order (ids are published in order).
+func checkKeyOrder(t *testing.T, e *env) {
+	t.Helper()
+	var rows []struct {
+		ID  string `db:"msg_id"`
+		Key string `db:"key"`
+	}
+	if err := e.db.Select(&rows, `SELECT msg_id, key FROM effects ORDER BY seq`); err != nil {
+		t.Fatal(err)
+	}
+	last := map[string]string{}
+	for _, r := range rows {
+		if r.ID < last[r.Key] {
+			t.Errorf("key %s: %s applied after %s", r.Key, r.ID, last[r.Key])
+		}
+		last[r.Key] = r.ID
+	}
+}
+
+// handlerRuns reads the handler duration histogram's counts by result.
+func handlerRuns(t *testing.T, r *sdkmetric.ManualReader) (ok, failed uint64) {
+	t.Helper()
+	var rm metricdata.ResourceMetrics
+	if err := r.Collect(context.Background(), &rm); err != nil {
+		t.Fatal(err)
+	}
+	for _, sm := range rm.ScopeMetrics {
+		for _, m := range sm.Metrics {
+			h, isHist := m.Data.(metricdata.Histogram[float64])
+			if !isHist || m.Name != "mailroom.inbox.handler.duration" {
+				continue
+			}
+			for _, p := range h.DataPoints {
+				switch v, _ := p.Attributes.Value(attribute.Key("result")); v.AsString() {
+				case "ok":
+					ok += p.Count
+				case "error":
+					failed += p.Count
+				}
+			}
+		}
+	}
+	return ok, failed
+}
