@@ -257,7 +257,7 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 	hctx, hcancel := context.WithCancel(context.WithoutCancel(ctx))
 	defer hcancel()
 	stop := make(chan struct{}) // closed: workers take no new deliveries
-	s := &session{c: c, ctx: hctx, stop: stop, pub: pub, retryOK: retryOK, deadOK: deadOK, log: log}
+	s := &session{c: c, ctx: hctx, stop: stop, pub: pub, retryOK: retryOK, deadOK: deadOK, log: log, acks: newAcker(c.cfg.Prefetch)}
 
 	var workers sync.WaitGroup
 	inputs := make([]chan amqp.Delivery, c.cfg.Concurrency)
@@ -278,6 +278,7 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 				if !ok {
 					return errors.New("delivery channel closed (connection lost or consumer cancelled)")
 				}
+				s.acks.received(d.DeliveryTag)
 				in := shared
 				if c.cfg.OrderedByKey {
 					in = inputs[c.shard(&d, &next)]
@@ -303,6 +304,9 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 	timer := time.AfterFunc(c.cfg.ShutdownTimeout, hcancel)
 	workers.Wait()
 	timer.Stop()
+	if err := s.acks.flush(); err != nil {
+		log.Debug("inbox: acks lost with their channel; the redeliveries will be deduplicated", "error", err)
+	}
 	return result
 }
 

@@ -27,7 +27,8 @@ type session struct {
 	retryOK bool // the retry queue exists
 	deadOK  bool // the dead-letter queue exists
 	log     *slog.Logger
-	infra   int // consecutive database/broker failures of this worker (see work)
+	acks    *acker // the consuming channel's
+	infra   int    // consecutive database/broker failures of this worker (see work)
 }
 
 // item is a decoded delivery.
@@ -47,6 +48,16 @@ func (s session) work(in <-chan amqp.Delivery) {
 		case <-s.stop:
 			return
 		case first = <-in:
+		default:
+			// Out of work: send the acks held for coalescing (see acker).
+			if err := s.acks.flush(); err != nil {
+				s.log.Debug("inbox: acks lost with their channel; the redeliveries will be deduplicated", "error", err)
+			}
+			select {
+			case <-s.stop:
+				return
+			case first = <-in:
+			}
 		}
 		batch := []amqp.Delivery{first}
 	fill:
@@ -277,9 +288,11 @@ func (s *session) fast(bctx context.Context, bspan trace.Span, items []item, ber
 			c.observeHandler(took[i], nil)
 		}
 	}
+	s.infra = 0
 	for i := range items {
-		s.settle(items[i], !first[i], nil, nil)
+		s.count(items[i], !first[i])
 	}
+	s.ack(ds(items)...)
 	return nil, noFailure, true
 }
 
@@ -416,6 +429,12 @@ func (c *Consumer) run(ctx context.Context, tx *sqlx.Tx, m Message) (took time.D
 
 // done acks a message that was applied or found to be a duplicate.
 func (s *session) done(it item, dup bool) {
+	s.count(it, dup)
+	s.ack(it.d)
+}
+
+// count counts a message that was applied or found to be a duplicate.
+func (s *session) count(it item, dup bool) {
 	if dup {
 		s.c.stats.duplicates.Add(1)
 		s.log.Debug("inbox: duplicate acked without calling the handler", "message_id", it.m.ID)
@@ -425,15 +444,21 @@ func (s *session) done(it item, dup bool) {
 			s.c.afterCommit(it.m)
 		}
 	}
-	s.ack(it.d)
 }
 
-// ack acks on the delivery's own channel. If that channel is gone the ack
+// ack acks ds, all from the session's channel, through its acker (maybe
+// later, in one multiple ack with others). If the channel is gone the ack
 // is lost, never misdirected: the broker redelivers and dedupe absorbs it.
-func (s *session) ack(d *amqp.Delivery) {
-	if err := d.Ack(false); err != nil {
-		s.log.Debug("inbox: ack lost with its channel; the redelivery will be deduplicated", "message_id", d.MessageId, "error", err)
+func (s *session) ack(ds ...*amqp.Delivery) {
+	if err := s.acks.ack(ds...); err != nil {
+		s.log.Debug("inbox: ack lost with its channel; the redelivery will be deduplicated", "count", len(ds), "message_id", ds[0].MessageId, "error", err)
 	}
+}
+
+// nack rejects d, returning it to the queue when requeue is true.
+func (s *session) nack(d *amqp.Delivery, requeue bool) {
+	_ = d.Nack(false, requeue) // a lost channel returns it anyway
+	s.acks.settled(d.DeliveryTag)
 }
 
 // failed sends a message whose handler failed to the retry queue, or to the
@@ -450,7 +475,7 @@ func (s *session) failed(it item, herr error) {
 	if !s.retryOK {
 		// No retry queue: hold the delivery for the delay, then requeue.
 		if s.pause(wait) {
-			_ = it.d.Nack(false, true)
+			s.nack(it.d, true)
 		}
 		return
 	}
@@ -471,7 +496,7 @@ func (s *session) deadLetter(d *amqp.Delivery, reason string) {
 	s.log.Error("inbox: dead-lettering message", "message_id", d.MessageId, "exchange", d.Exchange, "routing_key", d.RoutingKey, "key", headerString(d.Headers[HeaderKey]), "reason", reason)
 	if !s.deadOK {
 		s.c.stats.dead.Add(1)
-		_ = d.Nack(false, false)
+		s.nack(d, false)
 		return
 	}
 	if len(reason) > maxReason { // headers must fit in one AMQP frame
@@ -506,7 +531,7 @@ func (s *session) requeue(err error, ds ...*amqp.Delivery) {
 		return
 	}
 	for _, d := range ds {
-		_ = d.Nack(false, true)
+		s.nack(d, true)
 	}
 }
 
