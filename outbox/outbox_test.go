@@ -1,7 +1,9 @@
 package outbox_test
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"sort"
@@ -296,5 +298,57 @@ func TestGeneratedIDsSortByCreationTime(t *testing.T) {
 		if u := uuid.MustParse(id); u.Version() != 7 {
 			t.Fatalf("id %s is version %d, want 7", id, u.Version())
 		}
+	}
+}
+
+// Add sends the values as quoted literals (one round trip in lib/pq): every
+// byte must come back as written, whatever quoting the session uses.
+func TestHostileValuesRoundTrip(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	ob := newOutbox(t, outbox.Config{})
+	all := make([]byte, 256)
+	for i := range all {
+		all[i] = byte(i)
+	}
+	hostile := `'); DROP TABLE mailroom_outbox; -- \' \\ $$ E'\x41' ` + "ünï\u2028"
+	in := outbox.Message{
+		Exchange: "orders", RoutingKey: hostile, Key: hostile, Type: hostile, ContentType: "application/octet-stream",
+		Headers: map[string]string{hostile: hostile, "tenant": `a"b\c`}, Payload: all,
+	}
+	for _, conforming := range []string{"on", "off"} {
+		ctx := context.Background()
+		tx := s.DB.MustBeginTx(ctx, nil)
+		if _, err := tx.Exec(`SET LOCAL standard_conforming_strings = ` + conforming); err != nil {
+			t.Fatal(err)
+		}
+		in.ID = outbox.NewID()
+		if err := ob.Add(ctx, tx, in); err != nil {
+			t.Fatalf("standard_conforming_strings=%s: %v", conforming, err)
+		}
+		if err := tx.Commit(); err != nil {
+			t.Fatal(err)
+		}
+		var got struct {
+			RoutingKey string `db:"routing_key"`
+			Key        string `db:"key"`
+			Type       string `db:"type"`
+			Headers    string `db:"headers"`
+			Payload    []byte `db:"payload"`
+		}
+		if err := s.DB.Get(&got, `SELECT routing_key, key, type, headers::text AS headers, payload FROM mailroom_outbox WHERE id = $1`, in.ID); err != nil {
+			t.Fatalf("standard_conforming_strings=%s: %v", conforming, err)
+		}
+		var headers map[string]string
+		if err := json.Unmarshal([]byte(got.Headers), &headers); err != nil {
+			t.Fatal(err)
+		}
+		if got.RoutingKey != hostile || got.Key != hostile || got.Type != hostile || !bytes.Equal(got.Payload, all) ||
+			headers[hostile] != hostile || headers["tenant"] != `a"b\c` {
+			t.Fatalf("standard_conforming_strings=%s: read back %+v", conforming, got)
+		}
+	}
+	if n := count(t, s); n != 2 {
+		t.Fatalf("%d rows, want 2", n)
 	}
 }
