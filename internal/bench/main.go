@@ -34,7 +34,7 @@ import (
 )
 
 var (
-	runFlag   = flag.String("run", "broker,drain,latency,relays", "figures to run, comma-separated: broker, drain, latency, relays, scale, dedupe")
+	runFlag   = flag.String("run", "broker,naive,drain,latency,relays", "figures to run, comma-separated: broker, naive, drain, latency, relays, scale, dedupe, writecost")
 	events    = flag.Int("events", 100000, "backlog size for broker and drain")
 	rates     = flag.String("rates", "200,5000", "steady event rates (events/s) for latency, comma-separated")
 	duration  = flag.Duration("duration", 10*time.Second, "how long each latency rate runs")
@@ -62,12 +62,17 @@ func main() {
 	}
 	// The broker ceiling and the relay drain alternate, -repeat times, and
 	// the medians are compared: this machine's rate drifts run to run.
-	var brokerRates, drainRates []float64
+	var brokerRates, drainRates, naiveRates []float64
 	for i := 0; i < *repeat; i++ {
 		if want["broker"] {
 			r := must(benchBroker())
 			brokerRates = append(brokerRates, r)
 			fmt.Printf("broker   %7d persistent msgs, pipelined confirms (window 512): %8.0f msg/s\n", *events, r)
+		}
+		if want["naive"] {
+			r := must(benchNaive())
+			naiveRates = append(naiveRates, r)
+			fmt.Printf("naive    %7d events, claim 500/publish/wait/delete in turn:   %8.0f events/s\n", *events, r)
 		}
 		if want["drain"] {
 			r := must(benchDrain())
@@ -78,6 +83,10 @@ func main() {
 	if len(brokerRates) > 0 && len(drainRates) > 0 {
 		b, d := median(brokerRates), median(drainRates)
 		fmt.Printf("ratio    median drain %.0f events/s / median broker %.0f msg/s = %.2f× (%d runs each)\n", d, b, d/b, *repeat)
+		if len(naiveRates) > 0 {
+			n := median(naiveRates)
+			fmt.Printf("ratio    median naive relay %.0f events/s / median broker = %.2f×; mailroom / naive = %.2f×\n", n, n/b, d/n)
+		}
 	}
 	if want["drain"] {
 		defer func() {
@@ -85,8 +94,19 @@ func main() {
 		}()
 	}
 	if want["relays"] {
-		one, two := must(benchRelays(1)), must(benchRelays(2))
-		fmt.Printf("relays   %7d events: one relay %8.0f events/s, two relays %8.0f events/s  (%.2f×)\n", *events, one, two, two/one)
+		var one, two []float64
+		var disorder int64
+		for i := 0; i < *repeat; i++ {
+			for n, rates := range map[int]*[]float64{1: &one, 2: &two} {
+				r, bad, err := benchRelays(n)
+				must(r, err)
+				*rates = append(*rates, r)
+				disorder += bad
+			}
+			fmt.Printf("relays   %7d events over 10,000 keys: one relay %8.0f events/s, two relays %8.0f events/s\n", *events, one[i], two[i])
+		}
+		fmt.Printf("relays   median: one relay %8.0f events/s, two relays %8.0f events/s  (%.2f×, %d runs each); deliveries out of key order: %d\n",
+			median(one), median(two), median(two)/median(one), *repeat, disorder)
 	}
 	if want["scale"] {
 		var small, large []float64
@@ -97,6 +117,11 @@ func main() {
 		}
 		s, l := median(small), median(large)
 		fmt.Printf("scale    median: 10,000 pending %8.0f events/s, 1,000,000 pending %8.0f events/s  (%.2f×, %d runs each)\n", s, l, l/s, *repeat)
+	}
+	if want["writecost"] {
+		order, add, notify := must3(benchWriteCost(5, 2*time.Second))
+		fmt.Printf("write    8 clients, tx/s: order only %6.0f, + Add %6.0f (%.2f× the cost), + Add with the wake-up check %6.0f (%.2f×)  (medians of 5 alternating 2 s runs)\n",
+			order, add, order/add, notify, order/notify)
 	}
 	if want["dedupe"] {
 		empty, full := must(benchDedupe(0)), must(benchDedupe(10_000_000))
@@ -118,6 +143,11 @@ func must(v float64, err error) float64 {
 		os.Exit(1)
 	}
 	return v
+}
+
+func must3(a, b, c float64, err error) (float64, float64, float64) {
+	must(0, err)
+	return a, b, c
 }
 
 func mustLatency(p50, p99 time.Duration, n int, achieved float64, err error) (time.Duration, time.Duration, int, float64) {
@@ -330,19 +360,9 @@ func benchDrain() (float64, error) {
 		return 0, err
 	}
 	defer w.stop()
-	ob, _ := outbox.New(outbox.Config{DisableNotify: true})
-	body := []byte(`{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","amount_cents":1999}`)
-	for left := *events; left > 0; left -= 1000 {
-		n := min(left, 1000)
-		msgs := make([]outbox.Message, n)
-		for i := range msgs {
-			msgs[i] = outbox.Message{Exchange: w.exchange, RoutingKey: "k", Payload: body}
-		}
-		if err := ob.Add(context.Background(), w.db, msgs...); err != nil {
-			return 0, err
-		}
+	if err := w.fillWithAdd(); err != nil {
+		return 0, err
 	}
-	w.db.Exec(`VACUUM ANALYZE mailroom_outbox`)
 	r, err := newRelay(w, "bench")
 	if err != nil {
 		return 0, err

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"strconv"
@@ -9,6 +10,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/mailroom-go/mailroom/dedupe"
 )
@@ -62,17 +65,37 @@ func (w *world) drainWith(n int, want int64) (float64, error) {
 }
 
 // benchRelays: the same backlog drained by n relays in one process (each
-// with its own connections, as separate processes would have).
-func benchRelays(n int) (float64, error) {
+// with its own connections, as separate processes would have). The events
+// carry 10,000 ordering keys; the consumer counts deliveries that arrive
+// after a later event of their key.
+func benchRelays(n int) (rate float64, outOfOrder int64, err error) {
 	w, err := setup()
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	defer w.stop()
-	if err := w.fill(*events); err != nil {
-		return 0, err
+	_, err = w.db.Exec(`INSERT INTO mailroom_outbox (id, exchange, routing_key, key, payload)
+SELECT gen_random_uuid(), $1, 'k', 'key-' || (g % 10000), convert_to('{"n":' || (g / 10000) || '}', 'UTF8')
+FROM generate_series(0, $2 - 1) g`, w.exchange, *events)
+	if err == nil {
+		_, err = w.db.Exec(`VACUUM ANALYZE mailroom_outbox`)
 	}
-	return w.drainWith(n, int64(*events))
+	if err != nil {
+		return 0, 0, err
+	}
+	last := map[string]int{}
+	var violations atomic.Int64
+	w.onMsg = func(d amqp.Delivery) { // the consumer goroutine: no lock needed
+		key, _ := d.Headers["x-mailroom-key"].(string)
+		var m struct{ N int }
+		json.Unmarshal(d.Body, &m)
+		if prev, ok := last[key]; ok && m.N < prev {
+			violations.Add(1)
+		}
+		last[key] = m.N
+	}
+	rate, err = w.drainWith(n, int64(*events))
+	return rate, violations.Load(), err
 }
 
 // benchScale: the drain rate over the first measure events of a backlog.
