@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/lib/pq"
@@ -50,6 +51,7 @@ type Store struct {
 	claimMany  string
 	release    string
 	purge      string
+	insert     string // claim and claimMany up to their values
 }
 
 // New validates cfg and prepares the statements.
@@ -78,6 +80,7 @@ func New(cfg Config) (*Store, error) {
 		claim: `INSERT INTO ` + q + ` (scope, id) VALUES ($1, $2) ON CONFLICT DO NOTHING`,
 		// One statement for a batch; RETURNING names the ids that were new.
 		claimMany: `INSERT INTO ` + q + ` (scope, id) SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING RETURNING id`,
+		insert:    `INSERT INTO ` + q + ` (scope, id) SELECT `,
 		release:   `DELETE FROM ` + q + ` WHERE scope = $1 AND id = $2`,
 		// Walks the recorded_at index from the oldest entry, takes at most
 		// $2 rows and skips rows another purge (or a claim) has locked, so
@@ -98,7 +101,23 @@ func check(scope, id string) error {
 	if id == "" {
 		return fmt.Errorf("%w: empty id (scope %q)", ErrInvalid, scope)
 	}
+	if strings.IndexByte(scope, 0) >= 0 || strings.IndexByte(id, 0) >= 0 {
+		return fmt.Errorf("%w: NUL byte in scope %q or id %q (PostgreSQL text cannot hold one)", ErrInvalid, scope, id)
+	}
 	return nil
+}
+
+// inline reports whether tx is a lib/pq handle (an sqlx one, which names
+// its driver). lib/pq sends a statement with parameters in two round trips
+// (parse and describe, then bind and execute) and one without parameters
+// in one, so for lib/pq the claims carry their values as quoted literals
+// (pq.QuoteLiteral: safe whatever the id holds, with or without
+// standard_conforming_strings). Other drivers and plain database/sql
+// handles get the parameterised statements: pgx, for one, caches prepared
+// statements, which literals would defeat.
+func inline(tx Execer) bool {
+	d, ok := tx.(interface{ DriverName() string })
+	return ok && d.DriverName() == "postgres"
 }
 
 // Claim records id under scope inside tx; first is false when it was already
@@ -109,7 +128,12 @@ func (s *Store) Claim(ctx context.Context, tx Execer, scope, id string) (first b
 	if err := check(scope, id); err != nil {
 		return false, err
 	}
-	res, err := tx.ExecContext(ctx, s.claim, scope, id)
+	var res sql.Result
+	if inline(tx) {
+		res, err = tx.ExecContext(ctx, s.insert+pq.QuoteLiteral(scope)+", "+pq.QuoteLiteral(id)+" ON CONFLICT DO NOTHING")
+	} else {
+		res, err = tx.ExecContext(ctx, s.claim, scope, id)
+	}
 	if err != nil {
 		return false, fmt.Errorf("dedupe: claim %s/%s in %s: %w", scope, id, s.table, err)
 	}
@@ -133,7 +157,13 @@ func (s *Store) ClaimMany(ctx context.Context, tx Execer, scope string, ids []st
 	if len(ids) == 0 {
 		return first, nil
 	}
-	rows, err := tx.QueryContext(ctx, s.claimMany, scope, pq.StringArray(ids))
+	var rows *sql.Rows
+	if inline(tx) {
+		array, _ := pq.StringArray(ids).Value() // a string; never fails
+		rows, err = tx.QueryContext(ctx, s.insert+pq.QuoteLiteral(scope)+", unnest("+pq.QuoteLiteral(array.(string))+"::text[]) ON CONFLICT DO NOTHING RETURNING id")
+	} else {
+		rows, err = tx.QueryContext(ctx, s.claimMany, scope, pq.StringArray(ids))
+	}
 	if err != nil {
 		return nil, fmt.Errorf("dedupe: claim %d ids under %s in %s: %w", len(ids), scope, s.table, err)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -152,6 +153,71 @@ func TestClaimManyAndRelease(t *testing.T) {
 	}
 	if got, err := st.ClaimMany(ctx, db, "s", nil); err != nil || len(got) != 0 {
 		t.Fatalf("empty ClaimMany = %v, %v", got, err)
+	}
+}
+
+// Ids are stored and matched exactly whatever they hold, through lib/pq's
+// literal form (an *sqlx.Tx) and the parameterised one (a *sql.Tx).
+func TestClaimAnyIDBothForms(t *testing.T) {
+	t.Parallel()
+	db := testenv.NewSchema(t).DB
+	st := newStore(t, dedupe.Config{})
+	ctx := context.Background()
+	nasty := []string{`it's`, `back\slash`, `\'`, `"quoted"`, `{a,b}`, `NULL`, `$1`, `'); DROP TABLE mailroom_inbox; --`, "tab\tnewline\n", "ünïcødé ✓", ` `, `E'x'`}
+	for _, form := range []string{"sqlx", "database/sql"} {
+		scope := "s'" + form
+		begin := func() dedupe.Execer {
+			if form == "sqlx" {
+				return db.MustBeginTx(ctx, nil)
+			}
+			tx, err := db.DB.BeginTx(ctx, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return tx
+		}
+		commit := func(tx dedupe.Execer) {
+			if err := tx.(interface{ Commit() error }).Commit(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		tx := begin()
+		for _, id := range nasty[:6] {
+			if first, err := st.Claim(ctx, tx, scope, id); err != nil || !first {
+				t.Fatalf("%s: Claim(%q) = %v, %v; want true", form, id, first, err)
+			}
+		}
+		first, err := st.ClaimMany(ctx, tx, scope, nasty)
+		if err != nil {
+			t.Fatalf("%s: ClaimMany: %v", form, err)
+		}
+		for i, f := range first {
+			if f != (i >= 6) {
+				t.Errorf("%s: ClaimMany: %q first = %v", form, nasty[i], f)
+			}
+		}
+		commit(tx)
+		var stored []string
+		if err := db.Select(&stored, `SELECT id FROM mailroom_inbox WHERE scope = $1 ORDER BY id`, scope); err != nil {
+			t.Fatal(err)
+		}
+		want := slices.Clone(nasty)
+		slices.Sort(want)
+		slices.Sort(stored)
+		if !slices.Equal(stored, want) {
+			t.Errorf("%s: stored %q, want %q", form, stored, want)
+		}
+		tx = begin()
+		if first, err := st.Claim(ctx, tx, scope, nasty[8]); err != nil || first {
+			t.Errorf("%s: Claim of a recorded id = %v, %v; want false", form, first, err)
+		}
+		commit(tx)
+	}
+	if _, err := st.Claim(ctx, db, "s", "nul\x00byte"); !errors.Is(err, dedupe.ErrInvalid) {
+		t.Errorf("id with a NUL byte: %v, want ErrInvalid", err)
+	}
+	if _, err := st.ClaimMany(ctx, db, "s\x00", []string{"a"}); !errors.Is(err, dedupe.ErrInvalid) {
+		t.Errorf("scope with a NUL byte: %v, want ErrInvalid", err)
 	}
 }
 

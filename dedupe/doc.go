@@ -16,6 +16,9 @@
 // for the first transaction and then knows whether it committed. ClaimMany
 // does the same for a batch in one statement, and Release undoes one claim
 // of a batch inside the transaction (after rolling back to a savepoint).
+// Through an sqlx handle on lib/pq, Claim and ClaimMany are one round trip
+// each: their values go inline as quoted literals, since lib/pq spends two
+// round trips on a statement with parameters.
 // The inbox package calls these for every delivery; an HTTP idempotency
 // middleware can call them with scope "http:orders" and the request's key.
 //
