@@ -61,6 +61,14 @@
 // lease expires. Each relay's Name must be unique among the relays of a
 // table (the default, host and pid, is).
 //
+// Throughput: the stages overlap. The next batch is claimed while the
+// current one is published; up to ConfirmWindow messages await confirms
+// while more are published; confirmed rows are deleted in bulk in the
+// background (one autocommit statement). The publishes of a batch reach the
+// socket in one write (amqp091-go would flush each one), and the relay's
+// own bookkeeping commits asynchronously: a lost commit only means a
+// duplicate publish.
+//
 // # Observability
 //
 // Tracing: each publish is a producer span named "publish <exchange>"

@@ -74,7 +74,7 @@ func (p *publisher) run(ctx context.Context, batches <-chan []*row) {
 // publish sends one row or settles it: it never returns with the row lost.
 func (p *publisher) publish(ctx context.Context, w *row) {
 	w.span = p.startPublish(w)
-	msg := message(w)
+	msg := message(w, w.span != nil)
 	if w.span != nil {
 		p.injectSpan(w.span, msg.Headers)
 	}
@@ -121,9 +121,13 @@ func (p *publisher) publish(ctx context.Context, w *row) {
 	}
 }
 
-// message is the AMQP form of a row (CONTRACT.md).
-func message(w *row) amqp.Publishing {
-	h := amqp.Table{}
+// message is the AMQP form of a row (CONTRACT.md). Its headers table is
+// nil when there is nothing to put in it (and no span to inject).
+func message(w *row, traced bool) amqp.Publishing {
+	var h amqp.Table
+	if len(w.headers) > 0 || w.key != "" || traced {
+		h = make(amqp.Table, len(w.headers)+1)
+	}
 	for k, v := range w.headers {
 		h[k] = v
 	}
