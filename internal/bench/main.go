@@ -1,7 +1,8 @@
 // Command bench measures the relay against the raw broker, side by side in
 // one run, on the local services (DATABASE_URL, AMQP_URL override):
 //
-//	go run ./internal/bench                 # all figures
+//	go run ./internal/bench                 # the default figures (see -run)
+//	go run ./internal/bench -run scale,dedupe  # the slow ones: millions of rows
 //	go run ./internal/bench -run drain -events 100000
 //
 // Each figure sets up its own schema, exchange and queue (a consumer
@@ -34,7 +35,7 @@ import (
 )
 
 var (
-	runFlag   = flag.String("run", "broker,naive,drain,latency,relays", "figures to run, comma-separated: broker, naive, drain, latency, relays, scale, dedupe, writecost")
+	runFlag   = flag.String("run", "broker,naive,drain,latency,relays,writecost", "figures to run, comma-separated: broker, naive, drain, latency, relays, scale, dedupe, writecost")
 	events    = flag.Int("events", 100000, "backlog size for broker and drain")
 	rates     = flag.String("rates", "200,5000", "steady event rates (events/s) for latency, comma-separated")
 	duration  = flag.Duration("duration", 10*time.Second, "how long each latency rate runs")
