@@ -57,13 +57,15 @@
 // # Throughput and ordering
 //
 // Concurrency workers (default 4) run in parallel with a prefetch of
-// 2 × Concurrency × BatchSize. BatchSize > 1 applies up to that many
-// waiting deliveries in one transaction: one ClaimMany, the handlers one
-// after the other, one commit, then the acks. Acks go out as one multiple
-// ack per run of deliveries once every earlier delivery of the channel is
-// settled (so never covering one that another worker still holds); until
-// then they wait, and are sent one by one when a worker runs out of
-// deliveries, when half the prefetch is waiting, or when Run stops.
+// 2 × Concurrency × BatchSize, each holding a connection of db while it
+// works: give db at least Concurrency + 1 idle connections
+// (db.SetMaxIdleConns; database/sql keeps 2). BatchSize > 1 applies up to
+// that many waiting deliveries in one transaction: one ClaimMany, the
+// handlers one after the other, one commit, then the acks. Acks go out as
+// one multiple ack per run of deliveries once every earlier delivery of
+// the channel is settled (so never covering one that another worker still
+// holds); until then they wait, and are sent one by one when a worker runs
+// out of deliveries, when half the prefetch is waiting, or when Run stops.
 //
 // A savepoint costs a round trip and a subtransaction, so a batch first
 // runs without them. If a handler fails, the transaction is rolled back

@@ -19,6 +19,7 @@ func ExampleConsumer_Run() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
 	db := sqlx.MustOpen("postgres", os.Getenv("DATABASE_URL"))
+	db.SetMaxIdleConns(inbox.DefaultConcurrency + 1) // a connection per worker, kept
 	amqpURL := os.Getenv("AMQP_URL")
 
 	// Once, at deploy time or start-up: the work queue bound to the
