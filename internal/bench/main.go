@@ -43,6 +43,7 @@ var (
 	batchSize = flag.Int("batch", 0, "relay BatchSize (0 = default)")
 	window    = flag.Int("window", 0, "relay ConfirmWindow (0 = default)")
 	repeat    = flag.Int("repeat", 3, "how many times broker and drain alternate (medians are compared)")
+	keys      = flag.Int("keys", 10000, "ordering keys over the relays figure's events (0 = none)")
 	cpuProf   = flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 )
 
@@ -66,7 +67,7 @@ func main() {
 	var brokerRates, drainRates, naiveRates []float64
 	for i := 0; i < *repeat; i++ {
 		if want["broker"] {
-			r := must(benchBroker())
+			r := must(benchBroker(1))
 			brokerRates = append(brokerRates, r)
 			fmt.Printf("broker   %7d persistent msgs, pipelined confirms (window 512): %8.0f msg/s\n", *events, r)
 		}
@@ -95,19 +96,25 @@ func main() {
 		}()
 	}
 	if want["relays"] {
-		var one, two []float64
+		var one, two, b1, b2 []float64
 		var disorder int64
 		for i := 0; i < *repeat; i++ {
+			// The broker's own figure for one and two publishing
+			// connections: what a second relay can add at most.
+			b1 = append(b1, must(benchBroker(1)))
+			b2 = append(b2, must(benchBroker(2)))
 			for n, rates := range map[int]*[]float64{1: &one, 2: &two} {
 				r, bad, err := benchRelays(n)
 				must(r, err)
 				*rates = append(*rates, r)
 				disorder += bad
 			}
-			fmt.Printf("relays   %7d events over 10,000 keys: one relay %8.0f events/s, two relays %8.0f events/s\n", *events, one[i], two[i])
+			fmt.Printf("relays   %7d events over %d keys: one relay %8.0f events/s, two relays %8.0f events/s\n", *events, *keys, one[i], two[i])
 		}
 		fmt.Printf("relays   median: one relay %8.0f events/s, two relays %8.0f events/s  (%.2f×, %d runs each); deliveries out of key order: %d\n",
 			median(one), median(two), median(two)/median(one), *repeat, disorder)
+		fmt.Printf("relays   the broker alone, same runs: one publishing connection %8.0f msg/s, two %8.0f msg/s  (%.2f×)\n",
+			median(b1), median(b2), median(b2)/median(b1))
 	}
 	if want["scale"] {
 		var small, large []float64
@@ -289,23 +296,57 @@ func (w *world) waitReceived(n int64, timeout time.Duration) error {
 	return nil
 }
 
-// benchBroker: the ceiling — RabbitMQ alone with pipelined confirms.
-func benchBroker() (float64, error) {
+// benchBroker: the ceiling — RabbitMQ alone with pipelined confirms, from
+// publishers connections at once (each its share of the messages).
+func benchBroker(publishers int) (float64, error) {
 	w, err := setup()
 	if err != nil {
 		return 0, err
 	}
 	defer w.stop()
-	ch, _ := w.conn.Channel()
-	if err := ch.Confirm(false); err != nil {
+	body := []byte(`{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","amount_cents":1999}`)
+	conns := make([]*amqp.Connection, publishers)
+	for p := range conns {
+		if conns[p], err = amqpx.Dial(testenv.AMQPURL(), fmt.Sprintf("bench-publisher-%d", p)); err != nil {
+			return 0, err
+		}
+		defer conns[p].Close()
+	}
+	start := time.Now()
+	errs := make(chan error, publishers)
+	for p, conn := range conns {
+		n := *events / publishers
+		if p == 0 {
+			n += *events % publishers
+		}
+		go func() { errs <- publishConfirmed(conn, w.exchange, body, n) }()
+	}
+	for p := 0; p < publishers; p++ {
+		if err := <-errs; err != nil {
+			return 0, err
+		}
+	}
+	if err := w.waitReceived(int64(*events), time.Minute); err != nil {
 		return 0, err
 	}
+	return float64(*events) / time.Since(start).Seconds(), nil
+}
+
+// publishConfirmed publishes n persistent messages with up to 512
+// unconfirmed and returns once all are confirmed.
+func publishConfirmed(conn *amqp.Connection, exchange string, body []byte, n int) error {
+	ch, err := conn.Channel()
+	if err != nil {
+		return err
+	}
+	if err := ch.Confirm(false); err != nil {
+		return err
+	}
 	confirms := ch.NotifyPublish(make(chan amqp.Confirmation, 1024))
-	body := []byte(`{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","amount_cents":1999}`)
 	slots := make(chan struct{}, 512)
 	acked := make(chan error, 1)
 	go func() {
-		for i := 0; i < *events; i++ {
+		for i := 0; i < n; i++ {
 			c := <-confirms
 			<-slots
 			if !c.Ack {
@@ -315,22 +356,15 @@ func benchBroker() (float64, error) {
 		}
 		acked <- nil
 	}()
-	start := time.Now()
-	for i := 0; i < *events; i++ {
+	for i := 0; i < n; i++ {
 		slots <- struct{}{}
-		if err := ch.PublishWithContext(context.Background(), w.exchange, "k", true, false, amqp.Publishing{
+		if err := ch.PublishWithContext(context.Background(), exchange, "k", true, false, amqp.Publishing{
 			MessageId: outbox.NewID(), DeliveryMode: amqp.Persistent, ContentType: "application/json", Body: body,
 		}); err != nil {
-			return 0, err
+			return err
 		}
 	}
-	if err := <-acked; err != nil {
-		return 0, err
-	}
-	if err := w.waitReceived(int64(*events), time.Minute); err != nil {
-		return 0, err
-	}
-	return float64(*events) / time.Since(start).Seconds(), nil
+	return <-acked
 }
 
 func amqpURL() string { return testenv.AMQPURL() }
