@@ -354,20 +354,7 @@ func TestOrderedByKey(t *testing.T) {
 			cfg.OrderedByKey, cfg.Concurrency, cfg.BatchSize = true, 4, batch
 			e.start(cfg)
 			e.waitEffects(100)
-			var rows []struct {
-				ID  string `db:"msg_id"`
-				Key string `db:"key"`
-			}
-			if err := e.db.Select(&rows, `SELECT msg_id, key FROM effects ORDER BY seq`); err != nil {
-				t.Fatal(err)
-			}
-			last := map[string]string{}
-			for _, r := range rows {
-				if r.ID < last[r.Key] {
-					t.Errorf("key %s: %s applied after %s", r.Key, r.ID, last[r.Key])
-				}
-				last[r.Key] = r.ID
-			}
+			checkKeyOrder(t, e)
 		})
 	}
 }
