@@ -147,6 +147,7 @@ func render(src string, r Resolved) (string, error) {
 		{"mailroom_outbox_published", r.Published},
 		{"mailroom_outbox_dead", r.Dead},
 		{"mailroom_outbox_wake", r.Wake},
+		{"mailroom_outbox_notify", r.Notify},
 		{"mailroom_outbox", r.Outbox},
 		{"mailroom_inbox", r.Inbox},
 	}

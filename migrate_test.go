@@ -77,6 +77,18 @@ func TestMigrateCustomNames(t *testing.T) {
 			t.Errorf("index %s missing; have %v", want, idx)
 		}
 	}
+	// Each outbox has its own wake-up trigger, calling a function in the
+	// outbox's schema.
+	var triggers []string
+	if err := s.DB.Select(&triggers, `SELECT c.relname || ' ' || t.tgname || ' ' || pn.nspname || '.' || p.proname
+FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace
+WHERE c.relnamespace = $1::regnamespace AND NOT t.tgisinternal ORDER BY 1`, s.Name); err != nil {
+		t.Fatal(err)
+	}
+	want := s.Name + ".events2_notify"
+	if got := strings.Join(triggers, ", "); got != "events events_notify_trg "+s.Name+".events_notify, events2 events2_notify_trg "+want {
+		t.Errorf("triggers: %s", got)
+	}
 }
 
 func TestTablesRejectHostileNames(t *testing.T) {

@@ -4,7 +4,6 @@ import (
 	"fmt"
 
 	"github.com/mailroom-go/mailroom/internal/sqlident"
-	"github.com/mailroom-go/mailroom/internal/wakeup"
 )
 
 // Default table names. Unqualified names resolve through the connection's
@@ -30,6 +29,9 @@ type Tables struct {
 // Resolved is Tables with defaults filled in and every name validated.
 type Resolved struct {
 	Outbox, Dead, Published, Wake, Inbox, Migrations sqlident.Name
+	// Notify is the outbox trigger's function (Outbox + "_notify", in the
+	// outbox's schema), which wakes sleeping relays; see migration 0003.
+	Notify sqlident.Name
 }
 
 // Resolve fills defaults and validates every name.
@@ -62,10 +64,13 @@ func (t Tables) Resolve() (Resolved, error) {
 	if r.Published, err = derive("Published", t.Published, "_published"); err != nil {
 		return r, err
 	}
-	// The wake table is always Outbox + "_wake": outbox.Add derives it
-	// from the outbox table name alone.
-	if r.Wake, err = wakeup.Table(r.Outbox); err != nil {
+	// The wake table (version 2, kept for writers of that version) is
+	// always Outbox + "_wake": they derive it from the outbox name alone.
+	if r.Wake, err = r.Outbox.Derived("_wake"); err != nil {
 		return r, fmt.Errorf("mailroom: Tables.Outbox (its _wake table): %w", err)
+	}
+	if r.Notify, err = r.Outbox.Derived("_notify"); err != nil {
+		return r, fmt.Errorf("mailroom: Tables.Outbox (its _notify trigger function): %w", err)
 	}
 	if t.Inbox == "" {
 		t.Inbox = DefaultInboxTable

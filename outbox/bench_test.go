@@ -9,12 +9,15 @@ import (
 	"time"
 
 	"github.com/mailroom-go/mailroom/internal/testenv"
+	"github.com/mailroom-go/mailroom/internal/wakeup"
 	"github.com/mailroom-go/mailroom/outbox"
 )
 
 // BenchmarkWriteCost measures what Add adds to a minimal business
 // transaction (BEGIN; INSERT one order row; COMMIT) at 1 and 8 concurrent
-// clients, against the real database. Compare tx/s across the variants of
+// clients, against the real database, while no relay sleeps (the usual
+// case under load: writers only take the wake lock shared) and while one
+// does (every commit sends a NOTIFY). Compare tx/s across the variants of
 // one run:
 //
 //	go test ./outbox -run '^$' -bench WriteCost -benchtime 5s
@@ -25,16 +28,30 @@ func BenchmarkWriteCost(b *testing.B) {
 	if _, err := s.DB.Exec(`CREATE TABLE orders (id bigserial PRIMARY KEY, customer text NOT NULL, amount_cents bigint NOT NULL, created_at timestamptz NOT NULL DEFAULT now())`); err != nil {
 		b.Fatal(err)
 	}
-	notify, _ := outbox.New(outbox.Config{})
-	quiet, _ := outbox.New(outbox.Config{DisableNotify: true})
+	ob, _ := outbox.New(outbox.Config{})
 	variants := []struct {
-		name string
-		ob   *outbox.Outbox
-	}{{"order-only", nil}, {"order+outbox", quiet}, {"order+outbox+notify", notify}}
+		name   string
+		ob     *outbox.Outbox
+		asleep bool
+	}{{"order-only", nil, false}, {"order+outbox", ob, false}, {"order+outbox/relay-asleep", ob, true}}
 	for _, clients := range []int{1, 8} {
 		for _, v := range variants {
 			b.Run(fmt.Sprintf("clients=%d/%s", clients, v.name), func(b *testing.B) {
 				ctx := context.Background()
+				if v.asleep {
+					relay, err := s.DB.Conn(ctx)
+					if err != nil {
+						b.Fatal(err)
+					}
+					lock := `SELECT pg_advisory_lock($1, to_regclass('mailroom_outbox')::oid::integer)`
+					if _, err := relay.ExecContext(ctx, lock, wakeup.LockKey); err != nil {
+						b.Fatal(err)
+					}
+					defer func() {
+						relay.ExecContext(ctx, `SELECT pg_advisory_unlock($1, to_regclass('mailroom_outbox')::oid::integer)`, wakeup.LockKey)
+						relay.Close()
+					}()
+				}
 				payload := []byte(`{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","customer":"c-42","amount_cents":1999}`)
 				var next atomic.Int64
 				var wg sync.WaitGroup

@@ -2,7 +2,7 @@
 // outbox table inside the caller's own database transaction, so an event
 // exists if and only if the business change that produced it committed.
 //
-//	ob, err := outbox.New(outbox.Config{}) // table "mailroom_outbox"
+//	ob, err := outbox.New(outbox.Config{DB: db}) // table "mailroom_outbox"
 //	…
 //	tx, _ := db.BeginTx(ctx, nil)
 //	_, _ = tx.ExecContext(ctx, `INSERT INTO orders …`)
@@ -15,13 +15,15 @@
 //
 // Add validates every message before it touches the database (errors wrap
 // ErrInvalidMessage and name the message index and field), writes all of
-// them with one INSERT. In the same statement it sends a NOTIFY, so a
-// sleeping relay publishes within milliseconds of the commit — but only
-// while some relay is asleep waiting for work: a NOTIFY serialises commits
-// on a database-wide lock, and a busy relay claims again by itself, so
-// under load writers pay nothing for wake-ups. The relay package moves the
-// rows to RabbitMQ; run mailroom.Migrate (or `mailroom-relay migrate`)
-// first to create the tables.
+// them with one INSERT in one round trip. The outbox table's trigger
+// (migration 0003) sends a NOTIFY with it, so a sleeping relay publishes
+// within milliseconds of the commit — but only while some relay is asleep
+// waiting for work: a NOTIFY serialises commits on a database-wide lock,
+// and a busy relay claims again by itself, so under load writers pay only
+// for a shared advisory lock. Rows inserted with plain SQL wake the relay
+// the same way. The relay package moves the rows to RabbitMQ; run
+// mailroom.Migrate (or `mailroom-relay migrate`) first to create the
+// tables.
 //
 // Message ids are UUIDs; Add generates time-ordered UUIDv7 ids when ID is
 // empty. Ids must be unique: consumers deduplicate by id, so a reused id

@@ -2,6 +2,7 @@ package outbox_test
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 
@@ -12,19 +13,21 @@ import (
 	"github.com/mailroom-go/mailroom/outbox"
 )
 
-// Add sends a NOTIFY only while a relay is asleep (a live wake row). To
-// check for the absence of a notification without waiting on a clock, a
-// marker NOTIFY is committed after each Add: notifications arrive in commit
-// order, so the first one received tells whether Add notified.
+// The outbox trigger sends a NOTIFY only while a relay sleeps (holds the
+// wake lock), for Add and plain SQL alike. To check for the absence of a
+// notification without waiting on a clock, a marker NOTIFY is committed
+// after each insert: notifications arrive in commit order, so the first one
+// received tells whether the insert notified.
 func TestAddNotifiesOnlyWhileARelaySleeps(t *testing.T) {
 	t.Parallel()
 	s := testenv.NewSchema(t)
 	ob := newOutbox(t, outbox.Config{})
 	ctx := context.Background()
-	var channel string
-	if err := s.DB.Get(&channel, `SELECT `+wakeup.ChannelExpr("$1"), `"mailroom_outbox"`); err != nil {
+	var oid uint32
+	if err := s.DB.Get(&oid, wakeup.OIDQuery, `"mailroom_outbox"`); err != nil {
 		t.Fatal(err)
 	}
+	channel := wakeup.Channel(oid)
 	l := pq.NewListener(s.URL, 10*time.Millisecond, time.Second, nil)
 	defer l.Close()
 	if err := l.Listen(channel); err != nil {
@@ -56,33 +59,84 @@ func TestAddNotifiesOnlyWhileARelaySleeps(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// The relay's side: a session of its own holds the lock.
+	relay, err := s.DB.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer relay.Close()
+	lock := func(sql string) {
+		t.Helper()
+		if _, err := relay.ExecContext(ctx, sql, wakeup.LockKey, int32(oid)); err != nil {
+			t.Fatal(err)
+		}
+	}
 
 	add() // no relay asleep: no NOTIFY
 	if got := first(); got != "marker" {
 		t.Fatalf("Add notified with no relay asleep (first notification %q)", got)
 	}
-	if _, err := s.DB.Exec(`INSERT INTO mailroom_outbox_wake (relay, wake_until) VALUES ('r1', now() + interval '1 minute')`); err != nil {
-		t.Fatal(err)
-	}
+	lock(`SELECT pg_advisory_lock($1, $2)`)
 	add() // a relay asleep: NOTIFY
 	if got := first(); got != "" {
 		t.Fatalf("Add did not notify a sleeping relay (first notification %q)", got)
 	}
-	if _, err := s.DB.Exec(`UPDATE mailroom_outbox_wake SET wake_until = '-infinity'`); err != nil {
+	if _, err := s.DB.Exec(`INSERT INTO mailroom_outbox (id, exchange, routing_key, payload) VALUES (gen_random_uuid(), 'x', 'k', '{}')`); err != nil {
 		t.Fatal(err)
 	}
+	if got := first(); got != "" {
+		t.Fatalf("a plain SQL insert did not notify a sleeping relay (first notification %q)", got)
+	}
+	lock(`SELECT pg_advisory_unlock($1, $2)`)
 	add() // the relay is awake again: no NOTIFY
 	if got := first(); got != "marker" {
 		t.Fatalf("Add notified an awake relay (first notification %q)", got)
 	}
-	quiet := newOutbox(t, outbox.Config{DisableNotify: true})
-	if _, err := s.DB.Exec(`UPDATE mailroom_outbox_wake SET wake_until = now() + interval '1 minute'`); err != nil {
+}
+
+// A relay going to sleep cannot take the wake lock while a transaction
+// that inserted into the outbox is open: its last look for rows, after the
+// lock, sees that transaction's rows.
+func TestWakeLockWaitsForOpenWriters(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	ob := newOutbox(t, outbox.Config{})
+	ctx := context.Background()
+	var oid uint32
+	if err := s.DB.Get(&oid, wakeup.OIDQuery, `"mailroom_outbox"`); err != nil {
 		t.Fatal(err)
 	}
-	if err := quiet.Add(ctx, s.DB, msg(2)); err != nil {
+	tx, err := s.DB.BeginTx(ctx, nil)
+	if err != nil {
 		t.Fatal(err)
 	}
-	if got := first(); got != "marker" {
-		t.Fatalf("DisableNotify: Add notified (first notification %q)", got)
+	defer tx.Rollback()
+	if err := ob.Add(ctx, tx, msg(1)); err != nil {
+		t.Fatal(err)
+	}
+	relay, err := s.DB.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer relay.Close()
+	if _, err := relay.ExecContext(ctx, `SET lock_timeout = '50ms'`); err != nil {
+		t.Fatal(err)
+	}
+	_, err = relay.ExecContext(ctx, `SELECT pg_advisory_lock($1, $2)`, wakeup.LockKey, int32(oid))
+	var pqErr *pq.Error
+	if !errors.As(err, &pqErr) || pqErr.Code != "55P03" {
+		t.Fatalf("lock with a writer open: %v, want a lock timeout (55P03)", err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := relay.ExecContext(ctx, `SELECT pg_advisory_lock($1, $2)`, wakeup.LockKey, int32(oid)); err != nil {
+		t.Fatalf("lock after the writer committed: %v", err)
+	}
+	if _, err := relay.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2)`, wakeup.LockKey, int32(oid)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := relay.ExecContext(ctx, `RESET lock_timeout`); err != nil {
+		t.Fatal(err)
 	}
 }

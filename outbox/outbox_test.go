@@ -3,6 +3,7 @@ package outbox_test
 import (
 	"bytes"
 	"context"
+	"database/sql"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -60,10 +61,21 @@ func TestRollbackLeavesNoRow(t *testing.T) {
 	}
 }
 
+// Add has two paths, both checked here: one statement with literal values,
+// and (Config.DB set, one message per Add) a prepared statement.
 func TestCommitLeavesExactlyTheRows(t *testing.T) {
 	t.Parallel()
+	t.Run("literals", func(t *testing.T) { t.Parallel(); testCommitLeavesExactlyTheRows(t, false) })
+	t.Run("prepared", func(t *testing.T) { t.Parallel(); testCommitLeavesExactlyTheRows(t, true) })
+}
+
+func testCommitLeavesExactlyTheRows(t *testing.T, prepared bool) {
 	s := testenv.NewSchema(t)
-	ob := newOutbox(t, outbox.Config{})
+	cfg := outbox.Config{}
+	if prepared {
+		cfg.DB = s.DB.DB
+	}
+	ob := newOutbox(t, cfg)
 	ctx := context.Background()
 	tx := s.DB.MustBeginTx(ctx, nil) // *sqlx.Tx
 	id := outbox.NewID()
@@ -73,7 +85,17 @@ func TestCommitLeavesExactlyTheRows(t *testing.T) {
 		Type: "order.placed", ContentType: "text/plain", Headers: map[string]string{"tenant": `a"b\c`},
 		Payload: []byte("hello \x00 bytes"), AvailableAt: later,
 	}
-	if err := ob.Add(ctx, tx, in, msg(2)); err != nil {
+	if prepared {
+		for _, m := range []outbox.Message{in, msg(2)} {
+			if err := ob.Add(ctx, tx, m); err != nil {
+				t.Fatal(err)
+			}
+		}
+		var n int // the statement is prepared on the transaction's session
+		if err := tx.Get(&n, `SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'INSERT INTO "mailroom_outbox"%'`); err != nil || n != 1 {
+			t.Fatalf("prepared statements for the insert on the transaction's session: %d, %v; want 1", n, err)
+		}
+	} else if err := ob.Add(ctx, tx, in, msg(2)); err != nil {
 		t.Fatal(err)
 	}
 	if err := tx.Commit(); err != nil {
@@ -189,7 +211,7 @@ func TestConcurrentAdds(t *testing.T) {
 func TestAddWithoutTransactionAndEmpty(t *testing.T) {
 	t.Parallel()
 	s := testenv.NewSchema(t)
-	ob := newOutbox(t, outbox.Config{DisableNotify: true})
+	ob := newOutbox(t, outbox.Config{})
 	ctx := context.Background()
 	if err := ob.Add(ctx, s.DB); err != nil { // nothing to add: no statement at all
 		t.Fatal(err)
@@ -205,8 +227,44 @@ func TestAddWithoutTransactionAndEmpty(t *testing.T) {
 	if err := ob.Add(ctx, s.DB.DB, msg(2)); err != nil { // *sql.DB
 		t.Fatal(err)
 	}
-	if n := count(t, s); n != 2 {
-		t.Fatalf("%d rows, want 2", n)
+	prepared := newOutbox(t, outbox.Config{DB: s.DB.DB})
+	if err := prepared.Add(ctx, s.DB.DB, msg(3)); err != nil { // Config.DB itself
+		t.Fatal(err)
+	}
+	if err := prepared.Add(ctx, conn, msg(4)); err != nil { // no StmtContext: literals
+		t.Fatal(err)
+	}
+	if n := count(t, s); n != 4 {
+		t.Fatalf("%d rows, want 4", n)
+	}
+}
+
+// A transaction of another database than Config.DB gets an error that
+// says so, and nothing is written.
+func TestPreparedOnAnotherDatabase(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	other, err := sql.Open("postgres", s.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	ob := newOutbox(t, outbox.Config{DB: other})
+	ctx := context.Background()
+	tx, err := s.DB.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback()
+	err = ob.Add(ctx, tx, msg(1))
+	if err == nil || !strings.Contains(err.Error(), "Config.DB is not the database of this transaction") {
+		t.Fatalf("Add with a transaction of another *sql.DB: %v", err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if n := count(t, s); n != 0 {
+		t.Fatalf("%d rows, want 0", n)
 	}
 }
 
@@ -305,8 +363,17 @@ func TestGeneratedIDsSortByCreationTime(t *testing.T) {
 // byte must come back as written, whatever quoting the session uses.
 func TestHostileValuesRoundTrip(t *testing.T) {
 	t.Parallel()
+	t.Run("literals", func(t *testing.T) { t.Parallel(); testHostileValuesRoundTrip(t, false) })
+	t.Run("prepared", func(t *testing.T) { t.Parallel(); testHostileValuesRoundTrip(t, true) })
+}
+
+func testHostileValuesRoundTrip(t *testing.T, prepared bool) {
 	s := testenv.NewSchema(t)
-	ob := newOutbox(t, outbox.Config{})
+	cfg := outbox.Config{}
+	if prepared {
+		cfg.DB = s.DB.DB
+	}
+	ob := newOutbox(t, cfg)
 	all := make([]byte, 256)
 	for i := range all {
 		all[i] = byte(i)

@@ -82,7 +82,6 @@ type DeadLetter struct {
 
 type adminQueries struct {
 	status, listDead, lockDead, lockAllDead, replay, replayAll, discard, purgePublished string
-	channel                                                                             string
 }
 
 func newAdminQueries(tables mailroom.Tables) (adminQueries, error) {
@@ -128,7 +127,6 @@ SELECT id, exchange, routing_key, key, type, content_type, headers, payload, cre
 		purgePublished: `DELETE FROM ` + pub + ` WHERE seq IN (
     SELECT seq FROM ` + pub + ` WHERE published_at < $1
     ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)`,
-		channel: t.Outbox.String(),
 	}, nil
 }
 
@@ -276,12 +274,7 @@ func moveDead(ctx context.Context, db *sql.DB, tables mailroom.Tables, ids []str
 	if err != nil {
 		return 0, fmt.Errorf("relay: %s dead letters: %w", what, err)
 	}
-	if replay && n > 0 {
-		// Wake listening relays at commit, as outbox.Add does.
-		if _, err := tx.ExecContext(ctx, `SELECT pg_notify($1, '')`, q.channel); err != nil {
-			return 0, fmt.Errorf("relay: %s dead letters: notify: %w", what, err)
-		}
-	}
+	// A sleeping relay is woken by the outbox table's trigger, as for Add.
 	if err := tx.Commit(); err != nil {
 		return 0, fmt.Errorf("relay: %s dead letters: commit: %w", what, err)
 	}

@@ -18,7 +18,8 @@ import (
 type Config struct {
 	// URL is the AMQP URL, e.g. amqp://guest:guest@127.0.0.1:5672/. Required.
 	URL string
-	// DatabaseURL is the lib/pq URL the relay LISTENs on for wake-ups.
+	// DatabaseURL is the lib/pq URL the relay LISTENs on for wake-ups, and
+	// holds the wake lock on while it sleeps (two sessions of its own).
 	// Required unless DisableListen is set. Use the same database (and
 	// search_path) as the *sql.DB given to New.
 	DatabaseURL string
@@ -47,7 +48,8 @@ type Config struct {
 	// when notifications are off or lost. Default 500ms.
 	PollInterval time.Duration
 	// DisableListen turns off LISTEN (for PgBouncer in transaction mode);
-	// the relay then finds new rows by polling only.
+	// the relay then finds new rows by polling only, and never takes the
+	// wake lock, so writers never send a NOTIFY for it.
 	DisableListen bool
 
 	// MaxAttempts is how many failed publishes (nack, unroutable, missing

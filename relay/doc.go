@@ -50,10 +50,13 @@
 //
 // Wake-up: LISTEN/NOTIFY wakes a sleeping relay within milliseconds of a
 // commit, and polling (PollInterval) finds everything when notifications
-// are lost or off (PgBouncer in transaction mode: DisableListen and
-// outbox.Config.DisableNotify). outbox.Add sends the NOTIFY only while some
-// relay is asleep (see internal/wakeup): a NOTIFY serialises commits on a
-// database-wide lock, and a busy relay looks for work by itself.
+// are lost or off (PgBouncer in transaction mode: DisableListen). Writers
+// send the NOTIFY only while some relay sleeps (see internal/wakeup): a
+// relay about to sleep takes an advisory lock, the outbox table's trigger
+// notifies when it finds the lock taken, and a busy relay releases the
+// lock and looks for work by itself, since a NOTIFY serialises commits on
+// a database-wide lock. The lock is held on a connection of its own, opened
+// from DatabaseURL.
 //
 // Leases: a claim is one short statement that leases rows for Lease; no
 // transaction stays open while the broker is awaited, so the vacuum horizon

@@ -12,6 +12,7 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/mailroom-go/mailroom/internal/testenv"
+	"github.com/mailroom-go/mailroom/internal/wakeup"
 	"github.com/mailroom-go/mailroom/outbox"
 )
 
@@ -197,32 +198,132 @@ func TestNotifyWakesRelay(t *testing.T) {
 	cfg := e.config()
 	cfg.PollInterval = time.Hour // only a NOTIFY can wake it in time
 	e.start(cfg)
-	// Let the relay's first (empty) claim pass, so it is asleep.
-	testenv.Eventually(t, 10*time.Second, "relay idle", func() bool { return !e.relays[0].Stats().LastProgress.IsZero() })
+	e.waitAsleep(1)
 	for i := 0; i < 3; i++ {
 		e.add(outbox.Message{Exchange: e.ex, RoutingKey: "k", Payload: []byte(`{}`)})
 		e.receive(e.queue, 1, 10*time.Second)
 	}
 }
 
-func TestPollOnlyMode(t *testing.T) {
+// wakeLockHolders lists the sessions holding this table's wake lock
+// exclusively: sleeping relays.
+func (e *env) wakeLockHolders() []int {
+	var pids []int
+	if err := e.s.DB.Select(&pids, `SELECT pid FROM pg_locks
+WHERE locktype = 'advisory' AND classid = $1 AND objid = to_regclass('mailroom_outbox')::oid
+  AND objsubid = 2 AND mode = 'ExclusiveLock' AND granted`, wakeup.LockKey); err != nil {
+		e.t.Fatal(err)
+	}
+	return pids
+}
+
+// waitAsleep waits until n relays sleep holding the wake lock (one at most:
+// it is exclusive) and returns the holder's pid.
+func (e *env) waitAsleep(n int) (pid int) {
+	e.t.Helper()
+	testenv.Eventually(e.t, 10*time.Second, fmt.Sprintf("%d relay(s) asleep holding the wake lock", n), func() bool {
+		pids := e.wakeLockHolders()
+		if len(pids) == n && n > 0 {
+			pid = pids[0]
+		}
+		return len(pids) == n
+	})
+	return pid
+}
+
+// A writer's transaction that stays open after Add holds the wake lock
+// shared and keeps the relay from taking it. The relay must then keep
+// looking by itself: other writers' commits are published promptly, not
+// at the next poll.
+func TestOpenWriterDoesNotStallWakeUps(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	quiet, err := outbox.New(outbox.Config{DisableNotify: true})
+	ctx := context.Background()
+	long, err := e.s.DB.BeginTx(ctx, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer long.Rollback()
+	longID := outbox.NewID()
+	if err := e.ob.Add(ctx, long, outbox.Message{ID: longID, Exchange: e.ex, RoutingKey: "k", Payload: []byte(`{}`)}); err != nil {
+		t.Fatal(err)
+	}
+	cfg := e.config()
+	cfg.PollInterval = time.Hour // only a NOTIFY, or the relay's own looking, can publish in time
+	e.start(cfg)
+	for i := 0; i < 3; i++ {
+		id := outbox.NewID()
+		e.add(outbox.Message{ID: id, Exchange: e.ex, RoutingKey: "k", Payload: []byte(`{}`)})
+		if d := e.receive(e.queue, 1, 10*time.Second)[0]; d.MessageId != id {
+			t.Fatalf("delivery %s, want %s", d.MessageId, id)
+		}
+		if pids := e.wakeLockHolders(); len(pids) != 0 {
+			t.Fatalf("a relay holds the wake lock (sessions %v) while a writer's transaction holds it shared", pids)
+		}
+	}
+	if err := long.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if d := e.receive(e.queue, 1, 10*time.Second)[0]; d.MessageId != longID {
+		t.Fatalf("delivery %s, want the long transaction's %s", d.MessageId, longID)
+	}
+	e.waitAsleep(1)
+}
+
+// Two idle relays: one sleeps holding the wake lock, the other sleeps
+// without it; both are woken by the same NOTIFY.
+func TestTwoSleepingRelaysWakeUp(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	for _, name := range []string{"-a", "-b"} {
+		cfg := e.config()
+		cfg.Name += name
+		cfg.PollInterval = time.Hour
+		e.start(cfg)
+	}
+	for i := 0; i < 3; i++ {
+		e.waitAsleep(1)
+		e.add(outbox.Message{Exchange: e.ex, RoutingKey: "k", Payload: []byte(`{}`)})
+		e.receive(e.queue, 1, 10*time.Second)
+	}
+}
+
+// When the wake lock's session dies (here: terminated), the lock goes with
+// it and writers stop notifying; the relay notices at its next poll, takes
+// the lock again on a new session, and NOTIFYs wake it as before.
+func TestWakeLockSessionLost(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	cfg := e.config()
+	cfg.PollInterval = 200 * time.Millisecond
+	e.start(cfg)
+	pid := e.waitAsleep(1)
+	if _, err := e.s.DB.Exec(`SELECT pg_terminate_backend($1)`, pid); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, 10*time.Second, "the wake lock taken again by a new session", func() bool {
+		pids := e.wakeLockHolders()
+		return len(pids) == 1 && pids[0] != pid
+	})
+	e.add(outbox.Message{Exchange: e.ex, RoutingKey: "k", Payload: []byte(`{}`)})
+	e.receive(e.queue, 1, 10*time.Second)
+}
+
+func TestPollOnlyMode(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
 	cfg := e.config()
 	cfg.DisableListen = true
 	cfg.DatabaseURL = ""
 	cfg.PollInterval = 20 * time.Millisecond
 	e.start(cfg)
 	msgs, ids := batch(e.ex, 50)
-	if err := quiet.Add(context.Background(), e.s.DB, msgs...); err != nil {
-		t.Fatal(err)
-	}
+	e.add(msgs...)
 	e.consumeAll(e.queue, ids, 20*time.Second)
 	e.waitDrained()
+	if pids := e.wakeLockHolders(); len(pids) != 0 {
+		t.Fatalf("a relay without LISTEN holds the wake lock (sessions %v): writers would NOTIFY for nothing", pids)
+	}
 }
 
 func TestCleanStopLeavesNoLease(t *testing.T) {
@@ -292,24 +393,19 @@ func TestRelayProcessKilled(t *testing.T) {
 	t.Logf("killed with %d rows leased; %d duplicate deliveries", leased, dups)
 }
 
-// The relay's wake row says "asleep" while it waits (so writers NOTIFY it)
-// and "awake" while it keeps finding work (so writers do not pay for
-// NOTIFYs), and goes back to sleep when the work is done.
-func TestWakeRowFollowsLoad(t *testing.T) {
+// The relay sleeps holding the wake lock while it waits (so writers NOTIFY
+// it), releases it while it keeps finding work (so writers do not pay for
+// NOTIFYs), and takes it again when the work is done.
+func TestWakeLockFollowsLoad(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	cfg := e.config()
 	cfg.BatchSize = 100
 	e.start(cfg)
-	state := func() string {
-		var s string
-		e.s.DB.Get(&s, `SELECT CASE WHEN wake_until > now() THEN 'asleep' ELSE 'awake' END FROM mailroom_outbox_wake WHERE relay = $1`, cfg.Name)
-		return s
-	}
-	testenv.Eventually(t, 10*time.Second, "relay announced asleep", func() bool { return state() == "asleep" })
+	e.waitAsleep(1)
 	msgs, _ := batch(e.ex, 6000)
 	e.add(msgs...)
-	testenv.Eventually(t, 30*time.Second, "relay marked awake under load", func() bool { return state() == "awake" })
+	testenv.Eventually(t, 30*time.Second, "wake lock released under load", func() bool { return len(e.wakeLockHolders()) == 0 })
 	e.waitDrained()
-	testenv.Eventually(t, 10*time.Second, "relay asleep again when idle", func() bool { return state() == "asleep" })
+	e.waitAsleep(1)
 }

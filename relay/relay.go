@@ -135,12 +135,16 @@ func (r *Relay) Run(ctx context.Context) error {
 
 	var wg sync.WaitGroup
 	stopListen := func() {}
+	var lock *wakeLock // nil: nobody notifies us, we poll
 	if !r.cfg.DisableListen {
-		stopListen = r.listen(wake)
+		if lock, err = newWakeLock(r.cfg.DatabaseURL); err != nil {
+			return fmt.Errorf("relay: Config.DatabaseURL: %w", err)
+		}
+		stopListen = r.listen(wake, lock)
 	}
 	pub := newPublisher(r, outcomes)
 	wg.Add(2)
-	go func() { defer wg.Done(); r.claimLoop(ctx, wake, batches) }()
+	go func() { defer wg.Done(); defer lock.close(); r.claimLoop(ctx, wake, batches, lock) }()
 	go func() { defer wg.Done(); pub.run(ctx, batches); close(outcomes) }()
 	r.finishLoop(ctx, outcomes) // returns when outcomes is closed and flushed
 	wg.Wait()
@@ -151,8 +155,9 @@ func (r *Relay) Run(ctx context.Context) error {
 // listen wakes the claimer on every NOTIFY, and on every listener
 // reconnect (notifications may have been missed meanwhile). The channel is
 // named after the outbox table's OID (see internal/wakeup), resolved once
-// the database answers; until then the relay polls.
-func (r *Relay) listen(wake chan<- struct{}) (stop func()) {
+// the database answers; until then the relay polls, and does not take the
+// wake lock.
+func (r *Relay) listen(wake chan<- struct{}, lock *wakeLock) (stop func()) {
 	l := pq.NewListener(r.cfg.DatabaseURL, 100*time.Millisecond, 10*time.Second, func(ev pq.ListenerEventType, err error) {
 		if err != nil {
 			r.log.Warn("listen connection", "event", ev, "error", err)
@@ -165,11 +170,16 @@ func (r *Relay) listen(wake chan<- struct{}) (stop func()) {
 		bo := backoff.NewExponentialBackOff()
 		bo.InitialInterval, bo.MaxInterval, bo.MaxElapsedTime = 100*time.Millisecond, 10*time.Second, 0
 		for {
-			channel, err := r.notifyChannel()
+			oid, err := r.outboxOID()
 			if err == nil {
-				err = l.Listen(channel)
+				err = l.Listen(wakeup.Channel(oid))
 			}
 			if err == nil || errors.Is(err, pq.ErrChannelAlreadyOpen) {
+				lock.setTable(oid)
+				select { // the claimer may go to sleep now: tell it
+				case wake <- struct{}{}:
+				default:
+				}
 				break
 			}
 			d := bo.NextBackOff()
@@ -195,26 +205,22 @@ func (r *Relay) listen(wake chan<- struct{}) (stop func()) {
 	return func() { close(done); <-exited; l.Close() }
 }
 
-func (r *Relay) notifyChannel() (string, error) {
+func (r *Relay) outboxOID() (uint32, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	var ch sql.NullString
-	if err := r.db.QueryRowContext(ctx, `SELECT `+wakeup.ChannelExpr("$1"), r.tables.Outbox.Quoted()).Scan(&ch); err != nil {
-		return "", err
+	var oid sql.NullInt64
+	if err := r.db.QueryRowContext(ctx, wakeup.OIDQuery, r.tables.Outbox.Quoted()).Scan(&oid); err != nil {
+		return 0, err
 	}
-	if !ch.Valid {
-		return "", fmt.Errorf("table %s does not exist (run `mailroom-relay migrate`)", r.tables.Outbox)
+	if !oid.Valid {
+		return 0, fmt.Errorf("table %s does not exist (run `mailroom-relay migrate`)", r.tables.Outbox)
 	}
-	return ch.String, nil
+	return uint32(oid.Int64), nil
 }
 
 // busyAfter is how long the relay must keep finding work before it tells
 // writers to stop sending NOTIFYs; shorter bursts keep the wake-ups.
 const busyAfter = 50 * time.Millisecond
-
-// settleDelay is how long after announcing sleep the relay looks once
-// more, for transactions that called Add just before the announcement.
-const settleDelay = 5 * time.Millisecond
 
 // busyGap is the longest wait between claims that still counts as
 // continuous work (the next NOTIFY was already pending, or came at once).
@@ -226,27 +232,13 @@ const busyGap = 2 * time.Millisecond
 const awakePause = time.Millisecond
 
 // claimLoop claims batches while there are due rows, and otherwise waits for
-// a wake-up or the poll interval. With LISTEN on it also keeps the relay's
-// wake row (see wake.go): asleep while idle, so writers NOTIFY it; awake
-// once it has been busy for busyAfter, so writers stop paying for NOTIFYs
-// and the relay looks for new rows by itself.
-func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches chan<- []*row) {
+// a wake-up or the poll interval. With LISTEN on (lock not nil) it sleeps
+// holding the wake lock (see wake.go), so writers NOTIFY it; once it has
+// been busy for busyAfter it releases the lock, so writers stop paying for
+// NOTIFYs, and looks for new rows by itself.
+func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches chan<- []*row, lock *wakeLock) {
 	defer close(batches)
-	listening := !r.cfg.DisableListen
-	if listening {
-		defer r.dropWakeRow()
-	}
-	asleep := false // our wake row asks writers to NOTIFY
 	var busySince time.Time
-	settle := false         // just announced: look once more after settleDelay
-	var announced time.Time // when the wake row was last written "asleep"
-	announce := func() bool {
-		if r.setWakeRow(ctx, true) {
-			announced = time.Now()
-			return true
-		}
-		return false
-	}
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval, bo.MaxInterval, bo.MaxElapsedTime = 50*time.Millisecond, 5*time.Second, 0
 	poll := time.NewTimer(r.cfg.PollInterval)
@@ -274,17 +266,17 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 				r.finishNow(ctx, rows, released, nil)
 				return
 			}
-			if listening && asleep {
+			if lock.held() {
 				if busySince.IsZero() {
 					busySince = time.Now()
-				} else if time.Since(busySince) >= busyAfter && r.setWakeRow(ctx, false) {
-					asleep = false
+				} else if time.Since(busySince) >= busyAfter {
+					lock.release()
 				}
 			}
 			if len(rows) == r.cfg.BatchSize {
 				continue // more may be due: claim again at once
 			}
-			if listening && !asleep { // nobody notifies us: look again shortly
+			if lock.ready() && !lock.held() { // nobody notifies us: look again shortly
 				if !sleepCtx(ctx, awakePause) {
 					return
 				}
@@ -292,17 +284,16 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 			}
 		} else {
 			busySince = time.Time{}
-			if listening && !asleep && announce() {
-				// Announce, then look again at once and once more a
-				// moment later: a commit before the announcement is seen
-				// by these claims, an Add after it notifies. Only a
-				// transaction that called Add before the announcement and
-				// commits after settleDelay waits for the poll.
-				asleep, settle = true, true
-				continue
-			}
-			if settle {
-				settle, wait = false, settleDelay
+			if lock.ready() && !lock.held() {
+				res, err := lock.acquire(ctx)
+				switch res {
+				case lockHeld:
+					continue // look once more: every writer before the lock has committed
+				case lockBusy:
+					wait = lockRetry
+				case lockFailed:
+					r.log.Warn("could not take the wake lock; relying on polling", "error", err)
+				}
 			}
 		}
 		if !poll.Stop() {
@@ -317,9 +308,7 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 		case <-ctx.Done():
 		case <-wake:
 		case <-poll.C:
-		}
-		if listening && asleep && time.Since(announced) >= r.cfg.PollInterval {
-			announce() // keep the announcement alive: it expires after a few poll intervals
+			lock.check(ctx) // a lost session took the lock with it
 		}
 		if time.Since(waitStart) > busyGap {
 			busySince = time.Time{} // a real pause: not continuously busy

@@ -2,48 +2,150 @@ package relay
 
 import (
 	"context"
+	"database/sql"
+	"database/sql/driver"
+	"errors"
+	"strconv"
+	"sync/atomic"
 	"time"
+
+	"github.com/lib/pq"
+
+	"github.com/mailroom-go/mailroom/internal/wakeup"
 )
 
-// NOTIFY on demand (see internal/wakeup for the protocol). Going to sleep
-// is announce-then-check: the relay writes its wake row, then claims once
-// more before it sleeps. A commit before the announcement is seen by that
-// claim; an Add after it notifies. What falls in between — a transaction
-// that called Add before the announcement and commits after the last claim
-// — waits for the next poll, never longer.
+// NOTIFY on demand (see internal/wakeup for the protocol). Going to sleep,
+// the relay takes the wake lock exclusively and then claims once more: its
+// request waits for every writer's transaction that took the lock shared,
+// so their rows are visible to that claim, and every writer after it finds
+// the lock taken and notifies. Nothing falls in between.
 
-// wakeRow keeps the relay's wake row current: asleep (wake_until a few
-// poll intervals ahead, refreshed at every poll, so a relay that died stops
-// costing writers a NOTIFY soon after) or awake (wake_until -infinity).
-func (r *Relay) wakeRow(ctx context.Context, asleep bool) error {
+// lockWait bounds how long a relay going to sleep waits for writers'
+// transactions holding the wake lock. Business transactions are shorter;
+// a longer one (a batch job that called Add early) makes the relay look
+// again after lockRetry instead of sleeping, until it ends.
+const (
+	lockWait  = 50 * time.Millisecond
+	lockRetry = 20 * time.Millisecond
+)
+
+// wakeLock holds the outbox table's wake lock for the relay while it
+// sleeps. A session-level advisory lock belongs to one connection, so it
+// has a pool of its own (one connection, from Config.DatabaseURL) and pins
+// that connection while the lock is held. Used by the claim loop only,
+// except setTable, which the listener calls once LISTEN works.
+type wakeLock struct {
+	db   *sql.DB
+	oid  atomic.Uint32 // the outbox table's OID; 0 until the relay LISTENs
+	conn *sql.Conn     // non-nil while the lock is held
+}
+
+type lockResult int
+
+const (
+	lockHeld      lockResult = iota // this relay sleeps: writers notify it
+	lockElsewhere                   // another relay sleeps: writers notify it, and this relay too
+	lockBusy                        // writers' transactions outlasted lockWait: look again soon
+	lockFailed                      // the database failed: poll
+)
+
+func newWakeLock(url string) (*wakeLock, error) {
+	db, err := sql.Open("postgres", url)
+	if err != nil {
+		return nil, err
+	}
+	db.SetMaxOpenConns(1)
+	db.SetMaxIdleConns(1)
+	return &wakeLock{db: db}, nil
+}
+
+// ready reports whether the relay LISTENs, so that taking the lock is of
+// use: a nil wakeLock (DisableListen) never is.
+func (w *wakeLock) ready() bool { return w != nil && w.oid.Load() != 0 }
+
+func (w *wakeLock) held() bool { return w != nil && w.conn != nil }
+
+func (w *wakeLock) setTable(oid uint32) { w.oid.Store(oid) }
+
+// acquire takes the lock, waiting at most lockWait.
+func (w *wakeLock) acquire(ctx context.Context) (lockResult, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
-	// The database's clock, not ours: Add compares against its now().
-	// Asynchronous commit, like the claim: the claim loop waits for this
-	// statement, and a wake row lost in a crash costs nothing (it is
-	// rewritten within a poll interval).
-	_, err := r.db.ExecContext(ctx, `WITH async AS (SELECT set_config('synchronous_commit', 'off', true))
-INSERT INTO `+r.tables.Wake.Quoted()+` (relay, wake_until)
-SELECT $1, CASE WHEN $2 THEN now() + $3 * interval '1 millisecond' ELSE '-infinity' END FROM async
-ON CONFLICT (relay) DO UPDATE SET wake_until = excluded.wake_until`, r.cfg.Name, asleep, (3*r.cfg.PollInterval + time.Second).Milliseconds())
-	return err
+	oid := w.oid.Load()
+	c, err := w.db.Conn(ctx)
+	if err != nil {
+		return lockFailed, err
+	}
+	_, err = c.ExecContext(ctx, `WITH t AS MATERIALIZED (SELECT set_config('lock_timeout', $3, false))
+SELECT pg_advisory_lock($1, $2) FROM t`, wakeup.LockKey, int32(oid), strconv.FormatInt(lockWait.Milliseconds(), 10))
+	if err == nil {
+		w.conn = c
+		return lockHeld, nil
+	}
+	var pqErr *pq.Error
+	if !errors.As(err, &pqErr) || pqErr.Code != "55P03" { // lock_not_available
+		discard(c)
+		return lockFailed, err
+	}
+	// Held exclusively by a sleeping relay, or shared by writers?
+	var relay bool
+	err = c.QueryRowContext(ctx, `SELECT EXISTS (SELECT FROM pg_locks
+WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND classid = $1 AND objid = $2 AND objsubid = 2 AND mode = 'ExclusiveLock' AND granted)`, wakeup.LockKey, oid).Scan(&relay)
+	c.Close()
+	switch {
+	case err != nil:
+		return lockFailed, err
+	case relay:
+		return lockElsewhere, nil
+	default:
+		return lockBusy, nil
+	}
 }
 
-// dropWakeRow removes the relay's wake row when it stops.
-func (r *Relay) dropWakeRow() {
+// release hands the lock back: writers stop notifying. When the unlock
+// fails the connection is closed, and the lock ends with its session.
+func (w *wakeLock) release() {
+	if !w.held() {
+		return
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if _, err := r.db.ExecContext(ctx, `DELETE FROM `+r.tables.Wake.Quoted()+` WHERE relay = $1`, r.cfg.Name); err != nil {
-		r.log.Warn("could not remove the wake row; it expires by itself", "error", err)
+	if _, err := w.conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2)`, wakeup.LockKey, int32(w.oid.Load())); err != nil {
+		discard(w.conn)
+	} else {
+		w.conn.Close()
+	}
+	w.conn = nil
+}
+
+// check verifies, while the relay sleeps, that the lock's session is still
+// alive (a terminated session takes the lock with it, and writers stop
+// notifying); if not, the relay no longer holds it.
+func (w *wakeLock) check(ctx context.Context) {
+	if !w.held() {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if err := w.conn.PingContext(ctx); err != nil {
+		discard(w.conn)
+		w.conn = nil
 	}
 }
 
-// setWakeRow is wakeRow that logs a failure and reports success: without
-// its row the relay still works, by polling.
-func (r *Relay) setWakeRow(ctx context.Context, asleep bool) bool {
-	if err := r.wakeRow(ctx, asleep); err != nil {
-		r.log.Warn("could not update the wake row; relying on polling", "table", r.tables.Wake.String(), "error", err)
-		return false
+// close releases the lock and closes the lock's pool.
+func (w *wakeLock) close() {
+	if w == nil {
+		return
 	}
-	return true
+	w.release()
+	w.db.Close()
+}
+
+// discard closes c's connection rather than returning it to the pool: its
+// lock state is unknown.
+func discard(c *sql.Conn) {
+	_ = c.Raw(func(any) error { return driver.ErrBadConn })
+	c.Close()
 }

@@ -107,11 +107,11 @@ func NewApp(cfg Config) (*App, error) {
 
 func (a *App) build() error {
 	cfg := a.cfg
-	ordersOutbox, err := outbox.New(outbox.Config{Table: ordersTables.Outbox})
+	ordersOutbox, err := outbox.New(outbox.Config{Table: ordersTables.Outbox, DB: a.db.DB})
 	if err != nil {
 		return err
 	}
-	paymentsOutbox, err := outbox.New(outbox.Config{Table: paymentsTables.Outbox})
+	paymentsOutbox, err := outbox.New(outbox.Config{Table: paymentsTables.Outbox, DB: a.db.DB})
 	if err != nil {
 		return err
 	}

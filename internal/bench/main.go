@@ -35,16 +35,17 @@ import (
 )
 
 var (
-	runFlag   = flag.String("run", "broker,naive,drain,latency,relays,writecost", "figures to run, comma-separated: broker, naive, drain, latency, relays, scale, dedupe, writecost")
-	events    = flag.Int("events", 100000, "backlog size for broker and drain")
-	rates     = flag.String("rates", "200,5000", "steady event rates (events/s) for latency, comma-separated")
-	duration  = flag.Duration("duration", 10*time.Second, "how long each latency rate runs")
-	quorum    = flag.Bool("quorum", false, "use a quorum queue instead of a classic one")
-	batchSize = flag.Int("batch", 0, "relay BatchSize (0 = default)")
-	window    = flag.Int("window", 0, "relay ConfirmWindow (0 = default)")
-	repeat    = flag.Int("repeat", 3, "how many times broker and drain alternate (medians are compared)")
-	keys      = flag.Int("keys", 10000, "ordering keys over the relays figure's events (0 = none)")
-	cpuProf   = flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
+	runFlag     = flag.String("run", "broker,naive,drain,latency,relays,writecost", "figures to run, comma-separated: broker, naive, drain, latency, relays, scale, dedupe, writecost")
+	events      = flag.Int("events", 100000, "backlog size for broker and drain")
+	rates       = flag.String("rates", "200,5000", "steady event rates (events/s) for latency, comma-separated")
+	duration    = flag.Duration("duration", 10*time.Second, "how long each latency rate runs")
+	quorum      = flag.Bool("quorum", false, "use a quorum queue instead of a classic one")
+	batchSize   = flag.Int("batch", 0, "relay BatchSize (0 = default)")
+	window      = flag.Int("window", 0, "relay ConfirmWindow (0 = default)")
+	repeat      = flag.Int("repeat", 3, "how many times broker and drain alternate (medians are compared)")
+	keys        = flag.Int("keys", 10000, "ordering keys over the relays figure's events (0 = none)")
+	writeRounds = flag.Int("write-rounds", 15, "how many times the writecost variants alternate (medians are compared)")
+	cpuProf     = flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 )
 
 func main() {
@@ -127,9 +128,10 @@ func main() {
 		fmt.Printf("scale    median: 10,000 pending %8.0f events/s, 1,000,000 pending %8.0f events/s  (%.2f×, %d runs each)\n", s, l, l/s, *repeat)
 	}
 	if want["writecost"] {
-		order, add, notify := must3(benchWriteCost(5, 2*time.Second))
-		fmt.Printf("write    8 clients, tx/s: order only %6.0f, + Add %6.0f (%.2f× the cost), + Add with the wake-up check %6.0f (%.2f×)  (medians of 5 alternating 2 s runs)\n",
-			order, add, order/add, notify, order/notify)
+		f, err := benchWriteCost(*writeRounds, time.Second)
+		must(0, err)
+		fmt.Printf("write    8 clients: order only %.0f tx/s; + Add of one message: %.2f× the cost with Config.DB (prepared), %.2f× without (literals), %.2f× with Config.DB while a relay sleeps (every commit notifies)  (medians of %d alternating 1 s rounds)\n",
+			f.orderOnly, f.prepared, f.literals, f.asleep, *writeRounds)
 	}
 	if want["dedupe"] {
 		empty, full := must(benchDedupe(0)), must(benchDedupe(10_000_000))
@@ -151,11 +153,6 @@ func must(v float64, err error) float64 {
 		os.Exit(1)
 	}
 	return v
-}
-
-func must3(a, b, c float64, err error) (float64, float64, float64) {
-	must(0, err)
-	return a, b, c
 }
 
 func mustLatency(p50, p99 time.Duration, n int, achieved float64, err error) (time.Duration, time.Duration, int, float64) {

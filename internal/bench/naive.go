@@ -94,7 +94,7 @@ ORDER BY seq LIMIT 500 FOR UPDATE SKIP LOCKED`)
 
 // fillWithAdd writes the backlog through outbox.Add, 1,000 per statement.
 func (w *world) fillWithAdd() error {
-	ob, _ := outbox.New(outbox.Config{DisableNotify: true})
+	ob, _ := outbox.New(outbox.Config{})
 	body := []byte(`{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","amount_cents":1999}`)
 	for left := *events; left > 0; left -= 1000 {
 		msgs := make([]outbox.Message, min(left, 1000))

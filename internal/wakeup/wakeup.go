@@ -1,27 +1,33 @@
-// Package wakeup holds what outbox.Add and the relay must agree on for
-// NOTIFY on demand: the channel name and the wake table.
+// Package wakeup holds what the outbox trigger (migration 0003) and the
+// relay must agree on for NOTIFY on demand: the advisory lock and the
+// channel.
 //
 // A NOTIFY serialises committing transactions on a database-wide lock; paid
 // on every commit it costs writers more than the outbox insert itself. So
-// Add notifies only while some relay has a row in the wake table (outbox
-// table name + "_wake") whose wake_until lies in the future: a relay that
-// is asleep and waiting. A relay that keeps finding work marks itself awake
-// and claims again by itself, so under load writers pay nothing for
-// wake-ups. Polling stays the safety net: nothing waits longer than the
-// relay's poll interval, even when a notification is lost.
+// writers notify only while a relay sleeps. A relay about to sleep takes the
+// wake lock (LockKey, outbox table OID) exclusively, looks for rows once
+// more, and holds the lock while it sleeps. The outbox's statement trigger
+// takes the lock shared for the writer's transaction and notifies when it
+// cannot. The relay's exclusive request waits for every writer holding the
+// shared lock, so no commit falls between its last look and its sleep, and
+// the lock dies with the relay's session. A relay that keeps finding work
+// releases the lock and claims again by itself, so under load writers pay
+// only for the shared lock. Polling stays the safety net: nothing waits
+// longer than the relay's poll interval, even when a notification is lost.
 package wakeup
 
-import "github.com/mailroom-go/mailroom/internal/sqlident"
+import "strconv"
 
-// ChannelExpr is the SQL expression of the NOTIFY channel of the outbox
-// table whose quoted name is bound to param: "mailroom_" and the table's
-// OID. The OID, unlike the name, is unique in the database, so relays of
-// one schema are not woken by commits in another schema's table of the
-// same name; to_regclass resolves the name through search_path exactly as
-// the INSERT does.
-func ChannelExpr(param string) string {
-	return `'mailroom_' || to_regclass(` + param + `)::oid::text`
-}
+// LockKey is the first key of the two-key advisory wake lock ("mail" in
+// ASCII); the second is the outbox table's OID as an integer.
+const LockKey = 1835100524
 
-// Table is the wake table of an outbox table.
-func Table(outbox sqlident.Name) (sqlident.Name, error) { return outbox.Derived("_wake") }
+// Channel is the NOTIFY channel of the outbox table with the given OID. The
+// OID, unlike the name, is unique in the database, so relays of one schema
+// are not woken by commits in another schema's table of the same name.
+func Channel(oid uint32) string { return "mailroom_" + strconv.FormatUint(uint64(oid), 10) }
+
+// OIDQuery resolves the OID of the outbox table whose quoted name is bound
+// to $1 (NULL when it does not exist), through search_path exactly as the
+// INSERTs do.
+const OIDQuery = `SELECT to_regclass($1)::oid`
