@@ -15,7 +15,8 @@ import (
 
 // BenchmarkWriteCost measures what Add adds to a minimal business
 // transaction (BEGIN; INSERT one order row; COMMIT) at 1 and 8 concurrent
-// clients, against the real database, while no relay sleeps (the usual
+// clients, against the real database, with Config.DB (a prepared
+// statement) and without (literals), while no relay sleeps (the usual
 // case under load: writers only take the wake lock shared) and while one
 // does (every commit sends a NOTIFY). Compare tx/s across the variants of
 // one run:
@@ -28,12 +29,18 @@ func BenchmarkWriteCost(b *testing.B) {
 	if _, err := s.DB.Exec(`CREATE TABLE orders (id bigserial PRIMARY KEY, customer text NOT NULL, amount_cents bigint NOT NULL, created_at timestamptz NOT NULL DEFAULT now())`); err != nil {
 		b.Fatal(err)
 	}
-	ob, _ := outbox.New(outbox.Config{})
+	literals, _ := outbox.New(outbox.Config{})
+	prepared, _ := outbox.New(outbox.Config{DB: s.DB.DB})
 	variants := []struct {
 		name   string
 		ob     *outbox.Outbox
 		asleep bool
-	}{{"order-only", nil, false}, {"order+outbox", ob, false}, {"order+outbox/relay-asleep", ob, true}}
+	}{
+		{"order-only", nil, false},
+		{"order+outbox/prepared", prepared, false},
+		{"order+outbox/literals", literals, false},
+		{"order+outbox/prepared/relay-asleep", prepared, true},
+	}
 	for _, clients := range []int{1, 8} {
 		for _, v := range variants {
 			b.Run(fmt.Sprintf("clients=%d/%s", clients, v.name), func(b *testing.B) {
