@@ -23,10 +23,7 @@ func TestAddNotifiesOnlyWhileARelaySleeps(t *testing.T) {
 	s := testenv.NewSchema(t)
 	ob := newOutbox(t, outbox.Config{})
 	ctx := context.Background()
-	var oid uint32
-	if err := s.DB.Get(&oid, wakeup.OIDQuery, `"mailroom_outbox"`); err != nil {
-		t.Fatal(err)
-	}
+	oid := outboxOID(t, s)
 	channel := wakeup.Channel(oid)
 	l := pq.NewListener(s.URL, 10*time.Millisecond, time.Second, nil)
 	defer l.Close()
@@ -102,10 +99,7 @@ func TestWakeLockWaitsForOpenWriters(t *testing.T) {
 	s := testenv.NewSchema(t)
 	ob := newOutbox(t, outbox.Config{})
 	ctx := context.Background()
-	var oid uint32
-	if err := s.DB.Get(&oid, wakeup.OIDQuery, `"mailroom_outbox"`); err != nil {
-		t.Fatal(err)
-	}
+	oid := outboxOID(t, s)
 	tx, err := s.DB.BeginTx(ctx, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -139,4 +133,15 @@ func TestWakeLockWaitsForOpenWriters(t *testing.T) {
 	if _, err := relay.ExecContext(ctx, `RESET lock_timeout`); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// outboxOID is the OID of the test schema's outbox: the second key of its
+// wake lock and the suffix of its NOTIFY channel.
+func outboxOID(t *testing.T, s *testenv.Schema) uint32 {
+	t.Helper()
+	var oid uint32
+	if err := s.DB.Get(&oid, wakeup.OIDQuery, `"mailroom_outbox"`); err != nil {
+		t.Fatal(err)
+	}
+	return oid
 }
