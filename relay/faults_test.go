@@ -11,6 +11,7 @@ import (
 
 	amqp "github.com/rabbitmq/amqp091-go"
 
+	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/internal/testenv"
 	"github.com/mailroom-go/mailroom/internal/wakeup"
 	"github.com/mailroom-go/mailroom/outbox"
@@ -202,6 +203,40 @@ func TestNotifyWakesRelay(t *testing.T) {
 	for i := 0; i < 3; i++ {
 		e.add(outbox.Message{Exchange: e.ex, RoutingKey: "k", Payload: []byte(`{}`)})
 		e.receive(e.queue, 1, 10*time.Second)
+	}
+}
+
+// A custom, schema-qualified outbox gets its own trigger and lock: its
+// relay is woken as well (and Add goes through the prepared statement).
+func TestNotifyWakesRelayOfCustomTable(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	table := e.s.Name + ".events"
+	if err := mailroom.Migrate(context.Background(), e.s.DB.DB, mailroom.Tables{Outbox: table}); err != nil {
+		t.Fatal(err)
+	}
+	ob, err := outbox.New(outbox.Config{Table: table, DB: e.s.DB.DB})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := e.config()
+	cfg.Tables = mailroom.Tables{Outbox: table}
+	cfg.PollInterval = time.Hour
+	e.start(cfg)
+	testenv.Eventually(t, 10*time.Second, "the relay asleep holding the events table's wake lock", func() bool {
+		var n int
+		e.s.DB.Get(&n, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1
+  AND objid = to_regclass($2)::oid AND objsubid = 2 AND mode = 'ExclusiveLock' AND granted`, wakeup.LockKey, table)
+		return n == 1
+	})
+	for i := 0; i < 3; i++ {
+		id := outbox.NewID()
+		if err := ob.Add(context.Background(), e.s.DB.DB, outbox.Message{ID: id, Exchange: e.ex, RoutingKey: "k", Payload: []byte(`{}`)}); err != nil {
+			t.Fatal(err)
+		}
+		if d := e.receive(e.queue, 1, 10*time.Second)[0]; d.MessageId != id {
+			t.Fatalf("delivery %s, want %s", d.MessageId, id)
+		}
 	}
 }
 
