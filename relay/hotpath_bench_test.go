@@ -3,6 +3,8 @@ package relay
 import (
 	"context"
 	"fmt"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -17,12 +19,14 @@ import (
 
 const benchBatch = 500
 
-// fillOutbox writes n due rows in one statement (benchmark setup only).
-func fillOutbox(b *testing.B, s *testenv.Schema, table string, n int) {
+// fillOutbox writes n due rows in one statement (benchmark setup only),
+// spread round-robin over keys ordering keys (0: no key).
+func fillOutbox(b *testing.B, s *testenv.Schema, table string, n, keys int) {
 	b.Helper()
-	_, err := s.DB.Exec(`INSERT INTO `+table+` (id, exchange, routing_key, payload)
-SELECT gen_random_uuid(), 'bench', 'k', convert_to('{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","amount_cents":1999}', 'UTF8')
-FROM generate_series(1, $1)`, n)
+	_, err := s.DB.Exec(`INSERT INTO `+table+` (id, exchange, routing_key, key, payload)
+SELECT gen_random_uuid(), 'bench', 'k', CASE WHEN $2 > 0 THEN 'key-' || (g % $2) ELSE '' END,
+       convert_to('{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","amount_cents":1999}', 'UTF8')
+FROM generate_series(1, $1) g`, n, keys)
 	if err == nil {
 		_, err = s.DB.Exec(`VACUUM ANALYZE ` + table)
 	}
@@ -34,10 +38,15 @@ FROM generate_series(1, $1)`, n)
 // BenchmarkClaim is the relay's database cycle for one batch: claim (lease)
 // and delete after the confirms. "1M-dead-and-retained" has a million rows
 // in each of the dead-letter and published tables: the claim must not see
-// them.
+// them. "keys-10000" spreads the rows over 10,000 ordering keys: every
+// candidate is checked for an earlier row of its key.
 func BenchmarkClaim(b *testing.B) {
-	for _, side := range []int{0, 1_000_000} {
-		b.Run(fmt.Sprintf("dead-and-retained-%d", side), func(b *testing.B) {
+	for _, c := range []struct {
+		name       string
+		side, keys int
+	}{{"dead-and-retained-0", 0, 0}, {"dead-and-retained-1000000", 1_000_000, 0}, {"keys-10000", 0, 10_000}} {
+		side := c.side
+		b.Run(c.name, func(b *testing.B) {
 			s := testenv.NewSchema(b)
 			if side > 0 {
 				for _, q := range []string{
@@ -51,7 +60,7 @@ SELECT g, gen_random_uuid(), 'bench', 'k', '\x00', now(), 0 FROM generate_series
 					}
 				}
 			}
-			fillOutbox(b, s, "mailroom_outbox", b.N*benchBatch)
+			fillOutbox(b, s, "mailroom_outbox", b.N*benchBatch, c.keys)
 			// Settle the bulk loads first (autovacuum of the new tables,
 			// their dirty pages): the figure is the claim's, not theirs.
 			if _, err := s.DB.Exec(`VACUUM ANALYZE mailroom_outbox_dead, mailroom_outbox_published`); err != nil {
@@ -131,4 +140,59 @@ func BenchmarkPublishBatch(b *testing.B) {
 		}
 	}
 	b.ReportMetric(float64(b.N*benchBatch)/time.Since(start).Seconds(), "msgs/s")
+}
+
+// BenchmarkClaimTwoRelays is BenchmarkClaim's cycle run by two relays side
+// by side on one table over 10,000 keys (or none): what a second relay costs
+// the database, without the broker.
+func BenchmarkClaimTwoRelays(b *testing.B) {
+	for _, keys := range []int{0, 10_000} {
+		b.Run(fmt.Sprintf("keys-%d", keys), func(b *testing.B) {
+			s := testenv.NewSchema(b)
+			fillOutbox(b, s, "mailroom_outbox", 2*b.N*benchBatch, keys)
+			if _, err := s.DB.Exec(`CHECKPOINT`); err != nil {
+				b.Fatal(err)
+			}
+			ctx := context.Background()
+			b.ReportAllocs()
+			b.ResetTimer()
+			start := time.Now()
+			var wg sync.WaitGroup
+			var total atomic.Int64
+			for range 2 {
+				r, err := New(s.DB.DB, Config{URL: testenv.AMQPURL(), DisableListen: true, BatchSize: benchBatch})
+				if err != nil {
+					b.Fatal(err)
+				}
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for {
+						rows, err := r.claim(ctx)
+						if err != nil {
+							b.Error(err)
+							return
+						}
+						if len(rows) == 0 {
+							return
+						}
+						total.Add(int64(len(rows)))
+						done := make([]outcome, len(rows))
+						for i, w := range rows {
+							done[i] = outcome{row: w, kind: delivered}
+						}
+						if err := r.apply(done, nil, nil, nil); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				}()
+			}
+			wg.Wait()
+			if total.Load() != int64(2*b.N*benchBatch) {
+				b.Fatalf("claimed %d rows, want %d", total.Load(), 2*b.N*benchBatch)
+			}
+			b.ReportMetric(float64(total.Load())/time.Since(start).Seconds(), "rows/s")
+		})
+	}
 }

@@ -68,9 +68,10 @@ func main() {
 	var brokerRates, drainRates, naiveRates []float64
 	for i := 0; i < *repeat; i++ {
 		if want["broker"] {
-			r := must(benchBroker(1))
+			r, cpu, err := benchBroker(1)
+			must(r, err)
 			brokerRates = append(brokerRates, r)
-			fmt.Printf("broker   %7d persistent msgs, pipelined confirms (window 512): %8.0f msg/s\n", *events, r)
+			fmt.Printf("broker   %7d persistent msgs, pipelined confirms (window 512): %8.0f msg/s  (CPU per 100,000: %s)\n", *events, r, cpu.per100k(int64(*events)))
 		}
 		if want["naive"] {
 			r := must(benchNaive())
@@ -78,9 +79,10 @@ func main() {
 			fmt.Printf("naive    %7d events, claim 500/publish/wait/delete in turn:   %8.0f events/s\n", *events, r)
 		}
 		if want["drain"] {
-			r := must(benchDrain())
+			r, cpu, err := benchDrain()
+			must(r, err)
 			drainRates = append(drainRates, r)
-			fmt.Printf("drain    %7d events, one relay, consumer attached:            %8.0f events/s\n", *events, r)
+			fmt.Printf("drain    %7d events, one relay, consumer attached:            %8.0f events/s  (CPU per 100,000: %s)\n", *events, r, cpu.per100k(int64(*events)))
 		}
 	}
 	if len(brokerRates) > 0 && len(drainRates) > 0 {
@@ -102,13 +104,16 @@ func main() {
 		for i := 0; i < *repeat; i++ {
 			// The broker's own figure for one and two publishing
 			// connections: what a second relay can add at most.
-			b1 = append(b1, must(benchBroker(1)))
-			b2 = append(b2, must(benchBroker(2)))
+			for n, rates := range map[int]*[]float64{1: &b1, 2: &b2} {
+				r, _, err := benchBroker(n)
+				*rates = append(*rates, must(r, err))
+			}
 			for n, rates := range map[int]*[]float64{1: &one, 2: &two} {
-				r, bad, err := benchRelays(n)
+				r, cpu, bad, err := benchRelays(n)
 				must(r, err)
 				*rates = append(*rates, r)
 				disorder += bad
+				fmt.Printf("relays   %d relay(s): CPU per 100,000 events: %s\n", n, cpu.per100k(int64(*events)))
 			}
 			fmt.Printf("relays   %7d events over %d keys: one relay %8.0f events/s, two relays %8.0f events/s\n", *events, *keys, one[i], two[i])
 		}
@@ -295,21 +300,21 @@ func (w *world) waitReceived(n int64, timeout time.Duration) error {
 
 // benchBroker: the ceiling — RabbitMQ alone with pipelined confirms, from
 // publishers connections at once (each its share of the messages).
-func benchBroker(publishers int) (float64, error) {
+func benchBroker(publishers int) (float64, cpuUse, error) {
 	w, err := setup()
 	if err != nil {
-		return 0, err
+		return 0, cpuUse{}, err
 	}
 	defer w.stop()
 	body := []byte(`{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","amount_cents":1999}`)
 	conns := make([]*amqp.Connection, publishers)
 	for p := range conns {
 		if conns[p], err = amqpx.Dial(testenv.AMQPURL(), fmt.Sprintf("bench-publisher-%d", p)); err != nil {
-			return 0, err
+			return 0, cpuUse{}, err
 		}
 		defer conns[p].Close()
 	}
-	start := time.Now()
+	start, cpu := time.Now(), readCPU()
 	errs := make(chan error, publishers)
 	for p, conn := range conns {
 		n := *events / publishers
@@ -320,13 +325,13 @@ func benchBroker(publishers int) (float64, error) {
 	}
 	for p := 0; p < publishers; p++ {
 		if err := <-errs; err != nil {
-			return 0, err
+			return 0, cpuUse{}, err
 		}
 	}
 	if err := w.waitReceived(int64(*events), time.Minute); err != nil {
-		return 0, err
+		return 0, cpuUse{}, err
 	}
-	return float64(*events) / time.Since(start).Seconds(), nil
+	return float64(*events) / time.Since(start).Seconds(), readCPU().since(cpu), nil
 }
 
 // publishConfirmed publishes n persistent messages with up to 512
@@ -386,31 +391,31 @@ func newRelay(w *world, name string) (*relay.Relay, error) {
 }
 
 // benchDrain: a backlog of events drained by one relay into the consumer.
-func benchDrain() (float64, error) {
+func benchDrain() (float64, cpuUse, error) {
 	w, err := setup()
 	if err != nil {
-		return 0, err
+		return 0, cpuUse{}, err
 	}
 	defer w.stop()
 	if err := w.fillWithAdd(); err != nil {
-		return 0, err
+		return 0, cpuUse{}, err
 	}
 	r, err := newRelay(w, "bench")
 	if err != nil {
-		return 0, err
+		return 0, cpuUse{}, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	start := time.Now()
+	start, cpu := time.Now(), readCPU()
 	go func() { done <- r.Run(ctx) }()
 	err = w.waitReceived(int64(*events), 5*time.Minute)
-	elapsed := time.Since(start)
+	elapsed, used := time.Since(start), readCPU().since(cpu)
 	cancel()
 	<-done
 	if err != nil {
-		return 0, err
+		return 0, cpuUse{}, err
 	}
-	return float64(*events) / elapsed.Seconds(), nil
+	return float64(*events) / elapsed.Seconds(), used, nil
 }
 
 // benchLatency: commit→consumer latency at a steady event rate (NOTIFY on,

@@ -36,14 +36,14 @@ FROM generate_series(1, $2)`, w.exchange, n)
 
 // drainWith runs n relays until the consumer has received want events and
 // returns the rate from the first delivery on.
-func (w *world) drainWith(n int, want int64) (float64, error) {
+func (w *world) drainWith(n int, want int64) (float64, cpuUse, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	for i := 0; i < n; i++ {
 		r, err := newRelay(w, fmt.Sprintf("bench-%d", i))
 		if err != nil {
 			cancel()
-			return 0, err
+			return 0, cpuUse{}, err
 		}
 		wg.Add(1)
 		go func() { defer wg.Done(); r.Run(ctx) }()
@@ -51,27 +51,27 @@ func (w *world) drainWith(n int, want int64) (float64, error) {
 	// The clock starts at the first delivery: both sides of these ratios
 	// compare draining, not connecting.
 	err := w.waitReceived(1, time.Minute)
-	start := time.Now()
+	start, cpu := time.Now(), readCPU()
 	if err == nil {
 		err = w.waitReceived(want, 10*time.Minute)
 	}
-	elapsed := time.Since(start)
+	elapsed, used := time.Since(start), readCPU().since(cpu)
 	cancel()
 	wg.Wait()
 	if err != nil {
-		return 0, err
+		return 0, cpuUse{}, err
 	}
-	return float64(want-1) / elapsed.Seconds(), nil
+	return float64(want-1) / elapsed.Seconds(), used, nil
 }
 
 // benchRelays: the same backlog drained by n relays in one process (each
 // with its own connections, as separate processes would have). The events
 // carry -keys ordering keys (0: none); the consumer counts deliveries that
 // arrive after a later event of their key.
-func benchRelays(n int) (rate float64, outOfOrder int64, err error) {
+func benchRelays(n int) (rate float64, cpu cpuUse, outOfOrder int64, err error) {
 	w, err := setup()
 	if err != nil {
-		return 0, 0, err
+		return 0, cpu, 0, err
 	}
 	defer w.stop()
 	_, err = w.db.Exec(`INSERT INTO mailroom_outbox (id, exchange, routing_key, key, payload)
@@ -81,7 +81,7 @@ FROM generate_series(0, $2 - 1) g`, w.exchange, *events, *keys)
 		_, err = w.db.Exec(`VACUUM ANALYZE mailroom_outbox`)
 	}
 	if err != nil {
-		return 0, 0, err
+		return 0, cpu, 0, err
 	}
 	last := map[string]int{}
 	var violations atomic.Int64
@@ -97,8 +97,8 @@ FROM generate_series(0, $2 - 1) g`, w.exchange, *events, *keys)
 		}
 		last[key] = m.N
 	}
-	rate, err = w.drainWith(n, int64(*events))
-	return rate, violations.Load(), err
+	rate, cpu, err = w.drainWith(n, int64(*events))
+	return rate, cpu, violations.Load(), err
 }
 
 // benchScale: the drain rate over the first measure events of a backlog.
@@ -111,7 +111,8 @@ func benchScale(backlog, measure int) (float64, error) {
 	if err := w.fill(backlog); err != nil {
 		return 0, err
 	}
-	return w.drainWith(1, int64(measure))
+	rate, _, err := w.drainWith(1, int64(measure))
+	return rate, err
 }
 
 // benchDedupe: Claim throughput for new ids with 8 clients, after the inbox
