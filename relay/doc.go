@@ -7,7 +7,8 @@
 // table. A lost channel or a confirm timeout hands rows back without
 // counting an attempt. Rows sharing a Key are published one at a time in
 // write order. Run any number of relays on one table, in-process or as the
-// mailroom-relay sidecar.
+// mailroom-relay sidecar: their claims take turns on an advisory lock held
+// for one claim statement, so they never scan each other's rows.
 //
 //	r, err := relay.New(db, relay.Config{URL: amqpURL, DatabaseURL: dbURL})
 //	…

@@ -21,7 +21,7 @@ const benchBatch = 500
 
 // fillOutbox writes n due rows in one statement (benchmark setup only),
 // spread round-robin over keys ordering keys (0: no key).
-func fillOutbox(b *testing.B, s *testenv.Schema, table string, n, keys int) {
+func fillOutbox(b testing.TB, s *testenv.Schema, table string, n, keys int) {
 	b.Helper()
 	_, err := s.DB.Exec(`INSERT INTO `+table+` (id, exchange, routing_key, key, payload)
 SELECT gen_random_uuid(), 'bench', 'k', CASE WHEN $2 > 0 THEN 'key-' || (g % $2) ELSE '' END,

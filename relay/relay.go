@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"cmp"
 	"context"
 	"database/sql"
 	"encoding/json"
@@ -8,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -39,9 +41,10 @@ type Relay struct {
 	tables mailroom.Resolved
 	log    *slog.Logger
 
-	counters counters
-	tel      *instruments
-	backlog  backlogCache
+	counters    counters
+	tel         *instruments
+	backlog     backlogCache
+	turnSkipped atomic.Int64 // unix nanos of the last claim lock timeout; 0: never
 }
 
 // Stats are counters since the relay was created. The metrics (see the
@@ -326,11 +329,42 @@ func (r *Relay) claim(ctx context.Context) ([]*row, error) {
 	start := time.Now()
 	clock := &batchClock{claimed: start}
 	defer func() { r.tel.claim.Record(ctx, time.Since(start).Seconds(), r.tel.record...) }()
-	rs, err := r.db.QueryContext(ctx, r.q.claim, r.cfg.BatchSize, r.cfg.Lease.Milliseconds(), lease)
+	var rows []*row
+	var err error
+	if skipped := r.turnSkipped.Load(); skipped == 0 || time.Since(time.Unix(0, skipped)) > claimLockSkip {
+		rows, err = r.claimRows(ctx, clock, lease, r.q.claimInTurn(r.cfg.BatchSize, r.cfg.Lease.Milliseconds(), lease))
+		var pqErr *pq.Error
+		if errors.As(err, &pqErr) && pqErr.Code == "55P03" { // lock_not_available
+			r.log.Warn("waited too long for the claim lock; claiming without it for a while", "wait", claimLockTimeout.String(), "for", claimLockSkip.String())
+			r.turnSkipped.Store(time.Now().UnixNano())
+		} else {
+			return rows, err
+		}
+	}
+	return r.claimRows(ctx, clock, lease, r.q.claim, r.cfg.BatchSize, r.cfg.Lease.Milliseconds(), lease)
+}
+
+// claimLockSkip is how long a relay claims without the claim lock after it
+// waited claimLockTimeout for it: claims then overlap, which costs the
+// database more but waits for nobody.
+const claimLockSkip = 10 * time.Second
+
+// claimRows runs a claim statement and reads the rows it leased. A message
+// of several statements (claimInTurn) has the claim's rows in its last
+// result set.
+func (r *Relay) claimRows(ctx context.Context, clock *batchClock, lease, query string, args ...any) ([]*row, error) {
+	rs, err := r.db.QueryContext(ctx, query, args...)
 	if err != nil {
 		return nil, fmt.Errorf("claim from %s: %w", r.tables.Outbox, err)
 	}
 	defer rs.Close()
+	if cols, _ := rs.Columns(); len(cols) == 1 { // the claim lock's result
+		for rs.Next() {
+		}
+		if !rs.NextResultSet() {
+			return nil, fmt.Errorf("claim from %s: %w", r.tables.Outbox, cmp.Or(rs.Err(), errors.New("no rows came back")))
+		}
+	}
 	var rows []*row
 	for rs.Next() {
 		w := &row{lease: lease, batch: clock}

@@ -1,7 +1,9 @@
 package relay
 
 import (
+	"strconv"
 	"strings"
+	"time"
 
 	"github.com/mailroom-go/mailroom"
 )
@@ -10,6 +12,32 @@ import (
 // configured table names.
 type queries struct {
 	claim, deleteDone, deleteDoneAsync, archiveDone, retry, bury, release string
+
+	// turn takes the claim lock for the claim that follows it in the same
+	// message (see claimInTurn).
+	turn string
+}
+
+// claimLockKey is the first key of the advisory claim lock ("turn" in
+// ASCII); the second is the outbox table's OID, as for the wake lock.
+const claimLockKey = 1953853038
+
+// claimLockTimeout bounds the wait for the claim lock. It is held for one
+// claim statement (milliseconds); a longer wait means the holder's server
+// is stalled, and the relay claims without the lock for a while.
+const claimLockTimeout = time.Second
+
+// claimInTurn is claim behind the claim lock: one simple-protocol message
+// of three statements that PostgreSQL runs as one implicit transaction. The
+// lock is released when that transaction commits, so claims of relays on
+// one table take turns, and each sees the previous one's leases: without
+// it, overlapping claims of keyed rows each run the key probe on the other
+// claim's locked rows before skipping them. The values are literals (the
+// simple protocol has no parameters): two integers and a UUID of ours.
+func (q queries) claimInTurn(limit int, leaseMS int64, lease string) string {
+	return q.turn + strings.NewReplacer(
+		"$1", strconv.Itoa(limit), "$2", strconv.FormatInt(leaseMS, 10), "$3", "'"+lease+"'::uuid",
+	).Replace(q.claim)
 }
 
 const columns = `id, exchange, routing_key, key, type, content_type, headers, payload, created_at, attempts`
@@ -17,6 +45,9 @@ const columns = `id, exchange, routing_key, key, type, content_type, headers, pa
 func newQueries(t mailroom.Resolved) queries {
 	ob, dead, pub := t.Outbox.Quoted(), t.Dead.Quoted(), t.Published.Quoted()
 	return queries{
+		turn: `SET LOCAL lock_timeout = ` + strconv.FormatInt(claimLockTimeout.Milliseconds(), 10) + `;
+SELECT pg_advisory_xact_lock(` + strconv.Itoa(claimLockKey) + `, '` + strings.ReplaceAll(ob, `'`, `''`) + `'::regclass::oid::integer);
+`,
 		// claim takes up to $1 due rows, oldest first, and leases them for
 		// $2 ms under token $3, in one short autocommit statement: no
 		// transaction stays open while the broker is awaited.
@@ -28,7 +59,8 @@ func newQueries(t mailroom.Resolved) queries {
 		// partial index instead of a sequential scan per keyed candidate), so each key has at most one row in
 		// flight across all relays, and the next becomes claimable only once
 		// the previous was confirmed and deleted (or dead-lettered).
-		// SKIP LOCKED lets relays claim side by side; a row another relay
+		// Relays normally claim in turn (claimInTurn); when they do not,
+		// SKIP LOCKED lets them claim side by side, and a row another relay
 		// re-leased after this statement's snapshot fails the re-checked
 		// available_at condition and is not claimed twice.
 		//
