@@ -19,6 +19,7 @@ import (
 	"os"
 	"runtime/pprof"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -68,7 +69,7 @@ func main() {
 	var brokerRates, drainRates, naiveRates []float64
 	for i := 0; i < *repeat; i++ {
 		if want["broker"] {
-			r, cpu, err := benchBroker(1)
+			r, cpu, err := benchBroker(1, 0)
 			must(r, err)
 			brokerRates = append(brokerRates, r)
 			fmt.Printf("broker   %7d persistent msgs, pipelined confirms (window 512): %8.0f msg/s  (CPU per 100,000: %s)\n", *events, r, cpu.per100k(int64(*events)))
@@ -103,10 +104,12 @@ func main() {
 		var disorder int64
 		for i := 0; i < *repeat; i++ {
 			// The broker's own figure for one and two publishing
-			// connections: what a second relay can add at most.
+			// connections, with the relays' messages' key header: what a
+			// second relay can add at most.
 			for n, rates := range map[int]*[]float64{1: &b1, 2: &b2} {
-				r, _, err := benchBroker(n)
+				r, cpu, err := benchBroker(n, *keys)
 				*rates = append(*rates, must(r, err))
+				fmt.Printf("relays   the broker alone, %d publishing connection(s): CPU per 100,000 messages: %s\n", n, cpu.per100k(int64(*events)))
 			}
 			for n, rates := range map[int]*[]float64{1: &one, 2: &two} {
 				r, cpu, bad, err := benchRelays(n)
@@ -300,7 +303,7 @@ func (w *world) waitReceived(n int64, timeout time.Duration) error {
 
 // benchBroker: the ceiling — RabbitMQ alone with pipelined confirms, from
 // publishers connections at once (each its share of the messages).
-func benchBroker(publishers int) (float64, cpuUse, error) {
+func benchBroker(publishers, keys int) (float64, cpuUse, error) {
 	w, err := setup()
 	if err != nil {
 		return 0, cpuUse{}, err
@@ -321,7 +324,7 @@ func benchBroker(publishers int) (float64, cpuUse, error) {
 		if p == 0 {
 			n += *events % publishers
 		}
-		go func() { errs <- publishConfirmed(conn, w.exchange, body, n) }()
+		go func() { errs <- publishConfirmed(conn, w.exchange, body, n, keys) }()
 	}
 	for p := 0; p < publishers; p++ {
 		if err := <-errs; err != nil {
@@ -335,8 +338,10 @@ func benchBroker(publishers int) (float64, cpuUse, error) {
 }
 
 // publishConfirmed publishes n persistent messages with up to 512
-// unconfirmed and returns once all are confirmed.
-func publishConfirmed(conn *amqp.Connection, exchange string, body []byte, n int) error {
+// unconfirmed, and returns once all are confirmed. With keys > 0 each
+// message carries an x-mailroom-key header, round-robin over keys values,
+// as the relay publishes keyed rows.
+func publishConfirmed(conn *amqp.Connection, exchange string, body []byte, n, keys int) error {
 	ch, err := conn.Channel()
 	if err != nil {
 		return err
@@ -360,8 +365,12 @@ func publishConfirmed(conn *amqp.Connection, exchange string, body []byte, n int
 	}()
 	for i := 0; i < n; i++ {
 		slots <- struct{}{}
+		var h amqp.Table
+		if keys > 0 {
+			h = amqp.Table{"x-mailroom-key": "key-" + strconv.Itoa(i%keys)}
+		}
 		if err := ch.PublishWithContext(context.Background(), exchange, "k", true, false, amqp.Publishing{
-			MessageId: outbox.NewID(), DeliveryMode: amqp.Persistent, ContentType: "application/json", Body: body,
+			MessageId: outbox.NewID(), DeliveryMode: amqp.Persistent, ContentType: "application/json", Body: body, Headers: h,
 		}); err != nil {
 			return err
 		}

@@ -62,6 +62,7 @@ func cmdRun(args []string, stderr io.Writer) error {
 	fs.StringVar(&cfg.URL, "amqp-url", "", "RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/ [$AMQP_URL]")
 	fs.StringVar(&cfg.Name, "name", os.Getenv("MAILROOM_NAME"), "instance name for logs, the AMQP connection name (\"mailroom-relay <name>\") and the PostgreSQL application_name (default host-pid) [$MAILROOM_NAME]")
 	fs.IntVar(&cfg.BatchSize, "batch-size", envInt("MAILROOM_BATCH_SIZE"), "rows per claim (default 500) [$MAILROOM_BATCH_SIZE]")
+	fs.IntVar(&cfg.ConfirmWindow, "confirm-window", envInt("MAILROOM_CONFIRM_WINDOW"), "messages published but not yet confirmed, at most (default 1024, at least --batch-size); with several relays on one table, about 1024 in all, e.g. 512 each for two [$MAILROOM_CONFIRM_WINDOW]")
 	fs.IntVar(&cfg.MaxAttempts, "max-attempts", envInt("MAILROOM_MAX_ATTEMPTS"), "failed publishes before a row is dead-lettered (default 20) [$MAILROOM_MAX_ATTEMPTS]")
 	fs.DurationVar(&cfg.PollInterval, "poll-interval", envDuration("MAILROOM_POLL_INTERVAL"), "poll for due rows this often without a NOTIFY (default 500ms) [$MAILROOM_POLL_INTERVAL]")
 	fs.DurationVar(&cfg.Lease, "lease", envDuration("MAILROOM_LEASE"), "how long a claimed row belongs to this relay (default 60s) [$MAILROOM_LEASE]")
@@ -119,9 +120,6 @@ func cmdRun(args []string, stderr io.Writer) error {
 		return err
 	}
 	defer db.Close()
-	if applied, latest, err := mailroom.SchemaVersion(ctx, db, c.tables); err != nil || applied < latest {
-		return fmt.Errorf("the mailroom tables are missing or old (schema version %d, this build needs %d): run `mailroom-relay migrate` first", applied, latest)
-	}
 	reg := prometheus.NewRegistry()
 	mp, err := relayMeterProvider(reg)
 	if err != nil {
@@ -130,9 +128,13 @@ func cmdRun(args []string, stderr io.Writer) error {
 	defer mp.Shutdown(context.Background()) //nolint:errcheck // nothing is pushed: the exporter is pulled
 	cfg.MeterProvider = mp
 	cfg.BacklogInterval = -1 // outboxCollector exports pending and lag, read at scrape time
+	// A bad setting is reported before a missing schema.
 	r, err := relay.New(db, cfg)
 	if err != nil {
 		return usageErr("%v", err)
+	}
+	if applied, latest, err := mailroom.SchemaVersion(ctx, db, c.tables); err != nil || applied < latest {
+		return fmt.Errorf("the mailroom tables are missing or old (schema version %d, this build needs %d): run `mailroom-relay migrate` first", applied, latest)
 	}
 	store, err := dedupe.New(dedupe.Config{Table: c.tables.Inbox, PurgeBatch: o.maint.batch})
 	if err != nil {
