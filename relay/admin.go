@@ -101,7 +101,7 @@ func newAdminQueries(tables mailroom.Tables) (adminQueries, error) {
 		status: `SELECT count(*),
     count(*) FILTER (WHERE ` + scheduled + `),
     count(*) FILTER (WHERE attempts > 0),
-    count(*) FILTER (WHERE lease IS NOT NULL AND available_at > now()),
+    count(*) FILTER (WHERE leased_until > now()),
     coalesce(greatest(extract(epoch FROM now() - min(created_at) FILTER (WHERE NOT ` + scheduled + `)), 0), 0)::float8,
     (SELECT count(*) FROM ` + dead + `)
 FROM ` + ob,

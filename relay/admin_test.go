@@ -87,7 +87,7 @@ func TestStatusCountsAndLag(t *testing.T) {
 	if _, err := s.DB.Exec(`UPDATE mailroom_outbox SET created_at = now() - interval '90 seconds', attempts = 2 WHERE id = $1`, due[0]); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.DB.Exec(`UPDATE mailroom_outbox SET lease = gen_random_uuid(), available_at = now() + interval '1 minute' WHERE id = $1`, due[1]); err != nil {
+	if _, err := s.DB.Exec(`UPDATE mailroom_outbox SET lease = gen_random_uuid(), leased_until = now() + interval '1 minute' WHERE id = $1`, due[1]); err != nil {
 		t.Fatal(err)
 	}
 	admBury(t, s, "unroutable", due[2])

@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -101,5 +102,62 @@ func TestClaimWithoutTheLockWhenItsHolderStalls(t *testing.T) {
 	}
 	if r.turnSkipped.Load() != skipped {
 		t.Fatal("the second claim waited for the lock again")
+	}
+}
+
+// hotUpdates reads the outbox's update counters, once the server has
+// flushed them (within seconds of the updating session going idle).
+func hotUpdates(t *testing.T, s *testenv.Schema, atLeast int64) (updates, hot int64) {
+	t.Helper()
+	testenv.Eventually(t, 30*time.Second, "the outbox's update statistics", func() bool {
+		err := s.DB.QueryRow(`SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relid = 'mailroom_outbox'::regclass`).Scan(&updates, &hot)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return updates >= atLeast
+	})
+	return updates, hot
+}
+
+// A claim leases rows with HOT updates: leased_until is in no index and
+// the page has room for the new versions, so no index entry is written.
+func TestLeasesAreHOTUpdates(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	// Every row of every page is leased at once: the page must hold two
+	// versions of all its rows.
+	fillOutbox(t, s, "mailroom_outbox", 300, 0)
+	r, err := New(s.DB.DB, Config{URL: testenv.AMQPURL(), DisableListen: true, BatchSize: 300})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows, err := r.claim(context.Background())
+	if err != nil || len(rows) != 300 {
+		t.Fatalf("claimed %d rows, %v; want 300", len(rows), err)
+	}
+	var leased int
+	if err := s.DB.Get(&leased, `SELECT count(*) FROM mailroom_outbox WHERE leased_until > now()`); err != nil || leased != 300 {
+		t.Fatalf("%d rows leased (%v); want the 300 claimed", leased, err)
+	}
+	if updates, hot := hotUpdates(t, s, 300); hot != updates {
+		t.Fatalf("%d of %d lease updates were HOT; want all", hot, updates)
+	}
+}
+
+// Relays before schema version 4 lease by available_at alone; their claims
+// are rejected by the lease check, so they cannot claim rows that a relay
+// of this version leased.
+func TestClaimOfAnOlderRelayIsRejected(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	fillOutbox(t, s, "mailroom_outbox", 5, 0)
+	_, err := s.DB.Exec(`UPDATE mailroom_outbox o SET available_at = now() + interval '60 seconds', lease = gen_random_uuid()
+FROM (SELECT seq FROM mailroom_outbox WHERE available_at <= now() ORDER BY available_at LIMIT 5 FOR UPDATE SKIP LOCKED) c WHERE o.seq = c.seq`)
+	if err == nil || !strings.Contains(err.Error(), "mailroom_outbox_lease_check") {
+		t.Fatalf("a claim of schema version 3: %v; want a violation of mailroom_outbox_lease_check", err)
+	}
+	var leased int
+	if err := s.DB.Get(&leased, `SELECT count(*) FROM mailroom_outbox WHERE lease IS NOT NULL`); err != nil || leased != 0 {
+		t.Fatalf("%d rows leased (%v); want none", leased, err)
 	}
 }

@@ -355,6 +355,10 @@ const claimLockSkip = 10 * time.Second
 func (r *Relay) claimRows(ctx context.Context, clock *batchClock, lease, query string, args ...any) ([]*row, error) {
 	rs, err := r.db.QueryContext(ctx, query, args...)
 	if err != nil {
+		var pqErr *pq.Error
+		if errors.As(err, &pqErr) && pqErr.Code == "42703" { // undefined_column
+			return nil, fmt.Errorf("claim from %s: the table is older than this relay (run mailroom.Migrate or `mailroom-relay migrate`): %w", r.tables.Outbox, err)
+		}
 		return nil, fmt.Errorf("claim from %s: %w", r.tables.Outbox, err)
 	}
 	defer rs.Close()

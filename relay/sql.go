@@ -52,8 +52,12 @@ SELECT pg_advisory_xact_lock(` + strconv.Itoa(claimLockKey) + `, '` + strings.Re
 		// $2 ms under token $3, in one short autocommit statement: no
 		// transaction stays open while the broker is awaited.
 		//
-		// Index: available_idx (available_at) for the scan; leased and
-		// backing-off rows lie in the future and are never visited.
+		// Index: available_idx (available_at) for the scan; backing-off
+		// and delayed rows lie in the future and are never visited. The
+		// lease is leased_until, which no index covers: leasing is a HOT
+		// update (schema version 4) that writes no index entry. The
+		// scan steps over rows leased and still in flight, a few thousand
+		// at most (ConfirmWindow and a claim ahead, per relay).
 		// Ordering: a keyed row is a candidate only when no earlier row of its
 		// key exists (key_idx probe; "p.key <> ''" lets the planner use that
 		// partial index instead of a sequential scan per keyed candidate), so each key has at most one row in
@@ -61,8 +65,8 @@ SELECT pg_advisory_xact_lock(` + strconv.Itoa(claimLockKey) + `, '` + strings.Re
 		// the previous was confirmed and deleted (or dead-lettered).
 		// Relays normally claim in turn (claimInTurn); when they do not,
 		// SKIP LOCKED lets them claim side by side, and a row another relay
-		// re-leased after this statement's snapshot fails the re-checked
-		// available_at condition and is not claimed twice.
+		// leased after this statement's snapshot fails the re-checked
+		// leased_until condition and is not claimed twice.
 		//
 		// The claim commits asynchronously (synchronous_commit off for this
 		// statement's transaction): a lease lost in a database crash only
@@ -73,11 +77,12 @@ SELECT pg_advisory_xact_lock(` + strconv.Itoa(claimLockKey) + `, '` + strings.Re
 cand AS (
     SELECT o.seq FROM ` + ob + ` o
     WHERE o.available_at <= now()
+      AND (o.leased_until IS NULL OR o.leased_until <= now())
       AND (o.key = '' OR NOT EXISTS (SELECT 1 FROM ` + ob + ` p WHERE p.key = o.key AND p.key <> '' AND p.seq < o.seq))
     ORDER BY o.available_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED)
-UPDATE ` + ob + ` o SET available_at = now() + $2 * interval '1 millisecond', lease = $3
+UPDATE ` + ob + ` o SET leased_until = now() + $2 * interval '1 millisecond', lease = $3
 FROM cand WHERE o.seq = cand.seq AND (SELECT true FROM async)
 RETURNING o.seq, ` + prefixed("o.", columns),
 
@@ -98,7 +103,7 @@ ON CONFLICT (seq) DO NOTHING`,
 		// retry records a failed attempt and schedules the next one, only
 		// while this relay's lease still owns the row.
 		retry: `UPDATE ` + ob + ` o SET attempts = o.attempts + 1, last_error = f.err,
-    available_at = now() + f.delay_ms * interval '1 millisecond', lease = NULL
+    available_at = now() + f.delay_ms * interval '1 millisecond', lease = NULL, leased_until = NULL
 FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::float8[]) AS f(seq, lease, err, delay_ms)
 WHERE o.seq = f.seq AND o.lease = f.lease`,
 
@@ -112,8 +117,9 @@ SELECT seq, id, exchange, routing_key, key, type, content_type, headers, payload
 ON CONFLICT (seq) DO NOTHING`,
 
 		// release hands rows back at once (shutdown, lost connection)
-		// without counting an attempt.
-		release: `UPDATE ` + ob + ` o SET available_at = now(), lease = NULL
+		// without counting an attempt. They keep their place: available_at
+		// is as it was when they were claimed.
+		release: `UPDATE ` + ob + ` o SET lease = NULL, leased_until = NULL
 FROM unnest($1::bigint[], $2::uuid[]) AS f(seq, lease)
 WHERE o.seq = f.seq AND o.lease = f.lease`,
 	}

@@ -249,7 +249,7 @@ func TestSIGTERMUnderLoadLosesNothing(t *testing.T) {
 	if err := s.DB.Get(&pending, `SELECT count(*) FROM mailroom_outbox`); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.DB.Get(&leased, `SELECT count(*) FROM mailroom_outbox WHERE lease IS NOT NULL AND available_at > now()`); err != nil {
+	if err := s.DB.Get(&leased, `SELECT count(*) FROM mailroom_outbox WHERE leased_until > now()`); err != nil {
 		t.Fatal(err)
 	}
 	if leased != 0 {
