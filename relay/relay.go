@@ -230,9 +230,12 @@ const busyAfter = 50 * time.Millisecond
 const busyGap = 2 * time.Millisecond
 
 // awakePause is how long an awake relay (writers do not notify it) waits
-// after a partial batch before it looks again: it bounds the claim rate at
-// a trickle, and the added latency.
-const awakePause = time.Millisecond
+// after a partial batch before it looks again: it bounds the claim rate,
+// and the added latency. Each claim and its batch cost the database, the
+// relay and the broker a fixed amount of CPU; at 1 ms a relay at 5,000
+// events/s claimed a few rows at a time and that overhead, on a busy
+// machine, queued every message behind it (p50 90-108 ms vs 17-35 ms).
+const awakePause = 5 * time.Millisecond
 
 // claimLoop claims batches while there are due rows, and otherwise waits for
 // a wake-up or the poll interval. With LISTEN on (lock not nil) it sleeps
