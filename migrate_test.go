@@ -77,6 +77,17 @@ func TestMigrateCustomNames(t *testing.T) {
 			t.Errorf("index %s missing; have %v", want, idx)
 		}
 	}
+	// Each outbox has its own lease check and keeps room on its pages for
+	// HOT lease updates (version 4).
+	var leases []string
+	if err := s.DB.Select(&leases, `SELECT c.relname || ' ' || k.conname || ' ' || array_to_string(c.reloptions, ',')
+FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
+WHERE c.relnamespace = $1::regnamespace AND k.contype = 'c' ORDER BY 1`, s.Name); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(leases, ", "); got != "events events_lease_check fillfactor=40, events2 events2_lease_check fillfactor=40" {
+		t.Errorf("lease checks: %s", got)
+	}
 	// Each outbox has its own wake-up trigger, calling a function in the
 	// outbox's schema.
 	var triggers []string
