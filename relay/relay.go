@@ -230,12 +230,23 @@ const busyAfter = 50 * time.Millisecond
 const busyGap = 2 * time.Millisecond
 
 // awakePause is how long an awake relay (writers do not notify it) waits
-// after a partial batch before it looks again: it bounds the claim rate,
-// and the added latency. Each claim and its batch cost the database, the
-// relay and the broker a fixed amount of CPU; at 1 ms a relay at 5,000
-// events/s claimed a few rows at a time and that overhead, on a busy
-// machine, queued every message behind it (p50 90-108 ms vs 17-35 ms).
-const awakePause = 5 * time.Millisecond
+// after a partial batch of n rows before it looks again: awakePausePerRow
+// per row, at most awakePauseMax. It bounds the claim rate and the added
+// latency. Each claim and its batch cost the database, the relay and the
+// broker a fixed amount of CPU: at a steady 1 ms, a relay at 5,000 events/s
+// claimed a few rows at a time, and on a busy machine that overhead queued
+// every message behind it. A relay finding a row or two looks again soon,
+// soon finds none and goes to sleep (writers then notify it); a fixed 5 ms
+// kept it awake at 200 events/s, each look finding the one row written
+// since, and added its pause to every message.
+func awakePause(n int) time.Duration {
+	return min(time.Duration(n)*awakePausePerRow, awakePauseMax)
+}
+
+const (
+	awakePausePerRow = time.Millisecond
+	awakePauseMax    = 5 * time.Millisecond
+)
 
 // claimLoop claims batches while there are due rows, and otherwise waits for
 // a wake-up or the poll interval. With LISTEN on (lock not nil) it sleeps
@@ -283,7 +294,7 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 				continue // more may be due: claim again at once
 			}
 			if lock.ready() && !lock.held() { // nobody notifies us: look again shortly
-				if !sleepCtx(ctx, awakePause) {
+				if !sleepCtx(ctx, awakePause(len(rows))) {
 					return
 				}
 				continue
