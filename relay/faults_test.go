@@ -444,3 +444,42 @@ func TestWakeLockFollowsLoad(t *testing.T) {
 	e.waitDrained()
 	e.waitAsleep(1)
 }
+
+// A relay woken for good by a backlog goes back to sleep (holding the wake
+// lock, so writers notify it again) once the backlog is gone, although a
+// trickle of messages goes on.
+func TestAwakeRelaySleepsAtATrickle(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	cfg := e.config()
+	cfg.BatchSize = 100
+	e.start(cfg)
+	e.waitAsleep(1)
+	// A backlog wakes the relay for good (it releases the wake lock), and
+	// one message every 4 ms follows it.
+	msgs, _ := batch(e.ex, 3000)
+	e.add(msgs...)
+	stop := make(chan struct{})
+	trickled := make(chan struct{})
+	go func() {
+		defer close(trickled)
+		tick := time.NewTicker(4 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+				one, _ := batch(e.ex, 1)
+				if err := e.ob.Add(context.Background(), e.s.DB, one...); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}
+	}()
+	defer func() { close(stop); <-trickled }()
+	testenv.Eventually(t, 30*time.Second, "wake lock released under load", func() bool { return len(e.wakeLockHolders()) == 0 })
+	testenv.Eventually(t, 30*time.Second, "the backlog drained", func() bool { return e.pending() < 20 })
+	testenv.Eventually(t, 30*time.Second, "the relay asleep again during the trickle", func() bool { return len(e.wakeLockHolders()) == 1 })
+}
