@@ -428,18 +428,25 @@ func TestRelayProcessKilled(t *testing.T) {
 	t.Logf("killed with %d rows leased; %d duplicate deliveries", leased, dups)
 }
 
-// The relay sleeps holding the wake lock while it waits (so writers NOTIFY
-// it), releases it while it keeps finding work (so writers do not pay for
-// NOTIFYs), and takes it again when the work is done.
-func TestWakeLockFollowsLoad(t *testing.T) {
-	t.Parallel()
+// startAsleepThenAdd starts a relay (batches of 100), waits until it sleeps
+// holding the wake lock, and adds a backlog of n messages.
+func startAsleepThenAdd(t *testing.T, n int) *env {
 	e := newEnv(t)
 	cfg := e.config()
 	cfg.BatchSize = 100
 	e.start(cfg)
 	e.waitAsleep(1)
-	msgs, _ := batch(e.ex, 6000)
+	msgs, _ := batch(e.ex, n)
 	e.add(msgs...)
+	return e
+}
+
+// The relay sleeps holding the wake lock while it waits (so writers NOTIFY
+// it), releases it while it keeps finding work (so writers do not pay for
+// NOTIFYs), and takes it again when the work is done.
+func TestWakeLockFollowsLoad(t *testing.T) {
+	t.Parallel()
+	e := startAsleepThenAdd(t, 6000)
 	testenv.Eventually(t, 30*time.Second, "wake lock released under load", func() bool { return len(e.wakeLockHolders()) == 0 })
 	e.waitDrained()
 	e.waitAsleep(1)
@@ -450,15 +457,9 @@ func TestWakeLockFollowsLoad(t *testing.T) {
 // trickle of messages goes on.
 func TestAwakeRelaySleepsAtATrickle(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t)
-	cfg := e.config()
-	cfg.BatchSize = 100
-	e.start(cfg)
-	e.waitAsleep(1)
 	// A backlog wakes the relay for good (it releases the wake lock), and
 	// one message every 4 ms follows it.
-	msgs, _ := batch(e.ex, 3000)
-	e.add(msgs...)
+	e := startAsleepThenAdd(t, 3000)
 	stop := make(chan struct{})
 	trickled := make(chan struct{})
 	go func() {
