@@ -29,8 +29,9 @@ type Tables struct {
 // Resolved is Tables with defaults filled in and every name validated.
 type Resolved struct {
 	Outbox, Dead, Published, Wake, Inbox, Migrations sqlident.Name
-	// Notify is the outbox trigger's function (Outbox + "_notify", in the
-	// outbox's schema), which wakes sleeping relays; see migration 0003.
+	// Notify is the function that wakes sleeping relays (Outbox +
+	// "_notify", in the outbox's schema), called by the default of the
+	// outbox's notified column; see migrations 0003 and 0005.
 	Notify sqlident.Name
 }
 

@@ -15,8 +15,8 @@
 //
 // Add validates every message before it touches the database (errors wrap
 // ErrInvalidMessage and name the message index and field), writes all of
-// them with one INSERT in one round trip. The outbox table's trigger
-// (migration 0003) sends a NOTIFY with it, so a sleeping relay publishes
+// them with one INSERT in one round trip. The default of the outbox's
+// notified column (migration 0005) sends a NOTIFY with it, so a sleeping relay publishes
 // within milliseconds of the commit — but only while some relay is asleep
 // waiting for work: a NOTIFY serialises commits on a database-wide lock,
 // and a busy relay claims again by itself, so under load writers pay only

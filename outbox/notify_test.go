@@ -3,6 +3,7 @@ package outbox_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -13,8 +14,9 @@ import (
 	"github.com/mailroom-go/mailroom/outbox"
 )
 
-// The outbox trigger sends a NOTIFY only while a relay sleeps (holds the
-// wake lock), for Add and plain SQL alike. To check for the absence of a
+// An insert into the outbox sends a NOTIFY only while a relay sleeps (holds
+// the wake lock), for Add, plain SQL and COPY alike: the default of the
+// notified column takes the lock (schema version 5). To check for the absence of a
 // notification without waiting on a clock, a marker NOTIFY is committed
 // after each insert: notifications arrive in commit order, so the first one
 // received tells whether the insert notified.
@@ -84,10 +86,54 @@ func TestAddNotifiesOnlyWhileARelaySleeps(t *testing.T) {
 	if got := first(); got != "" {
 		t.Fatalf("a plain SQL insert did not notify a sleeping relay (first notification %q)", got)
 	}
+	copyIn(t, s)
+	if got := first(); got != "" {
+		t.Fatalf("a COPY did not notify a sleeping relay (first notification %q)", got)
+	}
 	lock(`SELECT pg_advisory_unlock($1, $2)`)
 	add() // the relay is awake again: no NOTIFY
 	if got := first(); got != "marker" {
 		t.Fatalf("Add notified an awake relay (first notification %q)", got)
+	}
+	copyIn(t, s)
+	if got := first(); got != "marker" {
+		t.Fatalf("a COPY notified an awake relay (first notification %q)", got)
+	}
+	// Each row records whether its insert notified.
+	var notified []bool
+	if err := s.DB.Select(&notified, `SELECT notified FROM mailroom_outbox ORDER BY seq`); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := fmt.Sprint(notified), "[false true true true true false false false]"; got != want {
+		t.Fatalf("notified column: %s, want %s", got, want)
+	}
+}
+
+// copyIn inserts two rows into the outbox with COPY, in one transaction.
+func copyIn(t *testing.T, s *testenv.Schema) {
+	t.Helper()
+	tx, err := s.DB.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback()
+	st, err := tx.Prepare(pq.CopyIn("mailroom_outbox", "id", "exchange", "routing_key", "payload"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 2; i++ {
+		if _, err := st.Exec(outbox.NewID(), "x", "k", []byte("{}")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := st.Exec(); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
 	}
 }
 

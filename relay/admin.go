@@ -274,7 +274,7 @@ func moveDead(ctx context.Context, db *sql.DB, tables mailroom.Tables, ids []str
 	if err != nil {
 		return 0, fmt.Errorf("relay: %s dead letters: %w", what, err)
 	}
-	// A sleeping relay is woken by the outbox table's trigger, as for Add.
+	// A sleeping relay is woken by the outbox's notified default, as for Add.
 	if err := tx.Commit(); err != nil {
 		return 0, fmt.Errorf("relay: %s dead letters: commit: %w", what, err)
 	}

@@ -53,8 +53,9 @@
 // commit, and polling (PollInterval) finds everything when notifications
 // are lost or off (PgBouncer in transaction mode: DisableListen). Writers
 // send the NOTIFY only while some relay sleeps (see internal/wakeup): a
-// relay about to sleep takes an advisory lock, the outbox table's trigger
-// notifies when it finds the lock taken, and a busy relay releases the
+// relay about to sleep takes an advisory lock, every insert into the
+// outbox (the default of its notified column) notifies when it finds the
+// lock taken, and a busy relay releases the
 // lock and looks for work by itself, since a NOTIFY serialises commits on
 // a database-wide lock. The lock is held on a connection of its own, opened
 // from DatabaseURL.

@@ -206,7 +206,7 @@ func TestNotifyWakesRelay(t *testing.T) {
 	}
 }
 
-// A custom, schema-qualified outbox gets its own trigger and lock: its
+// A custom, schema-qualified outbox gets its own wake-up and lock: its
 // relay is woken as well (and Add goes through the prepared statement).
 func TestNotifyWakesRelayOfCustomTable(t *testing.T) {
 	t.Parallel()

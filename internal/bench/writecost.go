@@ -21,7 +21,7 @@ type writeCost struct{ orderOnly, prepared, literals, asleep float64 }
 // benchWriteCost: business transactions per second at 8 clients — BEGIN,
 // INSERT one order row, COMMIT — alone and with outbox.Add of one message:
 // with Config.DB (a prepared statement) and without (literals), with no
-// relay asleep (under load the relay is awake: the outbox trigger takes the
+// relay asleep (under load the relay is awake: the outbox insert takes the
 // wake lock shared and sends nothing), and with Config.DB while a relay
 // sleeps holding the wake lock (every commit sends a NOTIFY). The variants
 // take turns, rounds times, so drift on this shared machine hits them

@@ -1,14 +1,14 @@
-// Package wakeup holds what the outbox trigger (migration 0003) and the
-// relay must agree on for NOTIFY on demand: the advisory lock and the
+// Package wakeup holds what the outbox's notified default (migrations 0003
+// and 0005) and the relay must agree on for NOTIFY on demand: the advisory lock and the
 // channel.
 //
 // A NOTIFY serialises committing transactions on a database-wide lock; paid
 // on every commit it costs writers more than the outbox insert itself. So
 // writers notify only while a relay sleeps. A relay about to sleep takes the
 // wake lock (LockKey, outbox table OID) exclusively, looks for rows once
-// more, and holds the lock while it sleeps. The outbox's statement trigger
-// takes the lock shared for the writer's transaction and notifies when it
-// cannot. The relay's exclusive request waits for every writer holding the
+// more, and holds the lock while it sleeps. The default of the outbox's
+// notified column takes the lock shared for the writer's transaction and
+// notifies when it cannot. The relay's exclusive request waits for every writer holding the
 // shared lock, so no commit falls between its last look and its sleep, and
 // the lock dies with the relay's session. A relay that keeps finding work
 // releases the lock and claims again by itself, so under load writers pay
