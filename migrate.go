@@ -37,6 +37,11 @@ type migration struct {
 // one transaction under an advisory lock, and each applied version is
 // recorded in Tables.Migrations.
 func Migrate(ctx context.Context, db *sql.DB, tables Tables) error {
+	return migrate(ctx, db, tables, 0)
+}
+
+// migrate applies the pending versions up to upTo (0: all).
+func migrate(ctx context.Context, db *sql.DB, tables Tables, upTo int) error {
 	r, err := tables.Resolve()
 	if err != nil {
 		return err
@@ -69,7 +74,7 @@ func Migrate(ctx context.Context, db *sql.DB, tables Tables) error {
 		return fmt.Errorf("mailroom: migrate: read version: %w", err)
 	}
 	for _, m := range migs {
-		if m.version <= current {
+		if m.version <= current || (upTo > 0 && m.version > upTo) {
 			continue
 		}
 		stmt, err := render(m.sql, r)

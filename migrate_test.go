@@ -128,3 +128,55 @@ func TestTablesRejectHostileNames(t *testing.T) {
 		}
 	}
 }
+
+// An outbox of version 4 with rows in it upgrades to version 5 in place:
+// no table rewrite (same relfilenode), the rows are kept (notified NULL),
+// and inserts written for version 4 take the wake lock through the new
+// default, with the trigger gone.
+func TestMigrateFromVersion4(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewEmptySchema(t)
+	ctx := context.Background()
+	if err := mailroom.MigrateTo(ctx, s.DB.DB, mailroom.Tables{}, 4); err != nil {
+		t.Fatal(err)
+	}
+	insert := `INSERT INTO mailroom_outbox (id, exchange, routing_key, payload) VALUES (gen_random_uuid(), 'x', 'k', '{}')`
+	if _, err := s.DB.Exec(insert); err != nil {
+		t.Fatal(err)
+	}
+	var before uint32
+	if err := s.DB.Get(&before, `SELECT relfilenode FROM pg_class WHERE oid = 'mailroom_outbox'::regclass`); err != nil {
+		t.Fatal(err)
+	}
+	if err := mailroom.Migrate(ctx, s.DB.DB, mailroom.Tables{}); err != nil {
+		t.Fatal(err)
+	}
+	var after uint32
+	if err := s.DB.Get(&after, `SELECT relfilenode FROM pg_class WHERE oid = 'mailroom_outbox'::regclass`); err != nil {
+		t.Fatal(err)
+	}
+	if after != before {
+		t.Errorf("the upgrade rewrote the outbox (relfilenode %d, was %d)", after, before)
+	}
+	if _, err := s.DB.Exec(insert); err != nil {
+		t.Fatal(err)
+	}
+	var notified []string
+	if err := s.DB.Select(&notified, `SELECT coalesce(notified::text, 'NULL') FROM mailroom_outbox ORDER BY seq`); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(notified, " "); got != "NULL false" {
+		t.Errorf("notified after the upgrade: %s, want NULL (written by version 4) false (no relay asleep)", got)
+	}
+	var triggers int
+	if err := s.DB.Get(&triggers, `SELECT count(*) FROM pg_trigger WHERE tgrelid = 'mailroom_outbox'::regclass AND NOT tgisinternal`); err != nil {
+		t.Fatal(err)
+	}
+	if triggers != 0 {
+		t.Errorf("%d triggers left on the outbox after the upgrade", triggers)
+	}
+	applied, latest, err := mailroom.SchemaVersion(ctx, s.DB.DB, mailroom.Tables{})
+	if err != nil || applied != latest {
+		t.Fatalf("schema version %d of %d (%v)", applied, latest, err)
+	}
+}
