@@ -18,8 +18,9 @@ import (
 type Config struct {
 	// URL is the AMQP URL, e.g. amqp://guest:guest@127.0.0.1:5672/. Required.
 	URL string
-	// DatabaseURL is the lib/pq URL the relay LISTENs on for wake-ups, and
-	// holds the wake lock on while it sleeps (two sessions of its own).
+	// DatabaseURL is the lib/pq URL the relay LISTENs on for wake-ups,
+	// holds the wake lock on while it sleeps, and shows itself to the other
+	// relays of the table on (three sessions of its own).
 	// Required unless DisableListen is set. Use the same database (and
 	// search_path) as the *sql.DB given to New.
 	DatabaseURL string
@@ -33,10 +34,14 @@ type Config struct {
 	// BatchSize is how many rows one claim takes. Default 500.
 	BatchSize int
 	// ConfirmWindow bounds the messages published but not yet confirmed by
-	// the broker. Default 1024; at least BatchSize. Several relays on one
-	// table and queue do best with about 1024 in all (512 each for two):
-	// windows beyond what the consumers keep up with leave messages queued
-	// in RabbitMQ, which then spends more CPU on each.
+	// the broker; at least BatchSize. Left at 0, it is 1024 shared among
+	// the relays running on the table (512 each for two, never below
+	// BatchSize): RabbitMQ does best with about 1024 unconfirmed in all,
+	// beyond which messages wait in its queues and cost it more CPU each.
+	// Relays count each other every second by an advisory lock held on a
+	// session of their own (not with DisableListen, which leaves the
+	// window whole). Set it to fix the window; Stats reports the one in
+	// effect.
 	ConfirmWindow int
 	// ConfirmTimeout bounds the wait for one confirm. When it passes, the
 	// channel is closed and every unconfirmed row is retried (the broker's

@@ -69,7 +69,8 @@
 //
 // Throughput: the stages overlap. The next batch is claimed while the
 // current one is published; up to ConfirmWindow messages await confirms
-// while more are published; confirmed rows are deleted in bulk in the
+// while more are published (relays on one table share the default window:
+// RabbitMQ does best with about 1024 unconfirmed in all); confirmed rows are deleted in bulk in the
 // background (one autocommit statement). The publishes of a batch reach the
 // socket in one write (amqp091-go would flush each one), and the relay's
 // own bookkeeping commits asynchronously: a lost commit only means a

@@ -45,6 +45,9 @@ type Relay struct {
 	tel         *instruments
 	backlog     backlogCache
 	turnSkipped atomic.Int64 // unix nanos of the last claim lock timeout; 0: never
+
+	shareDefault bool         // ConfirmWindow was left at its default: share it (share.go)
+	window       atomic.Int64 // the confirm window in effect
 }
 
 // Stats are counters since the relay was created. The metrics (see the
@@ -55,6 +58,11 @@ type Stats struct {
 	DeadLettered int64     // moved to the dead-letter table
 	Released     int64     // handed back unpublished (shutdown, lost connection)
 	LastProgress time.Time // last successful claim query: the loop is alive
+
+	// ConfirmWindow is the confirm window in effect: Config.ConfirmWindow,
+	// or this relay's share of the default while several relays run on
+	// the table.
+	ConfirmWindow int
 }
 
 // Stats returns the relay's counters.
@@ -63,12 +71,14 @@ func (r *Relay) Stats() Stats {
 	return Stats{
 		Published: c.published.Load(), Failed: c.failed(), DeadLettered: c.dead.Load(),
 		Released: c.released.Load(), LastProgress: time.Unix(0, c.lastProgress.Load()),
+		ConfirmWindow: int(r.window.Load()),
 	}
 }
 
 // New validates cfg. db must reach the outbox table (same search_path as
 // Config.DatabaseURL).
 func New(db *sql.DB, cfg Config) (*Relay, error) {
+	shareDefault := cfg.ConfirmWindow == 0
 	cfg.setDefaults()
 	if err := cfg.validate(); err != nil {
 		return nil, err
@@ -81,11 +91,13 @@ func New(db *sql.DB, cfg Config) (*Relay, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Relay{
+	r := &Relay{
 		db: db, cfg: cfg, q: newQueries(t), tables: t,
 		log: cfg.Logger.With("relay", cfg.Name),
-		tel: tel,
-	}, nil
+		tel: tel, shareDefault: shareDefault,
+	}
+	r.window.Store(int64(cfg.ConfirmWindow))
+	return r, nil
 }
 
 // row is one claimed outbox row.
@@ -146,6 +158,10 @@ func (r *Relay) Run(ctx context.Context) error {
 		stopListen = r.listen(wake, lock)
 	}
 	pub := newPublisher(r, outcomes)
+	if !r.cfg.DisableListen { // a session of its own: not through PgBouncer
+		wg.Add(1)
+		go func() { defer wg.Done(); r.shareWindow(ctx, pub, r.shareDefault) }()
+	}
 	wg.Add(2)
 	go func() { defer wg.Done(); defer lock.close(); r.claimLoop(ctx, wake, batches, lock) }()
 	go func() { defer wg.Done(); pub.run(ctx, batches); close(outcomes) }()

@@ -333,6 +333,62 @@ func TestPerKeyOrderWithSeveralRelays(t *testing.T) {
 	}
 }
 
+// Relays on one table share the default confirm window (each counts the
+// others by their presence locks); a relay with ConfirmWindow set keeps it
+// but counts as one of them. When relays stop, the others take their share
+// back, and the tokens they held for it are returned: a backlog larger than
+// any window still drains.
+func TestRelaysShareTheDefaultWindow(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	start := func(i, window int) (*relay.Relay, func()) {
+		cfg := e.config()
+		cfg.Name = fmt.Sprintf("%s-%d", e.appTag, i)
+		cfg.BatchSize = 100
+		cfg.ConfirmWindow = window
+		stop := e.start(cfg)
+		return e.relays[len(e.relays)-1], stop
+	}
+	windows := func(want ...int) {
+		t.Helper()
+		testenv.Eventually(t, 10*time.Second, fmt.Sprintf("confirm windows %v", want), func() bool {
+			for i, r := range e.relays[:len(want)] {
+				if r.Stats().ConfirmWindow != want[i] {
+					return false
+				}
+			}
+			return true
+		})
+	}
+	a, _ := start(0, 0)
+	_, stopB := start(1, 0)
+	windows(512, 512)
+	// Sessions killed: each relay takes its presence lock again.
+	if testenv.TerminateBackends(t, e.appTag) == 0 {
+		t.Fatal("no relay session terminated")
+	}
+	testenv.Eventually(t, 10*time.Second, "two presence locks again", func() bool {
+		var n int
+		err := e.s.DB.Get(&n, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1
+AND objid = 'mailroom_outbox'::regclass::oid AND objsubid = 2 AND granted`, relay.PresenceKey)
+		return err == nil && n == 2
+	})
+	windows(512, 512)
+	_, stopC := start(2, 300)
+	windows(341, 341, 300)
+	stopC()
+	stopB()
+	windows(1024)
+	msgs, want := batch(e.ex, 3000)
+	e.add(msgs...)
+	if dups := e.consumeAll(e.queue, want, 60*time.Second); dups != 0 {
+		t.Errorf("%d duplicates", dups)
+	}
+	if got := a.Stats().Published; got != 3000 {
+		t.Errorf("relay a published %d, want 3000", got)
+	}
+}
+
 // testLogger sends the relay's logs to the test log (shown on failure or -v).
 func testLogger(t *testing.T) *slog.Logger {
 	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))

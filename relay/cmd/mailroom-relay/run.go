@@ -62,7 +62,7 @@ func cmdRun(args []string, stderr io.Writer) error {
 	fs.StringVar(&cfg.URL, "amqp-url", "", "RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/ [$AMQP_URL]")
 	fs.StringVar(&cfg.Name, "name", os.Getenv("MAILROOM_NAME"), "instance name for logs, the AMQP connection name (\"mailroom-relay <name>\") and the PostgreSQL application_name (default host-pid) [$MAILROOM_NAME]")
 	fs.IntVar(&cfg.BatchSize, "batch-size", envInt("MAILROOM_BATCH_SIZE"), "rows per claim (default 500) [$MAILROOM_BATCH_SIZE]")
-	fs.IntVar(&cfg.ConfirmWindow, "confirm-window", envInt("MAILROOM_CONFIRM_WINDOW"), "messages published but not yet confirmed, at most (default 1024, at least --batch-size); with several relays on one table, about 1024 in all, e.g. 512 each for two [$MAILROOM_CONFIRM_WINDOW]")
+	fs.IntVar(&cfg.ConfirmWindow, "confirm-window", envInt("MAILROOM_CONFIRM_WINDOW"), "messages published but not yet confirmed, at most (at least --batch-size; default 1024 shared among the relays running on the table, e.g. 512 each for two) [$MAILROOM_CONFIRM_WINDOW]")
 	fs.IntVar(&cfg.MaxAttempts, "max-attempts", envInt("MAILROOM_MAX_ATTEMPTS"), "failed publishes before a row is dead-lettered (default 20) [$MAILROOM_MAX_ATTEMPTS]")
 	fs.DurationVar(&cfg.PollInterval, "poll-interval", envDuration("MAILROOM_POLL_INTERVAL"), "poll for due rows this often without a NOTIFY (default 500ms) [$MAILROOM_POLL_INTERVAL]")
 	fs.DurationVar(&cfg.Lease, "lease", envDuration("MAILROOM_LEASE"), "how long a claimed row belongs to this relay (default 60s) [$MAILROOM_LEASE]")
