@@ -21,7 +21,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -149,7 +148,9 @@ func main() {
 		for _, s := range strings.Split(*rates, ",") {
 			var rate int
 			fmt.Sscan(s, &rate)
-			p50, p99, n, achieved := mustLatency(benchLatency(rate))
+			p50, p99, n, achieved := mustLatency(benchBrokerLatency(rate))
+			fmt.Printf("latency  %5d msgs/s target (%.0f achieved, %d msgs, %d per tick), RabbitMQ alone, publish→consumer:  p50 %6.2f ms  p99 %6.2f ms\n", rate, achieved, n, perTx(rate), ms(p50), ms(p99))
+			p50, p99, n, achieved = mustLatency(benchLatency(rate))
 			fmt.Printf("latency  %5d events/s target (%.0f achieved, %d events, %d per tx), commit→consumer:  p50 %6.2f ms  p99 %6.2f ms\n", rate, achieved, n, perTx(rate), ms(p50), ms(p99))
 		}
 	}
@@ -425,104 +426,4 @@ func benchDrain() (float64, cpuUse, error) {
 		return 0, cpuUse{}, err
 	}
 	return float64(*events) / elapsed.Seconds(), used, nil
-}
-
-// benchLatency: commit→consumer latency at a steady event rate (NOTIFY on,
-// the default), measured from each transaction's commit to the consumer.
-func benchLatency(rate int) (p50, p99 time.Duration, n int, achieved float64, err error) {
-	w, err := setup()
-	if err != nil {
-		return 0, 0, 0, 0, err
-	}
-	defer w.stop()
-	var mu sync.Mutex
-	committed := map[string]time.Time{}
-	var lat []time.Duration
-	w.onMsg = func(d amqp.Delivery) {
-		now := time.Now()
-		mu.Lock()
-		defer mu.Unlock()
-		if t, ok := committed[d.MessageId]; ok {
-			lat = append(lat, now.Sub(t))
-			delete(committed, d.MessageId)
-		} else {
-			committed[d.MessageId] = now // arrived before the writer noted the commit
-		}
-	}
-	r, err := newRelay(w, "bench")
-	if err != nil {
-		return 0, 0, 0, 0, err
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
-	defer func() { cancel(); <-done }()
-	ob, _ := outbox.New(outbox.Config{})
-	body := []byte(`{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","amount_cents":1999}`)
-	// Writers: enough concurrent clients to sustain the rate, each event
-	// its own transaction, paced by a shared ticker.
-	k := perTx(rate)
-	total := int(float64(rate)*duration.Seconds()) / k
-	tick := time.NewTicker(time.Second * time.Duration(k) / time.Duration(rate))
-	defer tick.Stop()
-	jobs := make(chan struct{}, 1024)
-	var wg sync.WaitGroup
-	var werr atomic.Value
-	for c := 0; c < 16; c++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for range jobs {
-				msgs := make([]outbox.Message, k)
-				for i := range msgs {
-					msgs[i] = outbox.Message{ID: outbox.NewID(), Exchange: w.exchange, RoutingKey: "k", Payload: body}
-				}
-				tx, err := w.db.Begin()
-				if err == nil {
-					err = ob.Add(context.Background(), tx, msgs...)
-					if err == nil {
-						err = tx.Commit()
-					} else {
-						tx.Rollback()
-					}
-				}
-				if err != nil {
-					werr.Store(err)
-					continue
-				}
-				now := time.Now()
-				mu.Lock()
-				for _, m := range msgs {
-					if t, ok := committed[m.ID]; ok { // consumer was first
-						lat = append(lat, t.Sub(now)) // ≤ 0: counts as immediate
-						delete(committed, m.ID)
-					} else {
-						committed[m.ID] = now
-					}
-				}
-				mu.Unlock()
-			}
-		}()
-	}
-	start := time.Now()
-	for i := 0; i < total; i++ {
-		<-tick.C
-		jobs <- struct{}{}
-	}
-	close(jobs)
-	wg.Wait()
-	achieved = float64(total*k) / time.Since(start).Seconds()
-	if e := werr.Load(); e != nil {
-		return 0, 0, 0, 0, e.(error)
-	}
-	if err := w.waitReceived(int64(total*k), time.Minute); err != nil {
-		return 0, 0, 0, 0, err
-	}
-	mu.Lock()
-	defer mu.Unlock()
-	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
-	if len(lat) == 0 {
-		return 0, 0, 0, 0, fmt.Errorf("no latency samples")
-	}
-	return lat[len(lat)/2], lat[len(lat)*99/100], len(lat), achieved, nil
 }

@@ -1,0 +1,197 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/mailroom-go/mailroom/outbox"
+)
+
+// latencies pairs each message's start (commit, or publish for the broker
+// alone) with its arrival at the consumer, whichever is noted first.
+type latencies struct {
+	mu    sync.Mutex
+	first map[string]time.Time // noted on one side, awaiting the other
+	lat   []time.Duration
+}
+
+func newLatencies() *latencies { return &latencies{first: map[string]time.Time{}} }
+
+// started notes that id was committed or published at t.
+func (l *latencies) started(id string, t time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if got, ok := l.first[id]; ok { // the consumer was first
+		l.lat = append(l.lat, got.Sub(t)) // ≤ 0: counts as immediate
+		delete(l.first, id)
+		return
+	}
+	l.first[id] = t
+}
+
+// arrived notes that the consumer got id at t.
+func (l *latencies) arrived(id string, t time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if s, ok := l.first[id]; ok {
+		l.lat = append(l.lat, t.Sub(s))
+		delete(l.first, id)
+		return
+	}
+	l.first[id] = t
+}
+
+func (l *latencies) percentiles() (p50, p99 time.Duration, n int, err error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.lat) == 0 {
+		return 0, 0, 0, fmt.Errorf("no latency samples")
+	}
+	sort.Slice(l.lat, func(i, j int) bool { return l.lat[i] < l.lat[j] })
+	return l.lat[len(l.lat)/2], l.lat[len(l.lat)*99/100], len(l.lat), nil
+}
+
+// paced calls send total times, once per tick of a rate/k per second
+// ticker, on 16 goroutines (so a slow call does not hold up the pace), and
+// returns the rate achieved in events per second.
+func paced(rate, k, total int, send func() error) (achieved float64, err error) {
+	tick := time.NewTicker(time.Second * time.Duration(k) / time.Duration(rate))
+	defer tick.Stop()
+	jobs := make(chan struct{}, 1024)
+	var wg sync.WaitGroup
+	var firstErr atomic.Value
+	for c := 0; c < 16; c++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range jobs {
+				if err := send(); err != nil {
+					firstErr.CompareAndSwap(nil, err)
+				}
+			}
+		}()
+	}
+	start := time.Now()
+	for i := 0; i < total; i++ {
+		<-tick.C
+		jobs <- struct{}{}
+	}
+	close(jobs)
+	wg.Wait()
+	if err, _ := firstErr.Load().(error); err != nil {
+		return 0, err
+	}
+	return float64(total*k) / time.Since(start).Seconds(), nil
+}
+
+// benchLatency: commit→consumer latency at a steady event rate (NOTIFY on,
+// the default), measured from each transaction's commit to the consumer.
+// Writers commit perTx(rate) events per transaction.
+func benchLatency(rate int) (p50, p99 time.Duration, n int, achieved float64, err error) {
+	w, err := setup()
+	if err != nil {
+		return 0, 0, 0, 0, err
+	}
+	defer w.stop()
+	l := newLatencies()
+	w.onMsg = func(d amqp.Delivery) { l.arrived(d.MessageId, time.Now()) }
+	r, err := newRelay(w, "bench")
+	if err != nil {
+		return 0, 0, 0, 0, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	ob, _ := outbox.New(outbox.Config{})
+	body := []byte(`{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","amount_cents":1999}`)
+	k := perTx(rate)
+	total := int(float64(rate)*duration.Seconds()) / k
+	achieved, err = paced(rate, k, total, func() error {
+		msgs := make([]outbox.Message, k)
+		for i := range msgs {
+			msgs[i] = outbox.Message{ID: outbox.NewID(), Exchange: w.exchange, RoutingKey: "k", Payload: body}
+		}
+		tx, err := w.db.Begin()
+		if err != nil {
+			return err
+		}
+		if err := ob.Add(context.Background(), tx, msgs...); err != nil {
+			tx.Rollback()
+			return err
+		}
+		if err := tx.Commit(); err != nil {
+			return err
+		}
+		now := time.Now()
+		for _, m := range msgs {
+			l.started(m.ID, now)
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, 0, 0, 0, err
+	}
+	if err := w.waitReceived(int64(total*k), time.Minute); err != nil {
+		return 0, 0, 0, 0, err
+	}
+	p50, p99, n, err = l.percentiles()
+	return p50, p99, n, achieved, err
+}
+
+// benchBrokerLatency is the yardstick for benchLatency: RabbitMQ alone,
+// publish→consumer at the same rate and pace (perTx(rate) persistent
+// messages per tick on one confirm-mode channel, confirms not awaited), to
+// the same queue and consumer.
+func benchBrokerLatency(rate int) (p50, p99 time.Duration, n int, achieved float64, err error) {
+	w, err := setup()
+	if err != nil {
+		return 0, 0, 0, 0, err
+	}
+	defer w.stop()
+	l := newLatencies()
+	w.onMsg = func(d amqp.Delivery) { l.arrived(d.MessageId, time.Now()) }
+	ch, err := w.conn.Channel()
+	if err != nil {
+		return 0, 0, 0, 0, err
+	}
+	defer ch.Close()
+	if err := ch.Confirm(false); err != nil {
+		return 0, 0, 0, 0, err
+	}
+	confirms := ch.NotifyPublish(make(chan amqp.Confirmation, 1024))
+	go func() {
+		for range confirms { // keep the channel's confirm delivery flowing
+		}
+	}()
+	body := []byte(`{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","amount_cents":1999}`)
+	k := perTx(rate)
+	total := int(float64(rate)*duration.Seconds()) / k
+	var mu sync.Mutex // one channel: publishes in turn
+	achieved, err = paced(rate, k, total, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		for i := 0; i < k; i++ {
+			id := outbox.NewID()
+			l.started(id, time.Now())
+			if err := ch.PublishWithContext(context.Background(), w.exchange, "k", true, false, amqp.Publishing{MessageId: id, DeliveryMode: amqp.Persistent, Body: body}); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, 0, 0, 0, err
+	}
+	if err := w.waitReceived(int64(total*k), time.Minute); err != nil {
+		return 0, 0, 0, 0, err
+	}
+	p50, p99, n, err = l.percentiles()
+	return p50, p99, n, achieved, err
+}
