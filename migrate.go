@@ -153,6 +153,7 @@ func render(src string, r Resolved) (string, error) {
 		{"mailroom_outbox_dead", r.Dead},
 		{"mailroom_outbox_wake", r.Wake},
 		{"mailroom_outbox_notify", r.Notify},
+		{"mailroom_outbox_lease_guard", r.LeaseGuard},
 		{"mailroom_outbox", r.Outbox},
 		{"mailroom_inbox", r.Inbox},
 	}

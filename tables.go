@@ -33,6 +33,10 @@ type Resolved struct {
 	// "_notify", in the outbox's schema), called by the default of the
 	// outbox's notified column; see migrations 0003 and 0005.
 	Notify sqlident.Name
+	// LeaseGuard is the outbox's UPDATE trigger function (Outbox +
+	// "_lease_guard", in the outbox's schema) that rejects the claims of
+	// relays older than schema version 4; see migration 0005.
+	LeaseGuard sqlident.Name
 }
 
 // Resolve fills defaults and validates every name.
@@ -71,7 +75,10 @@ func (t Tables) Resolve() (Resolved, error) {
 		return r, fmt.Errorf("mailroom: Tables.Outbox (its _wake table): %w", err)
 	}
 	if r.Notify, err = r.Outbox.Derived("_notify"); err != nil {
-		return r, fmt.Errorf("mailroom: Tables.Outbox (its _notify trigger function): %w", err)
+		return r, fmt.Errorf("mailroom: Tables.Outbox (its _notify function): %w", err)
+	}
+	if r.LeaseGuard, err = r.Outbox.Derived("_lease_guard"); err != nil {
+		return r, fmt.Errorf("mailroom: Tables.Outbox (its _lease_guard trigger function): %w", err)
 	}
 	if t.Inbox == "" {
 		t.Inbox = DefaultInboxTable

@@ -2,9 +2,12 @@ package relay
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/lib/pq"
 
 	"github.com/mailroom-go/mailroom/internal/testenv"
 )
@@ -145,7 +148,8 @@ func TestLeasesAreHOTUpdates(t *testing.T) {
 }
 
 // Relays before schema version 4 lease by available_at alone; their claims
-// are rejected by the lease check, so they cannot claim rows that a relay
+// are rejected by the lease guard (a CHECK constraint in version 4, an
+// UPDATE trigger since version 5), so they cannot claim rows that a relay
 // of this version leased.
 func TestClaimOfAnOlderRelayIsRejected(t *testing.T) {
 	t.Parallel()
@@ -153,8 +157,9 @@ func TestClaimOfAnOlderRelayIsRejected(t *testing.T) {
 	fillOutbox(t, s, "mailroom_outbox", 5, 0)
 	_, err := s.DB.Exec(`UPDATE mailroom_outbox o SET available_at = now() + interval '60 seconds', lease = gen_random_uuid()
 FROM (SELECT seq FROM mailroom_outbox WHERE available_at <= now() ORDER BY available_at LIMIT 5 FOR UPDATE SKIP LOCKED) c WHERE o.seq = c.seq`)
-	if err == nil || !strings.Contains(err.Error(), "mailroom_outbox_lease_check") {
-		t.Fatalf("a claim of schema version 3: %v; want a violation of mailroom_outbox_lease_check", err)
+	var pqErr *pq.Error
+	if !errors.As(err, &pqErr) || pqErr.Code != "23514" || !strings.Contains(pqErr.Message, "older than mailroom schema version 4") || !strings.Contains(pqErr.Hint, "Upgrade every relay") {
+		t.Fatalf("a claim of schema version 3: %v; want the lease guard's check_violation (23514) with its hint", err)
 	}
 	var leased int
 	if err := s.DB.Get(&leased, `SELECT count(*) FROM mailroom_outbox WHERE lease IS NOT NULL`); err != nil || leased != 0 {
