@@ -90,10 +90,12 @@ func paced(rate, k, total int, send func() error) (achieved float64, err error) 
 	return float64(total*k) / time.Since(start).Seconds(), nil
 }
 
-// benchLatency: commit→consumer latency at a steady event rate (NOTIFY on,
-// the default), measured from each transaction's commit to the consumer.
-// Writers commit perTx(rate) events per transaction.
-func benchLatency(rate int) (p50, p99 time.Duration, n int, achieved float64, err error) {
+// measureLatency runs one latency figure on a fresh world whose consumer
+// notes each arrival: prepare returns what sends k messages (noting when
+// each started), which runs perTx(rate) messages at a time at rate; the
+// percentiles are taken once the consumer has every message. cleanup runs
+// before the world stops.
+func measureLatency(rate int, prepare func(w *world, l *latencies) (send func(k int) error, cleanup func(), err error)) (p50, p99 time.Duration, n int, achieved float64, err error) {
 	w, err := setup()
 	if err != nil {
 		return 0, 0, 0, 0, err
@@ -101,41 +103,14 @@ func benchLatency(rate int) (p50, p99 time.Duration, n int, achieved float64, er
 	defer w.stop()
 	l := newLatencies()
 	w.onMsg = func(d amqp.Delivery) { l.arrived(d.MessageId, time.Now()) }
-	r, err := newRelay(w, "bench")
+	send, cleanup, err := prepare(w, l)
 	if err != nil {
 		return 0, 0, 0, 0, err
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
-	defer func() { cancel(); <-done }()
-	ob, _ := outbox.New(outbox.Config{})
-	body := []byte(`{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","amount_cents":1999}`)
+	defer cleanup()
 	k := perTx(rate)
 	total := int(float64(rate)*duration.Seconds()) / k
-	achieved, err = paced(rate, k, total, func() error {
-		msgs := make([]outbox.Message, k)
-		for i := range msgs {
-			msgs[i] = outbox.Message{ID: outbox.NewID(), Exchange: w.exchange, RoutingKey: "k", Payload: body}
-		}
-		tx, err := w.db.Begin()
-		if err != nil {
-			return err
-		}
-		if err := ob.Add(context.Background(), tx, msgs...); err != nil {
-			tx.Rollback()
-			return err
-		}
-		if err := tx.Commit(); err != nil {
-			return err
-		}
-		now := time.Now()
-		for _, m := range msgs {
-			l.started(m.ID, now)
-		}
-		return nil
-	})
-	if err != nil {
+	if achieved, err = paced(rate, k, total, func() error { return send(k) }); err != nil {
 		return 0, 0, 0, 0, err
 	}
 	if err := w.waitReceived(int64(total*k), time.Minute); err != nil {
@@ -145,53 +120,79 @@ func benchLatency(rate int) (p50, p99 time.Duration, n int, achieved float64, er
 	return p50, p99, n, achieved, err
 }
 
+var latencyBody = []byte(`{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","amount_cents":1999}`)
+
+// benchLatency: commit→consumer latency at a steady event rate (NOTIFY on,
+// the default), measured from each transaction's commit to the consumer.
+// Writers commit perTx(rate) events per transaction.
+func benchLatency(rate int) (p50, p99 time.Duration, n int, achieved float64, err error) {
+	return measureLatency(rate, func(w *world, l *latencies) (func(int) error, func(), error) {
+		r, err := newRelay(w, "bench")
+		if err != nil {
+			return nil, nil, err
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- r.Run(ctx) }()
+		ob, _ := outbox.New(outbox.Config{})
+		send := func(k int) error {
+			msgs := make([]outbox.Message, k)
+			for i := range msgs {
+				msgs[i] = outbox.Message{ID: outbox.NewID(), Exchange: w.exchange, RoutingKey: "k", Payload: latencyBody}
+			}
+			tx, err := w.db.Begin()
+			if err != nil {
+				return err
+			}
+			if err := ob.Add(context.Background(), tx, msgs...); err != nil {
+				tx.Rollback()
+				return err
+			}
+			if err := tx.Commit(); err != nil {
+				return err
+			}
+			now := time.Now()
+			for _, m := range msgs {
+				l.started(m.ID, now)
+			}
+			return nil
+		}
+		return send, func() { cancel(); <-done }, nil
+	})
+}
+
 // benchBrokerLatency is the yardstick for benchLatency: RabbitMQ alone,
 // publish→consumer at the same rate and pace (perTx(rate) persistent
 // messages per tick on one confirm-mode channel, confirms not awaited), to
 // the same queue and consumer.
 func benchBrokerLatency(rate int) (p50, p99 time.Duration, n int, achieved float64, err error) {
-	w, err := setup()
-	if err != nil {
-		return 0, 0, 0, 0, err
-	}
-	defer w.stop()
-	l := newLatencies()
-	w.onMsg = func(d amqp.Delivery) { l.arrived(d.MessageId, time.Now()) }
-	ch, err := w.conn.Channel()
-	if err != nil {
-		return 0, 0, 0, 0, err
-	}
-	defer ch.Close()
-	if err := ch.Confirm(false); err != nil {
-		return 0, 0, 0, 0, err
-	}
-	confirms := ch.NotifyPublish(make(chan amqp.Confirmation, 1024))
-	go func() {
-		for range confirms { // keep the channel's confirm delivery flowing
+	return measureLatency(rate, func(w *world, l *latencies) (func(int) error, func(), error) {
+		ch, err := w.conn.Channel()
+		if err != nil {
+			return nil, nil, err
 		}
-	}()
-	body := []byte(`{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","amount_cents":1999}`)
-	k := perTx(rate)
-	total := int(float64(rate)*duration.Seconds()) / k
-	var mu sync.Mutex // one channel: publishes in turn
-	achieved, err = paced(rate, k, total, func() error {
-		mu.Lock()
-		defer mu.Unlock()
-		for i := 0; i < k; i++ {
-			id := outbox.NewID()
-			l.started(id, time.Now())
-			if err := ch.PublishWithContext(context.Background(), w.exchange, "k", true, false, amqp.Publishing{MessageId: id, DeliveryMode: amqp.Persistent, Body: body}); err != nil {
-				return err
+		if err := ch.Confirm(false); err != nil {
+			ch.Close()
+			return nil, nil, err
+		}
+		confirms := ch.NotifyPublish(make(chan amqp.Confirmation, 1024))
+		go func() {
+			for range confirms { // keep the channel's confirm delivery flowing
 			}
+		}()
+		var mu sync.Mutex // one channel: publishes in turn
+		send := func(k int) error {
+			mu.Lock()
+			defer mu.Unlock()
+			for i := 0; i < k; i++ {
+				id := outbox.NewID()
+				l.started(id, time.Now())
+				if err := ch.PublishWithContext(context.Background(), w.exchange, "k", true, false, amqp.Publishing{MessageId: id, DeliveryMode: amqp.Persistent, Body: latencyBody}); err != nil {
+					return err
+				}
+			}
+			return nil
 		}
-		return nil
+		return send, func() { ch.Close() }, nil
 	})
-	if err != nil {
-		return 0, 0, 0, 0, err
-	}
-	if err := w.waitReceived(int64(total*k), time.Minute); err != nil {
-		return 0, 0, 0, 0, err
-	}
-	p50, p99, n, err = l.percentiles()
-	return p50, p99, n, achieved, err
 }
