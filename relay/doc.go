@@ -103,6 +103,7 @@
 //	mailroom.relay.confirm.duration  histogram  s     mailroom_relay_confirm_duration_seconds       table
 //	mailroom.relay.batch.duration    histogram  s     mailroom_relay_batch_duration_seconds         table
 //	mailroom.relay.claim.duration    histogram  s     mailroom_relay_claim_duration_seconds         table
+//	mailroom.relay.confirm_window    gauge      1     mailroom_relay_confirm_window                 table
 //	mailroom.outbox.pending_rows     gauge      1     mailroom_outbox_pending_rows                  table
 //	mailroom.outbox.oldest_pending_age gauge    s     mailroom_outbox_oldest_pending_age_seconds    table
 //

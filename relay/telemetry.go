@@ -120,7 +120,12 @@ func (r *Relay) register() (unregister func(), err error) {
 	if err != nil {
 		return nil, err
 	}
-	insts := []metric.Observable{published, failures, dead, released}
+	window, err := m.Int64ObservableGauge(telemetry.RelayConfirmWindow, metric.WithUnit("{message}"),
+		metric.WithDescription("The confirm window in effect: ConfirmWindow, or this relay's share of the default while several relays run on the table."))
+	if err != nil {
+		return nil, fmt.Errorf("relay: metric %s: %w", telemetry.RelayConfirmWindow, err)
+	}
+	insts := []metric.Observable{published, failures, dead, released, window}
 	var pending metric.Int64ObservableGauge
 	var lag metric.Float64ObservableGauge
 	if r.cfg.BacklogInterval > 0 {
@@ -144,6 +149,7 @@ func (r *Relay) register() (unregister func(), err error) {
 		o.ObserveInt64(published, c.published.Load(), attrs)
 		o.ObserveInt64(dead, c.dead.Load(), attrs)
 		o.ObserveInt64(released, c.released.Load(), attrs)
+		o.ObserveInt64(window, r.window.Load(), attrs)
 		for i := reason(1); i < numReasons; i++ {
 			o.ObserveInt64(failures, c.failures[i].Load(), reasonAttrs[i])
 		}

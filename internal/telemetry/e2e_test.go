@@ -335,6 +335,7 @@ func TestMetricsAfterDuplicatesRetriesAndDeadLetters(t *testing.T) {
 		{telemetry.RelayPublishFailures, []attribute.KeyValue{telemetry.AttrReason.String("nack")}, 0},
 		{telemetry.RelayDeadLettered, nil, 2},
 		{telemetry.RelayReleased, nil, rs.Released},
+		{telemetry.RelayConfirmWindow, nil, 1024}, // the default, one relay
 		{telemetry.InboxProcessed, nil, 4},
 		{telemetry.InboxDuplicates, nil, 2},
 		{telemetry.InboxFailures, nil, 3}, // flaky once, poison twice

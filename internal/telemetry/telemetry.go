@@ -52,6 +52,10 @@ const (
 	// of it is settled (confirmed, failed or released), in seconds.
 	// mailroom_relay_batch_duration_seconds{table}
 	RelayBatchDuration = "mailroom.relay.batch.duration"
+	// RelayConfirmWindow is the confirm window in effect: ConfirmWindow, or
+	// the relay's share of the default while several relays run on the
+	// table. mailroom_relay_confirm_window{table}
+	RelayConfirmWindow = "mailroom.relay.confirm_window"
 	// RelayClaimDuration is the time of one claim statement, in seconds.
 	// mailroom_relay_claim_duration_seconds{table}
 	RelayClaimDuration = "mailroom.relay.claim.duration"

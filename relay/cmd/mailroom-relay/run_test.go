@@ -92,6 +92,9 @@ func TestRunPublishesAndServes(t *testing.T) {
 	if p, _ := m.get("mailroom_relay_last_progress_timestamp_seconds"); p < float64(time.Now().Add(-time.Minute).Unix()) {
 		t.Errorf("last progress %v is not recent", p)
 	}
+	if w, ok := m.get("mailroom_relay_confirm_window"); !ok || w != 1024 {
+		t.Errorf("confirm window %v (present: %v), want the default 1024 of a lone relay", w, ok)
+	}
 
 	// The lag gauge follows a due row that cannot be published (its
 	// exchange does not exist): it is as old as the row.
