@@ -52,6 +52,10 @@ type StatusReport struct {
 	OldestPendingAge time.Duration `json:"-"`
 	// Dead counts rows in the dead-letter table.
 	Dead int64 `json:"dead"`
+	// Relays counts the relays running on the outbox now: each shows
+	// itself by an advisory lock on a session of its own (relays with
+	// DisableListen do not).
+	Relays int64 `json:"relays"`
 }
 
 // MarshalJSON adds oldest_pending_age_seconds (a number, 0 when nothing is
@@ -103,7 +107,8 @@ func newAdminQueries(tables mailroom.Tables) (adminQueries, error) {
     count(*) FILTER (WHERE attempts > 0),
     count(*) FILTER (WHERE leased_until > now()),
     coalesce(greatest(extract(epoch FROM now() - min(created_at) FILTER (WHERE NOT ` + scheduled + `)), 0), 0)::float8,
-    (SELECT count(*) FROM ` + dead + `)
+    (SELECT count(*) FROM ` + dead + `),
+    ` + presentRelays(`'`+strings.ReplaceAll(ob, `'`, `''`)+`'::regclass::oid`) + `
 FROM ` + ob,
 		// Write order (seq), oldest first.
 		listDead: `SELECT seq, id, exchange, routing_key, key, type, content_type, length(payload), attempts, last_error, created_at, dead_at
@@ -140,7 +145,7 @@ func Status(ctx context.Context, db *sql.DB, tables mailroom.Tables) (StatusRepo
 	}
 	var s StatusReport
 	var age float64
-	if err := db.QueryRowContext(ctx, q.status).Scan(&s.Pending, &s.Scheduled, &s.Retrying, &s.InFlight, &age, &s.Dead); err != nil {
+	if err := db.QueryRowContext(ctx, q.status).Scan(&s.Pending, &s.Scheduled, &s.Retrying, &s.InFlight, &age, &s.Dead, &s.Relays); err != nil {
 		return StatusReport{}, fmt.Errorf("relay: status: %w", err)
 	}
 	s.OldestPendingAge = time.Duration(age * float64(time.Second))

@@ -3,6 +3,7 @@ package relay
 import (
 	"context"
 	"database/sql"
+	"strconv"
 	"time"
 )
 
@@ -20,6 +21,14 @@ const (
 	presenceKey      = 1919249505 // "rela" in ASCII
 	presenceInterval = time.Second
 )
+
+// presentRelays is a scalar subquery counting the relays that hold the
+// presence lock on the outbox whose OID the SQL expression oid gives.
+func presentRelays(oid string) string {
+	return `(SELECT count(*) FROM pg_locks
+WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND classid = ` + strconv.Itoa(presenceKey) + ` AND objid = ` + oid + ` AND objsubid = 2 AND granted)`
+}
 
 // presence holds this relay's presence lock and counts the relays that
 // hold one on the same table. Used by shareWindow only.
@@ -51,9 +60,7 @@ func (p *presence) relays(ctx context.Context) (int, error) {
 		p.conn, p.oid = c, oid
 	}
 	var n int
-	err := p.conn.QueryRowContext(ctx, `SELECT count(*) FROM pg_locks
-WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND classid = $1 AND objid = $2 AND objsubid = 2 AND granted`, presenceKey, p.oid).Scan(&n)
+	err := p.conn.QueryRowContext(ctx, `SELECT `+presentRelays("$1"), p.oid).Scan(&n)
 	if err != nil || n < 1 { // n < 1: the lock is gone with its session
 		discard(p.conn)
 		p.conn = nil

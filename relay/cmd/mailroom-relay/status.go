@@ -47,6 +47,7 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 	fmt.Fprintf(stdout, "pending             %d (scheduled %d, retrying %d, in flight %d)\n", st.Pending, st.Scheduled, st.Retrying, st.InFlight)
 	fmt.Fprintf(stdout, "oldest pending age  %s\n", st.OldestPendingAge.Round(time.Millisecond))
 	fmt.Fprintf(stdout, "dead letters        %d\n", st.Dead)
+	fmt.Fprintf(stdout, "relays running      %d\n", st.Relays)
 	return nil
 }
 
