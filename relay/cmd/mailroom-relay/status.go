@@ -16,11 +16,12 @@ const statusHelp = `Usage: mailroom-relay status [--json] [flags]
 
 Prints what is waiting in the outbox: pending rows (of which scheduled for
 later, retrying after a failure, in flight), the age of the oldest pending
-row that is due (the lag: alert on it) and the number of dead letters.
+row that is due (the lag: alert on it), the number of dead letters and
+the number of relays running on the outbox.
 
 --json prints one object:
   {"pending": 3, "scheduled": 0, "retrying": 1, "in_flight": 2,
-   "oldest_pending_age_seconds": 1.5, "dead": 0}
+   "oldest_pending_age_seconds": 1.5, "dead": 0, "relays": 2}
 The age is 0 when nothing is pending, never null.
 `
 
