@@ -3,6 +3,7 @@ package relay
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"strconv"
 	"time"
 )
@@ -22,12 +23,20 @@ const (
 	presenceInterval = time.Second
 )
 
+// heldAdvisoryLocks is the FROM and WHERE of a query over the granted
+// entries of the two-key advisory lock (key, the outbox OID the SQL
+// expression oid gives) in this database, as the wake, claim and presence
+// locks are keyed.
+func heldAdvisoryLocks(key int, oid string) string {
+	return `pg_locks
+WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND classid = ` + strconv.Itoa(key) + ` AND objid = ` + oid + ` AND objsubid = 2 AND granted`
+}
+
 // presentRelays is a scalar subquery counting the relays that hold the
 // presence lock on the outbox whose OID the SQL expression oid gives.
 func presentRelays(oid string) string {
-	return `(SELECT count(*) FROM pg_locks
-WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND classid = ` + strconv.Itoa(presenceKey) + ` AND objid = ` + oid + ` AND objsubid = 2 AND granted)`
+	return `(SELECT count(*) FROM ` + heldAdvisoryLocks(presenceKey, oid) + `)`
 }
 
 // presence holds this relay's presence lock and counts the relays that
@@ -61,11 +70,15 @@ func (p *presence) relays(ctx context.Context) (int, error) {
 	}
 	var n int
 	err := p.conn.QueryRowContext(ctx, `SELECT `+presentRelays("$1"), p.oid).Scan(&n)
-	if err != nil || n < 1 { // n < 1: the lock is gone with its session
+	if err == nil && n < 1 {
+		err = errors.New("the presence lock is gone with its session")
+	}
+	if err != nil {
 		discard(p.conn)
 		p.conn = nil
+		return 0, err
 	}
-	return n, err
+	return n, nil
 }
 
 // shareWindow shows this relay to the others of its table until ctx ends

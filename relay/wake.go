@@ -89,9 +89,8 @@ SELECT pg_advisory_lock($1, $2) FROM t`, wakeup.LockKey, int32(oid), strconv.For
 	}
 	// Held exclusively by a sleeping relay, or shared by writers?
 	var relay bool
-	err = c.QueryRowContext(ctx, `SELECT EXISTS (SELECT FROM pg_locks
-WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND classid = $1 AND objid = $2 AND objsubid = 2 AND mode = 'ExclusiveLock' AND granted)`, wakeup.LockKey, oid).Scan(&relay)
+	err = c.QueryRowContext(ctx, `SELECT EXISTS (SELECT FROM `+heldAdvisoryLocks(wakeup.LockKey, "$1")+`
+  AND mode = 'ExclusiveLock')`, oid).Scan(&relay)
 	c.Close()
 	switch {
 	case err != nil:
