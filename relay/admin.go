@@ -54,8 +54,10 @@ type StatusReport struct {
 	Dead int64 `json:"dead"`
 	// Relays counts the relays running on the outbox now: each shows
 	// itself by an advisory lock on a session of its own (relays with
-	// DisableListen do not).
-	Relays int64 `json:"relays"`
+	// DisableListen do not). Publishing counts those of them that hold a
+	// publishing slot (Config.ActiveRelays); the others stand by.
+	Relays     int64 `json:"relays"`
+	Publishing int64 `json:"publishing"`
 }
 
 // MarshalJSON adds oldest_pending_age_seconds (a number, 0 when nothing is
@@ -96,6 +98,7 @@ func newAdminQueries(tables mailroom.Tables) (adminQueries, error) {
 	ob, dead, pub := t.Outbox.Quoted(), t.Dead.Quoted(), t.Published.Quoted()
 	// scheduled: never attempted, not leased, not yet due.
 	const scheduled = `(attempts = 0 AND lease IS NULL AND available_at > now())`
+	obOID := `'` + strings.ReplaceAll(ob, `'`, `''`) + `'::regclass::oid`
 	const deadCols = `seq, id, exchange, routing_key, key, type, content_type, headers, payload, created_at`
 	return adminQueries{
 		// A sequential scan of the outbox: it holds only what is not yet
@@ -108,7 +111,8 @@ func newAdminQueries(tables mailroom.Tables) (adminQueries, error) {
     count(*) FILTER (WHERE leased_until > now()),
     coalesce(greatest(extract(epoch FROM now() - min(created_at) FILTER (WHERE NOT ` + scheduled + `)), 0), 0)::float8,
     (SELECT count(*) FROM ` + dead + `),
-    ` + presentRelays(`'`+strings.ReplaceAll(ob, `'`, `''`)+`'::regclass::oid`) + `
+    ` + presentRelays(obOID) + `,
+    ` + publishingRelays(obOID) + `
 FROM ` + ob,
 		// Write order (seq), oldest first.
 		listDead: `SELECT seq, id, exchange, routing_key, key, type, content_type, length(payload), attempts, last_error, created_at, dead_at
@@ -145,7 +149,7 @@ func Status(ctx context.Context, db *sql.DB, tables mailroom.Tables) (StatusRepo
 	}
 	var s StatusReport
 	var age float64
-	if err := db.QueryRowContext(ctx, q.status).Scan(&s.Pending, &s.Scheduled, &s.Retrying, &s.InFlight, &age, &s.Dead, &s.Relays); err != nil {
+	if err := db.QueryRowContext(ctx, q.status).Scan(&s.Pending, &s.Scheduled, &s.Retrying, &s.InFlight, &age, &s.Dead, &s.Relays, &s.Publishing); err != nil {
 		return StatusReport{}, fmt.Errorf("relay: status: %w", err)
 	}
 	s.OldestPendingAge = time.Duration(age * float64(time.Second))

@@ -69,7 +69,7 @@ func TestStatusEmptyIsZeroNotNull(t *testing.T) {
 	if err := json.Unmarshal(b, &m); err != nil {
 		t.Fatal(err)
 	}
-	for _, k := range []string{"pending", "oldest_pending_age_seconds", "dead", "relays"} {
+	for _, k := range []string{"pending", "oldest_pending_age_seconds", "dead", "relays", "publishing"} {
 		if v, ok := m[k].(float64); !ok || v != 0 {
 			t.Errorf("JSON %s = %#v, want the number 0 (%s)", k, m[k], b)
 		}

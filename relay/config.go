@@ -35,14 +35,23 @@ type Config struct {
 	BatchSize int
 	// ConfirmWindow bounds the messages published but not yet confirmed by
 	// the broker; at least BatchSize. Left at 0, it is 1024 shared among
-	// the relays running on the table (512 each for two, never below
+	// the relays publishing on the table (512 each for two, never below
 	// BatchSize): RabbitMQ does best with about 1024 unconfirmed in all,
 	// beyond which messages wait in its queues and cost it more CPU each.
-	// Relays count each other every second by an advisory lock held on a
+	// Relays count each other every second by advisory locks held on a
 	// session of their own (not with DisableListen, which leaves the
 	// window whole). Set it to fix the window; Stats reports the one in
 	// effect.
 	ConfirmWindow int
+	// ActiveRelays is how many relays of the table publish at once; the
+	// others stand by, and one takes over within about a second when a
+	// publishing relay stops, dies or cannot reach the broker. Default 1:
+	// one relay already keeps RabbitMQ near its limit, and a second
+	// publishing beside it only adds work for the broker and the database
+	// (two relays delivered 0.91–0.97× what one did). Raise it when one
+	// relay cannot keep up with your broker (a cluster, or one far away).
+	// Relays with DisableListen always publish. At most 64.
+	ActiveRelays int
 	// ConfirmTimeout bounds the wait for one confirm. When it passes, the
 	// channel is closed and every unconfirmed row is retried (the broker's
 	// answer is unknown). Default 15s.
@@ -111,6 +120,7 @@ func (c *Config) setDefaults() {
 	}
 	def(&c.BatchSize, 500)
 	def(&c.ConfirmWindow, 1024)
+	def(&c.ActiveRelays, 1)
 	def(&c.MaxAttempts, 20)
 	defDur(&c.ConfirmTimeout, 15*time.Second)
 	defDur(&c.Lease, 60*time.Second)
@@ -133,6 +143,8 @@ func (c *Config) validate() error {
 		return fmt.Errorf("relay: Config.BatchSize %d: must be between 1 and 10000", c.BatchSize)
 	case c.ConfirmWindow < c.BatchSize:
 		return fmt.Errorf("relay: Config.ConfirmWindow %d cannot be smaller than BatchSize (%d)", c.ConfirmWindow, c.BatchSize)
+	case c.ActiveRelays < 1 || c.ActiveRelays > maxActiveRelays:
+		return fmt.Errorf("relay: Config.ActiveRelays %d: must be between 1 and %d", c.ActiveRelays, maxActiveRelays)
 	case c.ConfirmTimeout < 0:
 		return fmt.Errorf("relay: Config.ConfirmTimeout %s: must be positive", c.ConfirmTimeout)
 	case c.Lease < 2*c.ConfirmTimeout:

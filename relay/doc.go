@@ -7,8 +7,12 @@
 // table. A lost channel or a confirm timeout hands rows back without
 // counting an attempt. Rows sharing a Key are published one at a time in
 // write order. Run any number of relays on one table, in-process or as the
-// mailroom-relay sidecar: their claims take turns on an advisory lock held
-// for one claim statement, so they never scan each other's rows.
+// mailroom-relay sidecar. By default one of them publishes and the others
+// stand by, each ready to take over within about a second when it stops,
+// dies or loses the broker (Config.ActiveRelays: one relay keeps RabbitMQ
+// near its limit, and a second one publishing beside it only costs the
+// broker more). Relays that publish at once claim in turns on an advisory
+// lock held for one claim statement, so they never scan each other's rows.
 //
 //	r, err := relay.New(db, relay.Config{URL: amqpURL, DatabaseURL: dbURL})
 //	…
@@ -69,7 +73,7 @@
 //
 // Throughput: the stages overlap. The next batch is claimed while the
 // current one is published; up to ConfirmWindow messages await confirms
-// while more are published (relays on one table share the default window:
+// while more are published (relays publishing on one table share the default window:
 // RabbitMQ does best with about 1024 unconfirmed in all); confirmed rows are deleted in bulk in the
 // background (one autocommit statement). The publishes of a batch reach the
 // socket in one write (amqp091-go would flush each one), and the relay's
@@ -104,6 +108,7 @@
 //	mailroom.relay.batch.duration    histogram  s     mailroom_relay_batch_duration_seconds         table
 //	mailroom.relay.claim.duration    histogram  s     mailroom_relay_claim_duration_seconds         table
 //	mailroom.relay.confirm_window    gauge      1     mailroom_relay_confirm_window                 table
+//	mailroom.relay.standby           gauge      1     mailroom_relay_standby                        table
 //	mailroom.outbox.pending_rows     gauge      1     mailroom_outbox_pending_rows                  table
 //	mailroom.outbox.oldest_pending_age gauge    s     mailroom_outbox_oldest_pending_age_seconds    table
 //

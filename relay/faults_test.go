@@ -314,6 +314,7 @@ func TestTwoSleepingRelaysWakeUp(t *testing.T) {
 		cfg := e.config()
 		cfg.Name += name
 		cfg.PollInterval = time.Hour
+		cfg.ActiveRelays = 2 // both publish, neither stands by
 		e.start(cfg)
 	}
 	for i := 0; i < 3; i++ {

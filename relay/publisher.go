@@ -25,6 +25,7 @@ type publisher struct {
 	conn    *amqp.Connection
 	wire    *amqpx.BatchConn // conn's socket: publishes of a batch are held and written at once
 	blocked atomic.Bool      // connection.blocked: the broker is under a resource alarm
+	down    atomic.Bool      // connecting fails: the relay leaves publishing to others (share.go)
 	sess    *session
 	probe   *amqp.Channel   // checks exchanges exist (a failed check closes only this channel)
 	known   map[string]bool // exchanges seen to exist on this connection
@@ -196,6 +197,7 @@ func (p *publisher) waitUnblocked(ctx context.Context) bool {
 func (p *publisher) connect(ctx context.Context) error {
 	for {
 		if p.sess != nil && !p.sess.ch.IsClosed() && p.probe != nil && !p.probe.IsClosed() {
+			p.down.Store(false)
 			return nil
 		}
 		if p.sess != nil && p.sess.ch.IsClosed() {
@@ -203,6 +205,7 @@ func (p *publisher) connect(ctx context.Context) error {
 		}
 		if p.conn == nil || p.conn.IsClosed() {
 			conn, wire, err := amqpx.DialBatchRetry(ctx, p.r.cfg.URL, "mailroom-relay "+p.r.cfg.Name, 5*time.Second, func(err error, d time.Duration) {
+				p.down.Store(true)
 				p.r.log.Warn("broker connection failed; retrying", "error", err, "retry_in", d.String())
 			})
 			if err != nil {
@@ -219,6 +222,7 @@ func (p *publisher) connect(ctx context.Context) error {
 			}()
 		}
 		if err := p.openChannels(); err != nil {
+			p.down.Store(true)
 			p.r.log.Warn("opening broker channels failed; reconnecting", "error", err)
 			p.conn.Close()
 			if !sleepCtx(ctx, 100*time.Millisecond) {

@@ -48,6 +48,7 @@ type Relay struct {
 
 	shareDefault bool         // ConfirmWindow was left at its default: share it (share.go)
 	window       atomic.Int64 // the confirm window in effect
+	standby      atomic.Bool  // another relay publishes in this one's place (share.go)
 }
 
 // Stats are counters since the relay was created. The metrics (see the
@@ -60,9 +61,12 @@ type Stats struct {
 	LastProgress time.Time // last successful claim query: the loop is alive
 
 	// ConfirmWindow is the confirm window in effect: Config.ConfirmWindow,
-	// or this relay's share of the default while several relays run on
-	// the table.
+	// or this relay's share of the default while several relays publish
+	// on the table.
 	ConfirmWindow int
+	// Standby is true while the relay waits for a publishing slot that
+	// other relays of the table hold (Config.ActiveRelays).
+	Standby bool
 }
 
 // Stats returns the relay's counters.
@@ -71,7 +75,7 @@ func (r *Relay) Stats() Stats {
 	return Stats{
 		Published: c.published.Load(), Failed: c.failed(), DeadLettered: c.dead.Load(),
 		Released: c.released.Load(), LastProgress: time.Unix(0, c.lastProgress.Load()),
-		ConfirmWindow: int(r.window.Load()),
+		ConfirmWindow: int(r.window.Load()), Standby: r.standby.Load(),
 	}
 }
 
@@ -97,6 +101,7 @@ func New(db *sql.DB, cfg Config) (*Relay, error) {
 		tel: tel, shareDefault: shareDefault,
 	}
 	r.window.Store(int64(cfg.ConfirmWindow))
+	r.standby.Store(!cfg.DisableListen) // until Run takes a publishing slot (share.go)
 	return r, nil
 }
 
@@ -160,7 +165,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	pub := newPublisher(r, outcomes)
 	if !r.cfg.DisableListen { // a session of its own: not through PgBouncer
 		wg.Add(1)
-		go func() { defer wg.Done(); r.shareWindow(ctx, pub, r.shareDefault) }()
+		go func() { defer wg.Done(); r.coordinate(ctx, pub, r.shareDefault, wake) }()
 	}
 	wg.Add(2)
 	go func() { defer wg.Done(); defer lock.close(); r.claimLoop(ctx, wake, batches, lock) }()
@@ -277,6 +282,15 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 	poll := time.NewTimer(r.cfg.PollInterval)
 	defer poll.Stop()
 	for ctx.Err() == nil {
+		if r.standby.Load() { // another relay publishes: wait to take over
+			lock.release()
+			busySince = time.Time{}
+			select {
+			case <-ctx.Done():
+			case <-wake:
+			}
+			continue
+		}
 		rows, err := r.claim(ctx)
 		if err != nil {
 			if ctx.Err() != nil {

@@ -291,6 +291,7 @@ func TestPerKeyOrderWithSeveralRelays(t *testing.T) {
 				cfg.Name = fmt.Sprintf("%s-%d", e.appTag, i)
 				cfg.BatchSize = 50
 				cfg.ConfirmWindow = 100
+				cfg.ActiveRelays = relays // all publish at once
 				e.start(cfg)
 			}
 			// Interleaved writers: each key is written by one writer in
@@ -334,8 +335,8 @@ func TestPerKeyOrderWithSeveralRelays(t *testing.T) {
 	}
 }
 
-// Relays on one table share the default confirm window (each counts the
-// others by their presence locks); a relay with ConfirmWindow set keeps it
+// Relays publishing on one table share the default confirm window (each
+// counts the others by their publishing locks); a relay with ConfirmWindow set keeps it
 // but counts as one of them. When relays stop, the others take their share
 // back, and the tokens they held for it are returned: a backlog larger than
 // any window still drains.
@@ -347,6 +348,7 @@ func TestRelaysShareTheDefaultWindow(t *testing.T) {
 		cfg.Name = fmt.Sprintf("%s-%d", e.appTag, i)
 		cfg.BatchSize = 100
 		cfg.ConfirmWindow = window
+		cfg.ActiveRelays = 3
 		stop := e.start(cfg)
 		return e.relays[len(e.relays)-1], stop
 	}
@@ -364,18 +366,16 @@ func TestRelaysShareTheDefaultWindow(t *testing.T) {
 	a, _ := start(0, 0)
 	_, stopB := start(1, 0)
 	windows(512, 512)
-	if st, err := relay.Status(context.Background(), e.s.DB.DB, mailroom.Tables{}); err != nil || st.Relays != 2 {
-		t.Errorf("Status: %+v, %v; want 2 relays running", st, err)
+	if st, err := relay.Status(context.Background(), e.s.DB.DB, mailroom.Tables{}); err != nil || st.Relays != 2 || st.Publishing != 2 {
+		t.Errorf("Status: %+v, %v; want 2 relays running, both publishing", st, err)
 	}
-	// Sessions killed: each relay takes its presence lock again.
+	// Sessions killed: each relay takes its locks again.
 	if testenv.TerminateBackends(t, e.appTag) == 0 {
 		t.Fatal("no relay session terminated")
 	}
-	testenv.Eventually(t, 10*time.Second, "two presence locks again", func() bool {
-		var n int
-		err := e.s.DB.Get(&n, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1
-AND objid = 'mailroom_outbox'::regclass::oid AND objsubid = 2 AND granted`, relay.PresenceKey)
-		return err == nil && n == 2
+	testenv.Eventually(t, 10*time.Second, "two relays running and publishing again", func() bool {
+		st, err := relay.Status(context.Background(), e.s.DB.DB, mailroom.Tables{})
+		return err == nil && st.Relays == 2 && st.Publishing == 2
 	})
 	windows(512, 512)
 	_, stopC := start(2, 300)

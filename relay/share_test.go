@@ -9,14 +9,14 @@ import (
 )
 
 // The share is held as tokens in the publisher's window: with a second
-// relay present, half of the default window's slots are taken out (so at
+// relay publishing, half of the default window's slots are taken out (so at
 // most 512 messages can await confirms); they are given back when that
 // relay leaves, taken again when it returns, and given back when this
 // relay stops.
 func TestSharedWindowHoldsSlots(t *testing.T) {
 	t.Parallel()
 	s := testenv.NewSchema(t)
-	cfg := Config{URL: testenv.AMQPURL(), DatabaseURL: s.URL}
+	cfg := Config{URL: testenv.AMQPURL(), DatabaseURL: s.URL, ActiveRelays: 2}
 	r, err := New(s.DB.DB, cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -25,7 +25,7 @@ func TestSharedWindowHoldsSlots(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := make(chan struct{})
-	go func() { defer close(done); r.shareWindow(ctx, pub, true) }()
+	go func() { defer close(done); r.coordinate(ctx, pub, true, make(chan struct{}, 1)) }()
 	held := func(want int) {
 		t.Helper()
 		testenv.Eventually(t, 10*time.Second, "slots held", func() bool {
@@ -39,7 +39,7 @@ func TestSharedWindowHoldsSlots(t *testing.T) {
 		}
 		octx, ocancel := context.WithCancel(ctx)
 		odone := make(chan struct{})
-		go func() { defer close(odone); o.shareWindow(octx, newPublisher(o, nil), false) }()
+		go func() { defer close(odone); o.coordinate(octx, newPublisher(o, nil), false, make(chan struct{}, 1)) }()
 		return func() { ocancel(); <-odone }
 	}
 	leave := other()

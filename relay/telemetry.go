@@ -121,11 +121,16 @@ func (r *Relay) register() (unregister func(), err error) {
 		return nil, err
 	}
 	window, err := m.Int64ObservableGauge(telemetry.RelayConfirmWindow, metric.WithUnit("{message}"),
-		metric.WithDescription("The confirm window in effect: ConfirmWindow, or this relay's share of the default while several relays run on the table."))
+		metric.WithDescription("The confirm window in effect: ConfirmWindow, or this relay's share of the default while several relays publish on the table."))
 	if err != nil {
 		return nil, fmt.Errorf("relay: metric %s: %w", telemetry.RelayConfirmWindow, err)
 	}
-	insts := []metric.Observable{published, failures, dead, released, window}
+	standby, err := m.Int64ObservableGauge(telemetry.RelayStandby,
+		metric.WithDescription("1 while the relay stands by (other relays of the table publish, Config.ActiveRelays), else 0."))
+	if err != nil {
+		return nil, fmt.Errorf("relay: metric %s: %w", telemetry.RelayStandby, err)
+	}
+	insts := []metric.Observable{published, failures, dead, released, window, standby}
 	var pending metric.Int64ObservableGauge
 	var lag metric.Float64ObservableGauge
 	if r.cfg.BacklogInterval > 0 {
@@ -150,6 +155,11 @@ func (r *Relay) register() (unregister func(), err error) {
 		o.ObserveInt64(dead, c.dead.Load(), attrs)
 		o.ObserveInt64(released, c.released.Load(), attrs)
 		o.ObserveInt64(window, r.window.Load(), attrs)
+		var sb int64
+		if r.standby.Load() {
+			sb = 1
+		}
+		o.ObserveInt64(standby, sb, attrs)
 		for i := reason(1); i < numReasons; i++ {
 			o.ObserveInt64(failures, c.failures[i].Load(), reasonAttrs[i])
 		}

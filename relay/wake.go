@@ -89,7 +89,7 @@ SELECT pg_advisory_lock($1, $2) FROM t`, wakeup.LockKey, int32(oid), strconv.For
 	}
 	// Held exclusively by a sleeping relay, or shared by writers?
 	var relay bool
-	err = c.QueryRowContext(ctx, `SELECT EXISTS (SELECT FROM `+heldAdvisoryLocks(wakeup.LockKey, "$1")+`
+	err = c.QueryRowContext(ctx, `SELECT EXISTS (SELECT FROM `+heldAdvisoryLocks(wakeup.LockKey, wakeup.LockKey, "$1")+`
   AND mode = 'ExclusiveLock')`, oid).Scan(&relay)
 	c.Close()
 	switch {

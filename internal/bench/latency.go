@@ -127,7 +127,7 @@ var latencyBody = []byte(`{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","am
 // Writers commit perTx(rate) events per transaction.
 func benchLatency(rate int) (p50, p99 time.Duration, n int, achieved float64, err error) {
 	return measureLatency(rate, func(w *world, l *latencies) (func(int) error, func(), error) {
-		r, err := newRelay(w, "bench")
+		r, err := newRelay(w, "bench", 0)
 		if err != nil {
 			return nil, nil, err
 		}

@@ -99,7 +99,9 @@ func main() {
 		}()
 	}
 	if want["relays"] {
-		var one, two, b1, b2 []float64
+		// Two relays as they run by default (one publishes, the other
+		// stands by) and with ActiveRelays 2 (both publish at once).
+		var one, two, both, b1, b2 []float64
 		var disorder int64
 		for i := 0; i < *repeat; i++ {
 			// The broker's own figure for one and two publishing
@@ -110,17 +112,23 @@ func main() {
 				*rates = append(*rates, must(r, err))
 				fmt.Printf("relays   the broker alone, %d publishing connection(s): CPU per 100,000 messages: %s\n", n, cpu.per100k(int64(*events)))
 			}
-			for n, rates := range map[int]*[]float64{1: &one, 2: &two} {
-				r, cpu, bad, err := benchRelays(n)
+			for _, c := range []struct {
+				name      string
+				n, active int
+				rates     *[]float64
+			}{{"one relay", 1, 0, &one}, {"two relays, one standing by", 2, 0, &two}, {"two relays both publishing", 2, 2, &both}} {
+				r, cpu, bad, err := benchRelays(c.n, c.active)
 				must(r, err)
-				*rates = append(*rates, r)
+				*c.rates = append(*c.rates, r)
 				disorder += bad
-				fmt.Printf("relays   %d relay(s): CPU per 100,000 events: %s\n", n, cpu.per100k(int64(*events)))
+				fmt.Printf("relays   %s: CPU per 100,000 events: %s\n", c.name, cpu.per100k(int64(*events)))
 			}
-			fmt.Printf("relays   %7d events over %d keys: one relay %8.0f events/s, two relays %8.0f events/s\n", *events, *keys, one[i], two[i])
+			fmt.Printf("relays   %7d events over %d keys: one relay %8.0f events/s, two relays (one standing by) %8.0f events/s, two relays both publishing %8.0f events/s\n", *events, *keys, one[i], two[i], both[i])
 		}
 		fmt.Printf("relays   median: one relay %8.0f events/s, two relays %8.0f events/s  (%.2f×, %d runs each); deliveries out of key order: %d\n",
 			median(one), median(two), median(two)/median(one), *repeat, disorder)
+		fmt.Printf("relays   median: two relays both publishing (ActiveRelays 2) %8.0f events/s  (%.2f× one relay)\n",
+			median(both), median(both)/median(one))
 		fmt.Printf("relays   the broker alone, same runs: one publishing connection %8.0f msg/s, two %8.0f msg/s  (%.2f×)\n",
 			median(b1), median(b2), median(b2)/median(b1))
 	}
@@ -386,7 +394,7 @@ func newID() string { return outbox.NewID() }
 // newRelay gives the relay its own connection pool, as the sidecar has:
 // sharing the writers' pool makes its claims queue behind their
 // transactions for a free connection.
-func newRelay(w *world, name string) (*relay.Relay, error) {
+func newRelay(w *world, name string, active int) (*relay.Relay, error) {
 	db, err := sql.Open("postgres", w.dbURL)
 	if err != nil {
 		return nil, err
@@ -395,7 +403,7 @@ func newRelay(w *world, name string) (*relay.Relay, error) {
 	w.closers = append(w.closers, db.Close)
 	return relay.New(db, relay.Config{
 		URL: testenv.AMQPURL(), DatabaseURL: w.dbURL, Name: name,
-		BatchSize: *batchSize, ConfirmWindow: *window,
+		BatchSize: *batchSize, ConfirmWindow: *window, ActiveRelays: active,
 		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})
 }
@@ -410,7 +418,7 @@ func benchDrain() (float64, cpuUse, error) {
 	if err := w.fillWithAdd(); err != nil {
 		return 0, cpuUse{}, err
 	}
-	r, err := newRelay(w, "bench")
+	r, err := newRelay(w, "bench", 0)
 	if err != nil {
 		return 0, cpuUse{}, err
 	}

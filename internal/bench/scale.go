@@ -34,13 +34,14 @@ FROM generate_series(1, $2)`, w.exchange, n)
 	return err
 }
 
-// drainWith runs n relays until the consumer has received want events and
-// returns the rate from the first delivery on.
-func (w *world) drainWith(n int, want int64) (float64, cpuUse, error) {
+// drainWith runs n relays, with Config.ActiveRelays active (0: the
+// default), until the consumer has received want events and returns the
+// rate from the first delivery on.
+func (w *world) drainWith(n, active int, want int64) (float64, cpuUse, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	for i := 0; i < n; i++ {
-		r, err := newRelay(w, fmt.Sprintf("bench-%d", i))
+		r, err := newRelay(w, fmt.Sprintf("bench-%d", i), active)
 		if err != nil {
 			cancel()
 			return 0, cpuUse{}, err
@@ -68,7 +69,7 @@ func (w *world) drainWith(n int, want int64) (float64, cpuUse, error) {
 // with its own connections, as separate processes would have). The events
 // carry -keys ordering keys (0: none); the consumer counts deliveries that
 // arrive after a later event of their key.
-func benchRelays(n int) (rate float64, cpu cpuUse, outOfOrder int64, err error) {
+func benchRelays(n, active int) (rate float64, cpu cpuUse, outOfOrder int64, err error) {
 	w, err := setup()
 	if err != nil {
 		return 0, cpu, 0, err
@@ -97,7 +98,7 @@ FROM generate_series(0, $2 - 1) g`, w.exchange, *events, *keys)
 		}
 		last[key] = m.N
 	}
-	rate, cpu, err = w.drainWith(n, int64(*events))
+	rate, cpu, err = w.drainWith(n, active, int64(*events))
 	return rate, cpu, violations.Load(), err
 }
 
@@ -111,7 +112,7 @@ func benchScale(backlog, measure int) (float64, error) {
 	if err := w.fill(backlog); err != nil {
 		return 0, err
 	}
-	rate, _, err := w.drainWith(1, int64(measure))
+	rate, _, err := w.drainWith(1, 0, int64(measure))
 	return rate, err
 }
 

@@ -53,9 +53,13 @@ const (
 	// mailroom_relay_batch_duration_seconds{table}
 	RelayBatchDuration = "mailroom.relay.batch.duration"
 	// RelayConfirmWindow is the confirm window in effect: ConfirmWindow, or
-	// the relay's share of the default while several relays run on the
-	// table. mailroom_relay_confirm_window{table}
+	// the relay's share of the default while several relays publish on
+	// the table. mailroom_relay_confirm_window{table}
 	RelayConfirmWindow = "mailroom.relay.confirm_window"
+	// RelayStandby is 1 while the relay stands by (other relays of the
+	// table hold the publishing slots, Config.ActiveRelays), else 0.
+	// mailroom_relay_standby{table}
+	RelayStandby = "mailroom.relay.standby"
 	// RelayClaimDuration is the time of one claim statement, in seconds.
 	// mailroom_relay_claim_duration_seconds{table}
 	RelayClaimDuration = "mailroom.relay.claim.duration"

@@ -40,6 +40,7 @@ func TestBadInput(t *testing.T) {
 		{"run bad env duration", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp, "MAILROOM_MAINTENANCE_INTERVAL=often"}, []string{"run"}, "MAILROOM_MAINTENANCE_INTERVAL"},
 		{"flag overrides a bad env value", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp, "MAILROOM_BATCH_SIZE=lots"}, []string{"run", "--batch-size", "10", "--admin-token", "short"}, "--admin-token"},
 		{"run window below batch", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp, "MAILROOM_CONFIRM_WINDOW=100"}, []string{"run"}, "ConfirmWindow 100"},
+		{"run too many active relays", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp, "MAILROOM_ACTIVE_RELAYS=100"}, []string{"run"}, "ActiveRelays 100: must be between 1 and 64"},
 		{"run bad purge batch", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--purge-batch", "0"}, "--purge-batch"},
 		{"dead without subcommand", nil, []string{"dead"}, "missing subcommand"},
 		{"dead unknown subcommand", nil, []string{"dead", "resurrect"}, `unknown subcommand "resurrect"`},

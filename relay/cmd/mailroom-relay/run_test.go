@@ -95,6 +95,9 @@ func TestRunPublishesAndServes(t *testing.T) {
 	if w, ok := m.get("mailroom_relay_confirm_window"); !ok || w != 1024 {
 		t.Errorf("confirm window %v (present: %v), want the default 1024 of a lone relay", w, ok)
 	}
+	if sb, ok := m.get("mailroom_relay_standby"); !ok || sb != 0 {
+		t.Errorf("standby %v (present: %v), want 0: a lone relay publishes", sb, ok)
+	}
 
 	// The lag gauge follows a due row that cannot be published (its
 	// exchange does not exist): it is as old as the row.

@@ -79,7 +79,10 @@ func (s *server) readiness(ctx context.Context) (bool, []check) {
 	} else {
 		cs = append(cs, check{"broker", false, "down for " + time.Since(since).Round(time.Millisecond).String() + ": " + lastErr})
 	}
-	switch last := s.relay.Stats().LastProgress; {
+	st := s.relay.Stats()
+	switch last := st.LastProgress; {
+	case st.Standby && last.UnixNano() > 0 && time.Since(last) <= s.stall:
+		cs = append(cs, check{"relay", true, "standing by: another relay publishes (--active-relays)"})
 	case last.UnixNano() <= 0:
 		cs = append(cs, check{"relay", false, "the relay loop has not claimed yet"})
 	case time.Since(last) > s.stall:

@@ -17,11 +17,12 @@ const statusHelp = `Usage: mailroom-relay status [--json] [flags]
 Prints what is waiting in the outbox: pending rows (of which scheduled for
 later, retrying after a failure, in flight), the age of the oldest pending
 row that is due (the lag: alert on it), the number of dead letters and
-the number of relays running on the outbox.
+the number of relays running on the outbox (publishing, or standing by
+to take over).
 
 --json prints one object:
   {"pending": 3, "scheduled": 0, "retrying": 1, "in_flight": 2,
-   "oldest_pending_age_seconds": 1.5, "dead": 0, "relays": 2}
+   "oldest_pending_age_seconds": 1.5, "dead": 0, "relays": 2, "publishing": 1}
 The age is 0 when nothing is pending, never null.
 `
 
@@ -48,7 +49,7 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 	fmt.Fprintf(stdout, "pending             %d (scheduled %d, retrying %d, in flight %d)\n", st.Pending, st.Scheduled, st.Retrying, st.InFlight)
 	fmt.Fprintf(stdout, "oldest pending age  %s\n", st.OldestPendingAge.Round(time.Millisecond))
 	fmt.Fprintf(stdout, "dead letters        %d\n", st.Dead)
-	fmt.Fprintf(stdout, "relays running      %d\n", st.Relays)
+	fmt.Fprintf(stdout, "relays running      %d (publishing %d, standing by %d)\n", st.Relays, st.Publishing, max(st.Relays-st.Publishing, 0))
 	return nil
 }
 

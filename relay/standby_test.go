@@ -1,0 +1,129 @@
+package relay_test
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/internal/testenv"
+	"github.com/mailroom-go/mailroom/relay"
+)
+
+// startNamed runs a relay whose database sessions carry an application
+// name of their own, so that a test can terminate exactly them.
+func (e *env) startNamed(suffix string, edit func(*relay.Config)) (*relay.Relay, string, func()) {
+	e.t.Helper()
+	cfg := e.config()
+	cfg.Name = e.appTag + suffix
+	cfg.DatabaseURL = testenv.WithAppName(e.s.URL, cfg.Name)
+	if edit != nil {
+		edit(&cfg)
+	}
+	stop := e.start(cfg)
+	return e.relays[len(e.relays)-1], cfg.Name, stop
+}
+
+func (e *env) waitRole(name string, r *relay.Relay, standby bool) {
+	e.t.Helper()
+	testenv.Eventually(e.t, 15*time.Second, fmt.Sprintf("relay %s standing by: %v", name, standby), func() bool {
+		return r.Stats().Standby == standby
+	})
+}
+
+func (e *env) wantStatus(relays, publishing int64) {
+	e.t.Helper()
+	testenv.Eventually(e.t, 10*time.Second, fmt.Sprintf("status: %d relays running, %d publishing", relays, publishing), func() bool {
+		st, err := relay.Status(context.Background(), e.s.DB.DB, mailroom.Tables{})
+		return err == nil && st.Relays == relays && st.Publishing == publishing
+	})
+}
+
+// deliver writes n messages and checks each arrives once.
+func (e *env) deliver(n int) {
+	e.t.Helper()
+	msgs, want := batch(e.ex, n)
+	e.add(msgs...)
+	if dups := e.consumeAll(e.queue, want, 60*time.Second); dups != 0 {
+		e.t.Errorf("%d duplicates", dups)
+	}
+	e.waitDrained()
+}
+
+// By default one relay of a table publishes and the others stand by: the
+// one publishing keeps the whole default window, the one standing by
+// publishes nothing, and takes over when the first stops.
+func TestStandbyRelayTakesOverWhenThePublisherStops(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	a, _, stopA := e.startNamed("-a", nil)
+	e.waitRole("a", a, false)
+	b, _, _ := e.startNamed("-b", nil)
+	e.waitRole("b", b, true)
+	e.wantStatus(2, 1)
+	e.deliver(1000)
+	if w := a.Stats().ConfirmWindow; w != 1024 {
+		t.Errorf("publishing relay's window %d, want the whole default 1024 (the standby does not share it)", w)
+	}
+	if p := b.Stats().Published; p != 0 {
+		t.Errorf("the standby relay published %d messages", p)
+	}
+	stopA()
+	e.waitRole("b", b, false)
+	e.wantStatus(1, 1)
+	e.deliver(1000)
+	testenv.Eventually(t, 10*time.Second, "relay b to count 1000 published", func() bool { return b.Stats().Published == 1000 })
+}
+
+// The publishing relay's lock session is terminated: the standby takes
+// the slot, and the first relay, coming back, stands by.
+func TestStandbyRelayTakesOverWhenThePublishersSessionDies(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	a, appA, _ := e.startNamed("-a", nil)
+	e.waitRole("a", a, false)
+	b, _, _ := e.startNamed("-b", nil)
+	e.waitRole("b", b, true)
+	if testenv.TerminateBackends(t, appA) == 0 {
+		t.Fatal("no session of relay a terminated")
+	}
+	e.waitRole("b", b, false)
+	e.waitRole("a", a, true)
+	e.wantStatus(2, 1)
+	e.deliver(500)
+}
+
+// The publishing relay cannot reach the broker: it gives its slot up,
+// the standby takes over and, once the leases of the rows the first relay
+// claimed expire, publishes those too.
+func TestStandbyRelayTakesOverWhenThePublisherLosesTheBroker(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	a, _, _ := e.startNamed("-a", func(c *relay.Config) {
+		c.URL = "amqp://guest:guest@127.0.0.1:1/" // nothing listens on port 1
+		c.ConfirmTimeout, c.Lease = time.Second, 2*time.Second
+	})
+	e.waitRole("a", a, false)
+	b, _, _ := e.startNamed("-b", nil)
+	e.waitRole("b", b, true)
+	msgs, want := batch(e.ex, 200)
+	e.add(msgs...)
+	e.waitRole("a", a, true)
+	e.waitRole("b", b, false)
+	if dups := e.consumeAll(e.queue, want, 60*time.Second); dups != 0 {
+		t.Errorf("%d duplicates", dups)
+	}
+	e.waitDrained()
+}
+
+// ActiveRelays is validated.
+func TestActiveRelaysOutOfRange(t *testing.T) {
+	for _, n := range []int{-1, 65} {
+		_, err := relay.New(nil, relay.Config{URL: "amqp://x", DisableListen: true, ActiveRelays: n})
+		if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("ActiveRelays %d: must be between 1 and 64", n)) {
+			t.Errorf("ActiveRelays %d: error %v, want one naming the field and its range", n, err)
+		}
+	}
+}
