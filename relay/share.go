@@ -23,7 +23,7 @@ import (
 //     one did. Standing by, the second relay costs a query a second, and
 //     takes over within about a second when the publishing relay stops,
 //     dies (its session ends) or cannot reach the broker (it gives its slot
-//     up while it reconnects).
+//     up while it reconnects, when a relay stands by).
 //   - The default confirm window (1024) is shared among the relays holding
 //     a slot, at least BatchSize each: RabbitMQ does best with about that
 //     many messages unconfirmed in all. Two relays publishing with 1024 each
@@ -71,8 +71,9 @@ type coordinator struct {
 }
 
 // tick takes the presence lock if this relay does not hold it yet; gives
-// its slot up while the broker is out of reach (brokerDown), or else tries
-// for one if it has none; and counts the relays holding a slot.
+// its slot up while the broker is out of reach (brokerDown) and another
+// relay stands by to take it, or tries for one if it has none and can
+// reach the broker; and counts the relays holding a slot.
 func (c *coordinator) tick(ctx context.Context, brokerDown bool) (publishing bool, n int, err error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
@@ -97,11 +98,17 @@ func (c *coordinator) tick(ctx context.Context, brokerDown bool) (publishing boo
 		}
 	}
 	if c.slot >= 0 && brokerDown {
-		if _, err := c.conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2)`, activeKey+c.slot, int32(c.oid)); err != nil {
+		var standing int
+		if err := c.conn.QueryRowContext(ctx, `SELECT `+presentRelays("$1")+` - `+publishingRelays("$1"), c.oid).Scan(&standing); err != nil {
 			return false, 0, err
 		}
-		c.slot = -1
-		c.r.log.Warn("the broker is out of reach: leaving publishing to the other relays of the table meanwhile")
+		if standing > 0 {
+			if _, err := c.conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2)`, activeKey+c.slot, int32(c.oid)); err != nil {
+				return false, 0, err
+			}
+			c.slot = -1
+			c.r.log.Warn("the broker is out of reach: leaving publishing to a relay standing by meanwhile")
+		}
 	}
 	for i := 0; c.slot < 0 && !brokerDown && i < c.r.cfg.ActiveRelays; i++ {
 		var got bool

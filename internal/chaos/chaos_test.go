@@ -32,7 +32,10 @@ var (
 )
 
 const (
-	relays    = 2
+	// Three relay processes, two publishing at once (--active-relays 2):
+	// one stands by, so kills exercise both relays publishing side by side
+	// and a standby taking over.
+	relays    = 3
 	consumers = 2
 	keys      = 40
 	poisoned  = 5
@@ -174,7 +177,7 @@ func TestChaos(t *testing.T) {
 	for i := 0; i < relays; i++ {
 		name := fmt.Sprintf("%s-relay-%d", tag, i)
 		procs = append(procs, &proc{name: name, bin: relayBin,
-			args: []string{"run", "--name", name, "--batch-size", "50", "--lease", "3s", "--confirm-timeout", "1s", "--poll-interval", "100ms", "--max-attempts", "1000", "--http", "127.0.0.1:0"},
+			args: []string{"run", "--name", name, "--batch-size", "50", "--lease", "3s", "--confirm-timeout", "1s", "--poll-interval", "100ms", "--max-attempts", "1000", "--active-relays", "2", "--http", "127.0.0.1:0"},
 			env:  []string{"DATABASE_URL=" + viaProxy(s.URL, pgProxy.Listen, name), "AMQP_URL=" + viaProxy(testenv.AMQPURL(), amqpProxy.Listen, "")},
 		})
 	}
