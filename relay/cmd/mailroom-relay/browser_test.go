@@ -90,6 +90,7 @@ func TestStatusPageInChromium(t *testing.T) {
 		regexp.MustCompile(`id="scheduled">7<`),
 		regexp.MustCompile(`id="dead">2<`),
 		regexp.MustCompile(`id="published">40<`),
+		regexp.MustCompile(`id="publishing">1<`),
 		regexp.MustCompile(`id="ready">ready<`),
 		regexp.MustCompile(`<svg id="chart-throughput"[^>]*>\s*<polyline [^>]*points="[0-9., ]+"`),
 		regexp.MustCompile(`<svg id="chart-lag"`),

@@ -399,6 +399,11 @@ func TestStatusPageAdminActions(t *testing.T) {
 	if !strings.Contains(page, `id="no-dead"`) || !strings.Contains(page, `<div class="n" id="dead">0</div>`) {
 		t.Fatalf("page after replay and discard should show no dead letters:\n%s", page)
 	}
+	// This test's two sidecars run on one outbox: one publishes, one stands by.
+	testenv.Eventually(t, 10*time.Second, "the page to show two relays running, one publishing", func() bool {
+		_, page = admin.get("/")
+		return strings.Contains(page, `<span id="relays">2</span> · <span id="publishing">1</span>`)
+	})
 }
 
 // post sends a form without following redirects; for a redirect it returns
