@@ -41,6 +41,17 @@ func (e *env) wantStatus(relays, publishing int64) {
 	})
 }
 
+// publisherAndStandby starts relay a (edited by editA, if set) and waits
+// until it publishes, then relay b, and waits until it stands by.
+func (e *env) publisherAndStandby(editA func(*relay.Config)) (a *relay.Relay, appA string, stopA func(), b *relay.Relay) {
+	e.t.Helper()
+	a, appA, stopA = e.startNamed("-a", editA)
+	e.waitRole("a", a, false)
+	b, _, _ = e.startNamed("-b", nil)
+	e.waitRole("b", b, true)
+	return a, appA, stopA, b
+}
+
 // deliver writes n messages and checks each arrives once.
 func (e *env) deliver(n int) {
 	e.t.Helper()
@@ -58,10 +69,7 @@ func (e *env) deliver(n int) {
 func TestStandbyRelayTakesOverWhenThePublisherStops(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	a, _, stopA := e.startNamed("-a", nil)
-	e.waitRole("a", a, false)
-	b, _, _ := e.startNamed("-b", nil)
-	e.waitRole("b", b, true)
+	a, _, stopA, b := e.publisherAndStandby(nil)
 	e.wantStatus(2, 1)
 	e.deliver(1000)
 	if w := a.Stats().ConfirmWindow; w != 1024 {
@@ -82,10 +90,7 @@ func TestStandbyRelayTakesOverWhenThePublisherStops(t *testing.T) {
 func TestStandbyRelayTakesOverWhenThePublishersSessionDies(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	a, appA, _ := e.startNamed("-a", nil)
-	e.waitRole("a", a, false)
-	b, _, _ := e.startNamed("-b", nil)
-	e.waitRole("b", b, true)
+	a, appA, _, b := e.publisherAndStandby(nil)
 	if testenv.TerminateBackends(t, appA) == 0 {
 		t.Fatal("no session of relay a terminated")
 	}
@@ -101,13 +106,10 @@ func TestStandbyRelayTakesOverWhenThePublishersSessionDies(t *testing.T) {
 func TestStandbyRelayTakesOverWhenThePublisherLosesTheBroker(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	a, _, _ := e.startNamed("-a", func(c *relay.Config) {
+	a, _, _, b := e.publisherAndStandby(func(c *relay.Config) {
 		c.URL = "amqp://guest:guest@127.0.0.1:1/" // nothing listens on port 1
 		c.ConfirmTimeout, c.Lease = time.Second, 2*time.Second
 	})
-	e.waitRole("a", a, false)
-	b, _, _ := e.startNamed("-b", nil)
-	e.waitRole("b", b, true)
 	msgs, want := batch(e.ex, 200)
 	e.add(msgs...)
 	e.waitRole("a", a, true)
