@@ -78,6 +78,32 @@ func TestClaimsTakeTurns(t *testing.T) {
 	}
 }
 
+// A relay publishing alone on its table claims without the claim lock,
+// with a prepared statement.
+func TestLoneRelayClaimsWithoutTheLock(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	fillOutbox(t, s, "mailroom_outbox", 10, 3)
+	r, err := New(s.DB.DB, Config{URL: testenv.AMQPURL(), DatabaseURL: s.URL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.alone.Store(true)
+	defer func() {
+		if r.claimStmt != nil {
+			r.claimStmt.Close()
+		}
+	}()
+	defer holdClaimLock(t, s)()
+	rows, err := r.claim(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rows) != 3 || r.claimStmt == nil || r.turnSkipped.Load() != 0 { // one row per key: 3 keys
+		t.Fatalf("claimed %d rows (prepared: %v) while the claim lock was held, want 3 with the prepared statement", len(rows), r.claimStmt != nil)
+	}
+}
+
 // A relay whose claim waits claimLockTimeout for the lock (its holder is
 // stalled) claims without it, and keeps doing so for claimLockSkip.
 func TestClaimWithoutTheLockWhenItsHolderStalls(t *testing.T) {

@@ -66,7 +66,11 @@ type Config struct {
 	PollInterval time.Duration
 	// DisableListen turns off LISTEN (for PgBouncer in transaction mode);
 	// the relay then finds new rows by polling only, and never takes the
-	// wake lock, so writers never send a NOTIFY for it.
+	// wake lock, so writers never send a NOTIFY for it. It also keeps the
+	// relay from preparing statements on the *sql.DB given to New, which it
+	// otherwise does for its claim and delete: if only that pool goes
+	// through PgBouncer in transaction mode, use PgBouncer 1.21 or later
+	// with max_prepared_statements set, or set DisableListen.
 	DisableListen bool
 
 	// MaxAttempts is how many failed publishes (nack, unroutable, missing

@@ -49,6 +49,13 @@ type Relay struct {
 	shareDefault bool         // ConfirmWindow was left at its default: share it (share.go)
 	window       atomic.Int64 // the confirm window in effect
 	standby      atomic.Bool  // another relay publishes in this one's place (share.go)
+	alone        atomic.Bool  // the only relay publishing on the table: claims need no turn (share.go)
+
+	// Prepared statements (not with DisableListen, which may mean PgBouncer
+	// in transaction mode): each is prepared on first use and closed when
+	// Run returns.
+	stmtMu                sync.Mutex
+	claimStmt, deleteStmt *sql.Stmt
 }
 
 // Stats are counters since the relay was created. The metrics (see the
@@ -173,7 +180,29 @@ func (r *Relay) Run(ctx context.Context) error {
 	r.finishLoop(ctx, outcomes) // returns when outcomes is closed and flushed
 	wg.Wait()
 	stopListen()
+	for _, st := range []**sql.Stmt{&r.claimStmt, &r.deleteStmt} {
+		if *st != nil {
+			(*st).Close()
+			*st = nil
+		}
+	}
 	return nil
+}
+
+// prepared returns *st, preparing query first if it is nil. database/sql
+// prepares it again on each pooled connection it runs on; the server then
+// parses it once per connection instead of at every run.
+func (r *Relay) prepared(ctx context.Context, st **sql.Stmt, query string) (*sql.Stmt, error) {
+	r.stmtMu.Lock()
+	defer r.stmtMu.Unlock()
+	if *st == nil {
+		s, err := r.db.PrepareContext(ctx, query)
+		if err != nil {
+			return nil, err
+		}
+		*st = s
+	}
+	return *st, nil
 }
 
 // listen wakes the claimer on every NOTIFY, and on every listener
@@ -373,10 +402,24 @@ func (r *Relay) claim(ctx context.Context) ([]*row, error) {
 	start := time.Now()
 	clock := &batchClock{claimed: start}
 	defer func() { r.tel.claim.Record(ctx, time.Since(start).Seconds(), r.tel.record...) }()
+	args := []any{r.cfg.BatchSize, r.cfg.Lease.Milliseconds(), lease}
+	if r.alone.Load() && !r.cfg.DisableListen {
+		// Nobody to take turns with: the claim alone, prepared (the
+		// server neither parses nor, once its plan is cached, plans it
+		// again).
+		return r.claimRows(ctx, clock, lease, func() (*sql.Rows, error) {
+			st, err := r.prepared(ctx, &r.claimStmt, r.q.claim)
+			if err != nil {
+				return nil, err
+			}
+			return st.QueryContext(ctx, args...)
+		})
+	}
 	var rows []*row
 	var err error
 	if skipped := r.turnSkipped.Load(); skipped == 0 || time.Since(time.Unix(0, skipped)) > claimLockSkip {
-		rows, err = r.claimRows(ctx, clock, lease, r.q.claimInTurn(r.cfg.BatchSize, r.cfg.Lease.Milliseconds(), lease))
+		inTurn := r.q.claimInTurn(r.cfg.BatchSize, r.cfg.Lease.Milliseconds(), lease)
+		rows, err = r.claimRows(ctx, clock, lease, func() (*sql.Rows, error) { return r.db.QueryContext(ctx, inTurn) })
 		var pqErr *pq.Error
 		if errors.As(err, &pqErr) && pqErr.Code == "55P03" { // lock_not_available
 			r.log.Warn("waited too long for the claim lock; claiming without it for a while", "wait", claimLockTimeout.String(), "for", claimLockSkip.String())
@@ -385,7 +428,7 @@ func (r *Relay) claim(ctx context.Context) ([]*row, error) {
 			return rows, err
 		}
 	}
-	return r.claimRows(ctx, clock, lease, r.q.claim, r.cfg.BatchSize, r.cfg.Lease.Milliseconds(), lease)
+	return r.claimRows(ctx, clock, lease, func() (*sql.Rows, error) { return r.db.QueryContext(ctx, r.q.claim, args...) })
 }
 
 // claimLockSkip is how long a relay claims without the claim lock after it
@@ -393,11 +436,11 @@ func (r *Relay) claim(ctx context.Context) ([]*row, error) {
 // database more but waits for nobody.
 const claimLockSkip = 10 * time.Second
 
-// claimRows runs a claim statement and reads the rows it leased. A message
-// of several statements (claimInTurn) has the claim's rows in its last
-// result set.
-func (r *Relay) claimRows(ctx context.Context, clock *batchClock, lease, query string, args ...any) ([]*row, error) {
-	rs, err := r.db.QueryContext(ctx, query, args...)
+// claimRows runs a claim statement (query) and reads the rows it leased. A
+// message of several statements (claimInTurn) has the claim's rows in its
+// last result set.
+func (r *Relay) claimRows(ctx context.Context, clock *batchClock, lease string, query func() (*sql.Rows, error)) ([]*row, error) {
+	rs, err := query()
 	if err != nil {
 		var pqErr *pq.Error
 		if errors.As(err, &pqErr) && pqErr.Code == "42703" { // undefined_column
@@ -537,7 +580,16 @@ func (r *Relay) apply(done, retry, bury, release []outcome) error {
 	if len(retry)+len(bury)+len(release) == 0 && r.cfg.Retain == 0 {
 		// The common case, confirmed rows only: one autocommit statement
 		// (asynchronous commit inside it) instead of four round trips.
-		if _, err := r.db.ExecContext(ctx, r.q.deleteDoneAsync, pq.Int64Array(seqsOf(done))); err != nil {
+		seqs := pq.Int64Array(seqsOf(done))
+		var err error
+		if r.cfg.DisableListen {
+			_, err = r.db.ExecContext(ctx, r.q.deleteDoneAsync, seqs)
+		} else if st, perr := r.prepared(ctx, &r.deleteStmt, r.q.deleteDoneAsync); perr != nil {
+			err = perr
+		} else {
+			_, err = st.ExecContext(ctx, seqs)
+		}
+		if err != nil {
 			return fmt.Errorf("remove published rows: %w", err)
 		}
 		return nil

@@ -24,6 +24,8 @@ import (
 //     takes over within about a second when the publishing relay stops,
 //     dies (its session ends) or cannot reach the broker (it gives its slot
 //     up while it reconnects, when a relay stands by).
+//   - A relay publishing alone claims without the claim lock (sql.go), with
+//     a prepared statement.
 //   - The default confirm window (1024) is shared among the relays holding
 //     a slot, at least BatchSize each: RabbitMQ does best with about that
 //     many messages unconfirmed in all. Two relays publishing with 1024 each
@@ -163,11 +165,14 @@ func (r *Relay) coordinate(ctx context.Context, p *publisher, share bool, wake c
 			return
 		case err != nil:
 			r.log.Debug("coordinating with the relays of the table", "error", err)
+			r.alone.Store(false)
 			r.setStandby(false, wake) // publish rather than leave the table to no one
 		case !publishing:
+			r.alone.Store(false)
 			r.setStandby(true, wake)
 			r.counters.lastProgress.Store(time.Now().UnixNano()) // alive, standing by
 		default:
+			r.alone.Store(n == 1)
 			r.setStandby(false, wake)
 			if !share {
 				break

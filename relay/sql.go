@@ -63,8 +63,10 @@ SELECT pg_advisory_xact_lock(` + strconv.Itoa(claimLockKey) + `, '` + strings.Re
 		// partial index instead of a sequential scan per keyed candidate), so each key has at most one row in
 		// flight across all relays, and the next becomes claimable only once
 		// the previous was confirmed and deleted (or dead-lettered).
-		// Relays normally claim in turn (claimInTurn); when they do not,
-		// SKIP LOCKED lets them claim side by side, and a row another relay
+		// A relay publishing alone on its table runs this statement
+		// prepared; relays publishing side by side claim in turn
+		// (claimInTurn). When they do not, SKIP LOCKED lets them claim
+		// side by side, and a row another relay
 		// leased after this statement's snapshot fails the re-checked
 		// leased_until condition and is not claimed twice.
 		//
