@@ -50,7 +50,8 @@ type Config struct {
 	// publishing beside it only adds work for the broker and the database
 	// (two relays delivered 0.91–0.97× what one did). Raise it when one
 	// relay cannot keep up with your broker (a cluster, or one far away).
-	// Relays with DisableListen always publish. At most 64.
+	// Relays with DisableListen always publish. At most 64; give the relays
+	// of a table the same value.
 	ActiveRelays int
 	// ConfirmTimeout bounds the wait for one confirm. When it passes, the
 	// channel is closed and every unconfirmed row is retried (the broker's

@@ -139,7 +139,7 @@ func (c *coordinator) tick(ctx context.Context, brokerDown bool) (publishing boo
 func (r *Relay) coordinate(ctx context.Context, p *publisher, share bool, wake chan<- struct{}) {
 	db, err := sql.Open("postgres", r.cfg.DatabaseURL)
 	if err != nil {
-		r.standby.Store(false) // validated by New; the listener reports a bad URL
+		r.setStandby(false, wake) // validated by New; the listener reports a bad URL
 		return
 	}
 	db.SetMaxOpenConns(1)
