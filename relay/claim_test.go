@@ -89,11 +89,7 @@ func TestLoneRelayClaimsWithoutTheLock(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.alone.Store(true)
-	defer func() {
-		if r.claimStmt != nil {
-			r.claimStmt.Close()
-		}
-	}()
+	defer r.closeStatements()
 	defer holdClaimLock(t, s)()
 	rows, err := r.claim(context.Background())
 	if err != nil {

@@ -180,13 +180,20 @@ func (r *Relay) Run(ctx context.Context) error {
 	r.finishLoop(ctx, outcomes) // returns when outcomes is closed and flushed
 	wg.Wait()
 	stopListen()
+	r.closeStatements()
+	return nil
+}
+
+// closeStatements closes the prepared statements (see prepared).
+func (r *Relay) closeStatements() {
+	r.stmtMu.Lock()
+	defer r.stmtMu.Unlock()
 	for _, st := range []**sql.Stmt{&r.claimStmt, &r.deleteStmt} {
 		if *st != nil {
 			(*st).Close()
 			*st = nil
 		}
 	}
-	return nil
 }
 
 // prepared returns *st, preparing query first if it is nil. database/sql
