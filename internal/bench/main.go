@@ -46,6 +46,7 @@ var (
 	keys        = flag.Int("keys", 10000, "ordering keys over the relays figure's events (0 = none)")
 	writeRounds = flag.Int("write-rounds", 15, "how many times the writecost variants alternate (medians are compared)")
 	cpuProf     = flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
+	splitFlag   = flag.Bool("split", false, "latency: also split the relay's commit→consumer at each message's publish (traces every publish, which costs the relay CPU: use a run of its own)")
 )
 
 func main() {
@@ -394,18 +395,22 @@ func newID() string { return outbox.NewID() }
 // newRelay gives the relay its own connection pool, as the sidecar has:
 // sharing the writers' pool makes its claims queue behind their
 // transactions for a free connection.
-func newRelay(w *world, name string, active int) (*relay.Relay, error) {
+func newRelay(w *world, name string, edit func(*relay.Config)) (*relay.Relay, error) {
 	db, err := sql.Open("postgres", w.dbURL)
 	if err != nil {
 		return nil, err
 	}
 	db.SetMaxIdleConns(4)
 	w.closers = append(w.closers, db.Close)
-	return relay.New(db, relay.Config{
+	cfg := relay.Config{
 		URL: testenv.AMQPURL(), DatabaseURL: w.dbURL, Name: name,
-		BatchSize: *batchSize, ConfirmWindow: *window, ActiveRelays: active,
+		BatchSize: *batchSize, ConfirmWindow: *window,
 		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
-	})
+	}
+	if edit != nil {
+		edit(&cfg)
+	}
+	return relay.New(db, cfg)
 }
 
 // benchDrain: a backlog of events drained by one relay into the consumer.
@@ -418,7 +423,7 @@ func benchDrain() (float64, cpuUse, error) {
 	if err := w.fillWithAdd(); err != nil {
 		return 0, cpuUse{}, err
 	}
-	r, err := newRelay(w, "bench", 0)
+	r, err := newRelay(w, "bench", nil)
 	if err != nil {
 		return 0, cpuUse{}, err
 	}

@@ -14,6 +14,7 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/mailroom-go/mailroom/dedupe"
+	"github.com/mailroom-go/mailroom/relay"
 )
 
 // fill writes n outbox rows with one INSERT … SELECT (bench setup only:
@@ -41,7 +42,7 @@ func (w *world) drainWith(n, active int, want int64) (float64, cpuUse, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	for i := 0; i < n; i++ {
-		r, err := newRelay(w, fmt.Sprintf("bench-%d", i), active)
+		r, err := newRelay(w, fmt.Sprintf("bench-%d", i), func(c *relay.Config) { c.ActiveRelays = active })
 		if err != nil {
 			cancel()
 			return 0, cpuUse{}, err
