@@ -46,10 +46,11 @@ type Relay struct {
 	backlog     backlogCache
 	turnSkipped atomic.Int64 // unix nanos of the last claim lock timeout; 0: never
 
-	shareDefault bool         // ConfirmWindow was left at its default: share it (share.go)
-	window       atomic.Int64 // the confirm window in effect
-	standby      atomic.Bool  // another relay publishes in this one's place (share.go)
-	alone        atomic.Bool  // the only relay publishing on the table: claims need no turn (share.go)
+	shareDefault bool          // ConfirmWindow was left at its default: share it (share.go)
+	window       atomic.Int64  // the confirm window in effect
+	standby      atomic.Bool   // another relay publishes in this one's place (share.go)
+	alone        atomic.Bool   // the only relay publishing on the table: claims need no turn (share.go)
+	frozenAfter  time.Duration // see share.go; tests shorten it
 
 	// Prepared statements (not with DisableListen, which may mean PgBouncer
 	// in transaction mode): each is prepared on first use and closed when
@@ -109,6 +110,7 @@ func New(db *sql.DB, cfg Config) (*Relay, error) {
 	}
 	r.window.Store(int64(cfg.ConfirmWindow))
 	r.standby.Store(!cfg.DisableListen) // until Run takes a publishing slot (share.go)
+	r.frozenAfter = frozenAfter
 	return r, nil
 }
 

@@ -75,7 +75,8 @@ type coordinator struct {
 // tick takes the presence lock if this relay does not hold it yet; gives
 // its slot up while the broker is out of reach (brokerDown) and another
 // relay stands by to take it, or tries for one if it has none and can
-// reach the broker; and counts the relays holding a slot.
+// reach the broker (ending the sessions of frozen holders); and counts the
+// relays holding a slot.
 func (c *coordinator) tick(ctx context.Context, brokerDown bool) (publishing bool, n int, err error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
@@ -121,6 +122,11 @@ func (c *coordinator) tick(ctx context.Context, brokerDown bool) (publishing boo
 			c.slot = i
 		}
 	}
+	if c.slot < 0 && !brokerDown {
+		if err := c.endFrozen(ctx); err != nil {
+			return false, 0, err
+		}
+	}
 	if err := c.conn.QueryRowContext(ctx, `SELECT `+publishingRelays("$1"), c.oid).Scan(&n); err != nil {
 		return false, 0, err
 	}
@@ -128,6 +134,36 @@ func (c *coordinator) tick(ctx context.Context, brokerDown bool) (publishing boo
 		return false, 0, errors.New("the publishing lock is gone with its session")
 	}
 	return c.slot >= 0, n, nil
+}
+
+// A relay checks in every second (its tick's queries). A slot holder whose
+// session has been idle for frozenAfter belongs to a relay that stopped
+// running without ending its session: a paused container, a SIGSTOPped or
+// stalled process. Its slot would keep every standby waiting, so a standby
+// ends that session (pg_terminate_backend: the relays' role may signal
+// its own sessions) and takes the slot at its next tick. If the frozen
+// relay comes back, it finds its session gone and stands by.
+const frozenAfter = 10 * time.Second
+
+// endFrozen ends the sessions of slot holders idle for r.frozenAfter.
+func (c *coordinator) endFrozen(ctx context.Context) error {
+	rows, err := c.conn.QueryContext(ctx, `SELECT pid, pg_terminate_backend(pid) FROM `+
+		heldAdvisoryLocks(activeKey, activeKey+maxActiveRelays-1, "$1")+`
+  AND pid IN (SELECT pid FROM pg_stat_activity WHERE state = 'idle' AND state_change < now() - $2 * interval '1 millisecond')`,
+		c.oid, c.r.frozenAfter.Milliseconds())
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var pid int
+		var ended bool
+		if err := rows.Scan(&pid, &ended); err != nil {
+			return err
+		}
+		c.r.log.Warn("a relay holding a publishing slot stopped checking in; ended its session to take over", "pid", pid, "idle_for_more_than", c.r.frozenAfter.String(), "ended", ended)
+	}
+	return rows.Err()
 }
 
 // coordinate shows this relay to the others of its table until ctx ends,
@@ -177,12 +213,16 @@ func (r *Relay) coordinate(ctx context.Context, p *publisher, share bool, wake c
 			if !share {
 				break
 			}
+			// Slots in use by unconfirmed messages are taken at later
+			// ticks, as confirms free them: the tick never waits (it is
+			// this relay's heartbeat, see frozenAfter).
 			want := r.cfg.ConfirmWindow - max(r.cfg.ConfirmWindow/n, r.cfg.BatchSize)
+		take:
 			for ; held < want; held++ {
 				select {
 				case p.slots <- struct{}{}:
-				case <-ctx.Done():
-					return
+				default:
+					break take
 				}
 			}
 			for ; held > want; held-- {

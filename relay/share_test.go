@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/mailroom-go/mailroom/internal/testenv"
+	"github.com/mailroom-go/mailroom/outbox"
 )
 
 // The share is held as tokens in the publisher's window: with a second
@@ -53,5 +54,61 @@ func TestSharedWindowHoldsSlots(t *testing.T) {
 	<-done
 	if n := len(pub.slots); n != 0 {
 		t.Fatalf("%d slots still held after the relay stopped", n)
+	}
+}
+
+// A session holding the publishing slot that stays idle is what a frozen
+// relay (a paused container, a stopped process) leaves behind: a standby
+// ends it after frozenAfter and takes over. A live publisher, checking in
+// every second, is left alone.
+func TestStandbyEndsTheSessionOfAFrozenPublisher(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	b := testenv.NewBroker(t)
+	ex := b.Exchange()
+	b.Queue(ex, "#", nil)
+	ctx := context.Background()
+	frozen, err := s.DB.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer frozen.Close()
+	if _, err := frozen.ExecContext(ctx, `SELECT pg_advisory_lock($1, 'mailroom_outbox'::regclass::oid::integer)`, activeKey); err != nil {
+		t.Fatal(err)
+	}
+	start := func() *Relay {
+		r, err := New(s.DB.DB, Config{URL: b.URL, DatabaseURL: s.URL, PollInterval: 50 * time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.frozenAfter = 2 * time.Second
+		rctx, cancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { defer close(done); r.Run(rctx) }()
+		t.Cleanup(func() { cancel(); <-done })
+		return r
+	}
+	r := start()
+	testenv.Eventually(t, 15*time.Second, "the standby to take over from the frozen session", func() bool { return !r.Stats().Standby })
+	if err := frozen.PingContext(ctx); err == nil {
+		t.Error("the frozen session is still alive")
+	}
+	ob, err := outbox.New(outbox.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ob.Add(ctx, s.DB, outbox.Message{Exchange: ex, RoutingKey: "k", Payload: []byte(`{}`)}); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, 10*time.Second, "the message published", func() bool { return r.Stats().Published == 1 })
+
+	// A second relay stands by for longer than frozenAfter: the publishing
+	// relay checks in every second, so it keeps its slot.
+	other := start()
+	testenv.Eventually(t, 10*time.Second, "the second relay standing by", func() bool { return other.Stats().Standby && !r.Stats().Standby })
+	for deadline := time.Now().Add(2*other.frozenAfter + presenceInterval); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if r.Stats().Standby || !other.Stats().Standby {
+			t.Fatal("the second relay took the slot of a publisher that checks in")
+		}
 	}
 }
