@@ -45,7 +45,9 @@ type Config struct {
 	ConfirmWindow int
 	// ActiveRelays is how many relays of the table publish at once; the
 	// others stand by, and one takes over within about a second when a
-	// publishing relay stops, dies or cannot reach the broker. Default 1:
+	// publishing relay stops, dies or cannot reach the broker, and within
+	// about 10 s when it freezes with its session open (see share.go; run
+	// the relays of a table as one database role). Default 1:
 	// one relay already keeps RabbitMQ near its limit, and a second
 	// publishing beside it only adds work for the broker and the database
 	// (two relays delivered 0.91–0.97× what one did). Raise it when one

@@ -9,7 +9,7 @@
 // write order. Run any number of relays on one table, in-process or as the
 // mailroom-relay sidecar. By default one of them publishes and the others
 // stand by, each ready to take over within about a second when it stops,
-// dies or loses the broker (Config.ActiveRelays: one relay keeps RabbitMQ
+// dies or loses the broker, or about 10 s when it freezes (Config.ActiveRelays: one relay keeps RabbitMQ
 // near its limit, and a second one publishing beside it only costs the
 // broker more). Relays that publish at once claim in turns on an advisory
 // lock held for one claim statement, so they never scan each other's rows.
