@@ -14,6 +14,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -49,7 +50,7 @@ type proc struct {
 	env  []string
 	mu   sync.Mutex
 	cmd  *exec.Cmd
-	logs *strings.Builder
+	logs *lockedWriter
 }
 
 func (p *proc) start(t *testing.T) {
@@ -58,9 +59,9 @@ func (p *proc) start(t *testing.T) {
 	cmd := exec.Command(p.bin, p.args...)
 	cmd.Env = append(os.Environ(), p.env...)
 	if p.logs == nil {
-		p.logs = &strings.Builder{}
+		p.logs = &lockedWriter{b: &strings.Builder{}}
 	}
-	cmd.Stderr = &lockedWriter{b: p.logs}
+	cmd.Stderr = p.logs
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start %s: %v", p.name, err)
 	}
@@ -73,6 +74,16 @@ func (p *proc) kill() {
 	defer p.mu.Unlock()
 	if p.cmd != nil {
 		p.cmd.Process.Kill() // SIGKILL: no cleanup at all
+	}
+}
+
+// signal sends sig to the running process (SIGSTOP and SIGCONT freeze and
+// thaw it: its connections stay open, as for a paused container).
+func (p *proc) signal(sig os.Signal) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.cmd != nil {
+		p.cmd.Process.Signal(sig)
 	}
 }
 
@@ -94,6 +105,12 @@ func (p *proc) stop() {
 type lockedWriter struct {
 	mu sync.Mutex
 	b  *strings.Builder
+}
+
+func (w *lockedWriter) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.String()
 }
 
 func (w *lockedWriter) Write(p []byte) (int, error) {
@@ -268,6 +285,11 @@ func TestChaos(t *testing.T) {
 	faults := map[string]int{}
 	brokerRestartAt := time.Duration(rng.Int63n(int64(*runFor)/2)) + *runFor/4
 	restarted := false
+	// Every freezeEvery, one publishing relay is frozen (SIGSTOP) for
+	// longer than a standby waits before it ends a silent publisher's
+	// session, then thawed.
+	const freezeEvery = 90 * time.Second
+	nextFreeze := time.Duration(rng.Int63n(int64(freezeEvery)/2)) + freezeEvery/4
 	start := time.Now()
 	for ctx.Err() == nil {
 		wait := time.Duration(1000+rng.Intn(2500)) * time.Millisecond
@@ -277,6 +299,22 @@ func TestChaos(t *testing.T) {
 		}
 		if ctx.Err() != nil {
 			break
+		}
+		if time.Since(start) > nextFreeze {
+			nextFreeze += freezeEvery
+			faults["SIGSTOP relay (12-15 s)"]++
+			p := procs[rng.Intn(relays)]         // the relays come first
+			for _, i := range rng.Perm(relays) { // a publisher, by its last role change logged
+				l := procs[i].logs.String()
+				if strings.LastIndex(l, "publishing from the outbox table") > strings.LastIndex(l, "standing by:") {
+					p = procs[i]
+					break
+				}
+			}
+			p.signal(syscall.SIGSTOP)
+			time.Sleep(time.Duration(12000+rng.Intn(3000)) * time.Millisecond) // frozen
+			p.signal(syscall.SIGCONT)
+			continue
 		}
 		if !restarted && time.Since(start) > brokerRestartAt {
 			restarted = true
@@ -432,8 +470,14 @@ func TestChaos(t *testing.T) {
 		total += n
 	}
 	sort.Strings(kinds)
-	t.Logf("chaos summary: seed=%d events=%d poisoned=%d faults=%d [%s] consumer_sessions=%d requeued=%d retried=%d duplicates_suppressed=%d lost=%d double_effects=%d order_violations=%d outbox_pending=%d outbox_dead=%d dlq=%d drain=%s",
-		seed, len(written), len(poison), total, strings.Join(kinds, ", "), st.Sessions, st.Requeued, st.Retried, st.Duplicates,
+	// Standbys that ended a frozen publisher's session (their log line);
+	// the logs keep a bounded tail, so this can undercount in long runs.
+	frozenEnded := 0
+	for _, p := range procs[:relays] {
+		frozenEnded += strings.Count(p.logs.String(), "stopped checking in")
+	}
+	t.Logf("chaos summary: seed=%d events=%d poisoned=%d faults=%d [%s] frozen_publishers_ended=%d consumer_sessions=%d requeued=%d retried=%d duplicates_suppressed=%d lost=%d double_effects=%d order_violations=%d outbox_pending=%d outbox_dead=%d dlq=%d drain=%s",
+		seed, len(written), len(poison), total, strings.Join(kinds, ", "), frozenEnded, st.Sessions, st.Requeued, st.Retried, st.Duplicates,
 		lost, double, orderViolations, pending, dead, inDLQ, drain.Round(time.Millisecond))
 	if lost != 0 || double != 0 || unexpected != 0 || orderViolations != 0 || pending != 0 || dead != 0 || inDLQ != len(poison) {
 		t.Errorf("invariants broken (seed %d): lost=%d double=%d unexpected=%d order=%d pending=%d dead=%d dlq=%d (want %d)",
