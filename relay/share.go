@@ -23,7 +23,8 @@ import (
 //     one did. Standing by, the second relay costs a query a second, and
 //     takes over within about a second when the publishing relay stops,
 //     dies (its session ends) or cannot reach the broker (it gives its slot
-//     up while it reconnects, when a relay stands by).
+//     up while it reconnects, when a relay stands by), and within about
+//     frozenAfter when it freezes with its session open (see endFrozen).
 //   - A relay publishing alone claims without the claim lock (sql.go), with
 //     a prepared statement.
 //   - The default confirm window (1024) is shared among the relays holding
