@@ -197,7 +197,6 @@ func (p *publisher) waitUnblocked(ctx context.Context) bool {
 func (p *publisher) connect(ctx context.Context) error {
 	for {
 		if p.sess != nil && !p.sess.ch.IsClosed() && p.probe != nil && !p.probe.IsClosed() {
-			p.down.Store(false)
 			return nil
 		}
 		if p.sess != nil && p.sess.ch.IsClosed() {
@@ -228,6 +227,8 @@ func (p *publisher) connect(ctx context.Context) error {
 			if !sleepCtx(ctx, 100*time.Millisecond) {
 				return ctx.Err()
 			}
+		} else {
+			p.down.Store(false)
 		}
 	}
 }

@@ -412,7 +412,7 @@ func (r *Relay) claim(ctx context.Context) ([]*row, error) {
 	clock := &batchClock{claimed: start}
 	defer func() { r.tel.claim.Record(ctx, time.Since(start).Seconds(), r.tel.record...) }()
 	args := []any{r.cfg.BatchSize, r.cfg.Lease.Milliseconds(), lease}
-	if r.alone.Load() && !r.cfg.DisableListen {
+	if r.alone.Load() { // set by coordinate, which does not run with DisableListen
 		// Nobody to take turns with: the claim alone, prepared (the
 		// server neither parses nor, once its plan is cached, plans it
 		// again).
