@@ -15,7 +15,8 @@ import (
 
 // BenchmarkWriteCost measures what Add adds to a minimal business
 // transaction (BEGIN; INSERT one order row; COMMIT) at 1 and 8 concurrent
-// clients, against the real database, with Config.DB (a prepared
+// clients, against the real database, with Config.DB opened by OpenDB
+// (the insert sent with the COMMIT), with Config.DB (a prepared
 // statement) and without (literals), while no relay sleeps (the usual
 // case under load: writers only take the wake lock shared) and while one
 // does (every commit sends a NOTIFY). Compare tx/s across the variants of
@@ -31,12 +32,21 @@ func BenchmarkWriteCost(b *testing.B) {
 	}
 	literals, _ := outbox.New(outbox.Config{})
 	prepared, _ := outbox.New(outbox.Config{DB: s.DB.DB})
+	atDB, err := outbox.OpenDB(s.URL)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer atDB.Close()
+	atDB.SetMaxOpenConns(16)
+	atDB.SetMaxIdleConns(16)
+	atCommit, _ := outbox.New(outbox.Config{DB: atDB})
 	variants := []struct {
 		name   string
 		ob     *outbox.Outbox
 		asleep bool
 	}{
 		{"order-only", nil, false},
+		{"order+outbox/at-commit", atCommit, false},
 		{"order+outbox/prepared", prepared, false},
 		{"order+outbox/literals", literals, false},
 		{"order+outbox/prepared/relay-asleep", prepared, true},
@@ -70,7 +80,11 @@ func BenchmarkWriteCost(b *testing.B) {
 					go func() {
 						defer wg.Done()
 						for next.Add(1) <= int64(b.N) {
-							tx, err := s.DB.BeginTx(ctx, nil)
+							db := s.DB.DB
+							if v.ob == atCommit {
+								db = atDB
+							}
+							tx, err := db.BeginTx(ctx, nil)
 							if err != nil {
 								errs <- err
 								return

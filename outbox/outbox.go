@@ -79,6 +79,11 @@ type Config struct {
 	// Without it, or for several messages, Add sends one statement with
 	// the values as literals (also one round trip). Leave it nil behind
 	// PgBouncer in transaction mode before 1.21 (no prepared statements).
+	//
+	// When DB was opened with OpenDB or NewConnector, Add in a
+	// transaction of DB sends nothing: the inserts travel with the
+	// transaction's COMMIT (or its next statement), in the same message,
+	// and an insert that fails makes Commit fail (see NewConnector).
 	DB *sql.DB
 }
 
@@ -91,6 +96,7 @@ type Outbox struct {
 	propagator propagation.TextMapPropagator // nil: the global one, looked up at each Add
 
 	db        *sql.DB
+	atCommit  bool                     // db was opened with NewConnector
 	insertOne string                   // the statement prepared on db
 	prepared  atomic.Pointer[sql.Stmt] // nil until the first Add that uses it
 	prepareMu sync.Mutex               // one Prepare at a time
@@ -125,6 +131,7 @@ func New(cfg Config) (*Outbox, error) {
 		insert:     insert,
 		propagator: cfg.Propagator,
 		db:         cfg.DB,
+		atCommit:   cfg.DB != nil && sendsAtCommit(cfg.DB),
 		insertOne:  insert + `($1, $2, $3, $4, $5, $6, $7, $8, coalesce($9, now()))`,
 	}, nil
 }
@@ -142,6 +149,11 @@ func (o *Outbox) Add(ctx context.Context, tx Execer, msgs ...Message) error {
 	for i := range msgs {
 		if err := o.values(i, msgs[i], trace, &vals[i]); err != nil {
 			return err
+		}
+	}
+	if o.atCommit {
+		if _, inTx := tx.(stmtTx); inTx || n == 1 {
+			return o.addAtCommit(ctx, tx, vals)
 		}
 	}
 	if n == 1 && o.db != nil {
@@ -234,6 +246,31 @@ func (o *Outbox) addPrepared(ctx context.Context, tx Execer, v *values) (done bo
 			return true, fmt.Errorf("outbox: prepare the insert into %s on Config.DB: %w", o.table, err)
 		}
 	}
+	_, err = run(st).ExecContext(ctx, v.args()...)
+	if err != nil && strings.Contains(err.Error(), "statement from different database") {
+		return true, fmt.Errorf("outbox: Config.DB is not the database of this transaction: set it to the *sql.DB the transaction came from (with sqlx, its .DB), or leave it nil: %w", err)
+	}
+	if err != nil {
+		return true, fmt.Errorf("outbox: insert 1 message into %s: %w", o.table, err)
+	}
+	return true, nil
+}
+
+// addAtCommit gives each message's insert to the connection of a database
+// opened with NewConnector, which sends it with the COMMIT (one statement
+// per message, all in that one message). Only in a transaction, or for one
+// message: outside one, separate statements would not be all or nothing.
+func (o *Outbox) addAtCommit(ctx context.Context, tx Execer, vals []values) error {
+	for i := range vals {
+		if _, err := tx.ExecContext(ctx, atCommit+o.insertOne, vals[i].args()...); err != nil {
+			return fmt.Errorf("outbox: insert %d message(s) into %s: %w", len(vals), o.table, err)
+		}
+	}
+	return nil
+}
+
+// args are v's values for the parameters of insertOne.
+func (v *values) args() []any {
 	var available any
 	if !v.m.AvailableAt.IsZero() {
 		available = v.m.AvailableAt
@@ -242,14 +279,7 @@ func (o *Outbox) addPrepared(ctx context.Context, tx Execer, v *values) (done bo
 	if v.headers != nil {
 		headers = *v.headers
 	}
-	_, err = run(st).ExecContext(ctx, v.id, v.m.Exchange, v.m.RoutingKey, v.m.Key, v.m.Type, v.m.ContentType, headers, v.m.Payload, available)
-	if err != nil && strings.Contains(err.Error(), "statement from different database") {
-		return true, fmt.Errorf("outbox: Config.DB is not the database of this transaction: set it to the *sql.DB the transaction came from (with sqlx, its .DB), or leave it nil: %w", err)
-	}
-	if err != nil {
-		return true, fmt.Errorf("outbox: insert 1 message into %s: %w", o.table, err)
-	}
-	return true, nil
+	return []any{v.id, v.m.Exchange, v.m.RoutingKey, v.m.Key, v.m.Type, v.m.ContentType, headers, v.m.Payload, available}
 }
 
 func (o *Outbox) prepare(ctx context.Context) (*sql.Stmt, error) {

@@ -61,21 +61,44 @@ func TestRollbackLeavesNoRow(t *testing.T) {
 	}
 }
 
-// Add has two paths, both checked here: one statement with literal values,
-// and (Config.DB set, one message per Add) a prepared statement.
-func TestCommitLeavesExactlyTheRows(t *testing.T) {
-	t.Parallel()
-	t.Run("literals", func(t *testing.T) { t.Parallel(); testCommitLeavesExactlyTheRows(t, false) })
-	t.Run("prepared", func(t *testing.T) { t.Parallel(); testCommitLeavesExactlyTheRows(t, true) })
+// Add's paths, each checked here: one statement with literal values; with
+// Config.DB set, a prepared statement (one message per Add); and with
+// Config.DB opened by outbox.OpenDB, the inserts sent with the COMMIT.
+const (
+	literals = "literals"
+	prepared = "prepared"
+	atCommit = "at-commit"
+)
+
+// addPaths runs test once for each of Add's paths.
+func addPaths(t *testing.T, test func(t *testing.T, path string)) {
+	for _, path := range []string{literals, prepared, atCommit} {
+		t.Run(path, func(t *testing.T) { t.Parallel(); test(t, path) })
+	}
 }
 
-func testCommitLeavesExactlyTheRows(t *testing.T, prepared bool) {
+// pathSchema returns a new schema, with its database opened by
+// outbox.OpenDB for the at-commit path, and an Outbox for path.
+func pathSchema(t *testing.T, path string) (*testenv.Schema, *outbox.Outbox) {
 	s := testenv.NewSchema(t)
 	cfg := outbox.Config{}
-	if prepared {
+	switch path {
+	case prepared:
+		cfg.DB = s.DB.DB
+	case atCommit:
+		s = &testenv.Schema{Name: s.Name, URL: s.URL, DB: atCommitDB(t, s, "")}
 		cfg.DB = s.DB.DB
 	}
-	ob := newOutbox(t, cfg)
+	return s, newOutbox(t, cfg)
+}
+
+func TestCommitLeavesExactlyTheRows(t *testing.T) {
+	t.Parallel()
+	addPaths(t, testCommitLeavesExactlyTheRows)
+}
+
+func testCommitLeavesExactlyTheRows(t *testing.T, path string) {
+	s, ob := pathSchema(t, path)
 	ctx := context.Background()
 	tx := s.DB.MustBeginTx(ctx, nil) // *sqlx.Tx
 	id := outbox.NewID()
@@ -85,14 +108,14 @@ func testCommitLeavesExactlyTheRows(t *testing.T, prepared bool) {
 		Type: "order.placed", ContentType: "text/plain", Headers: map[string]string{"tenant": `a"b\c`},
 		Payload: []byte("hello \x00 bytes"), AvailableAt: later,
 	}
-	if prepared {
+	if path != literals {
 		for _, m := range []outbox.Message{in, msg(2)} {
 			if err := ob.Add(ctx, tx, m); err != nil {
 				t.Fatal(err)
 			}
 		}
 		var n int // the statement is prepared on the transaction's session
-		if err := tx.Get(&n, `SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'INSERT INTO "mailroom_outbox"%'`); err != nil || n != 1 {
+		if err := tx.Get(&n, `SELECT count(*) FROM pg_prepared_statements WHERE statement ~ '^(PREPARE mailroom_add_1 AS /\* mailroom: at commit \*/ )?INSERT INTO "mailroom_outbox"'`); err != nil || n != 1 {
 			t.Fatalf("prepared statements for the insert on the transaction's session: %d, %v; want 1", n, err)
 		}
 	} else if err := ob.Add(ctx, tx, in, msg(2)); err != nil {
@@ -171,8 +194,11 @@ func TestThousandMessagesInOneAdd(t *testing.T) {
 
 func TestConcurrentAdds(t *testing.T) {
 	t.Parallel()
-	s := testenv.NewSchema(t)
-	ob := newOutbox(t, outbox.Config{})
+	addPaths(t, testConcurrentAdds)
+}
+
+func testConcurrentAdds(t *testing.T, path string) {
+	s, ob := pathSchema(t, path)
 	ctx := context.Background()
 	const writers, each = 16, 25
 	var wg sync.WaitGroup
@@ -227,11 +253,11 @@ func TestAddWithoutTransactionAndEmpty(t *testing.T) {
 	if err := ob.Add(ctx, s.DB.DB, msg(2)); err != nil { // *sql.DB
 		t.Fatal(err)
 	}
-	prepared := newOutbox(t, outbox.Config{DB: s.DB.DB})
-	if err := prepared.Add(ctx, s.DB.DB, msg(3)); err != nil { // Config.DB itself
+	withDB := newOutbox(t, outbox.Config{DB: s.DB.DB})
+	if err := withDB.Add(ctx, s.DB.DB, msg(3)); err != nil { // Config.DB itself
 		t.Fatal(err)
 	}
-	if err := prepared.Add(ctx, conn, msg(4)); err != nil { // no StmtContext: literals
+	if err := withDB.Add(ctx, conn, msg(4)); err != nil { // no StmtContext: literals
 		t.Fatal(err)
 	}
 	if n := count(t, s); n != 4 {
@@ -363,17 +389,11 @@ func TestGeneratedIDsSortByCreationTime(t *testing.T) {
 // byte must come back as written, whatever quoting the session uses.
 func TestHostileValuesRoundTrip(t *testing.T) {
 	t.Parallel()
-	t.Run("literals", func(t *testing.T) { t.Parallel(); testHostileValuesRoundTrip(t, false) })
-	t.Run("prepared", func(t *testing.T) { t.Parallel(); testHostileValuesRoundTrip(t, true) })
+	addPaths(t, testHostileValuesRoundTrip)
 }
 
-func testHostileValuesRoundTrip(t *testing.T, prepared bool) {
-	s := testenv.NewSchema(t)
-	cfg := outbox.Config{}
-	if prepared {
-		cfg.DB = s.DB.DB
-	}
-	ob := newOutbox(t, cfg)
+func testHostileValuesRoundTrip(t *testing.T, path string) {
+	s, ob := pathSchema(t, path)
 	all := make([]byte, 256)
 	for i := range all {
 		all[i] = byte(i)

@@ -93,10 +93,14 @@ func NewApp(cfg Config) (*App, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	db, err := sqlx.Open("postgres", cfg.DatabaseURL)
+	// Opened through outbox.OpenDB, and given to the outboxes as
+	// Config.DB: Add then costs no round trip of its own, its insert
+	// travels with the COMMIT.
+	sqlDB, err := outbox.OpenDB(cfg.DatabaseURL)
 	if err != nil {
 		return nil, fmt.Errorf("DATABASE_URL: %w", err)
 	}
+	db := sqlx.NewDb(sqlDB, "postgres")
 	a := &App{cfg: cfg, db: db}
 	if err := a.build(); err != nil {
 		db.Close()

@@ -144,10 +144,14 @@ func main() {
 		fmt.Printf("scale    median: 10,000 pending %8.0f events/s, 1,000,000 pending %8.0f events/s  (%.2f×, %d runs each)\n", s, l, l/s, *repeat)
 	}
 	if want["writecost"] {
-		f, err := benchWriteCost(*writeRounds, time.Second)
+		vs, err := benchWriteCost(*writeRounds, time.Second)
 		must(0, err)
-		fmt.Printf("write    8 clients: order only %.0f tx/s; + Add of one message: %.2f× the cost with Config.DB (prepared), %.2f× without (literals), %.2f× with Config.DB while a relay sleeps (every commit notifies)  (medians of %d alternating 1 s rounds)\n",
-			f.orderOnly, f.prepared, f.literals, f.asleep, *writeRounds)
+		base := vs[0]
+		fmt.Printf("write    8 clients, BEGIN; INSERT an order; COMMIT: %.0f tx/s (median of %d alternating 1 s rounds)\n", median(base.rates), *writeRounds)
+		for _, v := range vs {
+			pg, client := v.perTx()
+			fmt.Printf("write    %-28s %5.2f× the cost of the order alone; CPU per transaction: PostgreSQL %4d µs, client %4d µs\n", v.name, v.cost(base), pg.Microseconds(), client.Microseconds())
+		}
 	}
 	if want["dedupe"] {
 		empty, full := must(benchDedupe(0)), must(benchDedupe(10_000_000))

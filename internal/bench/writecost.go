@@ -12,79 +12,131 @@ import (
 	"github.com/mailroom-go/mailroom/outbox"
 )
 
-// writeCost is what benchWriteCost measures: the order-only transaction
-// rate (tx/s, median) and the cost of each Add variant, as the median over
-// rounds of order-only tx/s ÷ the variant's tx/s in the same round (pairs
-// taken a moment apart cancel most of this machine's drift).
-type writeCost struct{ orderOnly, prepared, literals, asleep float64 }
+// writeVariant is one transaction benchWriteCost measures, and what it
+// measured: tx/s in each round, CPU time and transactions over all rounds.
+type writeVariant struct {
+	name   string
+	db     *sql.DB
+	ob     *outbox.Outbox // nil: the order alone
+	asleep bool           // a relay sleeps (holds the wake lock) meanwhile
+	rates  []float64
+	used   cpuUse
+	txs    int64
+}
+
+// cost is the variant's cost against base: the median over rounds of
+// base's tx/s ÷ the variant's in the same round (pairs taken a moment
+// apart cancel most of this machine's drift).
+func (v *writeVariant) cost(base *writeVariant) float64 {
+	ratios := make([]float64, len(v.rates))
+	for r := range ratios {
+		ratios[r] = base.rates[r] / v.rates[r]
+	}
+	return median(ratios)
+}
+
+// perTx is the CPU time one transaction cost, PostgreSQL's and this
+// process's (the clients'), on average over all rounds.
+func (v *writeVariant) perTx() (postgres, client time.Duration) {
+	if v.txs == 0 {
+		return 0, 0
+	}
+	return v.used.postgres / time.Duration(v.txs), v.used.self / time.Duration(v.txs)
+}
 
 // benchWriteCost: business transactions per second at 8 clients — BEGIN,
 // INSERT one order row, COMMIT — alone and with outbox.Add of one message:
-// with Config.DB (a prepared statement) and without (literals), with no
-// relay asleep (under load the relay is awake: the outbox insert takes the
-// wake lock shared and sends nothing), and with Config.DB while a relay
-// sleeps holding the wake lock (every commit sends a NOTIFY). The variants
-// take turns, rounds times, so drift on this shared machine hits them
-// alike; medians are compared.
-func benchWriteCost(rounds int, each time.Duration) (writeCost, error) {
+// with Config.DB opened by outbox.OpenDB (the insert sent with the
+// COMMIT), with Config.DB (a prepared statement) and without (literals),
+// with no relay asleep (under load the relay is awake: the outbox insert
+// takes the wake lock shared and sends nothing); the order alone on the
+// database of outbox.OpenDB (what its connector costs other statements);
+// and with Config.DB while a relay sleeps holding the wake lock (every
+// commit sends a NOTIFY). The variants take turns, rounds times, so drift
+// on this shared machine hits them alike; medians are compared. The
+// NOTIFY-per-commit variant slows what runs right after it, so an
+// unrecorded second of the order alone follows it.
+func benchWriteCost(rounds int, each time.Duration) ([]*writeVariant, error) {
 	w, err := setup()
 	if err != nil {
-		return writeCost{}, err
+		return nil, err
 	}
 	defer w.stop()
 	if _, err := w.db.Exec(`CREATE TABLE orders (id bigserial PRIMARY KEY, customer text NOT NULL, amount_cents bigint NOT NULL, created_at timestamptz NOT NULL DEFAULT now())`); err != nil {
-		return writeCost{}, err
+		return nil, err
 	}
+	atDB, err := openAtCommit(w.dbURL)
+	if err != nil {
+		return nil, err
+	}
+	defer atDB.Close()
+	atCommit, _ := outbox.New(outbox.Config{DB: atDB})
 	prepared, _ := outbox.New(outbox.Config{DB: w.db})
 	literals, _ := outbox.New(outbox.Config{})
 	ctx := context.Background()
 	sleeper, err := w.db.Conn(ctx) // stands in for a sleeping relay
 	if err != nil {
-		return writeCost{}, err
+		return nil, err
 	}
 	defer sleeper.Close()
 	lock := func(fn string) error {
 		_, err := sleeper.ExecContext(ctx, `SELECT `+fn+`($1, to_regclass('mailroom_outbox')::oid::integer)`, wakeup.LockKey)
 		return err
 	}
-	variants := []struct {
-		ob     *outbox.Outbox
-		asleep bool
-	}{{nil, false}, {prepared, false}, {literals, false}, {prepared, true}}
-	rates := make([][]float64, len(variants))
+	variants := []*writeVariant{
+		{name: "order only", db: w.db},
+		{name: "+ Add, outbox.OpenDB", db: atDB, ob: atCommit},
+		{name: "+ Add, Config.DB (prepared)", db: w.db, ob: prepared},
+		{name: "+ Add, literals", db: w.db, ob: literals},
+		{name: "order only, outbox.OpenDB", db: atDB},
+		{name: "+ Add, a relay asleep", db: w.db, ob: prepared, asleep: true},
+	}
 	for r := 0; r < rounds; r++ {
-		for i, v := range variants {
+		for _, v := range variants {
 			if v.asleep {
 				if err := lock("pg_advisory_lock"); err != nil {
-					return writeCost{}, err
+					return nil, err
 				}
 			}
-			tps, err := w.businessTx(v.ob, 8, each)
+			before := readCPU()
+			tps, n, err := businessTx(v.db, v.ob, 8, each)
 			if err != nil {
-				return writeCost{}, err
+				return nil, err
 			}
+			u := readCPU().since(before)
+			v.rates = append(v.rates, tps)
+			v.used.postgres += u.postgres
+			v.used.self += u.self
+			v.txs += n
 			if v.asleep {
 				if err := lock("pg_advisory_unlock"); err != nil {
-					return writeCost{}, err
+					return nil, err
+				}
+				if _, _, err := businessTx(w.db, nil, 8, each); err != nil { // settle
+					return nil, err
 				}
 			}
-			rates[i] = append(rates[i], tps)
 		}
 	}
+	return variants, nil
+}
 
-	cost := func(i int) float64 {
-		ratios := make([]float64, rounds)
-		for r := range ratios {
-			ratios[r] = rates[0][r] / rates[i][r]
-		}
-		return median(ratios)
+// openAtCommit opens the database of url as outbox.OpenDB does, with the
+// pool of setup.
+func openAtCommit(url string) (*sql.DB, error) {
+	db, err := outbox.OpenDB(url)
+	if err != nil {
+		return nil, err
 	}
-	return writeCost{median(rates[0]), cost(1), cost(2), cost(3)}, nil
+	db.SetMaxOpenConns(32)
+	db.SetMaxIdleConns(32)
+	return db, nil
 }
 
 // businessTx runs the minimal business transaction (with Add when ob is
-// set) on clients connections for d and returns transactions/s.
-func (w *world) businessTx(ob *outbox.Outbox, clients int, d time.Duration) (float64, error) {
+// set) on clients connections of db for d and returns transactions/s and
+// how many.
+func businessTx(db *sql.DB, ob *outbox.Outbox, clients int, d time.Duration) (tps float64, n int64, err error) {
 	payload := []byte(`{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","customer":"c-42","amount_cents":1999}`)
 	var f func(context.Context, *sql.Tx) error
 	if ob != nil {
@@ -92,10 +144,10 @@ func (w *world) businessTx(ob *outbox.Outbox, clients int, d time.Duration) (flo
 			return ob.Add(ctx, tx, outbox.Message{Exchange: "orders", RoutingKey: "order.placed", Key: "c-42", Type: "order.placed", Payload: payload})
 		}
 	}
-	return w.businessTxF(f, clients, d)
+	return businessTxF(db, f, clients, d)
 }
 
-func (w *world) businessTxF(extra func(context.Context, *sql.Tx) error, clients int, d time.Duration) (float64, error) {
+func businessTxF(db *sql.DB, extra func(context.Context, *sql.Tx) error, clients int, d time.Duration) (tps float64, count int64, err error) {
 	ctx := context.Background()
 	var n atomic.Int64
 	var wg sync.WaitGroup
@@ -108,7 +160,7 @@ func (w *world) businessTxF(extra func(context.Context, *sql.Tx) error, clients 
 			defer wg.Done()
 			for time.Now().Before(deadline) {
 				err := func() error {
-					tx, err := w.db.BeginTx(ctx, nil)
+					tx, err := db.BeginTx(ctx, nil)
 					if err != nil {
 						return err
 					}
@@ -133,7 +185,7 @@ func (w *world) businessTxF(extra func(context.Context, *sql.Tx) error, clients 
 	}
 	wg.Wait()
 	if err, _ := firstErr.Load().(error); err != nil {
-		return 0, err
+		return 0, 0, err
 	}
-	return float64(n.Load()) / time.Since(start).Seconds(), nil
+	return float64(n.Load()) / time.Since(start).Seconds(), n.Load(), nil
 }

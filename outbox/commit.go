@@ -1,0 +1,327 @@
+package outbox
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/lib/pq"
+)
+
+// Add's insert costs one round trip to the database: in a short business
+// transaction (BEGIN, a statement, COMMIT) that is a quarter or more of
+// the transaction. On a database opened with NewConnector, Add sends
+// nothing: the connection keeps the insert and sends it in the same
+// message as the transaction's COMMIT (or before the transaction's next
+// statement), as one simple query:
+//
+//	EXECUTE mailroom_add_1('0190…', 'orders', …); COMMIT
+//
+// The insert is a statement prepared once per connection (its first Add
+// prepares it, and so finds a missing table or column at once), so the
+// database neither parses nor plans it again. The business change and the
+// message still commit together or not at all: if the insert fails, the
+// COMMIT is not run, the transaction is rolled back and Commit returns the
+// error.
+
+// atCommit marks the statement Add gives a connection of NewConnector to
+// keep until the transaction's next statement or its COMMIT. Elsewhere
+// (another database, or Add outside a transaction) it is an ordinary
+// comment.
+const atCommit = "/* mailroom: at commit */ "
+
+// NewConnector wraps a lib/pq connector (pq.NewConnector, pq.NewConnectorConfig)
+// so that Add of an Outbox whose Config.DB is the database opened with it,
+// sql.OpenDB(outbox.NewConnector(c)), sends its insert with the
+// transaction's COMMIT instead of in a round trip of its own. Everything
+// else on the database works as with c. With sqlx:
+// sqlx.NewDb(sql.OpenDB(outbox.NewConnector(c)), "postgres").
+//
+// What changes for the caller: an insert that fails (a constraint, a lost
+// connection) makes Commit fail, with the transaction rolled back, rather
+// than Add; Add still validates its messages, and the first Add on each
+// connection prepares the insert, so a missing table or column fails Add
+// itself. A DEALLOCATE or DISCARD ALL on these connections fails the next
+// transaction that adds a message on it; the one after prepares again.
+func NewConnector(c driver.Connector) driver.Connector { return &connector{c} }
+
+// OpenDB opens the PostgreSQL database named by dsn (as for
+// sql.Open("postgres", dsn)) with lib/pq through NewConnector.
+func OpenDB(dsn string) (*sql.DB, error) {
+	c, err := pq.NewConnector(dsn)
+	if err != nil {
+		return nil, err
+	}
+	return sql.OpenDB(NewConnector(c)), nil
+}
+
+type connector struct{ driver.Connector }
+
+type atCommitDriver struct{ driver.Driver }
+
+func (c *connector) Driver() driver.Driver { return atCommitDriver{c.Connector.Driver()} }
+
+// sendsAtCommit reports whether db was opened with NewConnector.
+func sendsAtCommit(db *sql.DB) bool {
+	_, ok := db.Driver().(atCommitDriver)
+	return ok
+}
+
+// pqConn is what a connection of lib/pq offers and conn uses.
+type pqConn interface {
+	driver.Conn
+	driver.ConnBeginTx
+	driver.ConnPrepareContext
+	driver.ExecerContext
+	driver.QueryerContext
+	driver.NamedValueChecker
+	driver.Pinger
+	driver.SessionResetter
+	driver.Validator
+}
+
+func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
+	dc, err := c.Connector.Connect(ctx)
+	if err != nil {
+		return nil, err
+	}
+	pc, ok := dc.(pqConn)
+	if !ok {
+		dc.Close()
+		return nil, fmt.Errorf("outbox: NewConnector needs a lib/pq connector (pq.NewConnector); its connections are %T", dc)
+	}
+	return &conn{pqConn: pc, prepared: map[string]string{}}, nil
+}
+
+// conn is a connection that keeps Add's inserts until they can travel
+// with the next message to the database. database/sql uses a connection
+// from one goroutine at a time.
+type conn struct {
+	pqConn
+	inTx     bool
+	pending  []string          // EXECUTE statements not yet sent, in Add order
+	prepared map[string]string // Add's statement → its prepared name on this connection
+}
+
+// ExecContext keeps Add's insert while in a transaction, and runs it at
+// once (as one simple query) outside one. Any other statement first sends
+// what is pending, so it runs after the inserts, as written.
+func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
+	if strings.HasPrefix(query, atCommit) {
+		exec, err := c.execute(ctx, query, args)
+		if err != nil {
+			return nil, err
+		}
+		if c.inTx {
+			c.pending = append(c.pending, exec)
+			return driver.RowsAffected(1), nil
+		}
+		return c.pqConn.ExecContext(ctx, exec, nil)
+	}
+	if err := c.flush(ctx); err != nil {
+		return nil, err
+	}
+	return c.pqConn.ExecContext(ctx, query, args)
+}
+
+func (c *conn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
+	if err := c.flush(ctx); err != nil {
+		return nil, err
+	}
+	return c.pqConn.QueryContext(ctx, query, args)
+}
+
+// PrepareContext sends what is pending first (preparing a COPY starts
+// it), and wraps the statement so that running it does too, when it was
+// prepared before the Add.
+func (c *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, error) {
+	if err := c.flush(ctx); err != nil {
+		return nil, err
+	}
+	st, err := c.pqConn.PrepareContext(ctx, query)
+	if err != nil {
+		return nil, err
+	}
+	return &stmt{Stmt: st, c: c}, nil
+}
+
+func (c *conn) Prepare(query string) (driver.Stmt, error) {
+	return c.PrepareContext(context.Background(), query)
+}
+
+// BeginTx begins on lib/pq with a context that is never cancelled: lib/pq
+// ties its own watch of ctx to its Commit, which a transaction with pending
+// inserts does not call. database/sql still rolls the transaction back when
+// ctx is cancelled, and each statement is cancelled by its own context.
+func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, error) {
+	tx, err := c.pqConn.BeginTx(context.WithoutCancel(ctx), opts)
+	if err != nil {
+		return nil, err
+	}
+	c.inTx, c.pending = true, c.pending[:0]
+	return &atCommitTx{Tx: tx, c: c}, nil
+}
+
+// ResetSession drops what a transaction database/sql gave up on left.
+func (c *conn) ResetSession(ctx context.Context) error {
+	c.inTx, c.pending = false, c.pending[:0]
+	return c.pqConn.ResetSession(ctx)
+}
+
+func (c *conn) Begin() (driver.Tx, error) {
+	return c.BeginTx(context.Background(), driver.TxOptions{})
+}
+
+// execute returns the EXECUTE statement that runs Add's query with args as
+// literals, preparing the query on this connection the first time.
+func (c *conn) execute(ctx context.Context, query string, args []driver.NamedValue) (string, error) {
+	name, ok := c.prepared[query]
+	if !ok {
+		name = "mailroom_add_" + strconv.Itoa(len(c.prepared)+1)
+		if _, err := c.pqConn.ExecContext(ctx, "PREPARE "+name+" AS "+query, nil); err != nil {
+			return "", err
+		}
+		c.prepared[query] = name
+	}
+	var b strings.Builder
+	b.WriteString("EXECUTE " + name + "(")
+	for i, a := range args {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		if err := writeLiteral(&b, a.Value); err != nil {
+			return "", fmt.Errorf("outbox: argument %d: %w", a.Ordinal, err)
+		}
+	}
+	b.WriteString(")")
+	return b.String(), nil
+}
+
+// writeLiteral writes v, a value database/sql passes to the driver, as an
+// SQL literal: the prepared statement's parameter gives it its type.
+func writeLiteral(b *strings.Builder, v driver.Value) error {
+	switch v := v.(type) {
+	case nil:
+		b.WriteString("NULL")
+	case string:
+		b.WriteString(pq.QuoteLiteral(v))
+	case []byte:
+		b.WriteString(`E'\\x` + hex.EncodeToString(v) + `'`)
+	case time.Time:
+		b.WriteString("'" + v.Format("2006-01-02 15:04:05.999999999Z07:00") + "'")
+	case int64:
+		b.WriteString(strconv.FormatInt(v, 10))
+	case bool:
+		b.WriteString(strconv.FormatBool(v))
+	default:
+		return fmt.Errorf("%T is not a type Add sends", v)
+	}
+	return nil
+}
+
+// flush sends the pending inserts on their own, before another statement of
+// the transaction.
+func (c *conn) flush(ctx context.Context) error {
+	if len(c.pending) == 0 {
+		return nil
+	}
+	q := strings.Join(c.pending, "; ")
+	c.pending = c.pending[:0]
+	if _, err := c.pqConn.ExecContext(ctx, q, nil); err != nil {
+		c.forgetIfDeallocated(err)
+		return fmt.Errorf("outbox: the insert of an earlier Add in this transaction: %w", err)
+	}
+	return nil
+}
+
+// forgetIfDeallocated forgets this connection's prepared inserts when err
+// says one is gone (DEALLOCATE, DISCARD ALL): that transaction fails, the
+// next Add prepares again.
+func (c *conn) forgetIfDeallocated(err error) {
+	var pqErr *pq.Error
+	if errors.As(err, &pqErr) && pqErr.Code == "26000" { // invalid_sql_statement_name
+		clear(c.prepared)
+	}
+}
+
+type atCommitTx struct {
+	driver.Tx
+	c *conn
+}
+
+// Commit sends the pending inserts and the COMMIT as one message. When an
+// insert fails PostgreSQL skips the COMMIT; the transaction is then rolled
+// back here and Commit returns the insert's error.
+func (t *atCommitTx) Commit() error {
+	c := t.c
+	c.inTx = false
+	if len(c.pending) == 0 {
+		return t.Tx.Commit()
+	}
+	q := strings.Join(c.pending, "; ") + "; COMMIT"
+	c.pending = c.pending[:0]
+	ctx := context.Background()
+	if _, err := c.pqConn.ExecContext(ctx, q, nil); err != nil {
+		c.forgetIfDeallocated(err)
+		var pqErr *pq.Error
+		if errors.As(err, &pqErr) && pqErr.Code == "25P02" { // an earlier statement failed
+			if _, err := c.pqConn.ExecContext(ctx, "ROLLBACK", nil); err != nil {
+				return err
+			}
+			return pq.ErrInFailedTransaction
+		}
+		// Ends the transaction if the insert failed; after a failed COMMIT
+		// there is none, and PostgreSQL only warns.
+		if _, rbErr := c.pqConn.ExecContext(ctx, "ROLLBACK", nil); rbErr != nil {
+			return errors.Join(fmt.Errorf("outbox: commit with the inserts of Add: %w", err), rbErr)
+		}
+		return fmt.Errorf("outbox: commit with the inserts of Add (the transaction was rolled back): %w", err)
+	}
+	return nil
+}
+
+func (t *atCommitTx) Rollback() error {
+	t.c.inTx, t.c.pending = false, t.c.pending[:0]
+	return t.Tx.Rollback()
+}
+
+// stmt is a statement prepared on a conn: it sends the conn's pending
+// inserts before it runs.
+type stmt struct {
+	driver.Stmt
+	c *conn
+}
+
+func (s *stmt) ExecContext(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
+	if err := s.c.flush(ctx); err != nil {
+		return nil, err
+	}
+	if st, ok := s.Stmt.(driver.StmtExecContext); ok {
+		return st.ExecContext(ctx, args)
+	}
+	return s.Stmt.Exec(plain(args)) //nolint:staticcheck // lib/pq's COPY statement has only Exec
+}
+
+func (s *stmt) QueryContext(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
+	if err := s.c.flush(ctx); err != nil {
+		return nil, err
+	}
+	if st, ok := s.Stmt.(driver.StmtQueryContext); ok {
+		return st.QueryContext(ctx, args)
+	}
+	return s.Stmt.Query(plain(args)) //nolint:staticcheck // as above
+}
+
+func plain(args []driver.NamedValue) []driver.Value {
+	vs := make([]driver.Value, len(args))
+	for i, a := range args {
+		vs[i] = a.Value
+	}
+	return vs
+}

@@ -1,0 +1,467 @@
+package outbox_test
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jmoiron/sqlx"
+	"github.com/lib/pq"
+
+	"github.com/mailroom-go/mailroom/internal/testenv"
+	"github.com/mailroom-go/mailroom/internal/wakeup"
+	"github.com/mailroom-go/mailroom/outbox"
+)
+
+// atCommitDB opens the schema's database through outbox.OpenDB, with
+// application_name app when it is not empty.
+func atCommitDB(t *testing.T, s *testenv.Schema, app string) *sqlx.DB {
+	t.Helper()
+	u := s.URL
+	if app != "" {
+		u = testenv.WithAppName(u, app)
+	}
+	db, err := outbox.OpenDB(u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	return sqlx.NewDb(db, "postgres")
+}
+
+// An insert Add leaves to the COMMIT fails with the COMMIT: Add returns
+// nil, Commit returns the insert's error, and the business change is rolled
+// back with it. The connection is then as good as new.
+func TestAtCommitInsertFailsWithTheCommit(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	if _, err := s.DB.Exec(`CREATE TABLE orders (id int PRIMARY KEY);
+		ALTER TABLE mailroom_outbox ADD CONSTRAINT no_bad_type CHECK (type <> 'bad')`); err != nil {
+		t.Fatal(err)
+	}
+	db := atCommitDB(t, s, "")
+	db.SetMaxOpenConns(1) // every transaction below reuses one connection
+	ob := newOutbox(t, outbox.Config{DB: db.DB})
+	ctx := context.Background()
+
+	tx := db.MustBeginTx(ctx, nil)
+	tx.MustExec(`INSERT INTO orders VALUES (1)`)
+	bad := msg(1)
+	bad.Type = "bad"
+	if err := ob.Add(ctx, tx, bad); err != nil {
+		t.Fatalf("Add sent its insert at once: %v", err)
+	}
+	err := tx.Commit()
+	var pqErr *pq.Error
+	if !errors.As(err, &pqErr) || pqErr.Code != "23514" || !strings.Contains(err.Error(), "rolled back") {
+		t.Fatalf("Commit with a failing insert: %v; want the check violation, saying the transaction was rolled back", err)
+	}
+	var orders int
+	if err := s.DB.Get(&orders, `SELECT count(*) FROM orders`); err != nil || orders != 0 || count(t, s) != 0 {
+		t.Fatalf("after the failed commit: %d orders (%v), %d outbox rows; want none", orders, err, count(t, s))
+	}
+
+	tx = db.MustBeginTx(ctx, nil)
+	tx.MustExec(`INSERT INTO orders VALUES (1)`)
+	if err := ob.Add(ctx, tx, msg(2)); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatalf("the next transaction on the connection: %v", err)
+	}
+	if err := s.DB.Get(&orders, `SELECT count(*) FROM orders`); err != nil || orders != 1 || count(t, s) != 1 {
+		t.Fatalf("after the good commit: %d orders (%v), %d outbox rows; want 1 and 1", orders, err, count(t, s))
+	}
+}
+
+// When the COMMIT itself fails (a deferred constraint), after the insert
+// succeeded in the same message, nothing is written either.
+func TestAtCommitFailingCommit(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	if _, err := s.DB.Exec(`CREATE TABLE customers (id int PRIMARY KEY);
+		CREATE TABLE orders (id int PRIMARY KEY, customer int REFERENCES customers DEFERRABLE INITIALLY DEFERRED)`); err != nil {
+		t.Fatal(err)
+	}
+	db := atCommitDB(t, s, "")
+	db.SetMaxOpenConns(1)
+	ob := newOutbox(t, outbox.Config{DB: db.DB})
+	ctx := context.Background()
+	tx := db.MustBeginTx(ctx, nil)
+	tx.MustExec(`INSERT INTO orders VALUES (1, 42)`) // no customer 42: fails at COMMIT
+	if err := ob.Add(ctx, tx, msg(1)); err != nil {
+		t.Fatal(err)
+	}
+	err := tx.Commit()
+	var pqErr *pq.Error
+	if !errors.As(err, &pqErr) || pqErr.Code != "23503" {
+		t.Fatalf("Commit: %v; want the foreign key violation", err)
+	}
+	if n := count(t, s); n != 0 {
+		t.Fatalf("%d outbox rows after the failed commit, want 0", n)
+	}
+	var inTx bool // the connection is out of the failed transaction
+	if err := db.Get(&inTx, `SELECT now() <> statement_timestamp()`); err != nil || inTx {
+		t.Fatalf("after the failed commit the connection is still in a transaction (%v)", err)
+	}
+}
+
+// Any other statement of the transaction, prepared before the Add or not,
+// runs after the inserts Add left pending, as written: it sees the rows. A
+// failing insert then fails that statement.
+func TestAtCommitStatementsAfterAddSeeItsRows(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	if _, err := s.DB.Exec(`ALTER TABLE mailroom_outbox ADD CONSTRAINT no_bad_type CHECK (type <> 'bad')`); err != nil {
+		t.Fatal(err)
+	}
+	db := atCommitDB(t, s, "")
+	ob := newOutbox(t, outbox.Config{DB: db.DB})
+	ctx := context.Background()
+	tx := db.MustBeginTx(ctx, nil)
+	defer tx.Rollback()
+	st, err := tx.Preparex(`SELECT count(*) FROM mailroom_outbox`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, run := range []func() (int, error){
+		func() (n int, err error) { return n, tx.Get(&n, `SELECT count(*) FROM mailroom_outbox`) },
+		func() (n int, err error) { return n, st.Get(&n) },
+		func() (n int, err error) {
+			res, err := tx.Exec(`UPDATE mailroom_outbox SET attempts = attempts`)
+			if err != nil {
+				return 0, err
+			}
+			m, err := res.RowsAffected()
+			return int(m), err
+		},
+	} {
+		if err := ob.Add(ctx, tx, msg(i)); err != nil {
+			t.Fatal(err)
+		}
+		if n, err := run(); err != nil || n != i+1 {
+			t.Fatalf("statement %d after Add: %d rows, %v; want %d", i, n, err, i+1)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+
+	tx = db.MustBeginTx(ctx, nil)
+	defer tx.Rollback()
+	bad := msg(9)
+	bad.Type = "bad"
+	if err := ob.Add(ctx, tx, bad); err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	err = tx.Get(&n, `SELECT 1`)
+	if err == nil || !strings.Contains(err.Error(), "earlier Add") || !strings.Contains(err.Error(), "no_bad_type") {
+		t.Fatalf("the statement after a failing insert: %v; want the insert's error", err)
+	}
+	if err := tx.Commit(); !errors.Is(err, pq.ErrInFailedTransaction) {
+		t.Fatalf("Commit of the failed transaction: %v, want pq.ErrInFailedTransaction", err)
+	}
+	if n := count(t, s); n != 3 {
+		t.Fatalf("%d rows, want the first transaction's 3", n)
+	}
+}
+
+// Rollback drops what Add left pending; a statement that failed before the
+// Add makes Commit fail as lib/pq's own Commit does; several messages, in
+// one Add or several, are all written, in order.
+func TestAtCommitRollbackAndOrder(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	db := atCommitDB(t, s, "")
+	db.SetMaxOpenConns(1)
+	ob := newOutbox(t, outbox.Config{DB: db.DB})
+	ctx := context.Background()
+
+	tx := db.MustBeginTx(ctx, nil)
+	if err := ob.Add(ctx, tx, msg(1), msg(2)); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Rollback(); err != nil {
+		t.Fatal(err)
+	}
+
+	tx = db.MustBeginTx(ctx, nil)
+	if _, err := tx.Exec(`SELECT 1/0`); err == nil {
+		t.Fatal("1/0 did not fail")
+	}
+	if err := ob.Add(ctx, tx, msg(3)); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(); !errors.Is(err, pq.ErrInFailedTransaction) {
+		t.Fatalf("Commit after a failed statement: %v, want pq.ErrInFailedTransaction", err)
+	}
+	if n := count(t, s); n != 0 {
+		t.Fatalf("%d rows after a rollback and a failed transaction, want 0", n)
+	}
+
+	tx = db.MustBeginTx(ctx, nil)
+	for _, m := range [][]outbox.Message{{msg(4)}, {msg(5), msg(6), msg(7)}, {msg(8)}} {
+		if err := ob.Add(ctx, tx, m...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	var payloads []string
+	if err := s.DB.Select(&payloads, `SELECT convert_from(payload, 'UTF8') FROM mailroom_outbox ORDER BY seq`); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(payloads, " "); got != `{"n":4} {"n":5} {"n":6} {"n":7} {"n":8}` {
+		t.Fatalf("rows in seq order: %s", got)
+	}
+}
+
+// Outside a transaction Add writes at once, through the database itself or
+// one of its connections; several messages then go in one statement, all
+// or nothing.
+func TestAtCommitWithoutTransaction(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	db := atCommitDB(t, s, "")
+	ob := newOutbox(t, outbox.Config{DB: db.DB})
+	ctx := context.Background()
+	if err := ob.Add(ctx, db.DB, msg(1)); err != nil {
+		t.Fatal(err)
+	}
+	if n := count(t, s); n != 1 {
+		t.Fatalf("%d rows after Add on the database, want 1", n)
+	}
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	bad := msg(3)
+	bad.Headers = map[string]string{"h": "\u0000"} // jsonb refuses \u0000
+	if err := ob.Add(ctx, conn, msg(2), bad); err == nil {
+		t.Fatal("Add of a message jsonb refuses succeeded")
+	}
+	if err := ob.Add(ctx, conn, msg(2), msg(3)); err != nil {
+		t.Fatal(err)
+	}
+	if n := count(t, s); n != 3 {
+		t.Fatalf("%d rows, want 3 (none of the failed Add)", n)
+	}
+}
+
+// The insert the COMMIT carries takes the wake lock like any other: while a
+// relay sleeps, the commit notifies it.
+func TestAtCommitNotifiesASleepingRelay(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	db := atCommitDB(t, s, "")
+	ob := newOutbox(t, outbox.Config{DB: db.DB})
+	ctx := context.Background()
+	oid := outboxOID(t, s)
+	l := pq.NewListener(s.URL, 10*time.Millisecond, time.Second, nil)
+	defer l.Close()
+	if err := l.Listen(wakeup.Channel(oid)); err != nil {
+		t.Fatal(err)
+	}
+	relay, err := s.DB.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer relay.Close()
+	if _, err := relay.ExecContext(ctx, `SELECT pg_advisory_lock($1, $2)`, wakeup.LockKey, int32(oid)); err != nil {
+		t.Fatal(err)
+	}
+	tx := db.MustBeginTx(ctx, nil)
+	if err := ob.Add(ctx, tx, msg(1)); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case n := <-l.Notify:
+		if n == nil {
+			t.Fatal("listener reconnected; the notification may be lost")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the commit did not notify the sleeping relay within 10s")
+	}
+	var notified bool
+	if err := s.DB.Get(&notified, `SELECT notified FROM mailroom_outbox`); err != nil || !notified {
+		t.Fatalf("notified = %v (%v), want true", notified, err)
+	}
+}
+
+// A connection that drops between Add and Commit makes Commit fail and
+// writes nothing; the pool replaces the connection.
+func TestAtCommitConnectionDropped(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	app := testenv.Unique("atcommit")
+	db := atCommitDB(t, s, app)
+	ob := newOutbox(t, outbox.Config{DB: db.DB})
+	ctx := context.Background()
+	tx := db.MustBeginTx(ctx, nil)
+	if err := ob.Add(ctx, tx, msg(1)); err != nil {
+		t.Fatal(err)
+	}
+	if n := testenv.TerminateBackends(t, app); n != 1 {
+		t.Fatalf("terminated %d sessions, want 1", n)
+	}
+	if err := tx.Commit(); err == nil {
+		t.Fatal("Commit on a dropped connection succeeded")
+	}
+	if n := count(t, s); n != 0 {
+		t.Fatalf("%d rows, want 0", n)
+	}
+	tx = db.MustBeginTx(ctx, nil)
+	if err := ob.Add(ctx, tx, msg(2)); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatalf("a transaction on a new connection: %v", err)
+	}
+	if n := count(t, s); n != 1 {
+		t.Fatalf("%d rows, want 1", n)
+	}
+}
+
+// A cancelled transaction context rolls back, pending inserts included.
+func TestAtCommitCancelledContext(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	db := atCommitDB(t, s, "")
+	db.SetMaxOpenConns(1)
+	ob := newOutbox(t, outbox.Config{DB: db.DB})
+	ctx, cancel := context.WithCancel(context.Background())
+	tx, err := db.BeginTxx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ob.Add(ctx, tx, msg(1)); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	if err := tx.Commit(); err == nil {
+		t.Fatal("Commit after the context was cancelled succeeded")
+	}
+	if n := count(t, s); n != 0 {
+		t.Fatalf("%d rows, want 0", n)
+	}
+	tx = db.MustBeginTx(context.Background(), nil) // the one connection is usable
+	if err := ob.Add(context.Background(), tx, msg(2)); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if n := count(t, s); n != 1 {
+		t.Fatalf("%d rows, want 1", n)
+	}
+}
+
+// COPY (pq.CopyIn) works through the connector's statements, after an Add
+// in the same transaction too.
+func TestAtCommitCopyIn(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	db := atCommitDB(t, s, "")
+	copyIn(t, &testenv.Schema{Name: s.Name, URL: s.URL, DB: db})
+	if n := count(t, s); n != 2 {
+		t.Fatalf("%d rows, want 2", n)
+	}
+	ob := newOutbox(t, outbox.Config{DB: db.DB})
+	ctx := context.Background()
+	tx := db.MustBeginTx(ctx, nil)
+	defer tx.Rollback()
+	if err := ob.Add(ctx, tx, msg(1)); err != nil {
+		t.Fatal(err)
+	}
+	st, err := tx.Prepare(pq.CopyIn("mailroom_outbox", "id", "exchange", "routing_key", "payload"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Exec(outbox.NewID(), "x", "k", []byte(`{"n":2}`)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Exec(); err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	var payloads []string
+	if err := s.DB.Select(&payloads, `SELECT convert_from(payload, 'UTF8') FROM mailroom_outbox ORDER BY seq OFFSET 2`); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(payloads, " "); got != `{"n":1} {"n":2}` {
+		t.Fatalf("Add then COPY in one transaction: %s", got)
+	}
+}
+
+// A DEALLOCATE on a connection fails the next transaction that adds a
+// message there, with nothing written; the one after prepares again.
+func TestAtCommitAfterDeallocate(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	db := atCommitDB(t, s, "")
+	db.SetMaxOpenConns(1)
+	ob := newOutbox(t, outbox.Config{DB: db.DB})
+	ctx := context.Background()
+	add := func(i int) error {
+		tx := db.MustBeginTx(ctx, nil)
+		defer tx.Rollback()
+		if err := ob.Add(ctx, tx, msg(i)); err != nil {
+			return err
+		}
+		return tx.Commit()
+	}
+	if err := add(1); err != nil {
+		t.Fatal(err)
+	}
+	db.MustExec(`DEALLOCATE ALL`)
+	var pqErr *pq.Error
+	if err := add(2); !errors.As(err, &pqErr) || pqErr.Code != "26000" {
+		t.Fatalf("the transaction after DEALLOCATE: %v, want prepared statement does not exist", err)
+	}
+	if err := add(3); err != nil {
+		t.Fatalf("the next transaction: %v", err)
+	}
+	var payloads []string
+	if err := s.DB.Select(&payloads, `SELECT convert_from(payload, 'UTF8') FROM mailroom_outbox ORDER BY seq`); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(payloads, " "); got != `{"n":1} {"n":3}` {
+		t.Fatalf("rows: %s", got)
+	}
+}
+
+// NewConnector names what it needs when given another driver's connector.
+func TestAtCommitNeedsLibPQ(t *testing.T) {
+	t.Parallel()
+	db := sql.OpenDB(outbox.NewConnector(otherConnector{}))
+	defer db.Close()
+	err := db.Ping()
+	if err == nil || !strings.Contains(err.Error(), "needs a lib/pq connector") {
+		t.Fatalf("Ping through another driver: %v", err)
+	}
+}
+
+// otherConnector stands for a driver that is not lib/pq.
+type otherConnector struct{}
+
+func (otherConnector) Connect(context.Context) (driver.Conn, error) { return otherConn{}, nil }
+func (otherConnector) Driver() driver.Driver                        { return nil }
+
+type otherConn struct{}
+
+func (otherConn) Prepare(string) (driver.Stmt, error) { return nil, errors.New("not implemented") }
+func (otherConn) Close() error                        { return nil }
+func (otherConn) Begin() (driver.Tx, error)           { return nil, errors.New("not implemented") }
