@@ -14,6 +14,7 @@ import (
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 
 	"github.com/mailroom-go/mailroom/inbox"
+	"github.com/mailroom-go/mailroom/outbox"
 )
 
 // A batch runs without savepoints first; a failing handler rolls the whole
@@ -136,6 +137,71 @@ func TestBatchStatementFailureSwallowedByHandler(t *testing.T) {
 				checkKeyOrder(t, e)
 			}
 		})
+	}
+}
+
+// On a database of outbox.OpenDB the insert of a handler's Add is sent
+// with the transaction's next statement (another message's handler, or a
+// savepoint) or with the COMMIT. When it fails, the batch is redone one
+// message at a time and only the message whose handler added it fails:
+// the next message's handler, whose statement reported it, and the batch
+// whose commit carried it are not charged with it.
+func TestBatchAddSentLaterFails(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, inbox.Topology{})
+	e.db.MustExec(`ALTER TABLE mailroom_outbox ADD CONSTRAINT no_bad_type CHECK (type <> 'bad')`)
+	db, err := outbox.OpenDB(e.url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	e.db = sqlx.NewDb(db, "postgres")
+	ob, err := outbox.New(outbox.Config{DB: db})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var msgs []amqp.Publishing
+	doomed := map[string]bool{}
+	for i, id := range ids("later", 40) {
+		msgs = append(msgs, msg(id, "", i))
+		if i%10 == 4 || i%10 == 9 { // mid-batch, and likely a batch's last
+			doomed[id] = true
+		}
+	}
+	e.publish(msgs...)
+	cfg := e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+		if err := record(ctx, tx, m); err != nil {
+			return err
+		}
+		typ := "ok"
+		if doomed[m.ID] {
+			typ = "bad"
+		}
+		return ob.Add(ctx, tx, outbox.Message{Exchange: "x", Type: typ, Payload: []byte(`{}`)})
+	})
+	cfg.Concurrency, cfg.BatchSize, cfg.MaxAttempts = 1, 10, 2
+	c, _ := e.start(cfg)
+	e.deadLetters(len(doomed))
+	got := e.waitEffects(40 - len(doomed))
+	largestTx(t, e)
+	for id := range doomed {
+		if got[id] != 0 {
+			t.Errorf("%s applied although its outbox insert always fails", id)
+		}
+	}
+	var attempts []int
+	if err := e.db.Select(&attempts, `SELECT attempt FROM effects WHERE attempt <> 1`); err != nil {
+		t.Fatal(err)
+	}
+	if len(attempts) != 0 {
+		t.Errorf("%d messages applied on a later attempt: a failure was charged to a message that did not cause it", len(attempts))
+	}
+	var outboxRows int
+	if err := e.db.Get(&outboxRows, `SELECT count(*) FROM mailroom_outbox`); err != nil || outboxRows != 40-len(doomed) {
+		t.Errorf("%d outbox rows (%v), want one per applied message, %d", outboxRows, err, 40-len(doomed))
+	}
+	if s := c.Stats(); s.Handled != uint64(40-len(doomed)) || s.Failed != uint64(2*len(doomed)) || s.DeadLettered != uint64(len(doomed)) {
+		t.Errorf("stats %+v, want %d handled, %d failed, %d dead letters", s, 40-len(doomed), 2*len(doomed), len(doomed))
 	}
 }
 

@@ -24,6 +24,7 @@ const wait = 60 * time.Second
 // env is a test's own schema, broker connection and topology.
 type env struct {
 	t     testing.TB
+	url   string // the schema's database
 	db    *sqlx.DB
 	b     *testenv.Broker
 	queue string
@@ -40,7 +41,7 @@ func newEnv(t testing.TB, topo inbox.Topology) *env {
 		t.Fatal(err)
 	}
 	s.DB.MustExec(`CREATE TABLE effects (seq bigserial PRIMARY KEY, msg_id text NOT NULL, key text NOT NULL DEFAULT '', attempt int NOT NULL, txid bigint NOT NULL DEFAULT txid_current())`)
-	return &env{t: t, db: s.DB, b: b, queue: topo.Queue}
+	return &env{t: t, url: s.URL, db: s.DB, b: b, queue: topo.Queue}
 }
 
 // record is a handler that writes one effect row per call.

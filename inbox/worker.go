@@ -16,6 +16,8 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
+
+	"github.com/mailroom-go/mailroom/outbox"
 )
 
 // session holds what the workers of one connection share.
@@ -276,8 +278,13 @@ func (s *session) fast(bctx context.Context, bspan trace.Span, items []item, ber
 		return nil, failure{i, herr}, false
 	}
 	if err := tx.Commit(); err != nil {
-		if errors.Is(err, pq.ErrInFailedTransaction) {
-			return nil, noFailure, false // a handler returned nil after a failed statement
+		var refused *pq.Error
+		if errors.Is(err, pq.ErrInFailedTransaction) || errors.As(err, &refused) {
+			// A handler returned nil after a failed statement, or PostgreSQL
+			// refused the commit (nothing committed): maybe the insert of
+			// an Add sent with the COMMIT (outbox.OpenDB), which careful
+			// sends after each handler, in its savepoint.
+			return nil, noFailure, false
 		}
 		*berr = err
 		s.requeue(fmt.Errorf("commit of a batch of %d (outcome unknown; redeliveries are deduplicated): %w", len(items), err), ds(items)...)
@@ -296,11 +303,14 @@ func (s *session) fast(bctx context.Context, bspan trace.Span, items []item, ber
 	return nil, noFailure, true
 }
 
-// aborted reports whether err is PostgreSQL refusing a statement because
-// the transaction has already failed.
+// aborted reports whether err says the transaction had already failed
+// before the statement that returned it: PostgreSQL refusing it, or (on a
+// database of outbox.OpenDB) the insert of an Add that an earlier
+// handler may have made, sent ahead of it.
 func aborted(err error) bool {
 	var pqErr *pq.Error
-	return errors.As(err, &pqErr) && pqErr.Code == "25P02" // in_failed_sql_transaction
+	return errors.As(err, &pqErr) && pqErr.Code == "25P02" || // in_failed_sql_transaction
+		errors.Is(err, outbox.ErrEarlierAdd)
 }
 
 // careful applies items in one transaction with a savepoint per message,
@@ -333,12 +343,14 @@ func (s *session) careful(bctx context.Context, bspan trace.Span, items []item, 
 			herr = c.call(mctx, tx, it.m)
 			endSpan(span, false, herr)
 			if herr == nil {
-				if _, err := tx.ExecContext(s.ctx, `RELEASE SAVEPOINT mailroom_message`); err == nil {
+				_, err := tx.ExecContext(s.ctx, `RELEASE SAVEPOINT mailroom_message`)
+				if err == nil {
 					continue
-				} else if s.ctx.Err() != nil {
+				}
+				if s.ctx.Err() != nil {
 					return nil // shutdown timed out
 				}
-				herr = errors.New("handler returned nil but a statement in its transaction failed")
+				herr = fmt.Errorf("handler returned nil but a statement in its transaction failed: %w", err)
 			}
 			if _, err := tx.ExecContext(s.ctx, `ROLLBACK TO SAVEPOINT mailroom_message`); err != nil {
 				return s.retryBatch(fmt.Errorf("rollback to savepoint: %w", err), items)

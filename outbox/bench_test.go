@@ -19,8 +19,9 @@ import (
 // (the insert sent with the COMMIT), with Config.DB (a prepared
 // statement) and without (literals), while no relay sleeps (the usual
 // case under load: writers only take the wake lock shared) and while one
-// does (every commit sends a NOTIFY). Compare tx/s across the variants of
-// one run:
+// does (every commit sends a NOTIFY). The variants run one after another,
+// so the machine's drift shows between them; `go run ./internal/bench -run
+// writecost` alternates them and compares medians:
 //
 //	go test ./outbox -run '^$' -bench WriteCost -benchtime 5s
 func BenchmarkWriteCost(b *testing.B) {

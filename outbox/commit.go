@@ -16,8 +16,8 @@ import (
 
 // Add's insert costs one round trip to the database: in a short business
 // transaction (BEGIN, a statement, COMMIT) that is a quarter or more of
-// the transaction. On a database opened with NewConnector, Add sends
-// nothing: the connection keeps the insert and sends it in the same
+// the transaction. On a database opened with NewConnector and given to
+// the Outbox as Config.DB, Add sends nothing: the connection keeps the insert and sends it in the same
 // message as the transaction's COMMIT (or before the transaction's next
 // statement), as one simple query:
 //
@@ -47,8 +47,14 @@ const atCommit = "/* mailroom: at commit */ "
 // connection) makes Commit fail, with the transaction rolled back, rather
 // than Add; Add still validates its messages, and the first Add on each
 // connection prepares the insert, so a missing table or column fails Add
-// itself. A DEALLOCATE or DISCARD ALL on these connections fails the next
+// itself. A statement of the transaction after the Add runs after the
+// insert; if the insert fails, that statement returns ErrEarlierAdd
+// without running. (An inbox handler's insert that fails is charged to
+// that handler: the inbox redoes a batch message by message.) A
+// DEALLOCATE or DISCARD ALL on these connections fails the next
 // transaction that adds a message on it; the one after prepares again.
+// Not behind PgBouncer in transaction mode: it does not carry an SQL
+// PREPARE from one transaction to the next.
 func NewConnector(c driver.Connector) driver.Connector { return &connector{c} }
 
 // OpenDB opens the PostgreSQL database named by dsn (as for
@@ -225,6 +231,13 @@ func writeLiteral(b *strings.Builder, v driver.Value) error {
 	return nil
 }
 
+// ErrEarlierAdd is wrapped by the error of a statement before which a
+// connection of NewConnector sent the inserts of earlier Adds in its
+// transaction, and one failed: the statement did not run, and the
+// transaction is aborted. (The inbox redoes a batch one message at a time
+// on it, to find whose handler added the message.)
+var ErrEarlierAdd = errors.New("outbox: the insert of an earlier Add in this transaction failed")
+
 // flush sends the pending inserts on their own, before another statement of
 // the transaction.
 func (c *conn) flush(ctx context.Context) error {
@@ -235,7 +248,7 @@ func (c *conn) flush(ctx context.Context) error {
 	c.pending = c.pending[:0]
 	if _, err := c.pqConn.ExecContext(ctx, q, nil); err != nil {
 		c.forgetIfDeallocated(err)
-		return fmt.Errorf("outbox: the insert of an earlier Add in this transaction: %w", err)
+		return fmt.Errorf("%w (this statement did not run): %w", ErrEarlierAdd, err)
 	}
 	return nil
 }

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/google/uuid"
 	"github.com/lib/pq"
@@ -369,12 +370,15 @@ func (o *Outbox) validate(i int, m *Message) (string, error) {
 	if m.ContentType == "" {
 		m.ContentType = "application/json"
 	}
-	for name := range m.Headers {
+	for name, v := range m.Headers {
 		if name == "" {
 			return "", bad("Headers", "empty header name")
 		}
 		if err := shortString(name); err != nil {
 			return "", bad("Headers", "name: %v", err)
+		}
+		if err := text(v); err != nil {
+			return "", bad("Headers", "%q: %v", name, err)
 		}
 		if strings.HasPrefix(strings.ToLower(name), ReservedHeaderPrefix) {
 			return "", bad("Headers", "%q: names starting with %q are reserved by mailroom (use Message.Key for the ordering key)", name, ReservedHeaderPrefix)
@@ -396,8 +400,19 @@ func shortString(s string) error {
 	if len(s) > 255 {
 		return fmt.Errorf("%d bytes is over the 255-byte limit", len(s))
 	}
+	return text(s)
+}
+
+// text enforces what PostgreSQL's text columns and jsonb accept (and AMQP
+// strings require): UTF-8 without NUL bytes. Checked here, a bad value is
+// an error of Add naming the field, also when the insert itself travels
+// with the COMMIT (NewConnector).
+func text(s string) error {
 	if strings.ContainsRune(s, 0) {
 		return fmt.Errorf("contains a NUL byte")
+	}
+	if !utf8.ValidString(s) {
+		return fmt.Errorf("%q is not valid UTF-8", s)
 	}
 	return nil
 }
