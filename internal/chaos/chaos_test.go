@@ -223,10 +223,34 @@ func TestChaos(t *testing.T) {
 
 	// Writers: each key belongs to one writer, which writes its events in
 	// consecutive transactions — the condition under which per-key order
-	// is promised.
+	// is promised. Odd writers add in a transaction of a database of
+	// outbox.OpenDB (the insert sent with the COMMIT), even ones directly.
 	ob, err := outbox.New(outbox.Config{})
 	if err != nil {
 		t.Fatal(err)
+	}
+	atDB, err := outbox.OpenDB(s.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer atDB.Close()
+	atCommit, err := outbox.New(outbox.Config{DB: atDB})
+	if err != nil {
+		t.Fatal(err)
+	}
+	add := func(w int, m outbox.Message) error {
+		if w%2 == 0 {
+			return ob.Add(context.Background(), s.DB, m)
+		}
+		tx, err := atDB.Begin()
+		if err != nil {
+			return err
+		}
+		defer tx.Rollback()
+		if err := atCommit.Add(context.Background(), tx, m); err != nil {
+			return err
+		}
+		return tx.Commit()
 	}
 	ctx, stopWriting := context.WithTimeout(context.Background(), *runFor)
 	defer stopWriting()
@@ -263,7 +287,7 @@ func TestChaos(t *testing.T) {
 					body, _ = json.Marshal(map[string]any{"poison": true})
 					m = outbox.Message{ID: outbox.NewID(), Exchange: exchange, RoutingKey: "chaos.poison", Payload: body}
 				}
-				if err := ob.Add(context.Background(), s.DB, m); err != nil {
+				if err := add(w, m); err != nil {
 					t.Errorf("write: %v", err)
 					return
 				}
