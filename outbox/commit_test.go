@@ -17,6 +17,44 @@ import (
 	"github.com/mailroom-go/mailroom/outbox"
 )
 
+// atCommitEnv returns a new schema whose outbox refuses messages of type
+// "bad" (a CHECK: an insert that fails in the database, after Add's own
+// checks), its database opened through outbox.OpenDB with
+// application_name app (when not empty) and at most conns connections
+// (0: no limit), and an Outbox on that database.
+func atCommitEnv(t *testing.T, app string, conns int) (*testenv.Schema, *sqlx.DB, *outbox.Outbox) {
+	t.Helper()
+	s := testenv.NewSchema(t)
+	s.DB.MustExec(`ALTER TABLE mailroom_outbox ADD CONSTRAINT no_bad_type CHECK (type <> 'bad')`)
+	db := atCommitDB(t, s, app)
+	db.SetMaxOpenConns(conns)
+	return s, db, newOutbox(t, outbox.Config{DB: db.DB})
+}
+
+// addInTx adds msgs in a transaction of db of their own and commits it.
+func addInTx(db *sqlx.DB, ob *outbox.Outbox, msgs ...outbox.Message) error {
+	ctx := context.Background()
+	tx, err := db.BeginTxx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if err := ob.Add(ctx, tx, msgs...); err != nil {
+		return err
+	}
+	return tx.Commit()
+}
+
+// payloads returns the outbox's payloads in seq order, from the offset-th.
+func payloads(t *testing.T, s *testenv.Schema, offset int) string {
+	t.Helper()
+	var ps []string
+	if err := s.DB.Select(&ps, `SELECT convert_from(payload, 'UTF8') FROM mailroom_outbox ORDER BY seq OFFSET $1`, offset); err != nil {
+		t.Fatal(err)
+	}
+	return strings.Join(ps, " ")
+}
+
 // atCommitDB opens the schema's database through outbox.OpenDB, with
 // application_name app when it is not empty.
 func atCommitDB(t *testing.T, s *testenv.Schema, app string) *sqlx.DB {
@@ -38,14 +76,8 @@ func atCommitDB(t *testing.T, s *testenv.Schema, app string) *sqlx.DB {
 // back with it. The connection is then as good as new.
 func TestAtCommitInsertFailsWithTheCommit(t *testing.T) {
 	t.Parallel()
-	s := testenv.NewSchema(t)
-	if _, err := s.DB.Exec(`CREATE TABLE orders (id int PRIMARY KEY);
-		ALTER TABLE mailroom_outbox ADD CONSTRAINT no_bad_type CHECK (type <> 'bad')`); err != nil {
-		t.Fatal(err)
-	}
-	db := atCommitDB(t, s, "")
-	db.SetMaxOpenConns(1) // every transaction below reuses one connection
-	ob := newOutbox(t, outbox.Config{DB: db.DB})
+	s, db, ob := atCommitEnv(t, "", 1) // every transaction below reuses one connection
+	s.DB.MustExec(`CREATE TABLE orders (id int PRIMARY KEY)`)
 	ctx := context.Background()
 
 	tx := db.MustBeginTx(ctx, nil)
@@ -82,14 +114,9 @@ func TestAtCommitInsertFailsWithTheCommit(t *testing.T) {
 // succeeded in the same message, nothing is written either.
 func TestAtCommitFailingCommit(t *testing.T) {
 	t.Parallel()
-	s := testenv.NewSchema(t)
-	if _, err := s.DB.Exec(`CREATE TABLE customers (id int PRIMARY KEY);
-		CREATE TABLE orders (id int PRIMARY KEY, customer int REFERENCES customers DEFERRABLE INITIALLY DEFERRED)`); err != nil {
-		t.Fatal(err)
-	}
-	db := atCommitDB(t, s, "")
-	db.SetMaxOpenConns(1)
-	ob := newOutbox(t, outbox.Config{DB: db.DB})
+	s, db, ob := atCommitEnv(t, "", 1)
+	s.DB.MustExec(`CREATE TABLE customers (id int PRIMARY KEY);
+		CREATE TABLE orders (id int PRIMARY KEY, customer int REFERENCES customers DEFERRABLE INITIALLY DEFERRED)`)
 	ctx := context.Background()
 	tx := db.MustBeginTx(ctx, nil)
 	tx.MustExec(`INSERT INTO orders VALUES (1, 42)`) // no customer 42: fails at COMMIT
@@ -115,12 +142,7 @@ func TestAtCommitFailingCommit(t *testing.T) {
 // failing insert then fails that statement.
 func TestAtCommitStatementsAfterAddSeeItsRows(t *testing.T) {
 	t.Parallel()
-	s := testenv.NewSchema(t)
-	if _, err := s.DB.Exec(`ALTER TABLE mailroom_outbox ADD CONSTRAINT no_bad_type CHECK (type <> 'bad')`); err != nil {
-		t.Fatal(err)
-	}
-	db := atCommitDB(t, s, "")
-	ob := newOutbox(t, outbox.Config{DB: db.DB})
+	s, db, ob := atCommitEnv(t, "", 0)
 	ctx := context.Background()
 	tx := db.MustBeginTx(ctx, nil)
 	defer tx.Rollback()
@@ -176,10 +198,7 @@ func TestAtCommitStatementsAfterAddSeeItsRows(t *testing.T) {
 // one Add or several, are all written, in order.
 func TestAtCommitRollbackAndOrder(t *testing.T) {
 	t.Parallel()
-	s := testenv.NewSchema(t)
-	db := atCommitDB(t, s, "")
-	db.SetMaxOpenConns(1)
-	ob := newOutbox(t, outbox.Config{DB: db.DB})
+	s, db, ob := atCommitEnv(t, "", 1)
 	ctx := context.Background()
 
 	tx := db.MustBeginTx(ctx, nil)
@@ -213,11 +232,7 @@ func TestAtCommitRollbackAndOrder(t *testing.T) {
 	if err := tx.Commit(); err != nil {
 		t.Fatal(err)
 	}
-	var payloads []string
-	if err := s.DB.Select(&payloads, `SELECT convert_from(payload, 'UTF8') FROM mailroom_outbox ORDER BY seq`); err != nil {
-		t.Fatal(err)
-	}
-	if got := strings.Join(payloads, " "); got != `{"n":4} {"n":5} {"n":6} {"n":7} {"n":8}` {
+	if got := payloads(t, s, 0); got != `{"n":4} {"n":5} {"n":6} {"n":7} {"n":8}` {
 		t.Fatalf("rows in seq order: %s", got)
 	}
 }
@@ -227,12 +242,7 @@ func TestAtCommitRollbackAndOrder(t *testing.T) {
 // or nothing.
 func TestAtCommitWithoutTransaction(t *testing.T) {
 	t.Parallel()
-	s := testenv.NewSchema(t)
-	if _, err := s.DB.Exec(`ALTER TABLE mailroom_outbox ADD CONSTRAINT no_bad_type CHECK (type <> 'bad')`); err != nil {
-		t.Fatal(err)
-	}
-	db := atCommitDB(t, s, "")
-	ob := newOutbox(t, outbox.Config{DB: db.DB})
+	s, db, ob := atCommitEnv(t, "", 0)
 	ctx := context.Background()
 	if err := ob.Add(ctx, db.DB, msg(1)); err != nil {
 		t.Fatal(err)
@@ -262,9 +272,7 @@ func TestAtCommitWithoutTransaction(t *testing.T) {
 // relay sleeps, the commit notifies it.
 func TestAtCommitNotifiesASleepingRelay(t *testing.T) {
 	t.Parallel()
-	s := testenv.NewSchema(t)
-	db := atCommitDB(t, s, "")
-	ob := newOutbox(t, outbox.Config{DB: db.DB})
+	s, db, ob := atCommitEnv(t, "", 0)
 	ctx := context.Background()
 	oid := outboxOID(t, s)
 	l := pq.NewListener(s.URL, 10*time.Millisecond, time.Second, nil)
@@ -280,11 +288,7 @@ func TestAtCommitNotifiesASleepingRelay(t *testing.T) {
 	if _, err := relay.ExecContext(ctx, `SELECT pg_advisory_lock($1, $2)`, wakeup.LockKey, int32(oid)); err != nil {
 		t.Fatal(err)
 	}
-	tx := db.MustBeginTx(ctx, nil)
-	if err := ob.Add(ctx, tx, msg(1)); err != nil {
-		t.Fatal(err)
-	}
-	if err := tx.Commit(); err != nil {
+	if err := addInTx(db, ob, msg(1)); err != nil {
 		t.Fatal(err)
 	}
 	select {
@@ -305,10 +309,8 @@ func TestAtCommitNotifiesASleepingRelay(t *testing.T) {
 // writes nothing; the pool replaces the connection.
 func TestAtCommitConnectionDropped(t *testing.T) {
 	t.Parallel()
-	s := testenv.NewSchema(t)
 	app := testenv.Unique("atcommit")
-	db := atCommitDB(t, s, app)
-	ob := newOutbox(t, outbox.Config{DB: db.DB})
+	s, db, ob := atCommitEnv(t, app, 0)
 	ctx := context.Background()
 	tx := db.MustBeginTx(ctx, nil)
 	if err := ob.Add(ctx, tx, msg(1)); err != nil {
@@ -323,11 +325,7 @@ func TestAtCommitConnectionDropped(t *testing.T) {
 	if n := count(t, s); n != 0 {
 		t.Fatalf("%d rows, want 0", n)
 	}
-	tx = db.MustBeginTx(ctx, nil)
-	if err := ob.Add(ctx, tx, msg(2)); err != nil {
-		t.Fatal(err)
-	}
-	if err := tx.Commit(); err != nil {
+	if err := addInTx(db, ob, msg(2)); err != nil {
 		t.Fatalf("a transaction on a new connection: %v", err)
 	}
 	if n := count(t, s); n != 1 {
@@ -338,10 +336,7 @@ func TestAtCommitConnectionDropped(t *testing.T) {
 // A cancelled transaction context rolls back, pending inserts included.
 func TestAtCommitCancelledContext(t *testing.T) {
 	t.Parallel()
-	s := testenv.NewSchema(t)
-	db := atCommitDB(t, s, "")
-	db.SetMaxOpenConns(1)
-	ob := newOutbox(t, outbox.Config{DB: db.DB})
+	s, db, ob := atCommitEnv(t, "", 1)
 	ctx, cancel := context.WithCancel(context.Background())
 	tx, err := db.BeginTxx(ctx, nil)
 	if err != nil {
@@ -357,11 +352,7 @@ func TestAtCommitCancelledContext(t *testing.T) {
 	if n := count(t, s); n != 0 {
 		t.Fatalf("%d rows, want 0", n)
 	}
-	tx = db.MustBeginTx(context.Background(), nil) // the one connection is usable
-	if err := ob.Add(context.Background(), tx, msg(2)); err != nil {
-		t.Fatal(err)
-	}
-	if err := tx.Commit(); err != nil {
+	if err := addInTx(db, ob, msg(2)); err != nil { // the one connection is usable
 		t.Fatal(err)
 	}
 	if n := count(t, s); n != 1 {
@@ -373,13 +364,11 @@ func TestAtCommitCancelledContext(t *testing.T) {
 // in the same transaction too.
 func TestAtCommitCopyIn(t *testing.T) {
 	t.Parallel()
-	s := testenv.NewSchema(t)
-	db := atCommitDB(t, s, "")
+	s, db, ob := atCommitEnv(t, "", 0)
 	copyIn(t, &testenv.Schema{Name: s.Name, URL: s.URL, DB: db})
 	if n := count(t, s); n != 2 {
 		t.Fatalf("%d rows, want 2", n)
 	}
-	ob := newOutbox(t, outbox.Config{DB: db.DB})
 	ctx := context.Background()
 	tx := db.MustBeginTx(ctx, nil)
 	defer tx.Rollback()
@@ -400,11 +389,7 @@ func TestAtCommitCopyIn(t *testing.T) {
 	if err := tx.Commit(); err != nil {
 		t.Fatal(err)
 	}
-	var payloads []string
-	if err := s.DB.Select(&payloads, `SELECT convert_from(payload, 'UTF8') FROM mailroom_outbox ORDER BY seq OFFSET 2`); err != nil {
-		t.Fatal(err)
-	}
-	if got := strings.Join(payloads, " "); got != `{"n":1} {"n":2}` {
+	if got := payloads(t, s, 2); got != `{"n":1} {"n":2}` {
 		t.Fatalf("Add then COPY in one transaction: %s", got)
 	}
 }
@@ -413,35 +398,19 @@ func TestAtCommitCopyIn(t *testing.T) {
 // message there, with nothing written; the one after prepares again.
 func TestAtCommitAfterDeallocate(t *testing.T) {
 	t.Parallel()
-	s := testenv.NewSchema(t)
-	db := atCommitDB(t, s, "")
-	db.SetMaxOpenConns(1)
-	ob := newOutbox(t, outbox.Config{DB: db.DB})
-	ctx := context.Background()
-	add := func(i int) error {
-		tx := db.MustBeginTx(ctx, nil)
-		defer tx.Rollback()
-		if err := ob.Add(ctx, tx, msg(i)); err != nil {
-			return err
-		}
-		return tx.Commit()
-	}
-	if err := add(1); err != nil {
+	s, db, ob := atCommitEnv(t, "", 1)
+	if err := addInTx(db, ob, msg(1)); err != nil {
 		t.Fatal(err)
 	}
 	db.MustExec(`DEALLOCATE ALL`)
 	var pqErr *pq.Error
-	if err := add(2); !errors.As(err, &pqErr) || pqErr.Code != "26000" {
+	if err := addInTx(db, ob, msg(2)); !errors.As(err, &pqErr) || pqErr.Code != "26000" {
 		t.Fatalf("the transaction after DEALLOCATE: %v, want prepared statement does not exist", err)
 	}
-	if err := add(3); err != nil {
+	if err := addInTx(db, ob, msg(3)); err != nil {
 		t.Fatalf("the next transaction: %v", err)
 	}
-	var payloads []string
-	if err := s.DB.Select(&payloads, `SELECT convert_from(payload, 'UTF8') FROM mailroom_outbox ORDER BY seq`); err != nil {
-		t.Fatal(err)
-	}
-	if got := strings.Join(payloads, " "); got != `{"n":1} {"n":3}` {
+	if got := payloads(t, s, 0); got != `{"n":1} {"n":3}` {
 		t.Fatalf("rows: %s", got)
 	}
 }
