@@ -150,19 +150,8 @@ func benchLatency(rate int) (p50, p99 time.Duration, n int, achieved float64, er
 		go func() { done <- r.Run(ctx) }()
 		ob, _ := outbox.New(outbox.Config{})
 		send := func(k int) error {
-			msgs := make([]outbox.Message, k)
-			for i := range msgs {
-				msgs[i] = outbox.Message{ID: outbox.NewID(), Exchange: w.exchange, RoutingKey: "k", Payload: latencyBody}
-			}
-			tx, err := w.db.Begin()
+			msgs, err := w.writeEvents(ob, k)
 			if err != nil {
-				return err
-			}
-			if err := ob.Add(context.Background(), tx, msgs...); err != nil {
-				tx.Rollback()
-				return err
-			}
-			if err := tx.Commit(); err != nil {
 				return err
 			}
 			now := time.Now()
@@ -182,6 +171,24 @@ func benchLatency(rate int) (p50, p99 time.Duration, n int, achieved float64, er
 			}
 		}, nil
 	})
+}
+
+// writeEvents commits k events to the outbox in one transaction, as the
+// latency figure's writers do, and returns them.
+func (w *world) writeEvents(ob *outbox.Outbox, k int) ([]outbox.Message, error) {
+	msgs := make([]outbox.Message, k)
+	for i := range msgs {
+		msgs[i] = outbox.Message{ID: outbox.NewID(), Exchange: w.exchange, RoutingKey: "k", Payload: latencyBody}
+	}
+	tx, err := w.db.Begin()
+	if err != nil {
+		return nil, err
+	}
+	defer tx.Rollback()
+	if err := ob.Add(context.Background(), tx, msgs...); err != nil {
+		return nil, err
+	}
+	return msgs, tx.Commit()
 }
 
 // publishSplit splits commit→consumer at each message's publish: the start
@@ -229,8 +236,11 @@ func (s *publishSplit) print(rate int) {
 // benchBrokerLatency is the yardstick for benchLatency: RabbitMQ alone,
 // publish→consumer at the same rate and pace (perTx(rate) persistent
 // messages per tick on one confirm-mode channel, confirms not awaited), to
-// the same queue and consumer.
-func benchBrokerLatency(rate int) (p50, p99 time.Duration, n int, achieved float64, err error) {
+// the same queue and consumer. With dbLoad, each tick also commits its
+// messages to the outbox first, as benchLatency's writers do, with no
+// relay reading them: the broker then shares the machine with the same
+// database work.
+func benchBrokerLatency(rate int, dbLoad bool) (p50, p99 time.Duration, n int, achieved float64, err error) {
 	return measureLatency(rate, func(w *world, l *latencies) (func(int) error, func(), error) {
 		ch, err := w.conn.Channel()
 		if err != nil {
@@ -246,7 +256,13 @@ func benchBrokerLatency(rate int) (p50, p99 time.Duration, n int, achieved float
 			}
 		}()
 		var mu sync.Mutex // one channel: publishes in turn
+		ob, _ := outbox.New(outbox.Config{})
 		send := func(k int) error {
+			if dbLoad {
+				if _, err := w.writeEvents(ob, k); err != nil {
+					return err
+				}
+			}
 			mu.Lock()
 			defer mu.Unlock()
 			for i := 0; i < k; i++ {

@@ -35,18 +35,19 @@ import (
 )
 
 var (
-	runFlag     = flag.String("run", "broker,naive,drain,latency,relays,writecost", "figures to run, comma-separated: broker, naive, drain, latency, relays, scale, dedupe, writecost")
-	events      = flag.Int("events", 100000, "backlog size for broker and drain")
-	rates       = flag.String("rates", "200,5000", "steady event rates (events/s) for latency, comma-separated")
-	duration    = flag.Duration("duration", 10*time.Second, "how long each latency rate runs")
-	quorum      = flag.Bool("quorum", false, "use a quorum queue instead of a classic one")
-	batchSize   = flag.Int("batch", 0, "relay BatchSize (0 = default)")
-	window      = flag.Int("window", 0, "relay ConfirmWindow (0 = default)")
-	repeat      = flag.Int("repeat", 3, "how many times broker and drain alternate (medians are compared)")
-	keys        = flag.Int("keys", 10000, "ordering keys over the relays figure's events (0 = none)")
-	writeRounds = flag.Int("write-rounds", 15, "how many times the writecost variants alternate (medians are compared)")
-	cpuProf     = flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
-	splitFlag   = flag.Bool("split", false, "latency: also split the relay's commit→consumer at each message's publish (traces every publish, which costs the relay CPU: use a run of its own)")
+	runFlag      = flag.String("run", "broker,naive,drain,latency,relays,writecost", "figures to run, comma-separated: broker, naive, drain, latency, relays, scale, dedupe, writecost")
+	events       = flag.Int("events", 100000, "backlog size for broker and drain")
+	rates        = flag.String("rates", "200,5000", "steady event rates (events/s) for latency, comma-separated")
+	duration     = flag.Duration("duration", 10*time.Second, "how long each latency rate runs")
+	quorum       = flag.Bool("quorum", false, "use a quorum queue instead of a classic one")
+	batchSize    = flag.Int("batch", 0, "relay BatchSize (0 = default)")
+	window       = flag.Int("window", 0, "relay ConfirmWindow (0 = default)")
+	repeat       = flag.Int("repeat", 3, "how many times broker and drain alternate (medians are compared)")
+	keys         = flag.Int("keys", 10000, "ordering keys over the relays figure's events (0 = none)")
+	writeRounds  = flag.Int("write-rounds", 15, "how many times the writecost variants alternate (medians are compared)")
+	cpuProf      = flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
+	brokerDBLoad = flag.Bool("broker-db-load", false, "latency: also measure RabbitMQ alone while each tick commits its messages to the outbox (the writers' database load, no relay)")
+	splitFlag    = flag.Bool("split", false, "latency: also split the relay's commit→consumer at each message's publish (traces every publish, which costs the relay CPU: use a run of its own)")
 )
 
 func main() {
@@ -161,8 +162,12 @@ func main() {
 		for _, s := range strings.Split(*rates, ",") {
 			var rate int
 			fmt.Sscan(s, &rate)
-			p50, p99, n, achieved := mustLatency(benchBrokerLatency(rate))
+			p50, p99, n, achieved := mustLatency(benchBrokerLatency(rate, false))
 			fmt.Printf("latency  %5d msgs/s target (%.0f achieved, %d msgs, %d per tick), RabbitMQ alone, publish→consumer:  p50 %6.2f ms  p99 %6.2f ms\n", rate, achieved, n, perTx(rate), ms(p50), ms(p99))
+			if *brokerDBLoad {
+				p50, p99, n, achieved := mustLatency(benchBrokerLatency(rate, true))
+				fmt.Printf("latency  %5d msgs/s target (%.0f achieved, %d msgs, %d per tick), RabbitMQ alone beside the writers' database load, publish→consumer:  p50 %6.2f ms  p99 %6.2f ms\n", rate, achieved, n, perTx(rate), ms(p50), ms(p99))
+			}
 			p50, p99, n, achieved = mustLatency(benchLatency(rate))
 			fmt.Printf("latency  %5d events/s target (%.0f achieved, %d events, %d per tx), commit→consumer:  p50 %6.2f ms  p99 %6.2f ms\n", rate, achieved, n, perTx(rate), ms(p50), ms(p99))
 		}
