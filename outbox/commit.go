@@ -102,7 +102,7 @@ func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
 		dc.Close()
 		return nil, fmt.Errorf("outbox: NewConnector needs a lib/pq connector (pq.NewConnector); its connections are %T", dc)
 	}
-	return &conn{pqConn: pc, prepared: map[string]string{}}, nil
+	return &conn{pqConn: pc, prepared: map[string]preparedStmt{}}, nil
 }
 
 // conn is a connection that keeps Add's inserts until they can travel
@@ -111,24 +111,31 @@ func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
 type conn struct {
 	pqConn
 	inTx     bool
-	pending  []string          // EXECUTE statements not yet sent, in Add order
-	prepared map[string]string // Add's statement → its prepared name on this connection
+	pending  []string                // EXECUTE statements not yet sent, in Add order
+	prepared map[string]preparedStmt // Add's statements prepared on this connection
 }
 
-// ExecContext keeps Add's insert while in a transaction, and runs it at
-// once (as one simple query) outside one. Any other statement first sends
-// what is pending, so it runs after the inserts, as written.
+// preparedStmt is one of Add's statements as prepared on a connection.
+type preparedStmt struct {
+	name   string
+	params int // placeholders ($1…$params); Add passes a multiple: one set per message
+}
+
+// ExecContext keeps Add's inserts (one per set of the statement's
+// parameters in args, all or none) while in a transaction, and runs them
+// at once (as one simple query) outside one. Any other statement first
+// sends what is pending, so it runs after the inserts, as written.
 func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
 	if strings.HasPrefix(query, atCommit) {
-		exec, err := c.execute(ctx, query, args)
+		execs, err := c.execute(ctx, query, args)
 		if err != nil {
 			return nil, err
 		}
 		if c.inTx {
-			c.pending = append(c.pending, exec)
-			return driver.RowsAffected(1), nil
+			c.pending = append(c.pending, execs...)
+			return driver.RowsAffected(len(execs)), nil
 		}
-		return c.pqConn.ExecContext(ctx, exec, nil)
+		return c.pqConn.ExecContext(ctx, strings.Join(execs, "; "), nil)
 	}
 	if err := c.flush(ctx); err != nil {
 		return nil, err
@@ -184,29 +191,56 @@ func (c *conn) Begin() (driver.Tx, error) {
 	return c.BeginTx(context.Background(), driver.TxOptions{})
 }
 
-// execute returns the EXECUTE statement that runs Add's query with args as
-// literals, preparing the query on this connection the first time.
-func (c *conn) execute(ctx context.Context, query string, args []driver.NamedValue) (string, error) {
-	name, ok := c.prepared[query]
+// execute returns the EXECUTE statements that run Add's query once for
+// each set of its parameters in args, with the values as literals,
+// preparing the query on this connection the first time.
+func (c *conn) execute(ctx context.Context, query string, args []driver.NamedValue) ([]string, error) {
+	st, ok := c.prepared[query]
 	if !ok {
-		name = "mailroom_add_" + strconv.Itoa(len(c.prepared)+1)
-		if _, err := c.pqConn.ExecContext(ctx, "PREPARE "+name+" AS "+query, nil); err != nil {
-			return "", err
+		st = preparedStmt{name: "mailroom_add_" + strconv.Itoa(len(c.prepared)+1), params: placeholders(query)}
+		if _, err := c.pqConn.ExecContext(ctx, "PREPARE "+st.name+" AS "+query, nil); err != nil {
+			return nil, err
 		}
-		c.prepared[query] = name
+		c.prepared[query] = st
 	}
-	var b strings.Builder
-	b.WriteString("EXECUTE " + name + "(")
-	for i, a := range args {
-		if i > 0 {
-			b.WriteString(", ")
-		}
-		if err := writeLiteral(&b, a.Value); err != nil {
-			return "", fmt.Errorf("outbox: argument %d: %w", a.Ordinal, err)
-		}
+	if st.params == 0 || len(args)%st.params != 0 {
+		return nil, fmt.Errorf("outbox: %d arguments for a statement with %d parameters per message", len(args), st.params)
 	}
-	b.WriteString(")")
-	return b.String(), nil
+	var execs []string
+	for len(args) > 0 {
+		var b strings.Builder
+		b.WriteString("EXECUTE " + st.name + "(")
+		for i, a := range args[:st.params] {
+			if i > 0 {
+				b.WriteString(", ")
+			}
+			if err := writeLiteral(&b, a.Value); err != nil {
+				return nil, fmt.Errorf("outbox: argument %d: %w", a.Ordinal, err)
+			}
+		}
+		b.WriteString(")")
+		execs = append(execs, b.String())
+		args = args[st.params:]
+	}
+	return execs, nil
+}
+
+// placeholders is the highest $n in query: Add's statements have no
+// string literals or comments holding a '$' after the marker.
+func placeholders(query string) int {
+	most := 0
+	for i := 0; i < len(query); i++ {
+		if query[i] != '$' {
+			continue
+		}
+		n := 0
+		for i+1 < len(query) && query[i+1] >= '0' && query[i+1] <= '9' {
+			i++
+			n = n*10 + int(query[i]-'0')
+		}
+		most = max(most, n)
+	}
+	return most
 }
 
 // writeLiteral writes v, a value database/sql passes to the driver, as an

@@ -268,6 +268,30 @@ func TestAtCommitWithoutTransaction(t *testing.T) {
 	}
 }
 
+// A transaction of another database than Config.DB (opened by OpenDB)
+// writes one message as a plain statement; several get an error that says
+// what is wrong, and nothing is written.
+func TestAtCommitOnAnotherDatabase(t *testing.T) {
+	t.Parallel()
+	s, _, ob := atCommitEnv(t, "", 0)
+	ctx := context.Background()
+	tx := s.DB.MustBeginTx(ctx, nil) // the plain database
+	defer tx.Rollback()
+	if err := ob.Add(ctx, tx, msg(1)); err != nil {
+		t.Fatalf("one message: %v", err)
+	}
+	err := ob.Add(ctx, tx, msg(2), msg(3))
+	if err == nil || !strings.Contains(err.Error(), "Config.DB is not the database of this transaction") {
+		t.Fatalf("two messages: %v", err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if got := payloads(t, s, 0); got != `{"n":1}` {
+		t.Fatalf("rows: %s", got)
+	}
+}
+
 // The insert the COMMIT carries takes the wake lock like any other: while a
 // relay sleeps, the commit notifies it.
 func TestAtCommitNotifiesASleepingRelay(t *testing.T) {

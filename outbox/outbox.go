@@ -249,7 +249,7 @@ func (o *Outbox) addPrepared(ctx context.Context, tx Execer, v *values) (done bo
 	}
 	_, err = run(st).ExecContext(ctx, v.args()...)
 	if err != nil && strings.Contains(err.Error(), "statement from different database") {
-		return true, fmt.Errorf("outbox: Config.DB is not the database of this transaction: set it to the *sql.DB the transaction came from (with sqlx, its .DB), or leave it nil: %w", err)
+		return true, otherDatabase(err)
 	}
 	if err != nil {
 		return true, fmt.Errorf("outbox: insert 1 message into %s: %w", o.table, err)
@@ -257,17 +257,30 @@ func (o *Outbox) addPrepared(ctx context.Context, tx Execer, v *values) (done bo
 	return true, nil
 }
 
-// addAtCommit gives each message's insert to the connection of a database
-// opened with NewConnector, which sends it with the COMMIT (one statement
-// per message, all in that one message). Only in a transaction, or for one
-// message: outside one, separate statements would not be all or nothing.
+// addAtCommit gives the messages' inserts, in one call (all or none kept),
+// to the connection of a database opened with NewConnector, which sends
+// them with the COMMIT (one EXECUTE per message, all in that one message).
+// Only in a transaction, or for one message: outside one, separate
+// statements would not be all or nothing.
 func (o *Outbox) addAtCommit(ctx context.Context, tx Execer, vals []values) error {
+	args := make([]any, 0, len(vals)*9)
 	for i := range vals {
-		if _, err := tx.ExecContext(ctx, atCommit+o.insertOne, vals[i].args()...); err != nil {
-			return fmt.Errorf("outbox: insert %d message(s) into %s: %w", len(vals), o.table, err)
-		}
+		args = append(args, vals[i].args()...)
+	}
+	_, err := tx.ExecContext(ctx, atCommit+o.insertOne, args...)
+	if err != nil && strings.Contains(err.Error(), "parameters but the statement requires") {
+		return otherDatabase(err) // a connection of another database ran the statement as it is
+	}
+	if err != nil {
+		return fmt.Errorf("outbox: insert %d message(s) into %s: %w", len(vals), o.table, err)
 	}
 	return nil
+}
+
+// otherDatabase is the error of an Add whose transaction is not of
+// Config.DB, which the statement's failure (err) gave away.
+func otherDatabase(err error) error {
+	return fmt.Errorf("outbox: Config.DB is not the database of this transaction: set it to the *sql.DB the transaction came from (with sqlx, its .DB), or leave it nil: %w", err)
 }
 
 // args are v's values for the parameters of insertOne.
