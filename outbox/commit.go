@@ -278,13 +278,19 @@ func (c *conn) flush(ctx context.Context) error {
 	if len(c.pending) == 0 {
 		return nil
 	}
-	q := strings.Join(c.pending, "; ")
-	c.pending = c.pending[:0]
-	if _, err := c.pqConn.ExecContext(ctx, q, nil); err != nil {
+	if _, err := c.pqConn.ExecContext(ctx, c.takePending(""), nil); err != nil {
 		c.forgetIfDeallocated(err)
 		return fmt.Errorf("%w (this statement did not run): %w", ErrEarlierAdd, err)
 	}
 	return nil
+}
+
+// takePending returns the pending inserts as one simple query, followed by
+// then, and empties the list.
+func (c *conn) takePending(then string) string {
+	q := strings.Join(c.pending, "; ") + then
+	c.pending = c.pending[:0]
+	return q
 }
 
 // forgetIfDeallocated forgets this connection's prepared inserts when err
@@ -311,10 +317,8 @@ func (t *atCommitTx) Commit() error {
 	if len(c.pending) == 0 {
 		return t.Tx.Commit()
 	}
-	q := strings.Join(c.pending, "; ") + "; COMMIT"
-	c.pending = c.pending[:0]
 	ctx := context.Background()
-	if _, err := c.pqConn.ExecContext(ctx, q, nil); err != nil {
+	if _, err := c.pqConn.ExecContext(ctx, c.takePending("; COMMIT"), nil); err != nil {
 		c.forgetIfDeallocated(err)
 		var pqErr *pq.Error
 		if errors.As(err, &pqErr) && pqErr.Code == "25P02" { // an earlier statement failed

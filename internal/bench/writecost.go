@@ -136,18 +136,8 @@ func openAtCommit(url string) (*sql.DB, error) {
 // businessTx runs the minimal business transaction (with Add when ob is
 // set) on clients connections of db for d and returns transactions/s and
 // how many.
-func businessTx(db *sql.DB, ob *outbox.Outbox, clients int, d time.Duration) (tps float64, n int64, err error) {
+func businessTx(db *sql.DB, ob *outbox.Outbox, clients int, d time.Duration) (tps float64, count int64, err error) {
 	payload := []byte(`{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","customer":"c-42","amount_cents":1999}`)
-	var f func(context.Context, *sql.Tx) error
-	if ob != nil {
-		f = func(ctx context.Context, tx *sql.Tx) error {
-			return ob.Add(ctx, tx, outbox.Message{Exchange: "orders", RoutingKey: "order.placed", Key: "c-42", Type: "order.placed", Payload: payload})
-		}
-	}
-	return businessTxF(db, f, clients, d)
-}
-
-func businessTxF(db *sql.DB, extra func(context.Context, *sql.Tx) error, clients int, d time.Duration) (tps float64, count int64, err error) {
 	ctx := context.Background()
 	var n atomic.Int64
 	var wg sync.WaitGroup
@@ -168,8 +158,8 @@ func businessTxF(db *sql.DB, extra func(context.Context, *sql.Tx) error, clients
 					if _, err := tx.ExecContext(ctx, `INSERT INTO orders (customer, amount_cents) VALUES ($1, $2)`, "c-42", 1999); err != nil {
 						return err
 					}
-					if extra != nil {
-						if err := extra(ctx, tx); err != nil {
+					if ob != nil {
+						if err := ob.Add(ctx, tx, outbox.Message{Exchange: "orders", RoutingKey: "order.placed", Key: "c-42", Type: "order.placed", Payload: payload}); err != nil {
 							return err
 						}
 					}
