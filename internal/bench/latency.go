@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -103,29 +104,48 @@ func paced(rate, k, total int, send func() error) (achieved float64, err error) 
 // each started), which runs perTx(rate) messages at a time at rate; the
 // percentiles are taken once the consumer has every message. cleanup runs
 // before the world stops.
-func measureLatency(rate int, prepare func(w *world, l *latencies) (send func(k int) error, cleanup func(), err error)) (p50, p99 time.Duration, n int, achieved float64, err error) {
+func measureLatency(rate int, prepare func(w *world, l *latencies) (send func(k int) error, cleanup func(), err error)) (f latencyFigure, err error) {
 	w, err := setup()
 	if err != nil {
-		return 0, 0, 0, 0, err
+		return f, err
 	}
 	defer w.stop()
 	l := newLatencies()
 	w.onMsg = func(d amqp.Delivery) { l.arrived(d.MessageId, time.Now()) }
 	send, cleanup, err := prepare(w, l)
 	if err != nil {
-		return 0, 0, 0, 0, err
+		return f, err
 	}
 	defer cleanup()
 	k := perTx(rate)
 	total := int(float64(rate)*duration.Seconds()) / k
-	if achieved, err = paced(rate, k, total, func() error { return send(k) }); err != nil {
-		return 0, 0, 0, 0, err
+	before, start := readCPU(), time.Now()
+	if f.achieved, err = paced(rate, k, total, func() error { return send(k) }); err != nil {
+		return f, err
 	}
 	if err := w.waitReceived(int64(total*k), time.Minute); err != nil {
-		return 0, 0, 0, 0, err
+		return f, err
 	}
-	p50, p99, n, err = l.percentiles()
-	return p50, p99, n, achieved, err
+	f.cpu, f.elapsed = readCPU().since(before), time.Since(start)
+	f.p50, f.p99, f.n, err = l.percentiles()
+	return f, err
+}
+
+// latencyFigure is one latency measurement, with the CPU the machine spent
+// meanwhile: near two cores busy, every process queues for a core and the
+// tail grows.
+type latencyFigure struct {
+	p50, p99 time.Duration
+	n        int
+	achieved float64
+	cpu      cpuUse
+	elapsed  time.Duration
+}
+
+func (f latencyFigure) print(rate int, unit, per, what string) {
+	fmt.Printf("latency  %5d %s target (%.0f achieved, %d %s, %d per %s), %s:  p50 %6.2f ms  p99 %6.2f ms\n", rate, unit, f.achieved, f.n, strings.TrimSuffix(unit, "/s"), perTx(rate), per, what, ms(f.p50), ms(f.p99))
+	c := func(d time.Duration) float64 { return d.Seconds() / f.elapsed.Seconds() }
+	fmt.Printf("         cores busy: PostgreSQL %.2f, RabbitMQ %.2f, bench process %.2f (of 2)\n", c(f.cpu.postgres), c(f.cpu.rabbitmq), c(f.cpu.self))
 }
 
 var latencyBody = []byte(`{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","amount_cents":1999}`)
@@ -133,7 +153,7 @@ var latencyBody = []byte(`{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","am
 // benchLatency: commit→consumer latency at a steady event rate (NOTIFY on,
 // the default), measured from each transaction's commit to the consumer.
 // Writers commit perTx(rate) events per transaction.
-func benchLatency(rate int) (p50, p99 time.Duration, n int, achieved float64, err error) {
+func benchLatency(rate int) (latencyFigure, error) {
 	return measureLatency(rate, func(w *world, l *latencies) (func(int) error, func(), error) {
 		var split *publishSplit
 		r, err := newRelay(w, "bench", func(c *relay.Config) {
@@ -240,7 +260,7 @@ func (s *publishSplit) print(rate int) {
 // messages to the outbox first, as benchLatency's writers do, with no
 // relay reading them: the broker then shares the machine with the same
 // database work.
-func benchBrokerLatency(rate int, dbLoad bool) (p50, p99 time.Duration, n int, achieved float64, err error) {
+func benchBrokerLatency(rate int, dbLoad bool) (latencyFigure, error) {
 	return measureLatency(rate, func(w *world, l *latencies) (func(int) error, func(), error) {
 		ch, err := w.conn.Channel()
 		if err != nil {

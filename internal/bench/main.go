@@ -162,14 +162,11 @@ func main() {
 		for _, s := range strings.Split(*rates, ",") {
 			var rate int
 			fmt.Sscan(s, &rate)
-			p50, p99, n, achieved := mustLatency(benchBrokerLatency(rate, false))
-			fmt.Printf("latency  %5d msgs/s target (%.0f achieved, %d msgs, %d per tick), RabbitMQ alone, publish→consumer:  p50 %6.2f ms  p99 %6.2f ms\n", rate, achieved, n, perTx(rate), ms(p50), ms(p99))
+			mustLatency(benchBrokerLatency(rate, false)).print(rate, "msgs/s", "tick", "RabbitMQ alone, publish→consumer")
 			if *brokerDBLoad {
-				p50, p99, n, achieved := mustLatency(benchBrokerLatency(rate, true))
-				fmt.Printf("latency  %5d msgs/s target (%.0f achieved, %d msgs, %d per tick), RabbitMQ alone beside the writers' database load, publish→consumer:  p50 %6.2f ms  p99 %6.2f ms\n", rate, achieved, n, perTx(rate), ms(p50), ms(p99))
+				mustLatency(benchBrokerLatency(rate, true)).print(rate, "msgs/s", "tick", "RabbitMQ alone beside the writers' database load, publish→consumer")
 			}
-			p50, p99, n, achieved = mustLatency(benchLatency(rate))
-			fmt.Printf("latency  %5d events/s target (%.0f achieved, %d events, %d per tx), commit→consumer:  p50 %6.2f ms  p99 %6.2f ms\n", rate, achieved, n, perTx(rate), ms(p50), ms(p99))
+			mustLatency(benchLatency(rate)).print(rate, "events/s", "tx", "commit→consumer")
 		}
 	}
 }
@@ -182,12 +179,12 @@ func must(v float64, err error) float64 {
 	return v
 }
 
-func mustLatency(p50, p99 time.Duration, n int, achieved float64, err error) (time.Duration, time.Duration, int, float64) {
+func mustLatency(f latencyFigure, err error) latencyFigure {
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
-	return p50, p99, n, achieved
+	return f
 }
 
 // perTx is how many events one business transaction writes at a rate: this
