@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/lib/pq"
@@ -115,6 +116,11 @@ type conn struct {
 	prepared map[string]preparedStmt // Add's statements prepared on this connection
 }
 
+// preparedNames numbers the statements Add prepares, process-wide: after
+// one of a connection's statements was deallocated and forgotten, the
+// others are still prepared there, and a new name must not collide.
+var preparedNames atomic.Uint64
+
 // preparedStmt is one of Add's statements as prepared on a connection.
 type preparedStmt struct {
 	name   string
@@ -197,7 +203,7 @@ func (c *conn) Begin() (driver.Tx, error) {
 func (c *conn) execute(ctx context.Context, query string, args []driver.NamedValue) ([]string, error) {
 	st, ok := c.prepared[query]
 	if !ok {
-		st = preparedStmt{name: "mailroom_add_" + strconv.Itoa(len(c.prepared)+1), params: placeholders(query)}
+		st = preparedStmt{name: "mailroom_add_" + strconv.FormatUint(preparedNames.Add(1), 10), params: placeholders(query)}
 		if _, err := c.pqConn.ExecContext(ctx, "PREPARE "+st.name+" AS "+query, nil); err != nil {
 			return nil, err
 		}

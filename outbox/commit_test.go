@@ -439,6 +439,45 @@ func TestAtCommitAfterDeallocate(t *testing.T) {
 	}
 }
 
+// A DEALLOCATE of one of a connection's statements (here the one of the
+// first of two outboxes) fails that outbox's next transaction there; both
+// outboxes then add again on that connection.
+func TestAtCommitAfterDeallocateOfOne(t *testing.T) {
+	t.Parallel()
+	s, db, first := atCommitEnv(t, "", 1)
+	s.DB.MustExec(`CREATE TABLE second_outbox (LIKE mailroom_outbox INCLUDING ALL)`)
+	second := newOutbox(t, outbox.Config{DB: db.DB, Table: "second_outbox"})
+	var name string
+	for _, ob := range []*outbox.Outbox{first, second} {
+		if err := addInTx(db, ob, msg(1)); err != nil {
+			t.Fatal(err)
+		}
+		if name == "" {
+			db.Get(&name, `SELECT name FROM pg_prepared_statements WHERE statement LIKE '%mailroom_outbox%' AND name LIKE 'mailroom_add_%'`)
+		}
+	}
+	if name == "" {
+		t.Fatal("the first outbox's statement is not in pg_prepared_statements")
+	}
+	db.MustExec(`DEALLOCATE ` + name)
+	var pqErr *pq.Error
+	if err := addInTx(db, first, msg(2)); !errors.As(err, &pqErr) || pqErr.Code != "26000" {
+		t.Fatalf("the transaction after DEALLOCATE: %v, want prepared statement does not exist", err)
+	}
+	for _, ob := range []*outbox.Outbox{first, second, first, second} {
+		if err := addInTx(db, ob, msg(3)); err != nil {
+			t.Fatalf("a transaction after that: %v", err)
+		}
+	}
+	var firstRows, secondRows int
+	if err := s.DB.QueryRow(`SELECT (SELECT count(*) FROM mailroom_outbox), (SELECT count(*) FROM second_outbox)`).Scan(&firstRows, &secondRows); err != nil {
+		t.Fatal(err)
+	}
+	if firstRows != 3 || secondRows != 3 {
+		t.Fatalf("rows in the two outboxes: %d and %d, want 3 and 3", firstRows, secondRows)
+	}
+}
+
 // NewConnector names what it needs when given another driver's connector.
 func TestAtCommitNeedsLibPQ(t *testing.T) {
 	t.Parallel()
