@@ -115,7 +115,7 @@ func testCommitLeavesExactlyTheRows(t *testing.T, path string) {
 			}
 		}
 		var n int // the statement is prepared on the transaction's session
-		if err := tx.Get(&n, `SELECT count(*) FROM pg_prepared_statements WHERE statement ~ '^(PREPARE mailroom_add_1 AS /\* mailroom: at commit \*/ )?INSERT INTO "mailroom_outbox"'`); err != nil || n != 1 {
+		if err := tx.Get(&n, `SELECT count(*) FROM pg_prepared_statements WHERE statement ~ '^(PREPARE mailroom_add_[0-9]+ AS /\* mailroom: at commit \*/ )?INSERT INTO "mailroom_outbox"'`); err != nil || n != 1 {
 			t.Fatalf("prepared statements for the insert on the transaction's session: %d, %v; want 1", n, err)
 		}
 	} else if err := ob.Add(ctx, tx, in, msg(2)); err != nil {
