@@ -53,7 +53,8 @@ const atCommit = "/* mailroom: at commit */ "
 // without running. (An inbox handler's insert that fails is charged to
 // that handler: the inbox redoes a batch message by message.) A
 // DEALLOCATE or DISCARD ALL on these connections fails the next
-// transaction that adds a message on it; the one after prepares again.
+// transaction that adds a message on it (or the next Add outside a
+// transaction there); the one after prepares again.
 // Not behind PgBouncer in transaction mode: it does not carry an SQL
 // PREPARE from one transaction to the next.
 func NewConnector(c driver.Connector) driver.Connector { return &connector{c} }
@@ -114,6 +115,7 @@ type conn struct {
 	inTx     bool
 	pending  []string                // EXECUTE statements not yet sent, in Add order
 	prepared map[string]preparedStmt // Add's statements prepared on this connection
+	bad      bool                    // a failed Commit could not roll back: never reuse
 }
 
 // preparedNames numbers the statements Add prepares, process-wide: after
@@ -141,7 +143,11 @@ func (c *conn) ExecContext(ctx context.Context, query string, args []driver.Name
 			c.pending = append(c.pending, execs...)
 			return driver.RowsAffected(len(execs)), nil
 		}
-		return c.pqConn.ExecContext(ctx, strings.Join(execs, "; "), nil)
+		res, err := c.pqConn.ExecContext(ctx, strings.Join(execs, "; "), nil)
+		if err != nil {
+			c.forgetIfDeallocated(err)
+		}
+		return res, err
 	}
 	if err := c.flush(ctx); err != nil {
 		return nil, err
@@ -189,9 +195,16 @@ func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, e
 
 // ResetSession drops what a transaction database/sql gave up on left.
 func (c *conn) ResetSession(ctx context.Context) error {
+	if c.bad {
+		return driver.ErrBadConn
+	}
 	c.inTx, c.pending = false, c.pending[:0]
 	return c.pqConn.ResetSession(ctx)
 }
+
+// IsValid is false once a failed Commit left the connection in a
+// transaction, or in a state not known: database/sql then closes it.
+func (c *conn) IsValid() bool { return !c.bad && c.pqConn.IsValid() }
 
 func (c *conn) Begin() (driver.Tx, error) {
 	return c.BeginTx(context.Background(), driver.TxOptions{})
@@ -260,7 +273,7 @@ func writeLiteral(b *strings.Builder, v driver.Value) error {
 	case []byte:
 		b.WriteString(`E'\\x` + hex.EncodeToString(v) + `'`)
 	case time.Time:
-		b.WriteString("'" + v.Format("2006-01-02 15:04:05.999999999Z07:00") + "'")
+		b.WriteString(timeLiteral(v))
 	case int64:
 		b.WriteString(strconv.FormatInt(v, 10))
 	case bool:
@@ -280,15 +293,31 @@ var ErrEarlierAdd = errors.New("outbox: the insert of an earlier Add in this tra
 
 // flush sends the pending inserts on their own, before another statement of
 // the transaction.
+//
+// When lib/pq refuses to send them (a query's rows or a COPY still open on
+// the connection) or the connection is lost, they stay pending: the
+// statement fails as it would have without them, and Commit can still only
+// succeed with them. When the transaction had already failed before them
+// (25P02), the statement runs as it would have: it fails too, unless it is
+// a ROLLBACK [TO SAVEPOINT], which undoes them anyway.
 func (c *conn) flush(ctx context.Context) error {
 	if len(c.pending) == 0 {
 		return nil
 	}
-	if _, err := c.pqConn.ExecContext(ctx, c.takePending(""), nil); err != nil {
-		c.forgetIfDeallocated(err)
-		return fmt.Errorf("%w (this statement did not run): %w", ErrEarlierAdd, err)
+	q := c.takePending("")
+	_, err := c.pqConn.ExecContext(ctx, q, nil)
+	var pqErr *pq.Error
+	switch {
+	case err == nil:
+		return nil
+	case !errors.As(err, &pqErr):
+		c.pending = append(c.pending, q)
+		return err
+	case pqErr.Code == "25P02": // in_failed_sql_transaction
+		return nil
 	}
-	return nil
+	c.forgetIfDeallocated(err)
+	return fmt.Errorf("%w (this statement did not run): %w", ErrEarlierAdd, err)
 }
 
 // takePending returns the pending inserts as one simple query, followed by
@@ -324,23 +353,24 @@ func (t *atCommitTx) Commit() error {
 		return t.Tx.Commit()
 	}
 	ctx := context.Background()
-	if _, err := c.pqConn.ExecContext(ctx, c.takePending("; COMMIT"), nil); err != nil {
-		c.forgetIfDeallocated(err)
-		var pqErr *pq.Error
-		if errors.As(err, &pqErr) && pqErr.Code == "25P02" { // an earlier statement failed
-			if _, err := c.pqConn.ExecContext(ctx, "ROLLBACK", nil); err != nil {
-				return err
-			}
-			return pq.ErrInFailedTransaction
-		}
-		// Ends the transaction if the insert failed; after a failed COMMIT
-		// there is none, and PostgreSQL only warns.
-		if _, rbErr := c.pqConn.ExecContext(ctx, "ROLLBACK", nil); rbErr != nil {
-			return errors.Join(fmt.Errorf("outbox: commit with the inserts of Add: %w", err), rbErr)
-		}
-		return fmt.Errorf("outbox: commit with the inserts of Add (the transaction was rolled back): %w", err)
+	_, err := c.pqConn.ExecContext(ctx, c.takePending("; COMMIT"), nil)
+	if err == nil {
+		return nil
 	}
-	return nil
+	c.forgetIfDeallocated(err)
+	// Ends the transaction if an insert failed; after a failed COMMIT
+	// there is none, and PostgreSQL only warns. If even the ROLLBACK
+	// fails (a lost connection, a COPY still open), the connection may
+	// still be in the transaction: it is closed, which rolls it back.
+	if _, rbErr := c.pqConn.ExecContext(ctx, "ROLLBACK", nil); rbErr != nil {
+		c.bad = true
+		return fmt.Errorf("outbox: commit with the inserts of Add failed, and so did the rollback; the connection is closed, which rolls the transaction back: %w", errors.Join(err, rbErr))
+	}
+	var pqErr *pq.Error
+	if errors.As(err, &pqErr) && pqErr.Code == "25P02" { // an earlier statement failed
+		return pq.ErrInFailedTransaction
+	}
+	return fmt.Errorf("outbox: commit with the inserts of Add (the transaction was rolled back): %w", err)
 }
 
 func (t *atCommitTx) Rollback() error {

@@ -500,3 +500,127 @@ type otherConn struct{}
 func (otherConn) Prepare(string) (driver.Stmt, error) { return nil, errors.New("not implemented") }
 func (otherConn) Close() error                        { return nil }
 func (otherConn) Begin() (driver.Tx, error)           { return nil, errors.New("not implemented") }
+
+// A statement lib/pq refuses to send while a query's rows are still open
+// leaves the pending insert pending: it fails as it would without the
+// Add, and the insert still commits with the transaction.
+func TestAtCommitStatementWhileRowsOpen(t *testing.T) {
+	t.Parallel()
+	s, db, ob := atCommitEnv(t, "", 1)
+	s.DB.MustExec(`CREATE TABLE orders (id int PRIMARY KEY)`)
+	if err := addInTx(db, ob, msg(0)); err != nil { // prepares the insert on the one connection
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	tx := db.MustBeginTx(ctx, nil)
+	defer tx.Rollback()
+	rows, err := tx.Query(`SELECT generate_series(1, 3)`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows.Next()
+	if err := ob.Add(ctx, tx, msg(1)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(`INSERT INTO orders VALUES (1)`); err == nil || errors.Is(err, outbox.ErrEarlierAdd) {
+		t.Fatalf("a statement while rows are open: %v, want lib/pq's query in progress", err)
+	}
+	rows.Close()
+	if _, err := tx.Exec(`INSERT INTO orders VALUES (1)`); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if got := payloads(t, s, 1); got != `{"n":1}` {
+		t.Fatalf("outbox rows: %q, want the Add's", got)
+	}
+}
+
+// A Commit while a COPY is still open fails, and so does its ROLLBACK: the
+// connection is closed (rolling the transaction back), not handed to the
+// next user still inside the transaction.
+func TestAtCommitWhileCopyOpen(t *testing.T) {
+	t.Parallel()
+	s, db, ob := atCommitEnv(t, "", 1)
+	if err := addInTx(db, ob, msg(1)); err != nil { // prepares the insert on the one connection
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	tx := db.MustBeginTx(ctx, nil)
+	defer tx.Rollback()
+	st, err := tx.Prepare(pq.CopyIn("mailroom_outbox", "id", "exchange", "routing_key", "payload"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Exec(outbox.NewID(), "x", "k", []byte(`{"n":2}`)); err != nil {
+		t.Fatal(err)
+	}
+	if err := ob.Add(ctx, tx, msg(3)); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(); err == nil {
+		t.Fatal("Commit with a COPY still open succeeded")
+	}
+	if err := addInTx(db, ob, msg(4)); err != nil { // on a new connection
+		t.Fatalf("the next transaction: %v", err)
+	}
+	if got := payloads(t, s, 0); got != `{"n":1} {"n":4}` {
+		t.Fatalf("outbox rows: %q, want only the first and the last transaction's", got)
+	}
+}
+
+// In a transaction that already failed, an Add is undone by a ROLLBACK TO
+// SAVEPOINT like any statement after the savepoint, and the ROLLBACK TO
+// SAVEPOINT itself runs.
+func TestAtCommitRollbackToSavepointAfterFailure(t *testing.T) {
+	t.Parallel()
+	s, db, ob := atCommitEnv(t, "", 1)
+	if err := addInTx(db, ob, msg(0)); err != nil { // prepares the insert on the one connection
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	tx := db.MustBeginTx(ctx, nil)
+	defer tx.Rollback()
+	tx.MustExec(`SAVEPOINT a`)
+	if _, err := tx.Exec(`SELECT 1/0`); err == nil {
+		t.Fatal("division by zero succeeded")
+	}
+	if err := ob.Add(ctx, tx, msg(1)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(`ROLLBACK TO SAVEPOINT a`); err != nil {
+		t.Fatalf("ROLLBACK TO SAVEPOINT after a failure and an Add: %v", err)
+	}
+	if err := ob.Add(ctx, tx, msg(2)); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if got := payloads(t, s, 1); got != `{"n":2}` {
+		t.Fatalf("outbox rows: %q, want only the Add after the savepoint's rollback", got)
+	}
+}
+
+// After DISCARD ALL, Add outside a transaction fails once on that
+// connection and prepares again the next time.
+func TestAtCommitWithoutTransactionAfterDiscard(t *testing.T) {
+	t.Parallel()
+	s, db, ob := atCommitEnv(t, "", 1)
+	ctx := context.Background()
+	if err := ob.Add(ctx, db, msg(1)); err != nil {
+		t.Fatal(err)
+	}
+	db.MustExec(`DISCARD ALL`)
+	var pqErr *pq.Error
+	if err := ob.Add(ctx, db, msg(2)); !errors.As(err, &pqErr) || pqErr.Code != "26000" {
+		t.Fatalf("Add after DISCARD ALL: %v, want prepared statement does not exist", err)
+	}
+	if err := ob.Add(ctx, db, msg(3)); err != nil {
+		t.Fatalf("the next Add: %v", err)
+	}
+	if got := payloads(t, s, 0); got != `{"n":1} {"n":3}` {
+		t.Fatalf("rows: %s", got)
+	}
+}

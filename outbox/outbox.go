@@ -191,7 +191,7 @@ func (o *Outbox) Add(ctx context.Context, tx Execer, msgs ...Message) error {
 		if v.m.AvailableAt.IsZero() {
 			q.WriteString("DEFAULT")
 		} else {
-			q.WriteString("'" + v.m.AvailableAt.Format("2006-01-02 15:04:05.999999999Z07:00") + "'")
+			q.WriteString(timeLiteral(v.m.AvailableAt))
 		}
 		q.WriteString(")")
 	}
@@ -429,3 +429,8 @@ func text(s string) error {
 	}
 	return nil
 }
+
+// timeLiteral is t as an SQL literal, as lib/pq sends a time parameter:
+// offsets with seconds (local mean time before 1900) and years before 1
+// (BC) included.
+func timeLiteral(t time.Time) string { return "'" + string(pq.FormatTimestamp(t)) + "'" }

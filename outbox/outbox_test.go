@@ -92,6 +92,45 @@ func pathSchema(t *testing.T, path string) (*testenv.Schema, *outbox.Outbox) {
 	return s, newOutbox(t, cfg)
 }
 
+// AvailableAt is stored as the instant it is, on every path: with an
+// offset of hours, minutes and seconds (local mean time, before time zones
+// were rounded) and in a year before 1 (BC).
+func TestAvailableAtKeepsItsInstant(t *testing.T) {
+	t.Parallel()
+	addPaths(t, func(t *testing.T, path string) {
+		s, ob := pathSchema(t, path)
+		times := []time.Time{
+			time.Date(1900, 1, 1, 12, 0, 0, 0, time.FixedZone("LMT", 19*60+32)),
+			time.Date(-5, 3, 1, 4, 5, 6, 789000, time.UTC),
+			time.Date(2026, 11, 27, 10, 0, 0, 123456000, time.FixedZone("", -(3*3600+30*60))),
+		}
+		for _, n := range []int{1, len(times)} { // one message, and several in one Add
+			s.DB.MustExec(`DELETE FROM mailroom_outbox`)
+			var msgs []outbox.Message
+			for i, at := range times[:n] {
+				m := msg(i)
+				m.AvailableAt = at
+				msgs = append(msgs, m)
+			}
+			if err := addInTx(s.DB, ob, msgs...); err != nil {
+				t.Fatal(err)
+			}
+			var got []time.Time
+			if err := s.DB.Select(&got, `SELECT available_at FROM mailroom_outbox ORDER BY seq`); err != nil {
+				t.Fatal(err)
+			}
+			if len(got) != n {
+				t.Fatalf("%d rows, want %d", len(got), n)
+			}
+			for i := range got {
+				if !got[i].Equal(times[i]) {
+					t.Errorf("%d message(s) in one Add: available_at %v, want %v", n, got[i].UTC(), times[i].UTC())
+				}
+			}
+		}
+	})
+}
+
 func TestCommitLeavesExactlyTheRows(t *testing.T) {
 	t.Parallel()
 	addPaths(t, testCommitLeavesExactlyTheRows)
