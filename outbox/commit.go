@@ -149,10 +149,35 @@ func (c *conn) ExecContext(ctx context.Context, query string, args []driver.Name
 		}
 		return res, err
 	}
-	if err := c.flush(ctx); err != nil {
+	if rollsBack(query) {
+		// Every statement before it sent what was pending, savepoints
+		// included: what is pending now came after the savepoint, and
+		// this undoes it. Sending it first could only fail the rollback
+		// (an insert that fails, in a transaction it would have aborted).
+		c.pending = c.pending[:0]
+	} else if err := c.flush(ctx); err != nil {
 		return nil, err
 	}
 	return c.pqConn.ExecContext(ctx, query, args)
+}
+
+// rollsBack reports whether query is a ROLLBACK, ROLLBACK TO SAVEPOINT or
+// ABORT, as a statement of its own.
+func rollsBack(query string) bool {
+	q := strings.TrimRight(strings.TrimLeft(query, " \t\r\n"), "; \t\r\n")
+	if strings.Contains(q, ";") {
+		return false // several statements
+	}
+	for _, kw := range []string{"ROLLBACK", "ABORT"} {
+		if len(q) >= len(kw) && strings.EqualFold(q[:len(kw)], kw) && (len(q) == len(kw) || !isIdentByte(q[len(kw)])) {
+			return true
+		}
+	}
+	return false
+}
+
+func isIdentByte(b byte) bool {
+	return b == '_' || b >= '0' && b <= '9' || b >= 'a' && b <= 'z' || b >= 'A' && b <= 'Z'
 }
 
 func (c *conn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {

@@ -624,3 +624,39 @@ func TestAtCommitWithoutTransactionAfterDiscard(t *testing.T) {
 		t.Fatalf("rows: %s", got)
 	}
 }
+
+// A ROLLBACK TO SAVEPOINT drops the inserts of the Adds after the
+// savepoint without sending them, so one that would fail cannot fail the
+// rollback; RELEASE SAVEPOINT sends them.
+func TestAtCommitRollbackToSavepointDropsPending(t *testing.T) {
+	t.Parallel()
+	s, db, ob := atCommitEnv(t, "", 1)
+	if err := addInTx(db, ob, msg(0)); err != nil { // prepares the insert on the one connection
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	tx := db.MustBeginTx(ctx, nil)
+	defer tx.Rollback()
+	for _, rollback := range []string{`ROLLBACK TO SAVEPOINT a`, " \n rollback to a ;"} {
+		tx.MustExec(`SAVEPOINT a`)
+		bad := msg(1)
+		bad.Type = "bad"
+		if err := ob.Add(ctx, tx, bad); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tx.Exec(rollback); err != nil {
+			t.Fatalf("%q after an Add whose insert would fail: %v", rollback, err)
+		}
+	}
+	tx.MustExec(`SAVEPOINT b`)
+	if err := ob.Add(ctx, tx, msg(2)); err != nil {
+		t.Fatal(err)
+	}
+	tx.MustExec(`RELEASE SAVEPOINT b`)
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if got := payloads(t, s, 1); got != `{"n":2}` {
+		t.Fatalf("outbox rows: %q, want only the Add kept by RELEASE", got)
+	}
+}
