@@ -263,3 +263,127 @@ func handlerRuns(t *testing.T, r *sdkmetric.ManualReader) (ok, failed uint64) {
 	}
 	return ok, failed
 }
+
+// A handler that adds a message whose insert will fail (outbox.OpenDB
+// sends it later) and then returns an error: its savepoint's rollback
+// undoes the insert without sending it, and only that message is charged.
+// The messages are retries (attempt 2), so every batch goes straight to
+// the savepoints.
+func TestBatchHandlerFailsAfterAddSentLater(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, inbox.Topology{})
+	e.db.MustExec(`ALTER TABLE mailroom_outbox ADD CONSTRAINT no_bad_type CHECK (type <> 'bad')`)
+	db, err := outbox.OpenDB(e.url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	e.db = sqlx.NewDb(db, "postgres")
+	ob, err := outbox.New(outbox.Config{DB: db})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var msgs []amqp.Publishing
+	doomed := map[string]bool{}
+	for i, id := range ids("after-add", 20) {
+		m := msg(id, "", i)
+		m.Headers[inbox.HeaderAttempt] = int64(2)
+		msgs = append(msgs, m)
+		doomed[id] = i%10 == 3
+	}
+	e.publish(msgs...)
+	cfg := e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+		if err := record(ctx, tx, m); err != nil {
+			return err
+		}
+		if !doomed[m.ID] {
+			return nil
+		}
+		if err := ob.Add(ctx, tx, outbox.Message{Exchange: "x", Type: "bad", Payload: []byte(`{}`)}); err != nil {
+			return err
+		}
+		return errors.New("the handler fails after its Add")
+	})
+	cfg.Concurrency, cfg.BatchSize, cfg.MaxAttempts = 1, 10, 3
+	c, _ := e.start(cfg)
+	e.deadLetters(2)
+	e.waitEffects(18)
+	largestTx(t, e)
+	if s := c.Stats(); s.Handled != 18 || s.Failed != 4 || s.DeadLettered != 2 || s.DBErrors != 0 {
+		t.Errorf("stats %+v, want 18 handled, 4 failed (attempts 2 and 3 of two), 2 dead letters, no database errors", s)
+	}
+}
+
+// A batch whose COMMIT PostgreSQL refuses (here a deferred foreign key one
+// handler breaks: savepoints do not check it) is applied one message at a
+// time, so only that message is charged; none is requeued.
+func TestBatchCommitRefused(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, inbox.Topology{})
+	e.db.MustExec(`CREATE TABLE parents (id int PRIMARY KEY);
+CREATE TABLE children (parent int REFERENCES parents DEFERRABLE INITIALLY DEFERRED)`)
+	cfg := e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+		if err := record(ctx, tx, m); err != nil {
+			return err
+		}
+		if m.ID == "refused-0004" {
+			_, err := tx.ExecContext(ctx, `INSERT INTO children VALUES (1)`) // no such parent
+			return err
+		}
+		return nil
+	})
+	var msgs []amqp.Publishing
+	for i, id := range ids("refused", 20) {
+		msgs = append(msgs, msg(id, "", i))
+	}
+	e.publish(msgs...)
+	cfg.Concurrency, cfg.BatchSize, cfg.MaxAttempts = 1, 10, 2
+	c, _ := e.start(cfg)
+	dls := e.deadLetters(1)
+	if dls[0].MessageId != "refused-0004" {
+		t.Errorf("dead letter %s, want refused-0004", dls[0].MessageId)
+	}
+	e.waitEffects(19)
+	if s := c.Stats(); s.Handled != 19 || s.Failed != 2 || s.DeadLettered != 1 || s.Requeued != 0 {
+		t.Errorf("stats %+v, want 19 handled, 2 failed, 1 dead letter, none requeued", s)
+	}
+}
+
+// Under OrderedByKey a batch whose COMMIT fails is tried again in place,
+// not requeued behind the later messages of its key: when PostgreSQL
+// refuses it (a serialization failure), and when the session ends during
+// it (the outcome unknown).
+func TestBatchOrderedCommitFails(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct{ name, fail string }{
+		{"refused", `RAISE EXCEPTION 'try again' USING ERRCODE = 'serialization_failure'`},
+		{"session-ended", `PERFORM pg_terminate_backend(pg_backend_pid())`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t, inbox.Topology{})
+			// The first two commits that write an effect fail: a
+			// sequence counts them, whatever was rolled back.
+			e.db.MustExec(`CREATE SEQUENCE commits;
+CREATE FUNCTION fail_twice() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF nextval('commits') <= 2 THEN ` + tc.fail + `; END IF;
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER fail_twice AFTER INSERT ON effects DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_twice()`)
+			var msgs []amqp.Publishing
+			for i, id := range ids("ord", 20) {
+				msgs = append(msgs, msg(id, "k", i))
+			}
+			e.publish(msgs...)
+			cfg := e.config(record)
+			cfg.OrderedByKey, cfg.Concurrency, cfg.BatchSize = true, 1, 5
+			c, _ := e.start(cfg)
+			e.waitEffects(20)
+			checkKeyOrder(t, e)
+			if s := c.Stats(); s.Handled != 20 || s.Requeued != 0 {
+				t.Errorf("stats %+v, want 20 handled, none requeued", s)
+			}
+		})
+	}
+}

@@ -45,9 +45,12 @@
 // delay, so a database outage neither spins through the queue nor spends
 // the quorum delivery limit. A COMMIT the server refuses (a deferred
 // constraint, a serialization failure) rolled back and counts as a handler
-// failure. A COMMIT whose connection failed has an unknown outcome: the
-// delivery is requeued after a delay, never acked, and dedupe settles it.
-// A retry or dead letter that cannot be published is requeued likewise.
+// failure. A COMMIT whose connection failed, or whose session ended
+// around it, has an unknown outcome: the delivery is requeued after a
+// delay (under OrderedByKey tried again in place), never acked, and dedupe
+// settles it. A retry or dead letter that cannot be published is requeued
+// likewise. A delivery whose message_id PostgreSQL cannot store (a NUL
+// byte, invalid UTF-8) goes to the dead-letter queue at once.
 //
 // Without a retry queue (a queue not declared by DeclareTopology) a failed
 // message is held for its delay and requeued; on a classic queue it is then
@@ -79,6 +82,13 @@
 // a failed statement, which message broke the transaction is unknown, so
 // the redo runs every handler again and the savepoints find it. A batch
 // holding a retried message (Attempt > 1) uses savepoints from the start.
+// Savepoints do not see what only the COMMIT checks (a deferred
+// constraint, a serialization failure): when PostgreSQL refuses the
+// redo's COMMIT too, the batch's messages are applied one transaction
+// each, and only the one whose commit is refused is charged. A handler's
+// error must wrap (%w) the error of a statement it ran for the inbox to
+// tell a statement that failed because an earlier one had (the
+// transaction was aborted) from the handler's own failure.
 //
 // OrderedByKey sends all deliveries with the same x-mailroom-key header to
 // the same worker, so they are applied one at a time in queue order; a

@@ -242,8 +242,9 @@ func TestAlwaysFailingGoesToDeadLetters(t *testing.T) {
 	}
 }
 
-// Poison deliveries (no message_id; invalid JSON) go to the dead-letter
-// queue with a reason, and the consumer keeps going.
+// Poison deliveries (no message_id, or one PostgreSQL cannot store;
+// invalid JSON) go to the dead-letter queue with a reason, and the
+// consumer keeps going.
 func TestPoisonGoesToDeadLettersConsumerLives(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, inbox.Topology{})
@@ -255,13 +256,15 @@ func TestPoisonGoesToDeadLettersConsumerLives(t *testing.T) {
 	noID := msg("", "", 1)
 	badJSON := msg("bad-json", "", 2)
 	badJSON.Body = []byte(`{"n":`)
-	e.publish(noID, badJSON, msg("good", "", 3))
-	dls := e.deadLetters(2)
+	nulID, notUTF8ID := msg("nul\x00id", "", 5), msg("bad\xffid", "", 6) // PostgreSQL text holds neither
+	e.publish(noID, badJSON, nulID, notUTF8ID, msg("good", "", 3))
+	dls := e.deadLetters(4)
 	reasons := map[string]string{}
 	for _, d := range dls {
 		reasons[d.MessageId], _ = d.Headers[inbox.HeaderReason].(string)
 	}
-	if !strings.Contains(reasons[""], "no message_id") || !strings.Contains(reasons["bad-json"], "not valid JSON") {
+	if !strings.Contains(reasons[""], "no message_id") || !strings.Contains(reasons["bad-json"], "not valid JSON") ||
+		!strings.Contains(reasons["nul\x00id"], "not text PostgreSQL can store") || !strings.Contains(reasons["bad\xffid"], "not text PostgreSQL can store") {
 		t.Errorf("reasons %q", reasons)
 	}
 	e.waitEffects(1)

@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 )
@@ -58,6 +59,9 @@ func decode(d *amqp.Delivery) (Message, error) {
 	}
 	if m.ID == "" {
 		return m, poison{"no message_id: mailroom deduplicates by message_id, so a delivery without one cannot be handled safely (publish through the outbox, or set message_id)"}
+	}
+	if strings.IndexByte(m.ID, 0) >= 0 || !utf8.ValidString(m.ID) {
+		return m, poison{fmt.Sprintf("message_id %q is not text PostgreSQL can store (a NUL byte or invalid UTF-8), so it cannot be deduplicated", m.ID)}
 	}
 	redelivered := 0
 	for k, v := range d.Headers {

@@ -50,6 +50,8 @@ func TestDecodeRejectsPoison(t *testing.T) {
 		{amqp.Delivery{MessageId: "x", ContentType: "application/json", Body: []byte("{")}, "not valid JSON"},
 		{amqp.Delivery{MessageId: "x", ContentType: "application/cloudevents+json; charset=utf-8", Body: []byte("nope")}, "not valid JSON"},
 		{amqp.Delivery{MessageId: "x", Headers: amqp.Table{HeaderAttempt: "zero"}}, HeaderAttempt},
+		{amqp.Delivery{MessageId: "a\x00b"}, "not text PostgreSQL can store"},
+		{amqp.Delivery{MessageId: "a\xffb"}, "not text PostgreSQL can store"},
 	} {
 		if _, err := decode(&tc.d); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("decode(%+v) = %v, want %q", tc.d, err, tc.want)

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"runtime/debug"
 	"strconv"
+	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -116,7 +117,7 @@ func (s *session) one(it item) {
 func (s *session) settle(it item, dup bool, herr, ierr error) {
 	for {
 		switch {
-		case ierr != nil && errors.Is(ierr, errUnknown):
+		case ierr != nil && errors.Is(ierr, errUnknown) && !s.c.cfg.OrderedByKey:
 			s.requeue(ierr, it.d)
 			return
 		case ierr != nil:
@@ -176,16 +177,34 @@ func (s *session) apply(m Message) (dup bool, herr, ierr error) {
 		return false, err, nil
 	}
 	if err := tx.Commit(); err != nil {
-		var pqErr *pq.Error
 		switch {
 		case errors.Is(err, pq.ErrInFailedTransaction):
 			return false, errors.New("handler returned nil but a statement in its transaction failed"), nil
-		case errors.As(err, &pqErr):
+		case refused(err):
 			return false, fmt.Errorf("commit refused: %w", err), nil
 		}
 		return false, nil, fmt.Errorf("%w: %w", errUnknown, err)
 	}
 	return false, nil, nil
+}
+
+// refused reports whether a failed COMMIT is PostgreSQL's answer that it
+// rolled the transaction back (a deferred constraint, a serialization
+// failure, the insert of an Add sent with it), not a lost connection or a
+// session ended around it (FATAL, or SQLSTATE class 08 or 57), after which
+// the outcome is unknown.
+func refused(err error) bool {
+	var pqErr *pq.Error
+	if !errors.As(err, &pqErr) {
+		return false
+	}
+	switch {
+	case pqErr.Severity == "FATAL" || pqErr.Severity == "PANIC":
+		return false
+	case strings.HasPrefix(string(pqErr.Code), "08"), strings.HasPrefix(string(pqErr.Code), "57"):
+		return false
+	}
+	return true
 }
 
 // batch applies items in one transaction and returns the items still to
@@ -278,8 +297,7 @@ func (s *session) fast(bctx context.Context, bspan trace.Span, items []item, ber
 		return nil, failure{i, herr}, false
 	}
 	if err := tx.Commit(); err != nil {
-		var refused *pq.Error
-		if errors.Is(err, pq.ErrInFailedTransaction) || errors.As(err, &refused) {
+		if errors.Is(err, pq.ErrInFailedTransaction) || refused(err) {
 			// A handler returned nil after a failed statement, or PostgreSQL
 			// refused the commit (nothing committed): maybe the insert of
 			// an Add sent with the COMMIT (outbox.OpenDB), which careful
@@ -287,8 +305,7 @@ func (s *session) fast(bctx context.Context, bspan trace.Span, items []item, ber
 			return nil, noFailure, false
 		}
 		*berr = err
-		s.requeue(fmt.Errorf("commit of a batch of %d (outcome unknown; redeliveries are deduplicated): %w", len(items), err), ds(items)...)
-		return nil, noFailure, true
+		return s.unknownOutcome(err, items), noFailure, true
 	}
 	for i := range items {
 		if first[i] {
@@ -375,8 +392,20 @@ func (s *session) careful(bctx context.Context, bspan trace.Span, items []item, 
 	}
 	if err := tx.Commit(); err != nil {
 		*berr = err
-		s.requeue(fmt.Errorf("commit of a batch of %d (outcome unknown; redeliveries are deduplicated): %w", n, err), ds(items)...)
-		return nil
+		if errors.Is(err, pq.ErrInFailedTransaction) || refused(err) {
+			// Savepoints do not check deferred constraints, nor see a
+			// serialization failure: one transaction per message finds
+			// whose commit PostgreSQL refuses, and charges only that one.
+			s.log.Warn("inbox: commit of a batch refused; applying its messages one at a time", "count", len(items), "error", err)
+			for _, it := range items {
+				if s.stopped() {
+					return nil
+				}
+				s.one(it)
+			}
+			return nil
+		}
+		return s.unknownOutcome(err, items)
 	}
 	for i := range n {
 		s.settle(items[i], !first[i], errs[i], nil)
@@ -400,6 +429,20 @@ func (s *session) retryBatch(err error, items []item) []item {
 		return nil
 	}
 	return items
+}
+
+// unknownOutcome handles a batch whose COMMIT lost its connection: it may
+// have committed. The batch is requeued (redeliveries are deduplicated);
+// under OrderedByKey it is tried again in place instead, since the later
+// messages of its keys would otherwise overtake it (dedupe acks what did
+// commit).
+func (s *session) unknownOutcome(err error, items []item) []item {
+	err = fmt.Errorf("commit of a batch of %d (outcome unknown; redeliveries are deduplicated): %w", len(items), err)
+	if s.c.cfg.OrderedByKey {
+		return s.retryBatch(err, items)
+	}
+	s.requeue(err, ds(items)...)
+	return nil
 }
 
 func msgIDs(items []item) []string {
