@@ -164,13 +164,10 @@ func (c *conn) ExecContext(ctx context.Context, query string, args []driver.Name
 // rollsBack reports whether query is a ROLLBACK, ROLLBACK TO SAVEPOINT or
 // ABORT, as a statement of its own.
 func rollsBack(query string) bool {
-	q := strings.TrimRight(strings.TrimLeft(query, " \t\r\n"), "; \t\r\n")
-	if strings.Contains(q, ";") {
-		return false // several statements
-	}
+	q := strings.TrimLeft(query, " \t\r\n")
 	for _, kw := range []string{"ROLLBACK", "ABORT"} {
 		if len(q) >= len(kw) && strings.EqualFold(q[:len(kw)], kw) && (len(q) == len(kw) || !isIdentByte(q[len(kw)])) {
-			return true
+			return !strings.Contains(strings.TrimRight(q, "; \t\r\n"), ";") // not several statements
 		}
 	}
 	return false
