@@ -47,6 +47,11 @@ type Execer interface {
 // text names the message index, the field and what to do.
 var ErrInvalidMessage = errors.New("outbox: invalid message")
 
+// MaxHeaderBytes bounds a message's header names and values together:
+// AMQP carries every header in one frame, and a larger one makes the broker
+// close the relay's connection.
+const MaxHeaderBytes = 64 << 10
+
 // DefaultMaxPayloadBytes is the default payload limit: 1 MiB. RabbitMQ
 // accepts far more (max_message_size: 128 MiB on 3.10, 16 MiB from 3.13),
 // but large payloads in a queue table and on a confirm channel hurt every
@@ -383,7 +388,9 @@ func (o *Outbox) validate(i int, m *Message) (string, error) {
 	if m.ContentType == "" {
 		m.ContentType = "application/json"
 	}
+	headerBytes := 0
 	for name, v := range m.Headers {
+		headerBytes += len(name) + len(v)
 		if name == "" {
 			return "", bad("Headers", "empty header name")
 		}
@@ -396,6 +403,9 @@ func (o *Outbox) validate(i int, m *Message) (string, error) {
 		if strings.HasPrefix(strings.ToLower(name), ReservedHeaderPrefix) {
 			return "", bad("Headers", "%q: names starting with %q are reserved by mailroom (use Message.Key for the ordering key)", name, ReservedHeaderPrefix)
 		}
+	}
+	if headerBytes > MaxHeaderBytes {
+		return "", bad("Headers", "%d bytes of names and values is over the %d-byte limit: AMQP sends all headers in one frame (RabbitMQ's is 128 KiB); put large data in the payload", headerBytes, MaxHeaderBytes)
 	}
 	if len(m.Payload) > o.maxPayload {
 		return "", bad("Payload", "%d bytes is over the %d-byte limit (Config.MaxPayloadBytes); store large data elsewhere and send a reference", len(m.Payload), o.maxPayload)

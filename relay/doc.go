@@ -112,8 +112,10 @@
 //	mailroom.outbox.pending_rows     gauge      1     mailroom_outbox_pending_rows                  table
 //	mailroom.outbox.oldest_pending_age gauge    s     mailroom_outbox_oldest_pending_age_seconds    table
 //
-// reason is nack, unroutable or no_exchange (attempts of the message, the
-// sum is Stats.Failed) or timeout or channel_closed (the broker's answer is
+// reason is nack, unroutable, no_exchange or unpublishable (a name over 255
+// bytes or headers over a frame, in a row not written by outbox.Add):
+// attempts of the message, the sum is Stats.Failed; or timeout or
+// channel_closed (the broker's answer is
 // unknown; the row is released and also counted in released). The counters
 // are observable: they read the same counters as Stats, at collection time,
 // so publishing pays nothing for them. The confirm duration runs from

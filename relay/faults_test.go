@@ -485,3 +485,67 @@ func TestAwakeRelaySleepsAtATrickle(t *testing.T) {
 	testenv.Eventually(t, 30*time.Second, "the backlog drained", func() bool { return e.pending() < 20 })
 	testenv.Eventually(t, 30*time.Second, "the relay asleep again during the trickle", func() bool { return len(e.wakeLockHolders()) == 1 })
 }
+
+// Two rows with one message id in flight at once, one routable and one not
+// (Add does not make ids unique): the unroutable one is never taken for
+// delivered. The routable copy may count as returned too (a needless
+// retry), but the unroutable one is always dead-lettered, never deleted.
+func TestReturnOfADuplicateIdLosesNothing(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	lonely := e.b.Exchange() // no queue bound
+	var msgs []outbox.Message
+	for i := 0; i < 50; i++ {
+		id := outbox.NewID()
+		msgs = append(msgs,
+			outbox.Message{ID: id, Exchange: e.ex, RoutingKey: "k", Payload: []byte(`{}`)},
+			outbox.Message{ID: id, Exchange: lonely, RoutingKey: "k", Payload: []byte(`{}`)})
+	}
+	e.add(msgs...)
+	cfg := e.config()
+	cfg.MaxAttempts = 1
+	e.start(cfg)
+	e.waitDrained()
+	var unroutableDead int
+	if err := e.s.DB.Get(&unroutableDead, `SELECT count(*) FROM mailroom_outbox_dead WHERE exchange = $1`, lonely); err != nil {
+		t.Fatal(err)
+	}
+	if unroutableDead != 50 {
+		t.Fatalf("%d of the 50 unroutable rows dead-lettered, want all: the others were deleted as delivered", unroutableDead)
+	}
+}
+
+// A row the broker cannot take as it is, written by plain SQL (Add refuses
+// both): a routing key over 255 bytes, and headers larger than a frame.
+// Each fails as an attempt and is dead-lettered; the rows beside them are
+// published.
+func TestUnpublishableRowsAreDeadLettered(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	big := `{"h":"` + strings.Repeat("x", 200<<10) + `"}`
+	e.s.DB.MustExec(`INSERT INTO mailroom_outbox (id, exchange, routing_key, payload) VALUES (gen_random_uuid(), $1, $2, '{}')`, e.ex, strings.Repeat("k", 300))
+	e.s.DB.MustExec(`INSERT INTO mailroom_outbox (id, exchange, routing_key, headers, payload) VALUES (gen_random_uuid(), $1, 'k', $2, '{}')`, e.ex, big)
+	var fine []outbox.Message
+	want := map[string]bool{}
+	for i := 0; i < 5; i++ {
+		id := outbox.NewID()
+		want[id] = true
+		fine = append(fine, outbox.Message{ID: id, Exchange: e.ex, RoutingKey: "fine", Payload: []byte(`{}`)})
+	}
+	e.add(fine...)
+	cfg := e.config()
+	cfg.MaxAttempts, cfg.BatchSize = 2, 3
+	e.start(cfg)
+	e.consumeAll(e.queue, want, 30*time.Second)
+	e.waitDrained()
+	var errs []string
+	if err := e.s.DB.Select(&errs, `SELECT last_error FROM mailroom_outbox_dead ORDER BY seq`); err != nil {
+		t.Fatal(err)
+	}
+	if len(errs) != 2 || !strings.Contains(errs[0], "routing_key is 300 bytes") || !strings.Contains(errs[1], "frame") {
+		t.Fatalf("dead letters %q, want the two rows, failed for their routing key and their headers", errs)
+	}
+	if s := e.relays[0].Stats(); s.Failed != 4 || s.Released != 0 {
+		t.Errorf("stats %+v, want 4 failed attempts and nothing released", s)
+	}
+}

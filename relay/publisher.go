@@ -44,8 +44,9 @@ type session struct {
 }
 
 type pending struct {
-	row  *row
-	sent time.Time
+	row      *row
+	sent     time.Time
+	returned bool // the broker returned a message with this row's id (unroutable)
 }
 
 func newPublisher(r *Relay, outcomes chan<- outcome) *publisher {
@@ -82,6 +83,12 @@ func (p *publisher) publish(ctx context.Context, w *row) {
 	for {
 		if err := p.connect(ctx); err != nil { // only fails when ctx ended
 			p.settle([]*row{w}, released, nil)
+			return
+		}
+		if err := fits(msg, w, p.conn.Config.FrameSize); err != nil {
+			// Sent, it would fail in the client's encoder or close the
+			// connection (frame_too_large), again at every claim.
+			p.emit(outcome{row: w, kind: failed, reason: reasonUnpublishable, err: err})
 			return
 		}
 		if ok, err := p.exchangeExists(w.exchange); err != nil {
@@ -266,12 +273,21 @@ func (p *publisher) openChannels() error {
 // hands both over in that order but on different Go channels; so before
 // settling an ack the loop drains every return already handed over, and an
 // ack of a returned message is a failure (unroutable), not a delivery.
-// Returns carry no delivery tag: they are matched by message id, and if an
-// id is in flight twice both copies count as returned (a needless retry,
-// never a loss).
+// Returns carry no delivery tag: they are matched by message id, and
+// every message in flight with the returned id counts as returned (if an
+// id is in flight twice, a needless retry of the copy that was routed,
+// never a loss of the one that was not).
 func (p *publisher) confirmLoop(s *session, confirms <-chan amqp.Confirmation, returns <-chan amqp.Return, closed <-chan *amqp.Error) {
 	defer close(s.done)
-	returned := map[string]int{}
+	markReturned := func(id string) {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		for _, e := range s.wait {
+			if e.row.id == id {
+				e.returned = true
+			}
+		}
+	}
 	drainReturns := func() {
 		for {
 			select {
@@ -280,7 +296,7 @@ func (p *publisher) confirmLoop(s *session, confirms <-chan amqp.Confirmation, r
 					returns = nil
 					return
 				}
-				returned[r.MessageId]++
+				markReturned(r.MessageId)
 			default:
 				return
 			}
@@ -306,8 +322,8 @@ func (p *publisher) confirmLoop(s *session, confirms <-chan amqp.Confirmation, r
 			<-p.slots
 			p.r.tel.confirm.Record(context.Background(), time.Since(e.sent).Seconds(), p.r.tel.record...)
 			switch {
-			case returned[e.row.id] > 0:
-				p.settleAllReturned(s, returned, e)
+			case e.returned:
+				p.emit(outcome{row: e.row, kind: failed, reason: reasonUnroutable, err: fmt.Errorf("%w (exchange %q, routing key %q)", ErrUnroutable, e.row.exchange, e.row.routingKey)})
 			case c.Ack:
 				p.emit(outcome{row: e.row, kind: delivered})
 			default:
@@ -318,7 +334,7 @@ func (p *publisher) confirmLoop(s *session, confirms <-chan amqp.Confirmation, r
 				returns = nil
 				continue
 			}
-			returned[r.MessageId]++
+			markReturned(r.MessageId)
 		case <-tick.C:
 			if p.oldest(s) > p.r.cfg.ConfirmTimeout {
 				p.r.log.Warn("confirm timed out; closing the channel so unconfirmed messages are retried", "timeout", p.r.cfg.ConfirmTimeout)
@@ -327,14 +343,6 @@ func (p *publisher) confirmLoop(s *session, confirms <-chan amqp.Confirmation, r
 			}
 		}
 	}
-}
-
-func (p *publisher) settleAllReturned(s *session, returned map[string]int, e *pending) {
-	returned[e.row.id]--
-	if returned[e.row.id] == 0 {
-		delete(returned, e.row.id)
-	}
-	p.emit(outcome{row: e.row, kind: failed, reason: reasonUnroutable, err: fmt.Errorf("%w (exchange %q, routing key %q)", ErrUnroutable, e.row.exchange, e.row.routingKey)})
 }
 
 func closeReason(closed <-chan *amqp.Error) error {
@@ -455,4 +463,32 @@ func (p *publisher) settle(rows []*row, kind outcomeKind, err error) {
 func (p *publisher) emit(o outcome) {
 	p.r.settled(&o)
 	p.outcomes <- o
+}
+
+// fits checks what the broker would refuse by closing the channel or the
+// connection, or amqp091-go refuse to encode: names over AMQP's 255-byte
+// short strings, and headers larger than a frame. Add checks these too; a
+// row written by other means (SQL, COPY) may not have been.
+func fits(msg amqp.Publishing, w *row, frameSize int) error {
+	for _, f := range [...]struct{ name, v string }{{"exchange", w.exchange}, {"routing_key", w.routingKey}, {"id", msg.MessageId}, {"type", msg.Type}, {"content_type", msg.ContentType}} {
+		if len(f.v) > 255 {
+			return fmt.Errorf("%w: %s is %d bytes, over AMQP's 255-byte limit", ErrUnpublishable, f.name, len(f.v))
+		}
+	}
+	size := 64 + len(msg.MessageId) + len(msg.Type) + len(msg.ContentType) // frame, class and property overhead
+	for k, v := range msg.Headers {
+		if len(k) > 255 {
+			return fmt.Errorf("%w: header name %.40q… is %d bytes, over AMQP's 255-byte limit", ErrUnpublishable, k, len(k))
+		}
+		size += 1 + len(k) + 5 // name, type, length
+		if s, ok := v.(string); ok {
+			size += len(s)
+		} else {
+			size += 16
+		}
+	}
+	if frameSize > 0 && size > frameSize {
+		return fmt.Errorf("%w: its headers take about %d bytes, over the connection's %d-byte frame", ErrUnpublishable, size, frameSize)
+	}
+	return nil
 }

@@ -29,6 +29,11 @@ var ErrUnroutable = errors.New("relay: unroutable: no queue bound for exchange a
 // ErrNacked is the failure of a message the broker refused (basic.nack).
 var ErrNacked = errors.New("relay: nacked by the broker")
 
+// ErrUnpublishable is the failure of a message the broker cannot take as
+// it is (a name over 255 bytes, headers larger than a frame): only a row
+// written by other means than outbox.Add can be one.
+var ErrUnpublishable = errors.New("relay: message cannot be published as it is")
+
 // ErrNoExchange is the failure of a message whose exchange does not exist.
 var ErrNoExchange = errors.New("relay: exchange does not exist")
 
@@ -480,8 +485,9 @@ func (r *Relay) claimRows(ctx context.Context, clock *batchClock, lease string, 
 		if len(headers) > 0 {
 			if err := json.Unmarshal(headers, &w.headers); err != nil {
 				// Only Add writes headers, as a JSON object of strings; a
-				// row edited by hand is failed (and eventually
-				// dead-lettered), never dropped.
+				// row edited by hand is published with its headers as
+				// they are in one header (the consumer decides), never
+				// dropped.
 				w.headers = map[string]string{"x-mailroom-bad-headers": string(headers)}
 			}
 		}

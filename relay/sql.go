@@ -111,12 +111,15 @@ WHERE o.seq = f.seq AND o.lease = f.lease`,
 
 		// bury moves rows that used up their attempts to the dead-letter
 		// table with their last error, in one statement (one transaction).
+		// No ON CONFLICT: only the lease holder deletes a row, so a seq
+		// already in the table means seqs were reused (RESTART IDENTITY);
+		// the statement then fails and the row stays, rather than leave the
+		// outbox for nowhere.
 		bury: `WITH f AS (SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[]) AS f(seq, lease, err)),
 d AS (DELETE FROM ` + ob + ` o USING f WHERE o.seq = f.seq AND o.lease = f.lease
       RETURNING o.seq, ` + prefixed("o.", columns) + `, f.err)
 INSERT INTO ` + dead + ` (seq, ` + columns + `, last_error)
-SELECT seq, id, exchange, routing_key, key, type, content_type, headers, payload, created_at, attempts + 1, err FROM d
-ON CONFLICT (seq) DO NOTHING`,
+SELECT seq, id, exchange, routing_key, key, type, content_type, headers, payload, created_at, attempts + 1, err FROM d`,
 
 		// release hands rows back at once (shutdown, lost connection)
 		// without counting an attempt. They keep their place: available_at

@@ -27,10 +27,11 @@ const (
 	reasonNoExchange
 	reasonTimeout
 	reasonChannelClosed
+	reasonUnpublishable
 	numReasons
 )
 
-var reasonNames = [numReasons]string{"", telemetry.ReasonNack, telemetry.ReasonUnroutable, telemetry.ReasonNoExchange, telemetry.ReasonTimeout, telemetry.ReasonChannelClosed}
+var reasonNames = [numReasons]string{"", telemetry.ReasonNack, telemetry.ReasonUnroutable, telemetry.ReasonNoExchange, telemetry.ReasonTimeout, telemetry.ReasonChannelClosed, telemetry.ReasonUnpublishable}
 
 // counters are the relay's counts: Stats reads them, and the metric
 // callbacks observe the same values, so the two cannot drift.
@@ -43,7 +44,7 @@ type counters struct {
 // failed is the number of failed attempts: the failures that count
 // against MaxAttempts.
 func (c *counters) failed() int64 {
-	return c.failures[reasonNack].Load() + c.failures[reasonUnroutable].Load() + c.failures[reasonNoExchange].Load()
+	return c.failures[reasonNack].Load() + c.failures[reasonUnroutable].Load() + c.failures[reasonNoExchange].Load() + c.failures[reasonUnpublishable].Load()
 }
 
 // telemetry holds the relay's tracer and instruments. Counters are
@@ -108,7 +109,7 @@ func (r *Relay) register() (unregister func(), err error) {
 	if err != nil {
 		return nil, err
 	}
-	failures, err := counter(telemetry.RelayPublishFailures, "Failed publishes by reason: nack, unroutable and no_exchange count as attempts; timeout and channel_closed release the message.")
+	failures, err := counter(telemetry.RelayPublishFailures, "Failed publishes by reason: nack, unroutable, no_exchange and unpublishable count as attempts; timeout and channel_closed release the message.")
 	if err != nil {
 		return nil, err
 	}

@@ -108,15 +108,19 @@ const (
 	AttrResult   = attribute.Key("result")
 )
 
-// Values of AttrReason on RelayPublishFailures. nack, unroutable and
-// no_exchange count as attempts of the message; timeout and
-// channel_closed are not the message's fault and release it instead.
+// Values of AttrReason on RelayPublishFailures. nack, unroutable,
+// no_exchange and unpublishable count as attempts of the message; timeout
+// and channel_closed are not the message's fault and release it instead.
 const (
 	ReasonNack          = "nack"
 	ReasonUnroutable    = "unroutable"
 	ReasonNoExchange    = "no_exchange"
 	ReasonTimeout       = "timeout"
 	ReasonChannelClosed = "channel_closed"
+	// ReasonUnpublishable: the broker cannot take the message as it is (a
+	// name over 255 bytes, headers larger than a frame); counts as an
+	// attempt.
+	ReasonUnpublishable = "unpublishable"
 )
 
 // DurationBuckets are the histogram boundaries, in seconds, of every

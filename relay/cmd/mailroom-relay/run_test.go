@@ -86,8 +86,8 @@ func TestRunPublishesAndServes(t *testing.T) {
 			t.Errorf("metric %s missing", name)
 		}
 	}
-	if len(m["mailroom_relay_publish_failures_total"]) != 5 {
-		t.Errorf("publish failures by reason: %v, want the five reasons", m["mailroom_relay_publish_failures_total"])
+	if len(m["mailroom_relay_publish_failures_total"]) != 6 {
+		t.Errorf("publish failures by reason: %v, want the six reasons", m["mailroom_relay_publish_failures_total"])
 	}
 	if p, _ := m.get("mailroom_relay_last_progress_timestamp_seconds"); p < float64(time.Now().Add(-time.Minute).Unix()) {
 		t.Errorf("last progress %v is not recent", p)
