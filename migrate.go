@@ -73,6 +73,23 @@ func migrate(ctx context.Context, db *sql.DB, tables Tables, upTo int) error {
 	if err := tx.QueryRowContext(ctx, `SELECT coalesce(max(version), 0) FROM `+r.Migrations.Quoted()+` WHERE tables = $1`, set).Scan(&current); err != nil {
 		return fmt.Errorf("mailroom: migrate: read version: %w", err)
 	}
+	if current > 0 {
+		// Versions are recorded per outbox table: a set naming other
+		// dead-letter, published or inbox tables beside a migrated outbox
+		// would find nothing to do and leave its tables missing.
+		for _, t := range []struct {
+			what string
+			name sqlident.Name
+		}{{"outbox", r.Outbox}, {"dead-letter", r.Dead}, {"published", r.Published}, {"inbox", r.Inbox}} {
+			var exists bool
+			if err := tx.QueryRowContext(ctx, `SELECT to_regclass($1) IS NOT NULL`, t.name.Quoted()).Scan(&exists); err != nil {
+				return fmt.Errorf("mailroom: migrate: look for %s: %w", t.name, err)
+			}
+			if !exists {
+				return fmt.Errorf("mailroom: migrate: the tables of outbox %s are at schema version %d, but its %s table %s does not exist: versions are recorded per outbox table, so name the %s table it was migrated with (or, for another %s table, migrate a table set with an outbox of its own)", r.Outbox, current, t.what, t.name, t.what, t.what)
+			}
+		}
+	}
 	for _, m := range migs {
 		if m.version <= current || (upTo > 0 && m.version > upTo) {
 			continue

@@ -188,3 +188,39 @@ func TestMigrateFromVersion4(t *testing.T) {
 		t.Fatalf("schema version %d of %d (%v)", applied, latest, err)
 	}
 }
+
+// A table set that names another inbox (or dead-letter, published) table
+// beside an outbox already migrated gets an error naming the missing
+// table, not a silent success.
+func TestMigrateOtherTablesBesideAMigratedOutbox(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewEmptySchema(t)
+	ctx := context.Background()
+	if err := mailroom.Migrate(ctx, s.DB.DB, mailroom.Tables{}); err != nil {
+		t.Fatal(err)
+	}
+	err := mailroom.Migrate(ctx, s.DB.DB, mailroom.Tables{Inbox: "payments_inbox"})
+	if err == nil || !strings.Contains(err.Error(), "inbox table payments_inbox does not exist") {
+		t.Fatalf("Migrate with another inbox table: %v, want an error naming it", err)
+	}
+}
+
+// The tables migrated to version 4 by another tool (the files copied into
+// golang-migrate or goose, no version recorded here) upgrade through
+// Migrate: every version can be applied again.
+func TestMigrateOverTablesOfAnotherTool(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewEmptySchema(t)
+	ctx := context.Background()
+	if err := mailroom.MigrateTo(ctx, s.DB.DB, mailroom.Tables{}, 4); err != nil {
+		t.Fatal(err)
+	}
+	s.DB.MustExec(`DELETE FROM mailroom_schema_migrations`)
+	if err := mailroom.Migrate(ctx, s.DB.DB, mailroom.Tables{}); err != nil {
+		t.Fatalf("Migrate over tables at version 4 with no record: %v", err)
+	}
+	applied, latest, err := mailroom.SchemaVersion(ctx, s.DB.DB, mailroom.Tables{})
+	if err != nil || applied != latest {
+		t.Fatalf("schema version %d of %d (%v)", applied, latest, err)
+	}
+}

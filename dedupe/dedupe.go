@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/lib/pq"
 
@@ -86,13 +87,25 @@ func New(cfg Config) (*Store, error) {
 		// $2 rows and skips rows another purge (or a claim) has locked, so
 		// concurrent purgers split the work and nothing waits on them.
 		purge: `DELETE FROM ` + q + ` WHERE (scope, id) IN (
-	SELECT scope, id FROM ` + q + ` WHERE recorded_at < $1
+	SELECT scope, id FROM ` + q + ` WHERE recorded_at < now() - $1 * interval '1 microsecond'
 	ORDER BY recorded_at LIMIT $2 FOR UPDATE SKIP LOCKED)`,
 	}, nil
 }
 
 // Table is the configured table name.
 func (s *Store) Table() string { return s.table.String() }
+
+// MaxKeyLen bounds the bytes of a scope and id together: the table's
+// primary key index cannot hold an entry of more than about 2,700 bytes.
+const MaxKeyLen = 1024
+
+// short is s cut to 64 bytes for an error message.
+func short(s string) string {
+	if len(s) <= 64 {
+		return s
+	}
+	return s[:64] + "…"
+}
 
 func check(scope, id string) error {
 	if scope == "" {
@@ -102,7 +115,13 @@ func check(scope, id string) error {
 		return fmt.Errorf("%w: empty id (scope %q)", ErrInvalid, scope)
 	}
 	if strings.IndexByte(scope, 0) >= 0 || strings.IndexByte(id, 0) >= 0 {
-		return fmt.Errorf("%w: NUL byte in scope %q or id %q (PostgreSQL text cannot hold one)", ErrInvalid, scope, id)
+		return fmt.Errorf("%w: NUL byte in scope %q or id %q (PostgreSQL text cannot hold one)", ErrInvalid, short(scope), short(id))
+	}
+	if !utf8.ValidString(scope) || !utf8.ValidString(id) {
+		return fmt.Errorf("%w: scope %q or id %q is not valid UTF-8", ErrInvalid, short(scope), short(id))
+	}
+	if len(scope)+len(id) > MaxKeyLen {
+		return fmt.Errorf("%w: scope and id are %d bytes together, more than %d (hash a longer key first)", ErrInvalid, len(scope)+len(id), MaxKeyLen)
 	}
 	return nil
 }
@@ -217,9 +236,10 @@ func (s *Store) Purge(ctx context.Context, db Execer, olderThan time.Duration) (
 	if olderThan == 0 {
 		olderThan = DefaultRetention
 	}
-	cutoff := time.Now().Add(-olderThan)
+	// The cutoff is the database's clock, which stamped the entries: a
+	// client clock ahead of it would purge entries younger than asked.
 	for {
-		res, err := db.ExecContext(ctx, s.purge, cutoff, s.purgeBatch)
+		res, err := db.ExecContext(ctx, s.purge, olderThan.Microseconds(), s.purgeBatch)
 		if err != nil {
 			return deleted, fmt.Errorf("dedupe: purge %s: %w", s.table, err)
 		}

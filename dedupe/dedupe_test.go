@@ -219,6 +219,16 @@ func TestClaimAnyIDBothForms(t *testing.T) {
 	if _, err := st.ClaimMany(ctx, db, "s\x00", []string{"a"}); !errors.Is(err, dedupe.ErrInvalid) {
 		t.Errorf("scope with a NUL byte: %v, want ErrInvalid", err)
 	}
+	if _, err := st.Claim(ctx, db, "s", "bad\xffutf8"); !errors.Is(err, dedupe.ErrInvalid) {
+		t.Errorf("id that is not UTF-8: %v, want ErrInvalid", err)
+	}
+	long := strings.Repeat("x", dedupe.MaxKeyLen)
+	if _, err := st.ClaimMany(ctx, db, "s", []string{"a", long}); !errors.Is(err, dedupe.ErrInvalid) || strings.Contains(err.Error(), long) {
+		t.Errorf("id over MaxKeyLen: %v, want a short ErrInvalid", err)
+	}
+	if first, err := st.Claim(ctx, db, "s", long[:dedupe.MaxKeyLen-1]); err != nil || !first {
+		t.Errorf("id of MaxKeyLen with its scope: %v, %v; want stored", first, err)
+	}
 }
 
 func TestPurgeRemovesOnlyOldEntries(t *testing.T) {

@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"log/slog"
 	"net/url"
+	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/jmoiron/sqlx"
 	"go.opentelemetry.io/otel/metric"
@@ -166,6 +168,9 @@ func (cfg Config) withDefaults() (Config, error) {
 	if cfg.Consumer == "" {
 		return bad("Consumer", "required: a stable name that scopes deduplication, e.g. \"payments\"")
 	}
+	if strings.IndexByte(cfg.Consumer, 0) >= 0 || !utf8.ValidString(cfg.Consumer) || len(cfg.Consumer) > 200 {
+		return bad("Consumer", "%q: must be UTF-8 text without NUL bytes, at most 200 bytes (it is stored with every message id)", cfg.Consumer)
+	}
 	if cfg.Handler == nil {
 		return bad("Handler", "required")
 	}
@@ -232,8 +237,8 @@ func (cfg Config) withDefaults() (Config, error) {
 	if cfg.Retention == 0 {
 		cfg.Retention = DefaultRetention
 	}
-	if worst := time.Duration(cfg.MaxAttempts) * cfg.MaxBackoff; cfg.Retention < 2*worst {
-		return bad("Retention", "%s is shorter than twice the longest retry span (MaxAttempts × MaxBackoff = %s): ids would be forgotten while their message may still be redelivered", cfg.Retention, worst)
+	if cfg.Retention/2/cfg.MaxBackoff < time.Duration(cfg.MaxAttempts) { // Retention < 2 × MaxAttempts × MaxBackoff, without overflow
+		return bad("Retention", "%s is shorter than twice the longest retry span (MaxAttempts × MaxBackoff = %d × %s): ids would be forgotten while their message may still be redelivered", cfg.Retention, cfg.MaxAttempts, cfg.MaxBackoff)
 	}
 	if cfg.PurgeInterval == 0 {
 		cfg.PurgeInterval = DefaultPurgeInterval

@@ -30,6 +30,9 @@ func TestNewValidatesConfig(t *testing.T) {
 		{"URL", func(c *inbox.Config) { c.URL = "http://localhost" }},
 		{"Queue", func(c *inbox.Config) { c.Queue = "" }},
 		{"Consumer", func(c *inbox.Config) { c.Consumer = "" }},
+		{"Consumer", func(c *inbox.Config) { c.Consumer = "pay\x00ments" }},
+		{"Consumer", func(c *inbox.Config) { c.Consumer = "pay\xffments" }},
+		{"Retention", func(c *inbox.Config) { c.MaxAttempts, c.MaxBackoff = 50_000_000, 5*time.Minute }}, // the product overflows
 		{"Handler", func(c *inbox.Config) { c.Handler = nil }},
 		{"RetryQueue", func(c *inbox.Config) { c.RetryQueue = "q" }},
 		{"Concurrency", func(c *inbox.Config) { c.Concurrency = -1 }},

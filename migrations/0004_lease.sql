@@ -20,5 +20,6 @@ ALTER TABLE mailroom_outbox SET (fillfactor = 40);
 -- they fail with its name in the error, publish nothing and lose nothing
 -- until they are upgraded. NOT VALID: rows such a relay leased before the
 -- upgrade are left as they are and become due when their lease ends.
+ALTER TABLE mailroom_outbox DROP CONSTRAINT IF EXISTS mailroom_outbox_lease_check;
 ALTER TABLE mailroom_outbox ADD CONSTRAINT mailroom_outbox_lease_check
     CHECK (lease IS NULL OR leased_until IS NOT NULL) NOT VALID;

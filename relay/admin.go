@@ -134,7 +134,7 @@ SELECT id, exchange, routing_key, key, type, content_type, headers, payload, cre
 		// Oldest first along published_at_idx, at most $2 rows, skipping rows
 		// another purger holds.
 		purgePublished: `DELETE FROM ` + pub + ` WHERE seq IN (
-    SELECT seq FROM ` + pub + ` WHERE published_at < $1
+    SELECT seq FROM ` + pub + ` WHERE published_at < now() - $1 * interval '1 microsecond'
     ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)`,
 	}, nil
 }
@@ -334,9 +334,8 @@ func PurgePublished(ctx context.Context, db outbox.Execer, tables mailroom.Table
 	case batch == 0:
 		batch = DefaultPurgeBatch
 	}
-	cutoff := time.Now().Add(-olderThan)
-	for {
-		res, err := db.ExecContext(ctx, q.purgePublished, cutoff, batch)
+	for { // the cutoff is the database's clock, which stamped the rows
+		res, err := db.ExecContext(ctx, q.purgePublished, olderThan.Microseconds(), batch)
 		if err != nil {
 			return deleted, fmt.Errorf("relay: purge published rows: %w", err)
 		}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/url"
 	"os"
 	"time"
 
@@ -34,9 +35,9 @@ type Config struct {
 	// BatchSize is how many rows one claim takes. Default 500.
 	BatchSize int
 	// ConfirmWindow bounds the messages published but not yet confirmed by
-	// the broker; at least BatchSize. Left at 0, it is 1024 shared among
-	// the relays publishing on the table (512 each for two, never below
-	// BatchSize): RabbitMQ does best with about 1024 unconfirmed in all,
+	// the broker; at least BatchSize. Left at 0, it is 1024 (or BatchSize,
+	// if larger) shared among the relays publishing on the table (512 each
+	// for two, never below BatchSize): RabbitMQ does best with about 1024 unconfirmed in all,
 	// beyond which messages wait in its queues and cost it more CPU each.
 	// Relays count each other every second by advisory locks held on a
 	// session of their own (not with DisableListen, which leaves the
@@ -126,7 +127,7 @@ func (c *Config) setDefaults() {
 		}
 	}
 	def(&c.BatchSize, 500)
-	def(&c.ConfirmWindow, 1024)
+	def(&c.ConfirmWindow, max(1024, c.BatchSize))
 	def(&c.ActiveRelays, 1)
 	def(&c.MaxAttempts, 20)
 	defDur(&c.ConfirmTimeout, 15*time.Second)
@@ -144,6 +145,8 @@ func (c *Config) validate() error {
 	switch {
 	case c.URL == "":
 		return fmt.Errorf("relay: Config.URL is empty: set the AMQP URL, e.g. amqp://guest:guest@127.0.0.1:5672/")
+	case !amqpURL(c.URL):
+		return fmt.Errorf("relay: Config.URL is not an amqp:// or amqps:// URL")
 	case c.DatabaseURL == "" && !c.DisableListen:
 		return fmt.Errorf("relay: Config.DatabaseURL is empty: set it (the relay LISTENs for wake-ups) or set DisableListen to rely on polling")
 	case c.BatchSize < 1 || c.BatchSize > 10000:
@@ -152,18 +155,26 @@ func (c *Config) validate() error {
 		return fmt.Errorf("relay: Config.ConfirmWindow %d cannot be smaller than BatchSize (%d)", c.ConfirmWindow, c.BatchSize)
 	case c.ActiveRelays < 1 || c.ActiveRelays > maxActiveRelays:
 		return fmt.Errorf("relay: Config.ActiveRelays %d: must be between 1 and %d", c.ActiveRelays, maxActiveRelays)
-	case c.ConfirmTimeout < 0:
-		return fmt.Errorf("relay: Config.ConfirmTimeout %s: must be positive", c.ConfirmTimeout)
-	case c.Lease < 2*c.ConfirmTimeout:
+	case c.ConfirmTimeout < 100*time.Millisecond:
+		return fmt.Errorf("relay: Config.ConfirmTimeout %s: must be at least 100ms", c.ConfirmTimeout)
+	case c.Lease/2 < c.ConfirmTimeout: // Lease < 2 × ConfirmTimeout, without overflow
 		return fmt.Errorf("relay: Config.Lease %s must be at least 2×ConfirmTimeout (%s), or rows are re-claimed while their confirms are still awaited", c.Lease, 2*c.ConfirmTimeout)
 	case c.PollInterval < 10*time.Millisecond:
 		return fmt.Errorf("relay: Config.PollInterval %s: must be at least 10ms", c.PollInterval)
 	case c.MaxAttempts < 1:
 		return fmt.Errorf("relay: Config.MaxAttempts %d: must be at least 1", c.MaxAttempts)
-	case c.MinBackoff < 0 || c.MaxBackoff < c.MinBackoff:
+	case c.MinBackoff < 0:
+		return fmt.Errorf("relay: Config.MinBackoff %s: must be 0 (default 1s) or positive", c.MinBackoff)
+	case c.MaxBackoff < c.MinBackoff:
 		return fmt.Errorf("relay: Config.MaxBackoff %s cannot be shorter than MinBackoff (%s)", c.MaxBackoff, c.MinBackoff)
 	case c.Retain < 0:
 		return fmt.Errorf("relay: Config.Retain %s: must be 0 (delete) or positive", c.Retain)
 	}
 	return nil
+}
+
+// amqpURL reports whether s parses as an amqp:// or amqps:// URL.
+func amqpURL(s string) bool {
+	u, err := url.Parse(s)
+	return err == nil && (u.Scheme == "amqp" || u.Scheme == "amqps")
 }

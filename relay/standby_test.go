@@ -129,3 +129,30 @@ func TestActiveRelaysOutOfRange(t *testing.T) {
 		}
 	}
 }
+
+// Bad values get an error naming the field; a BatchSize above the default
+// window raises the window with it.
+func TestNewValidatesConfig(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		cfg  relay.Config
+		want string
+	}{
+		{relay.Config{URL: "http://x"}, "Config.URL is not an amqp:// or amqps:// URL"},
+		{relay.Config{URL: "amqp://x", ConfirmTimeout: 3}, "ConfirmTimeout 3ns: must be at least 100ms"},
+		{relay.Config{URL: "amqp://x", ConfirmTimeout: 200 * 365 * 24 * time.Hour, Lease: time.Second}, "Lease 1s must be at least 2×ConfirmTimeout"}, // 2× overflows
+		{relay.Config{URL: "amqp://x", MinBackoff: -time.Second}, "MinBackoff -1s"},
+	} {
+		tc.cfg.DisableListen = true
+		if _, err := relay.New(nil, tc.cfg); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%+v: error %v, want %q", tc.cfg, err, tc.want)
+		}
+	}
+	r, err := relay.New(nil, relay.Config{URL: "amqp://x", DisableListen: true, BatchSize: 2000})
+	if err != nil {
+		t.Fatalf("BatchSize 2000 with the default window: %v", err)
+	}
+	if w := r.Stats().ConfirmWindow; w != 2000 {
+		t.Errorf("default window with BatchSize 2000: %d, want 2000", w)
+	}
+}

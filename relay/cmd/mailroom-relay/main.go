@@ -138,7 +138,10 @@ func (c *common) check() (*slog.Logger, error) {
 	if c.databaseURL == "" {
 		return nil, usageErr("DATABASE_URL is not set: pass --database-url or set DATABASE_URL, e.g. postgres://root@127.0.0.1:5432/test?sslmode=disable")
 	}
-	if u, err := url.Parse(c.databaseURL); err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") {
+	if u, err := url.Parse(c.databaseURL); err != nil {
+		// url.Parse's error quotes the URL, password included: not shown.
+		return nil, usageErr("DATABASE_URL does not parse as a URL: percent-encode special characters in the user and password (%%40 for @, %%25 for %%, %%2F for /)")
+	} else if u.Scheme != "postgres" && u.Scheme != "postgresql" {
 		return nil, usageErr("DATABASE_URL is not a postgres:// URL (got %s)", redactURL(c.databaseURL))
 	}
 	if _, err := c.tables.Resolve(); err != nil {
@@ -315,6 +318,18 @@ func envInt(k string) int {
 		envErrs = append(envErrs, envError{k, usageErr("%s=%q is not a whole number", k, v)})
 	}
 	return n
+}
+
+func envBool(k string) bool {
+	v := os.Getenv(k)
+	if v == "" {
+		return false
+	}
+	b, err := strconv.ParseBool(v)
+	if err != nil {
+		envErrs = append(envErrs, envError{k, usageErr("%s=%q is not true or false", k, v)})
+	}
+	return b
 }
 
 func envDuration(k string) time.Duration { return envDurationOr(k, 0) }

@@ -71,7 +71,7 @@ func cmdRun(args []string, stderr io.Writer) error {
 	fs.DurationVar(&cfg.MinBackoff, "min-backoff", envDuration("MAILROOM_MIN_BACKOFF"), "delay before the first retry of a failed row, doubled each time (default 1s) [$MAILROOM_MIN_BACKOFF]")
 	fs.DurationVar(&cfg.MaxBackoff, "max-backoff", envDuration("MAILROOM_MAX_BACKOFF"), "longest delay between retries of a row (default 5m) [$MAILROOM_MAX_BACKOFF]")
 	fs.DurationVar(&cfg.Retain, "retain", envDuration("MAILROOM_RETAIN"), "keep published rows this long in the published table instead of deleting them; maintenance purges older ones (default 0: delete at once) [$MAILROOM_RETAIN]")
-	fs.BoolVar(&cfg.DisableListen, "no-listen", os.Getenv("MAILROOM_NO_LISTEN") == "true", "poll only, no LISTEN (PgBouncer in transaction mode) [$MAILROOM_NO_LISTEN]")
+	fs.BoolVar(&cfg.DisableListen, "no-listen", envBool("MAILROOM_NO_LISTEN"), "poll only, no LISTEN (PgBouncer in transaction mode) [$MAILROOM_NO_LISTEN]")
 	var o runOpts
 	fs.StringVar(&o.httpAddr, "http", envOr("MAILROOM_HTTP", "127.0.0.1:9108"), "listen address for /, /healthz, /readyz, /metrics; port 0 picks a free port (logged as \"http listening\") [$MAILROOM_HTTP]")
 	fs.StringVar(&o.adminToken, "admin-token", "", "enables replay/discard on the status page; POSTs must carry it (form field token or Authorization: Bearer); at least 16 characters [$MAILROOM_ADMIN_TOKEN]")
@@ -79,7 +79,7 @@ func cmdRun(args []string, stderr io.Writer) error {
 	fs.DurationVar(&o.sampleEvery, "sample-interval", envDurationOr("MAILROOM_SAMPLE_INTERVAL", 5*time.Second), "how often the status page's chart samples throughput and lag (it keeps 10 minutes) [$MAILROOM_SAMPLE_INTERVAL]")
 	fs.DurationVar(&o.maint.interval, "maintenance-interval", envDurationOr("MAILROOM_MAINTENANCE_INTERVAL", time.Minute), "how often maintenance runs; 0 turns it off [$MAILROOM_MAINTENANCE_INTERVAL]")
 	fs.DurationVar(&o.maint.timeout, "maintenance-timeout", envDurationOr("MAILROOM_MAINTENANCE_TIMEOUT", 30*time.Second), "longest one maintenance run may take; the rest waits for the next run [$MAILROOM_MAINTENANCE_TIMEOUT]")
-	fs.DurationVar(&o.maint.dedupeRetention, "dedupe-retention", envDurationOr("MAILROOM_DEDUPE_RETENTION", dedupe.DefaultRetention), "delete inbox (dedupe) entries older than this; keep it above the longest a message can stay in the broker; 0 leaves the inbox alone [$MAILROOM_DEDUPE_RETENTION]")
+	fs.DurationVar(&o.maint.dedupeRetention, "dedupe-retention", envDurationOr("MAILROOM_DEDUPE_RETENTION", dedupe.DefaultRetention), "delete inbox (dedupe) entries older than this; keep it at least the longest Retention of the consumers on the table (inbox.Config.Retention, default 7 days) and above the longest a message can stay in the broker; 0 leaves the inbox alone [$MAILROOM_DEDUPE_RETENTION]")
 	fs.IntVar(&o.maint.batch, "purge-batch", envIntOr("MAILROOM_PURGE_BATCH", dedupe.DefaultPurgeBatch), "rows per purge statement [$MAILROOM_PURGE_BATCH]")
 	if err := parse(fs, args, stderr); err != nil {
 		return err
@@ -134,8 +134,14 @@ func cmdRun(args []string, stderr io.Writer) error {
 	if err != nil {
 		return usageErr("%v", err)
 	}
-	if applied, latest, err := mailroom.SchemaVersion(ctx, db, c.tables); err != nil || applied < latest {
+	applied, latest, err := mailroom.SchemaVersion(ctx, db, c.tables)
+	switch {
+	case err != nil:
+		return fmt.Errorf("cannot read the mailroom schema version: %w", err)
+	case applied < latest:
 		return fmt.Errorf("the mailroom tables are missing or old (schema version %d, this build needs %d): run `mailroom-relay migrate` first", applied, latest)
+	case applied > latest:
+		log.Warn("the mailroom tables are newer than this build knows; upgrade this relay", "schema_version", applied, "known", latest)
 	}
 	store, err := dedupe.New(dedupe.Config{Table: c.tables.Inbox, PurgeBatch: o.maint.batch})
 	if err != nil {
@@ -205,8 +211,8 @@ func (o *runOpts) check() error {
 		return usageErr("--stall-timeout %s: must be at least 1s", o.stall)
 	case o.sampleEvery < 100*time.Millisecond:
 		return usageErr("--sample-interval %s: must be at least 100ms", o.sampleEvery)
-	case o.maint.interval < 0:
-		return usageErr("--maintenance-interval %s: must be positive, or 0 to turn maintenance off", o.maint.interval)
+	case o.maint.interval < 0 || o.maint.interval > 0 && o.maint.interval < 10*time.Millisecond:
+		return usageErr("--maintenance-interval %s: must be at least 10ms, or 0 to turn maintenance off", o.maint.interval)
 	case o.maint.interval > 0 && o.maint.timeout <= 0:
 		return usageErr("--maintenance-timeout %s: must be positive", o.maint.timeout)
 	case o.maint.dedupeRetention < 0:
