@@ -549,3 +549,41 @@ func TestUnpublishableRowsAreDeadLettered(t *testing.T) {
 		t.Errorf("stats %+v, want 4 failed attempts and nothing released", s)
 	}
 }
+
+// Publishing to an exchange the broker refuses (here an internal one:
+// 403 ACCESS_REFUSED, which closes the channel) fails as an attempt once
+// the refusal is known, instead of releasing the row and its batch-mates
+// at every claim; the rows beside it are published.
+func TestRefusedExchangeIsDeadLettered(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	internal := testenv.Unique("internal")
+	e.b.CleanupExchanges(internal)
+	if err := e.b.Channel().ExchangeDeclare(internal, "topic", false, true, true, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	id := outbox.NewID()
+	msgs := []outbox.Message{{ID: id, Exchange: internal, RoutingKey: "k", Payload: []byte(`{}`)}}
+	want := map[string]bool{}
+	for i := 0; i < 5; i++ {
+		fine := outbox.NewID()
+		want[fine] = true
+		msgs = append(msgs, outbox.Message{ID: fine, Exchange: e.ex, RoutingKey: "fine", Payload: []byte(`{}`)})
+	}
+	e.add(msgs...)
+	cfg := e.config()
+	cfg.MaxAttempts = 2
+	e.start(cfg)
+	e.consumeAll(e.queue, want, 30*time.Second)
+	e.waitDrained()
+	var lastError string
+	if err := e.s.DB.Get(&lastError, `SELECT last_error FROM mailroom_outbox_dead WHERE id = $1`, id); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(lastError, "refuses publishing to exchange") || !strings.Contains(lastError, internal) {
+		t.Fatalf("dead letter's error %q, want the broker's refusal of %s", lastError, internal)
+	}
+	if s := e.relays[0].Stats(); s.Failed != 2 || s.DeadLettered != 1 {
+		t.Errorf("stats %+v, want 2 failed attempts and 1 dead letter", s)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"regexp"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -31,6 +32,12 @@ type publisher struct {
 	known   map[string]bool // exchanges seen to exist on this connection
 
 	spanNames map[string]string // "publish <exchange>" by exchange, built once
+
+	// refused holds, by exchange, why the broker closed a channel on a
+	// publish there (403: an internal exchange, no write permission), for
+	// the current connection. Written by confirm loops, read by publish.
+	refusedMu sync.Mutex
+	refused   map[string]string
 }
 
 // session is one confirm-mode channel and the messages awaiting its confirms.
@@ -50,7 +57,7 @@ type pending struct {
 }
 
 func newPublisher(r *Relay, outcomes chan<- outcome) *publisher {
-	return &publisher{r: r, outcomes: outcomes, slots: make(chan struct{}, r.cfg.ConfirmWindow), known: map[string]bool{}, spanNames: map[string]string{}}
+	return &publisher{r: r, outcomes: outcomes, slots: make(chan struct{}, r.cfg.ConfirmWindow), known: map[string]bool{}, spanNames: map[string]string{}, refused: map[string]string{}}
 }
 
 // run publishes every batch it receives until batches is closed, then waits
@@ -99,7 +106,18 @@ func (p *publisher) publish(ctx context.Context, w *row) {
 				err: fmt.Errorf("%w: %q (declare it, e.g. `rabbitmqctl eval` or your topology code; the message stays in the outbox and is retried)", ErrNoExchange, w.exchange)})
 			return
 		}
-		if !p.waitUnblocked(ctx) || !p.acquire(ctx) {
+		if why := p.refusedAt(w.exchange); why != "" {
+			// Publishing there closes the channel, releasing every
+			// unconfirmed message, and the row comes back at once.
+			p.emit(outcome{row: w, kind: failed, reason: reasonUnpublishable,
+				err: fmt.Errorf("%w: the broker refuses publishing to exchange %q: %s (fix the exchange or the relay user's permissions; this connection will not try it again)", ErrUnpublishable, w.exchange, why)})
+			return
+		}
+		// A row held too long (the broker out of reach, or blocking us)
+		// could be confirmed after its lease ends, when another relay may
+		// have claimed it: it is handed back instead.
+		due := w.batch.claimed.Add(p.r.cfg.Lease - p.r.cfg.ConfirmTimeout)
+		if time.Now().After(due) || !p.waitUnblocked(ctx, due) || !p.acquire(ctx) {
 			p.settle([]*row{w}, released, nil)
 			return
 		}
@@ -179,8 +197,9 @@ func (p *publisher) flush() {
 }
 
 // waitUnblocked pauses while the broker blocks the connection (memory or
-// disk alarm): a publish then would block forever.
-func (p *publisher) waitUnblocked(ctx context.Context) bool {
+// disk alarm): a publish then would block forever. It gives up when ctx
+// ends or at due.
+func (p *publisher) waitUnblocked(ctx context.Context, due time.Time) bool {
 	if !p.blocked.Load() {
 		return true
 	}
@@ -193,6 +212,9 @@ func (p *publisher) waitUnblocked(ctx context.Context) bool {
 		case <-ctx.Done():
 			return false
 		case <-t.C:
+			if time.Now().After(due) {
+				return false
+			}
 		}
 	}
 	p.r.log.Info("broker unblocked the connection; publishing resumed")
@@ -219,6 +241,9 @@ func (p *publisher) connect(ctx context.Context) error {
 			}
 			p.conn, p.wire = conn, wire
 			p.known = map[string]bool{}
+			p.refusedMu.Lock()
+			clear(p.refused)
+			p.refusedMu.Unlock()
 			p.blocked.Store(false)
 			blocked := conn.NotifyBlocked(make(chan amqp.Blocking, 4))
 			go func() { // ends when the connection closes the channel
@@ -308,7 +333,9 @@ func (p *publisher) confirmLoop(s *session, confirms <-chan amqp.Confirmation, r
 		select {
 		case c, ok := <-confirms:
 			if !ok { // channel closed: every unconfirmed message is unknown
-				p.abandon(s, closeReason(closed))
+				why := closeReason(closed)
+				p.noteRefusal(why)
+				p.abandon(s, why)
 				return
 			}
 			drainReturns()
@@ -491,4 +518,31 @@ func fits(msg amqp.Publishing, w *row, frameSize int) error {
 		return fmt.Errorf("%w: its headers take about %d bytes, over the connection's %d-byte frame", ErrUnpublishable, size, frameSize)
 	}
 	return nil
+}
+
+// refusedExchange finds the exchange in RabbitMQ's ACCESS_REFUSED texts:
+// "cannot publish to internal exchange 'x' in vhost '/'", "access to
+// exchange 'x' in vhost '/' refused for user 'u'".
+var refusedExchange = regexp.MustCompile(`exchange '([^']*)' in vhost`)
+
+// noteRefusal records the exchange a 403 channel close names, so its rows
+// fail as attempts instead of closing the channel at every claim.
+func (p *publisher) noteRefusal(why error) {
+	var ae *amqp.Error
+	if !errors.As(why, &ae) || ae.Code != amqp.AccessRefused {
+		return
+	}
+	m := refusedExchange.FindStringSubmatch(ae.Reason)
+	if m == nil {
+		return
+	}
+	p.refusedMu.Lock()
+	p.refused[m[1]] = ae.Reason
+	p.refusedMu.Unlock()
+}
+
+func (p *publisher) refusedAt(exchange string) string {
+	p.refusedMu.Lock()
+	defer p.refusedMu.Unlock()
+	return p.refused[exchange]
 }

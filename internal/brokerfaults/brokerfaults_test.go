@@ -47,6 +47,15 @@ func ensureBrokerUp(t *testing.T) {
 	t.Errorf("broker did not come back within 60s after the fault test")
 }
 
+// raiseMemoryAlarm blocks publishing connections until the test ends or
+// clears it. Its cleanup clears it before the flow's relay stops (cleanups
+// run last-registered first): closing a blocked connection waits for the
+// broker, which would wait forever.
+func raiseMemoryAlarm(t *testing.T) {
+	t.Cleanup(func() { exec.Command("rabbitmqctl", "set_vm_memory_high_watermark", "0.4").Run() })
+	rabbitmqctl(t, "set_vm_memory_high_watermark", "0.000001")
+}
+
 type flow struct {
 	t     *testing.T
 	s     *testenv.Schema
@@ -153,7 +162,7 @@ func TestRelaySurvivesBrokerRestart(t *testing.T) {
 // clears, losing nothing.
 func TestRelayPausesUnderMemoryAlarm(t *testing.T) {
 	f := newFlow(t, 0)
-	rabbitmqctl(t, "set_vm_memory_high_watermark", "0.000001")
+	raiseMemoryAlarm(t)
 	ob, _ := outbox.New(outbox.Config{})
 	for i := 0; i < 200; i++ {
 		id := outbox.NewID()
@@ -166,6 +175,26 @@ func TestRelayPausesUnderMemoryAlarm(t *testing.T) {
 		out, _ := exec.Command("rabbitmqctl", "list_connections", "state", "-q").Output()
 		return strings.Contains(string(out), "blocked")
 	})
+	rabbitmqctl(t, "set_vm_memory_high_watermark", "0.4")
+	f.checkAllQueued()
+}
+
+// Rows held under a memory alarm until their lease nears its end (Lease
+// minus ConfirmTimeout: 3 s here) are handed back rather than published
+// late, when another relay could have claimed them; once the alarm
+// clears, every event is published.
+func TestRelayHandsBackRowsHeldPastTheirLease(t *testing.T) {
+	f := newFlow(t, 0)
+	raiseMemoryAlarm(t)
+	ob, _ := outbox.New(outbox.Config{})
+	for i := 0; i < 200; i++ {
+		id := outbox.NewID()
+		f.ids[id] = true
+		if err := ob.Add(context.Background(), f.s.DB, outbox.Message{ID: id, Exchange: f.ex, RoutingKey: "k", Payload: []byte(`{}`)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testenv.Eventually(t, 30*time.Second, "held rows handed back", func() bool { return f.r.Stats().Released > 0 })
 	rabbitmqctl(t, "set_vm_memory_high_watermark", "0.4")
 	f.checkAllQueued()
 }
