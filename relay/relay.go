@@ -140,8 +140,10 @@ type row struct {
 
 type outcomeKind int
 
+// The zero outcomeKind is none of these: an outcome built without a kind
+// is retried as a failure, never taken for a delivery (which deletes).
 const (
-	delivered outcomeKind = iota
+	delivered outcomeKind = iota + 1
 	failed                // counts as an attempt
 	released              // handed back, no attempt counted
 )
