@@ -387,3 +387,37 @@ CREATE CONSTRAINT TRIGGER fail_twice AFTER INSERT ON effects DEFERRABLE INITIALL
 		})
 	}
 }
+
+// A COMMIT PostgreSQL cancels (57014, here a deferred trigger cancelling
+// its own statement; a statement timeout does the same) rolled back and
+// the session lives on: it is the handler's failure, charged and
+// dead-lettered after MaxAttempts, not an unknown outcome requeued
+// forever.
+func TestCommitCancelledIsCharged(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, inbox.Topology{})
+	e.db.MustExec(`CREATE TABLE cancelled (n int);
+CREATE FUNCTION cancel_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_cancel_backend(pg_backend_pid()); PERFORM pg_sleep(5); RETURN NULL; END $$;
+CREATE CONSTRAINT TRIGGER cancel_commit AFTER INSERT ON cancelled DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION cancel_commit()`)
+	cfg := e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+		if err := record(ctx, tx, m); err != nil {
+			return err
+		}
+		if m.ID != "cancelled" {
+			return nil
+		}
+		_, err := tx.ExecContext(ctx, `INSERT INTO cancelled VALUES (1)`)
+		return err
+	})
+	cfg.MaxAttempts = 2
+	c, _ := e.start(cfg)
+	e.publish(msg("cancelled", "", 1), msg("fine", "", 2))
+	if dls := e.deadLetters(1); dls[0].MessageId != "cancelled" {
+		t.Fatalf("dead letter %s, want cancelled", dls[0].MessageId)
+	}
+	e.waitEffects(1)
+	if s := c.Stats(); s.Failed != 2 || s.Requeued != 0 {
+		t.Errorf("stats %+v, want 2 failed, none requeued", s)
+	}
+}

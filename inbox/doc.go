@@ -47,10 +47,11 @@
 // constraint, a serialization failure) rolled back and counts as a handler
 // failure. A COMMIT whose connection failed, or whose session ended
 // around it, has an unknown outcome: the delivery is requeued after a
-// delay (under OrderedByKey tried again in place), never acked, and dedupe
-// settles it. A retry or dead letter that cannot be published is requeued
-// likewise. A delivery whose message_id PostgreSQL cannot store (a NUL
-// byte, invalid UTF-8) goes to the dead-letter queue at once.
+// delay (under OrderedByKey tried again in place, up to MaxAttempts times
+// in a row), never acked, and dedupe settles it. A retry or dead letter
+// that cannot be published is requeued likewise. A delivery whose
+// message_id PostgreSQL cannot store (a NUL byte, invalid UTF-8) goes to
+// the dead-letter queue at once.
 //
 // Without a retry queue (a queue not declared by DeclareTopology) a failed
 // message is held for its delay and requeued; on a classic queue it is then

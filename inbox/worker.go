@@ -117,7 +117,7 @@ func (s *session) one(it item) {
 func (s *session) settle(it item, dup bool, herr, ierr error) {
 	for {
 		switch {
-		case ierr != nil && errors.Is(ierr, errUnknown) && !s.c.cfg.OrderedByKey:
+		case ierr != nil && errors.Is(ierr, errUnknown) && !s.retryUnknownInPlace():
 			s.requeue(ierr, it.d)
 			return
 		case ierr != nil:
@@ -190,9 +190,11 @@ func (s *session) apply(m Message) (dup bool, herr, ierr error) {
 
 // refused reports whether a failed COMMIT is PostgreSQL's answer that it
 // rolled the transaction back (a deferred constraint, a serialization
-// failure, the insert of an Add sent with it), not a lost connection or a
-// session ended around it (FATAL, or SQLSTATE class 08 or 57), after which
-// the outcome is unknown.
+// failure, a statement timeout in a deferred trigger, the insert of an Add
+// sent with it), not a lost connection or a session ended around it
+// (FATAL, SQLSTATE class 08, or 57P: shutdown), after which the outcome is
+// unknown. (lib/pq turns most FATAL errors into driver.ErrBadConn, which
+// is no *pq.Error either.)
 func refused(err error) bool {
 	var pqErr *pq.Error
 	if !errors.As(err, &pqErr) {
@@ -201,7 +203,7 @@ func refused(err error) bool {
 	switch {
 	case pqErr.Severity == "FATAL" || pqErr.Severity == "PANIC":
 		return false
-	case strings.HasPrefix(string(pqErr.Code), "08"), strings.HasPrefix(string(pqErr.Code), "57"):
+	case strings.HasPrefix(string(pqErr.Code), "08"), strings.HasPrefix(string(pqErr.Code), "57P"):
 		return false
 	}
 	return true
@@ -423,7 +425,9 @@ func (s *session) careful(bctx context.Context, bspan trace.Span, items []item, 
 }
 
 // retryBatch waits after a database error before the commit (nothing was
-// applied) and returns the batch to be tried again, or nil when stopping.
+// applied), or a commit of unknown outcome under OrderedByKey (dedupe
+// finds what was applied), and returns the batch to be tried again, or nil
+// when stopping.
 func (s *session) retryBatch(err error, items []item) []item {
 	if !s.hold(err) {
 		return nil
@@ -433,16 +437,25 @@ func (s *session) retryBatch(err error, items []item) []item {
 
 // unknownOutcome handles a batch whose COMMIT lost its connection: it may
 // have committed. The batch is requeued (redeliveries are deduplicated);
-// under OrderedByKey it is tried again in place instead, since the later
-// messages of its keys would otherwise overtake it (dedupe acks what did
-// commit).
+// under OrderedByKey it is tried again in place instead (see
+// retryUnknownInPlace).
 func (s *session) unknownOutcome(err error, items []item) []item {
 	err = fmt.Errorf("commit of a batch of %d (outcome unknown; redeliveries are deduplicated): %w", len(items), err)
-	if s.c.cfg.OrderedByKey {
+	if s.retryUnknownInPlace() {
 		return s.retryBatch(err, items)
 	}
 	s.requeue(err, ds(items)...)
 	return nil
+}
+
+// retryUnknownInPlace reports whether a commit with an unknown outcome is
+// tried again in place (dedupe acks what did commit) rather than requeued:
+// under OrderedByKey, where the later messages of its keys would otherwise
+// overtake it, until MaxAttempts failures in a row (a message whose
+// transaction always ends its session would hold its keys forever; the
+// broker's delivery limit can then see it).
+func (s *session) retryUnknownInPlace() bool {
+	return s.c.cfg.OrderedByKey && s.infra < s.c.cfg.MaxAttempts
 }
 
 func msgIDs(items []item) []string {
@@ -590,8 +603,9 @@ func (s *session) requeue(err error, ds ...*amqp.Delivery) {
 	}
 }
 
-// hold waits after a database error that happened before any commit, so
-// the delivery can be tried again in place: a database outage neither
+// hold waits after a database error that happened before any commit (or a
+// commit of unknown outcome, see retryUnknownInPlace), so the delivery can
+// be tried again in place: a database outage neither
 // spins through the queue nor counts against its delivery limit. It
 // reports false when the session stops (the delivery then returns to the
 // queue unacked).

@@ -116,6 +116,7 @@ type conn struct {
 	pending  []string                // EXECUTE statements not yet sent, in Add order
 	prepared map[string]preparedStmt // Add's statements prepared on this connection
 	bad      bool                    // a failed Commit could not roll back: never reuse
+	copying  int                     // COPY statements prepared and not yet closed
 }
 
 // preparedNames numbers the statements Add prepares, process-wide: after
@@ -135,6 +136,9 @@ type preparedStmt struct {
 // sends what is pending, so it runs after the inserts, as written.
 func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
 	if strings.HasPrefix(query, atCommit) {
+		if c.copying > 0 {
+			return nil, errors.New("outbox: Add during a COPY on this connection: finish the COPY (its statement's final Exec, and Close) first")
+		}
 		execs, err := c.execute(ctx, query, args)
 		if err != nil {
 			return nil, err
@@ -154,8 +158,17 @@ func (c *conn) ExecContext(ctx context.Context, query string, args []driver.Name
 		// included: what is pending now came after the savepoint, and
 		// this undoes it. Sending it first could only fail the rollback
 		// (an insert that fails, in a transaction it would have aborted).
-		c.pending = c.pending[:0]
-	} else if err := c.flush(ctx); err != nil {
+		// Unless the rollback did not reach the server.
+		kept := c.pending
+		c.pending = nil
+		res, err := c.pqConn.ExecContext(ctx, query, args)
+		var pqErr *pq.Error
+		if err != nil && !errors.As(err, &pqErr) {
+			c.pending = kept
+		}
+		return res, err
+	}
+	if err := c.flush(ctx); err != nil {
 		return nil, err
 	}
 	return c.pqConn.ExecContext(ctx, query, args)
@@ -195,7 +208,18 @@ func (c *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, e
 	if err != nil {
 		return nil, err
 	}
-	return &stmt{Stmt: st, c: c}, nil
+	s := &stmt{Stmt: st, c: c, copy: isCopy(query)}
+	if s.copy {
+		c.copying++
+	}
+	return s, nil
+}
+
+// isCopy reports whether query is a COPY, which lib/pq starts when it is
+// prepared and ends when its statement's final Exec runs.
+func isCopy(query string) bool {
+	q := strings.TrimLeft(query, " \t\r\n")
+	return len(q) > 4 && strings.EqualFold(q[:4], "COPY") && !isIdentByte(q[4])
 }
 
 func (c *conn) Prepare(query string) (driver.Stmt, error) {
@@ -386,6 +410,10 @@ func (t *atCommitTx) Commit() error {
 	// still be in the transaction: it is closed, which rolls it back.
 	if _, rbErr := c.pqConn.ExecContext(ctx, "ROLLBACK", nil); rbErr != nil {
 		c.bad = true
+		var pqErr *pq.Error
+		if !errors.As(err, &pqErr) && !c.pqConn.IsValid() {
+			return fmt.Errorf("outbox: commit with the inserts of Add: the connection failed, so whether the transaction committed is unknown: %w", errors.Join(err, rbErr))
+		}
 		return fmt.Errorf("outbox: commit with the inserts of Add failed, and so did the rollback; the connection is closed, which rolls the transaction back: %w", errors.Join(err, rbErr))
 	}
 	var pqErr *pq.Error
@@ -404,7 +432,17 @@ func (t *atCommitTx) Rollback() error {
 // inserts before it runs.
 type stmt struct {
 	driver.Stmt
-	c *conn
+	c      *conn
+	copy   bool // a COPY: counted in c.copying until closed
+	closed bool
+}
+
+func (s *stmt) Close() error {
+	if s.copy && !s.closed {
+		s.c.copying--
+	}
+	s.closed = true
+	return s.Stmt.Close()
 }
 
 func (s *stmt) ExecContext(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {

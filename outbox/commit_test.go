@@ -537,39 +537,6 @@ func TestAtCommitStatementWhileRowsOpen(t *testing.T) {
 	}
 }
 
-// A Commit while a COPY is still open fails, and so does its ROLLBACK: the
-// connection is closed (rolling the transaction back), not handed to the
-// next user still inside the transaction.
-func TestAtCommitWhileCopyOpen(t *testing.T) {
-	t.Parallel()
-	s, db, ob := atCommitEnv(t, "", 1)
-	if err := addInTx(db, ob, msg(1)); err != nil { // prepares the insert on the one connection
-		t.Fatal(err)
-	}
-	ctx := context.Background()
-	tx := db.MustBeginTx(ctx, nil)
-	defer tx.Rollback()
-	st, err := tx.Prepare(pq.CopyIn("mailroom_outbox", "id", "exchange", "routing_key", "payload"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := st.Exec(outbox.NewID(), "x", "k", []byte(`{"n":2}`)); err != nil {
-		t.Fatal(err)
-	}
-	if err := ob.Add(ctx, tx, msg(3)); err != nil {
-		t.Fatal(err)
-	}
-	if err := tx.Commit(); err == nil {
-		t.Fatal("Commit with a COPY still open succeeded")
-	}
-	if err := addInTx(db, ob, msg(4)); err != nil { // on a new connection
-		t.Fatalf("the next transaction: %v", err)
-	}
-	if got := payloads(t, s, 0); got != `{"n":1} {"n":4}` {
-		t.Fatalf("outbox rows: %q, want only the first and the last transaction's", got)
-	}
-}
-
 // In a transaction that already failed, an Add is undone by a ROLLBACK TO
 // SAVEPOINT like any statement after the savepoint, and the ROLLBACK TO
 // SAVEPOINT itself runs.
@@ -658,5 +625,72 @@ func TestAtCommitRollbackToSavepointDropsPending(t *testing.T) {
 	}
 	if got := payloads(t, s, 1); got != `{"n":2}` {
 		t.Fatalf("outbox rows: %q, want only the Add kept by RELEASE", got)
+	}
+}
+
+// A ROLLBACK TO SAVEPOINT that lib/pq refuses to send (a query's rows
+// still open) undoes nothing, so the Adds before it stay pending and
+// commit with the transaction.
+func TestAtCommitRollbackNotSentKeepsPending(t *testing.T) {
+	t.Parallel()
+	s, db, ob := atCommitEnv(t, "", 1)
+	if err := addInTx(db, ob, msg(0)); err != nil { // prepares the insert on the one connection
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	tx := db.MustBeginTx(ctx, nil)
+	defer tx.Rollback()
+	tx.MustExec(`SAVEPOINT a`)
+	rows, err := tx.Query(`SELECT generate_series(1, 3)`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows.Next()
+	if err := ob.Add(ctx, tx, msg(1)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(`ROLLBACK TO SAVEPOINT a`); err == nil {
+		t.Fatal("ROLLBACK TO SAVEPOINT with rows open succeeded")
+	}
+	rows.Close()
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if got := payloads(t, s, 1); got != `{"n":1}` {
+		t.Fatalf("outbox rows: %q, want the Add the refused rollback did not undo", got)
+	}
+}
+
+// Add during a COPY on the same connection fails at once, naming the COPY:
+// its insert could be sent neither before the COPY ends nor by the COPY's
+// statements. After the COPY, Add works.
+func TestAtCommitAddDuringCopy(t *testing.T) {
+	t.Parallel()
+	s, db, ob := atCommitEnv(t, "", 0)
+	ctx := context.Background()
+	tx := db.MustBeginTx(ctx, nil)
+	defer tx.Rollback()
+	st, err := tx.Prepare(pq.CopyIn("mailroom_outbox", "id", "exchange", "routing_key", "payload"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Exec(outbox.NewID(), "x", "k", []byte(`{"n":1}`)); err != nil {
+		t.Fatal(err)
+	}
+	if err := ob.Add(ctx, tx, msg(2)); err == nil || !strings.Contains(err.Error(), "during a COPY") {
+		t.Fatalf("Add during a COPY: %v, want an error naming the COPY", err)
+	}
+	if _, err := st.Exec(); err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+	if err := ob.Add(ctx, tx, msg(3)); err != nil {
+		t.Fatalf("Add after the COPY: %v", err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if got := payloads(t, s, 0); got != `{"n":1} {"n":3}` {
+		t.Fatalf("outbox rows: %q", got)
 	}
 }

@@ -47,7 +47,8 @@ type Execer interface {
 // text names the message index, the field and what to do.
 var ErrInvalidMessage = errors.New("outbox: invalid message")
 
-// MaxHeaderBytes bounds a message's header names and values together:
+// MaxHeaderBytes bounds a message's headers as AMQP encodes them (names,
+// values and 6 bytes each):
 // AMQP carries every header in one frame, and a larger one makes the broker
 // close the relay's connection.
 const MaxHeaderBytes = 64 << 10
@@ -390,7 +391,7 @@ func (o *Outbox) validate(i int, m *Message) (string, error) {
 	}
 	headerBytes := 0
 	for name, v := range m.Headers {
-		headerBytes += len(name) + len(v)
+		headerBytes += 6 + len(name) + len(v) // as AMQP encodes a table entry
 		if name == "" {
 			return "", bad("Headers", "empty header name")
 		}
@@ -405,7 +406,7 @@ func (o *Outbox) validate(i int, m *Message) (string, error) {
 		}
 	}
 	if headerBytes > MaxHeaderBytes {
-		return "", bad("Headers", "%d bytes of names and values is over the %d-byte limit: AMQP sends all headers in one frame (RabbitMQ's is 128 KiB); put large data in the payload", headerBytes, MaxHeaderBytes)
+		return "", bad("Headers", "%d bytes encoded is over the %d-byte limit: AMQP sends all headers in one frame (RabbitMQ's is 128 KiB); put large data in the payload", headerBytes, MaxHeaderBytes)
 	}
 	if len(m.Payload) > o.maxPayload {
 		return "", bad("Payload", "%d bytes is over the %d-byte limit (Config.MaxPayloadBytes); store large data elsewhere and send a reference", len(m.Payload), o.maxPayload)

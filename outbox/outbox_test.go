@@ -355,7 +355,7 @@ func TestValidationErrors(t *testing.T) {
 		{"latin-1 header value", outbox.Message{Exchange: "x", Headers: map[string]string{"h": "\xff"}, Payload: []byte(`{}`)}, `Headers: "h": "\xff" is not valid UTF-8`},
 		{"reserved header", outbox.Message{Exchange: "x", Headers: map[string]string{"X-Mailroom-Key": "k"}, Payload: []byte(`{}`)}, `Headers: "X-Mailroom-Key": names starting with "x-mailroom-" are reserved`},
 		{"empty header", outbox.Message{Exchange: "x", Headers: map[string]string{"": "v"}, Payload: []byte(`{}`)}, "Headers: empty header name"},
-		{"headers over a frame", outbox.Message{Exchange: "x", Headers: map[string]string{"a": strings.Repeat("v", 40<<10), "b": strings.Repeat("v", 40<<10)}, Payload: []byte(`{}`)}, "Headers: 81922 bytes of names and values is over the 65536-byte limit"},
+		{"headers over a frame", outbox.Message{Exchange: "x", Headers: map[string]string{"a": strings.Repeat("v", 40<<10), "b": strings.Repeat("v", 40<<10)}, Payload: []byte(`{}`)}, "Headers: 81934 bytes encoded is over the 65536-byte limit"},
 		{"oversize payload", outbox.Message{Exchange: "x", ContentType: "text/plain", Payload: make([]byte, 65)}, "Payload: 65 bytes is over the 64-byte limit"},
 		{"bad json", outbox.Message{Exchange: "x", Payload: []byte(`{"a":`)}, "Payload: not valid JSON"},
 	}

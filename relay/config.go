@@ -158,7 +158,7 @@ func (c *Config) validate() error {
 	case c.ConfirmTimeout < 100*time.Millisecond:
 		return fmt.Errorf("relay: Config.ConfirmTimeout %s: must be at least 100ms", c.ConfirmTimeout)
 	case c.Lease/2 < c.ConfirmTimeout: // Lease < 2 × ConfirmTimeout, without overflow
-		return fmt.Errorf("relay: Config.Lease %s must be at least 2×ConfirmTimeout (%s), or rows are re-claimed while their confirms are still awaited", c.Lease, 2*c.ConfirmTimeout)
+		return fmt.Errorf("relay: Config.Lease %s must be at least twice ConfirmTimeout (%s), or rows are re-claimed while their confirms are still awaited", c.Lease, c.ConfirmTimeout)
 	case c.PollInterval < 10*time.Millisecond:
 		return fmt.Errorf("relay: Config.PollInterval %s: must be at least 10ms", c.PollInterval)
 	case c.MaxAttempts < 1:

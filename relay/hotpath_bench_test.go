@@ -47,7 +47,10 @@ func claimAndDelete(ctx context.Context, r *Relay) (int, error) {
 	for i, w := range rows {
 		done[i] = outcome{row: w, kind: delivered}
 	}
-	return len(rows), r.apply(done, nil, nil, nil)
+	if _, err := r.apply(done, nil, nil, nil); err != nil {
+		return 0, err
+	}
+	return len(rows), nil
 }
 
 // claimCycles times b.N claim-and-delete cycles of batch rows each and
@@ -173,9 +176,10 @@ func BenchmarkPublishBatch(b *testing.B) {
 	b.ResetTimer()
 	start := time.Now()
 	for i := range b.N {
+		clock := &batchClock{claimed: time.Now()}
 		for j := range batch {
 			batch[j] = &row{seq: int64(i*benchBatch + j), id: fmt.Sprintf("m-%d-%d", i, j), exchange: ex, routingKey: "k",
-				contentType: "application/json", payload: payload, createdAt: start}
+				contentType: "application/json", payload: payload, createdAt: start, batch: clock}
 		}
 		for _, w := range batch {
 			p.publish(ctx, w)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -37,7 +38,13 @@ type publisher struct {
 	// publish there (403: an internal exchange, no write permission), for
 	// the current connection. Written by confirm loops, read by publish.
 	refusedMu sync.Mutex
-	refused   map[string]string
+	refused   map[string]refusal
+}
+
+// refusal is the broker's reason for refusing an exchange, and when.
+type refusal struct {
+	reason string
+	at     time.Time
 }
 
 // session is one confirm-mode channel and the messages awaiting its confirms.
@@ -57,7 +64,7 @@ type pending struct {
 }
 
 func newPublisher(r *Relay, outcomes chan<- outcome) *publisher {
-	return &publisher{r: r, outcomes: outcomes, slots: make(chan struct{}, r.cfg.ConfirmWindow), known: map[string]bool{}, spanNames: map[string]string{}, refused: map[string]string{}}
+	return &publisher{r: r, outcomes: outcomes, slots: make(chan struct{}, r.cfg.ConfirmWindow), known: map[string]bool{}, spanNames: map[string]string{}, refused: map[string]refusal{}}
 }
 
 // run publishes every batch it receives until batches is closed, then waits
@@ -110,7 +117,7 @@ func (p *publisher) publish(ctx context.Context, w *row) {
 			// Publishing there closes the channel, releasing every
 			// unconfirmed message, and the row comes back at once.
 			p.emit(outcome{row: w, kind: failed, reason: reasonUnpublishable,
-				err: fmt.Errorf("%w: the broker refuses publishing to exchange %q: %s (fix the exchange or the relay user's permissions; this connection will not try it again)", ErrUnpublishable, w.exchange, why)})
+				err: fmt.Errorf("%w: the broker refuses publishing to exchange %q: %s (fix the exchange or the relay user's permissions; the relay tries again after MaxBackoff)", ErrUnpublishable, w.exchange, why)})
 			return
 		}
 		// A row held too long (the broker out of reach, or blocking us)
@@ -118,6 +125,11 @@ func (p *publisher) publish(ctx context.Context, w *row) {
 		// have claimed it: it is handed back instead.
 		due := w.batch.claimed.Add(p.r.cfg.Lease - p.r.cfg.ConfirmTimeout)
 		if time.Now().After(due) || !p.waitUnblocked(ctx, due) || !p.acquire(ctx) {
+			p.settle([]*row{w}, released, nil)
+			return
+		}
+		if time.Now().After(due) { // acquire waited for confirms that long
+			<-p.slots
 			p.settle([]*row{w}, released, nil)
 			return
 		}
@@ -526,10 +538,13 @@ func fits(msg amqp.Publishing, w *row, frameSize int) error {
 var refusedExchange = regexp.MustCompile(`exchange '([^']*)' in vhost`)
 
 // noteRefusal records the exchange a 403 channel close names, so its rows
-// fail as attempts instead of closing the channel at every claim.
+// fail as attempts instead of closing the channel at every claim. A
+// refusal of one routing key (topic authorisation: "access to topic 'k'
+// in exchange 'x'") is not the exchange's: it is left to release and
+// retry as before.
 func (p *publisher) noteRefusal(why error) {
 	var ae *amqp.Error
-	if !errors.As(why, &ae) || ae.Code != amqp.AccessRefused {
+	if !errors.As(why, &ae) || ae.Code != amqp.AccessRefused || strings.Contains(ae.Reason, "access to topic") {
 		return
 	}
 	m := refusedExchange.FindStringSubmatch(ae.Reason)
@@ -537,12 +552,19 @@ func (p *publisher) noteRefusal(why error) {
 		return
 	}
 	p.refusedMu.Lock()
-	p.refused[m[1]] = ae.Reason
+	p.refused[m[1]] = refusal{ae.Reason, time.Now()}
 	p.refusedMu.Unlock()
 }
 
+// refusedAt is the broker's reason for refusing exchange, if it did within
+// MaxBackoff (after that one publish tries again: permissions may have
+// been fixed).
 func (p *publisher) refusedAt(exchange string) string {
 	p.refusedMu.Lock()
 	defer p.refusedMu.Unlock()
-	return p.refused[exchange]
+	r, ok := p.refused[exchange]
+	if !ok || time.Since(r.at) > p.r.cfg.MaxBackoff {
+		return ""
+	}
+	return r.reason
 }

@@ -404,3 +404,39 @@ func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimSpace(string(p)))
 	return len(p), nil
 }
+
+// A row whose seq is already in the dead-letter table (one shared by two
+// outboxes, or seqs reused) is not dropped when it is buried, nor does it
+// stop the relay: it stays in the outbox, scheduled again after MaxBackoff,
+// and the other rows flow.
+func TestBuryOntoATakenSeqKeepsTheRow(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	lonely := e.b.Exchange() // no queue bound: unroutable
+	id := outbox.NewID()
+	e.add(outbox.Message{ID: id, Exchange: lonely, RoutingKey: "k", Payload: []byte(`{}`)})
+	e.s.DB.MustExec(`INSERT INTO mailroom_outbox_dead (seq, id, exchange, routing_key, payload, created_at, attempts, last_error)
+SELECT seq, gen_random_uuid(), 'older', 'k', '{}', now(), 1, 'an older dead letter' FROM mailroom_outbox`)
+	cfg := e.config()
+	cfg.MaxAttempts, cfg.MaxBackoff = 1, time.Hour
+	e.start(cfg)
+	var lastError string
+	testenv.Eventually(t, 20*time.Second, "the row scheduled again", func() bool {
+		return e.s.DB.Get(&lastError, `SELECT last_error FROM mailroom_outbox WHERE id = $1 AND available_at > now() + interval '30 minutes'`, id) == nil
+	})
+	if !strings.Contains(lastError, "is there already") {
+		t.Errorf("last_error %q, want it to say the seq is taken", lastError)
+	}
+	fine := outbox.NewID()
+	e.add(outbox.Message{ID: fine, Exchange: e.ex, RoutingKey: "fine", Payload: []byte(`{}`)})
+	if d := e.receive(e.queue, 1, 10*time.Second)[0]; d.MessageId != fine {
+		t.Fatalf("got %s, want the next row", d.MessageId)
+	}
+	var dead int
+	if err := e.s.DB.Get(&dead, `SELECT count(*) FROM mailroom_outbox_dead`); err != nil || dead != 1 {
+		t.Errorf("%d dead letters (%v), want only the older one", dead, err)
+	}
+	if s := e.relays[0].Stats(); s.DeadLettered != 0 {
+		t.Errorf("stats %+v, want no dead letter counted", s)
+	}
+}

@@ -110,16 +110,18 @@ FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::float8[]) AS f(seq, lease,
 WHERE o.seq = f.seq AND o.lease = f.lease`,
 
 		// bury moves rows that used up their attempts to the dead-letter
-		// table with their last error, in one statement (one transaction).
-		// No ON CONFLICT: only the lease holder deletes a row, so a seq
-		// already in the table means seqs were reused (RESTART IDENTITY);
-		// the statement then fails and the row stays, rather than leave the
-		// outbox for nowhere.
+		// table with their last error, in one statement (one transaction),
+		// and returns the seqs it moved. A row is deleted only once it is
+		// in the dead-letter table: one whose seq is there already (a table
+		// shared by two outboxes, seqs reused after RESTART IDENTITY)
+		// stays in the outbox, and the relay schedules it again.
 		bury: `WITH f AS (SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[]) AS f(seq, lease, err)),
-d AS (DELETE FROM ` + ob + ` o USING f WHERE o.seq = f.seq AND o.lease = f.lease
-      RETURNING o.seq, ` + prefixed("o.", columns) + `, f.err)
-INSERT INTO ` + dead + ` (seq, ` + columns + `, last_error)
-SELECT seq, id, exchange, routing_key, key, type, content_type, headers, payload, created_at, attempts + 1, err FROM d`,
+ins AS (INSERT INTO ` + dead + ` (seq, ` + columns + `, last_error)
+    SELECT o.seq, ` + prefixed("o.", strings.Replace(columns, "attempts", "attempts + 1", 1)) + `, f.err
+    FROM ` + ob + ` o JOIN f ON o.seq = f.seq AND o.lease = f.lease
+    ON CONFLICT (seq) DO NOTHING RETURNING seq)
+DELETE FROM ` + ob + ` o USING ins, f WHERE o.seq = ins.seq AND o.seq = f.seq AND o.lease = f.lease
+RETURNING o.seq`,
 
 		// release hands rows back at once (shutdown, lost connection)
 		// without counting an attempt. They keep their place: available_at

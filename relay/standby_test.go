@@ -140,7 +140,7 @@ func TestNewValidatesConfig(t *testing.T) {
 	}{
 		{relay.Config{URL: "http://x"}, "Config.URL is not an amqp:// or amqps:// URL"},
 		{relay.Config{URL: "amqp://x", ConfirmTimeout: 3}, "ConfirmTimeout 3ns: must be at least 100ms"},
-		{relay.Config{URL: "amqp://x", ConfirmTimeout: 200 * 365 * 24 * time.Hour, Lease: time.Second}, "Lease 1s must be at least 2×ConfirmTimeout"}, // 2× overflows
+		{relay.Config{URL: "amqp://x", ConfirmTimeout: 200 * 365 * 24 * time.Hour, Lease: time.Second}, "Lease 1s must be at least twice ConfirmTimeout (1752000h0m0s)"}, // 2× overflows
 		{relay.Config{URL: "amqp://x", MinBackoff: -time.Second}, "MinBackoff -1s"},
 	} {
 		tc.cfg.DisableListen = true
