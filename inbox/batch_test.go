@@ -146,8 +146,11 @@ func TestBatchStatementFailureSwallowedByHandler(t *testing.T) {
 // message at a time and only the message whose handler added it fails:
 // the next message's handler, whose statement reported it, and the batch
 // whose commit carried it are not charged with it.
-func TestBatchAddSentLaterFails(t *testing.T) {
-	t.Parallel()
+// atCommitEnv is an env whose database is opened by outbox.OpenDB (Add's
+// insert sent with the next statement or the COMMIT) and whose outbox
+// refuses messages of type "bad" (a CHECK), with an Outbox on it.
+func atCommitEnv(t *testing.T) (*env, *outbox.Outbox) {
+	t.Helper()
 	e := newEnv(t, inbox.Topology{})
 	e.db.MustExec(`ALTER TABLE mailroom_outbox ADD CONSTRAINT no_bad_type CHECK (type <> 'bad')`)
 	db, err := outbox.OpenDB(e.url)
@@ -160,6 +163,12 @@ func TestBatchAddSentLaterFails(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return e, ob
+}
+
+func TestBatchAddSentLaterFails(t *testing.T) {
+	t.Parallel()
+	e, ob := atCommitEnv(t)
 	var msgs []amqp.Publishing
 	doomed := map[string]bool{}
 	for i, id := range ids("later", 40) {
@@ -271,18 +280,7 @@ func handlerRuns(t *testing.T, r *sdkmetric.ManualReader) (ok, failed uint64) {
 // the savepoints.
 func TestBatchHandlerFailsAfterAddSentLater(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, inbox.Topology{})
-	e.db.MustExec(`ALTER TABLE mailroom_outbox ADD CONSTRAINT no_bad_type CHECK (type <> 'bad')`)
-	db, err := outbox.OpenDB(e.url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { db.Close() })
-	e.db = sqlx.NewDb(db, "postgres")
-	ob, err := outbox.New(outbox.Config{DB: db})
-	if err != nil {
-		t.Fatal(err)
-	}
+	e, ob := atCommitEnv(t)
 	var msgs []amqp.Publishing
 	doomed := map[string]bool{}
 	for i, id := range ids("after-add", 20) {

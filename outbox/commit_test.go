@@ -31,6 +31,22 @@ func atCommitEnv(t *testing.T, app string, conns int) (*testenv.Schema, *sqlx.DB
 	return s, db, newOutbox(t, outbox.Config{DB: db.DB})
 }
 
+// preparedTx returns atCommitEnv's schema and Outbox on a database of one
+// connection where the insert is already prepared (by a first Add, of
+// msg(0)), and a transaction open on it, rolled back when the test ends
+// unless committed: an Add in it talks to nothing until the next
+// statement.
+func preparedTx(t *testing.T) (*testenv.Schema, *outbox.Outbox, *sqlx.Tx) {
+	t.Helper()
+	s, db, ob := atCommitEnv(t, "", 1)
+	if err := addInTx(db, ob, msg(0)); err != nil {
+		t.Fatal(err)
+	}
+	tx := db.MustBeginTx(context.Background(), nil)
+	t.Cleanup(func() { tx.Rollback() })
+	return s, ob, tx
+}
+
 // addInTx adds msgs in a transaction of db of their own and commits it.
 func addInTx(db *sqlx.DB, ob *outbox.Outbox, msgs ...outbox.Message) error {
 	ctx := context.Background()
@@ -506,14 +522,9 @@ func (otherConn) Begin() (driver.Tx, error)           { return nil, errors.New("
 // Add, and the insert still commits with the transaction.
 func TestAtCommitStatementWhileRowsOpen(t *testing.T) {
 	t.Parallel()
-	s, db, ob := atCommitEnv(t, "", 1)
+	s, ob, tx := preparedTx(t)
 	s.DB.MustExec(`CREATE TABLE orders (id int PRIMARY KEY)`)
-	if err := addInTx(db, ob, msg(0)); err != nil { // prepares the insert on the one connection
-		t.Fatal(err)
-	}
 	ctx := context.Background()
-	tx := db.MustBeginTx(ctx, nil)
-	defer tx.Rollback()
 	rows, err := tx.Query(`SELECT generate_series(1, 3)`)
 	if err != nil {
 		t.Fatal(err)
@@ -542,13 +553,8 @@ func TestAtCommitStatementWhileRowsOpen(t *testing.T) {
 // SAVEPOINT itself runs.
 func TestAtCommitRollbackToSavepointAfterFailure(t *testing.T) {
 	t.Parallel()
-	s, db, ob := atCommitEnv(t, "", 1)
-	if err := addInTx(db, ob, msg(0)); err != nil { // prepares the insert on the one connection
-		t.Fatal(err)
-	}
+	s, ob, tx := preparedTx(t)
 	ctx := context.Background()
-	tx := db.MustBeginTx(ctx, nil)
-	defer tx.Rollback()
 	tx.MustExec(`SAVEPOINT a`)
 	if _, err := tx.Exec(`SELECT 1/0`); err == nil {
 		t.Fatal("division by zero succeeded")
@@ -597,13 +603,8 @@ func TestAtCommitWithoutTransactionAfterDiscard(t *testing.T) {
 // rollback; RELEASE SAVEPOINT sends them.
 func TestAtCommitRollbackToSavepointDropsPending(t *testing.T) {
 	t.Parallel()
-	s, db, ob := atCommitEnv(t, "", 1)
-	if err := addInTx(db, ob, msg(0)); err != nil { // prepares the insert on the one connection
-		t.Fatal(err)
-	}
+	s, ob, tx := preparedTx(t)
 	ctx := context.Background()
-	tx := db.MustBeginTx(ctx, nil)
-	defer tx.Rollback()
 	for _, rollback := range []string{`ROLLBACK TO SAVEPOINT a`, " \n rollback to a ;"} {
 		tx.MustExec(`SAVEPOINT a`)
 		bad := msg(1)
@@ -633,13 +634,8 @@ func TestAtCommitRollbackToSavepointDropsPending(t *testing.T) {
 // commit with the transaction.
 func TestAtCommitRollbackNotSentKeepsPending(t *testing.T) {
 	t.Parallel()
-	s, db, ob := atCommitEnv(t, "", 1)
-	if err := addInTx(db, ob, msg(0)); err != nil { // prepares the insert on the one connection
-		t.Fatal(err)
-	}
+	s, ob, tx := preparedTx(t)
 	ctx := context.Background()
-	tx := db.MustBeginTx(ctx, nil)
-	defer tx.Rollback()
 	tx.MustExec(`SAVEPOINT a`)
 	rows, err := tx.Query(`SELECT generate_series(1, 3)`)
 	if err != nil {

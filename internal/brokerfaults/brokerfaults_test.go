@@ -73,16 +73,7 @@ func newFlow(t *testing.T, n int) *flow {
 	b := testenv.NewBroker(t)
 	f := &flow{t: t, s: s, ex: b.Exchange(), ids: map[string]bool{}}
 	f.q = b.Queue(f.ex, "#", nil)
-	ob, _ := outbox.New(outbox.Config{})
-	msgs := make([]outbox.Message, n)
-	for i := range msgs {
-		id := outbox.NewID()
-		f.ids[id] = true
-		msgs[i] = outbox.Message{ID: id, Exchange: f.ex, RoutingKey: "k", Payload: []byte(fmt.Sprintf(`{"n":%d}`, i))}
-	}
-	if err := ob.Add(context.Background(), s.DB, msgs...); err != nil {
-		t.Fatal(err)
-	}
+	f.add(n)
 	r, err := relay.New(s.DB.DB, relay.Config{
 		URL: testenv.AMQPURL(), DatabaseURL: s.URL, Name: testenv.Unique("faults"),
 		BatchSize: 100, ConfirmWindow: 200, ConfirmTimeout: 2 * time.Second, Lease: 5 * time.Second,
@@ -106,6 +97,24 @@ func newFlow(t *testing.T, n int) *flow {
 	}
 	t.Cleanup(f.stop)
 	return f
+}
+
+// add writes n events to the outbox in one transaction.
+func (f *flow) add(n int) {
+	f.t.Helper()
+	if n == 0 {
+		return
+	}
+	ob, _ := outbox.New(outbox.Config{})
+	msgs := make([]outbox.Message, n)
+	for i := range msgs {
+		id := outbox.NewID()
+		f.ids[id] = true
+		msgs[i] = outbox.Message{ID: id, Exchange: f.ex, RoutingKey: "k", Payload: []byte(fmt.Sprintf(`{"n":%d}`, i))}
+	}
+	if err := ob.Add(context.Background(), f.s.DB, msgs...); err != nil {
+		f.t.Fatal(err)
+	}
 }
 
 func (f *flow) pending() int {
@@ -163,14 +172,7 @@ func TestRelaySurvivesBrokerRestart(t *testing.T) {
 func TestRelayPausesUnderMemoryAlarm(t *testing.T) {
 	f := newFlow(t, 0)
 	raiseMemoryAlarm(t)
-	ob, _ := outbox.New(outbox.Config{})
-	for i := 0; i < 200; i++ {
-		id := outbox.NewID()
-		f.ids[id] = true
-		if err := ob.Add(context.Background(), f.s.DB, outbox.Message{ID: id, Exchange: f.ex, RoutingKey: "k", Payload: []byte(`{}`)}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	f.add(200)
 	testenv.Eventually(t, 30*time.Second, "a connection blocked by the alarm", func() bool {
 		out, _ := exec.Command("rabbitmqctl", "list_connections", "state", "-q").Output()
 		return strings.Contains(string(out), "blocked")
@@ -186,14 +188,7 @@ func TestRelayPausesUnderMemoryAlarm(t *testing.T) {
 func TestRelayHandsBackRowsHeldPastTheirLease(t *testing.T) {
 	f := newFlow(t, 0)
 	raiseMemoryAlarm(t)
-	ob, _ := outbox.New(outbox.Config{})
-	for i := 0; i < 200; i++ {
-		id := outbox.NewID()
-		f.ids[id] = true
-		if err := ob.Add(context.Background(), f.s.DB, outbox.Message{ID: id, Exchange: f.ex, RoutingKey: "k", Payload: []byte(`{}`)}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	f.add(200)
 	testenv.Eventually(t, 30*time.Second, "held rows handed back", func() bool { return f.r.Stats().Released > 0 })
 	rabbitmqctl(t, "set_vm_memory_high_watermark", "0.4")
 	f.checkAllQueued()
