@@ -116,7 +116,7 @@ type conn struct {
 	pending  []string                // EXECUTE statements not yet sent, in Add order
 	prepared map[string]preparedStmt // Add's statements prepared on this connection
 	bad      bool                    // a failed Commit could not roll back: never reuse
-	copying  int                     // COPY statements prepared and not yet closed
+	copying  int                     // COPYs in progress (their statements' copying)
 }
 
 // preparedNames numbers the statements Add prepares, process-wide: after
@@ -137,7 +137,7 @@ type preparedStmt struct {
 func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
 	if strings.HasPrefix(query, atCommit) {
 		if c.copying > 0 {
-			return nil, errors.New("outbox: Add during a COPY on this connection: finish the COPY (its statement's final Exec, and Close) first")
+			return nil, errors.New("outbox: Add during a COPY on this connection: finish the COPY (its statement's final Exec, or Close) first")
 		}
 		execs, err := c.execute(ctx, query, args)
 		if err != nil {
@@ -208,18 +208,16 @@ func (c *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, e
 	if err != nil {
 		return nil, err
 	}
-	s := &stmt{Stmt: st, c: c, copy: isCopy(query)}
-	if s.copy {
+	// lib/pq starts a COPY when it is prepared, and ends it at its
+	// statement's final Exec (no arguments) or Close.
+	_, isCopy := st.(interface {
+		CopyData(context.Context, string) (driver.Result, error)
+	})
+	s := &stmt{Stmt: st, c: c, copying: isCopy}
+	if isCopy {
 		c.copying++
 	}
 	return s, nil
-}
-
-// isCopy reports whether query is a COPY, which lib/pq starts when it is
-// prepared and ends when its statement's final Exec runs.
-func isCopy(query string) bool {
-	q := strings.TrimLeft(query, " \t\r\n")
-	return len(q) > 4 && strings.EqualFold(q[:4], "COPY") && !isIdentByte(q[4])
 }
 
 func (c *conn) Prepare(query string) (driver.Stmt, error) {
@@ -432,16 +430,20 @@ func (t *atCommitTx) Rollback() error {
 // inserts before it runs.
 type stmt struct {
 	driver.Stmt
-	c      *conn
-	copy   bool // a COPY: counted in c.copying until closed
-	closed bool
+	c       *conn
+	copying bool // a COPY in progress, counted in c.copying
+}
+
+// copyEnded notes that the statement's COPY is over.
+func (s *stmt) copyEnded() {
+	if s.copying {
+		s.copying = false
+		s.c.copying--
+	}
 }
 
 func (s *stmt) Close() error {
-	if s.copy && !s.closed {
-		s.c.copying--
-	}
-	s.closed = true
+	s.copyEnded()
 	return s.Stmt.Close()
 }
 
@@ -451,6 +453,9 @@ func (s *stmt) ExecContext(ctx context.Context, args []driver.NamedValue) (drive
 	}
 	if st, ok := s.Stmt.(driver.StmtExecContext); ok {
 		return st.ExecContext(ctx, args)
+	}
+	if len(args) == 0 {
+		defer s.copyEnded() // a COPY's final Exec ends it, whatever it returns
 	}
 	return s.Stmt.Exec(plain(args)) //nolint:staticcheck // lib/pq's COPY statement has only Exec
 }

@@ -679,10 +679,10 @@ func TestAtCommitAddDuringCopy(t *testing.T) {
 	if _, err := st.Exec(); err != nil {
 		t.Fatal(err)
 	}
-	st.Close()
-	if err := ob.Add(ctx, tx, msg(3)); err != nil {
+	if err := ob.Add(ctx, tx, msg(3)); err != nil { // the COPY is over, its statement not yet closed
 		t.Fatalf("Add after the COPY: %v", err)
 	}
+	st.Close()
 	if err := tx.Commit(); err != nil {
 		t.Fatal(err)
 	}

@@ -188,3 +188,58 @@ FROM (SELECT seq FROM mailroom_outbox WHERE available_at <= now() ORDER BY avail
 		t.Fatalf("%d rows leased (%v); want none", leased, err)
 	}
 }
+
+// A relay burying a row whose lease ran out while another relay claimed it
+// (here the other claim commits while the bury waits for the row) leaves
+// the row to that relay: not copied to the dead-letter table while it
+// stays in the outbox, nor counted as buried.
+func TestBuryAfterTheLeaseWasTakenLeavesTheRow(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	fillOutbox(t, s, "mailroom_outbox", 1, 0)
+	const mine, theirs = "00000000-0000-0000-0000-00000000000a", "00000000-0000-0000-0000-00000000000b"
+	var seq int64
+	if err := s.DB.Get(&seq, `UPDATE mailroom_outbox SET lease = $1, leased_until = now() RETURNING seq`, mine); err != nil {
+		t.Fatal(err)
+	}
+	r, err := New(s.DB.DB, Config{URL: testenv.AMQPURL(), DisableListen: true, MaxAttempts: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := s.DB.Beginx() // the other relay's claim, not yet committed
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Rollback()
+	other.MustExec(`UPDATE mailroom_outbox SET lease = $1, leased_until = now() + interval '1 minute' WHERE seq = $2`, theirs, seq)
+	type result struct {
+		buried, stuck []outcome
+		err           error
+	}
+	done := make(chan result, 1)
+	go func() {
+		o := outcome{row: &row{seq: seq, lease: mine}, kind: failed, err: ErrUnroutable}
+		buried, stuck, err := r.apply(nil, nil, []outcome{o}, nil)
+		done <- result{buried, stuck, err}
+	}()
+	testenv.Eventually(t, 10*time.Second, "the bury waiting for the row", func() bool {
+		var n int
+		s.DB.Get(&n, `SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%mailroom_outbox_dead%'`)
+		return n >= 1
+	})
+	if err := other.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	res := <-done
+	if res.err != nil || len(res.buried) != 0 || len(res.stuck) != 0 {
+		t.Fatalf("apply: buried %d, stuck %d, %v; want neither, no error", len(res.buried), len(res.stuck), res.err)
+	}
+	var dead int
+	var lease string
+	if err := s.DB.Get(&dead, `SELECT count(*) FROM mailroom_outbox_dead`); err != nil || dead != 0 {
+		t.Errorf("%d dead letters (%v), want none: the row belongs to the other relay", dead, err)
+	}
+	if err := s.DB.Get(&lease, `SELECT lease::text FROM mailroom_outbox WHERE seq = $1`, seq); err != nil || lease != theirs {
+		t.Errorf("the row's lease %q (%v), want the other relay's", lease, err)
+	}
+}

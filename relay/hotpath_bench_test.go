@@ -47,7 +47,7 @@ func claimAndDelete(ctx context.Context, r *Relay) (int, error) {
 	for i, w := range rows {
 		done[i] = outcome{row: w, kind: delivered}
 	}
-	if _, err := r.apply(done, nil, nil, nil); err != nil {
+	if _, _, err := r.apply(done, nil, nil, nil); err != nil {
 		return 0, err
 	}
 	return len(rows), nil

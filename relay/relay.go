@@ -566,8 +566,8 @@ func (r *Relay) finish(ctx context.Context, os []outcome) {
 			retry = append(retry, o)
 		}
 	}
-	var stuck []outcome // could not be moved to the dead-letter table
-	op := func() (err error) { stuck, err = r.apply(done, retry, bury, release); return err }
+	var buried, stuck []outcome // moved to the dead-letter table; could not be (see buryRows)
+	op := func() (err error) { buried, stuck, err = r.apply(done, retry, bury, release); return err }
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval, bo.MaxInterval, bo.MaxElapsedTime = 50*time.Millisecond, 5*time.Second, 0
 	gctx, cancel := graceful(ctx, 10*time.Second)
@@ -581,21 +581,15 @@ func (r *Relay) finish(ctx context.Context, os []outcome) {
 	if err == nil {
 		c := &r.counters
 		c.published.Add(int64(len(done)))
-		c.dead.Add(int64(len(bury) - len(stuck)))
+		c.dead.Add(int64(len(buried)))
 		c.released.Add(int64(len(release)))
 		for _, o := range os {
 			if o.reason != noReason {
 				c.failures[o.reason].Add(1)
 			}
 		}
-		stuckSeqs := map[int64]bool{}
-		for _, o := range stuck {
-			stuckSeqs[o.row.seq] = true
-		}
-		for _, o := range bury {
-			if !stuckSeqs[o.row.seq] {
-				r.log.Error("message dead-lettered", "message_id", o.row.id, "exchange", o.row.exchange, "routing_key", o.row.routingKey, "key", o.row.key, "attempt", o.row.attempts+1, "error", o.err)
-			}
+		for _, o := range buried {
+			r.log.Error("message dead-lettered", "message_id", o.row.id, "exchange", o.row.exchange, "routing_key", o.row.routingKey, "key", o.row.key, "attempt", o.row.attempts+1, "error", o.err)
 		}
 		for _, o := range stuck {
 			r.log.Error("could not dead-letter the message: its seq is already in the dead-letter table (one shared by two outboxes, or seqs reused); it stays in the outbox and is tried again after MaxBackoff", "message_id", o.row.id, "seq", o.row.seq, "dead_table", r.tables.Dead.String(), "error", o.err)
@@ -606,10 +600,10 @@ func (r *Relay) finish(ctx context.Context, os []outcome) {
 	}
 }
 
-// apply records outcomes in one transaction; stuck are the rows of bury
-// that could not be moved to the dead-letter table (scheduled again after
-// MaxBackoff instead).
-func (r *Relay) apply(done, retry, bury, release []outcome) (stuck []outcome, err error) {
+// apply records outcomes in one transaction. Of bury, buried were moved to
+// the dead-letter table and stuck could not be (scheduled again after
+// MaxBackoff instead); the rest had lost their lease to another relay.
+func (r *Relay) apply(done, retry, bury, release []outcome) (buried, stuck []outcome, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if len(retry)+len(bury)+len(release) == 0 && r.cfg.Retain == 0 {
@@ -625,13 +619,13 @@ func (r *Relay) apply(done, retry, bury, release []outcome) (stuck []outcome, er
 			_, err = st.ExecContext(ctx, seqs)
 		}
 		if err != nil {
-			return nil, fmt.Errorf("remove published rows: %w", err)
+			return nil, nil, fmt.Errorf("remove published rows: %w", err)
 		}
-		return nil, nil
+		return nil, nil, nil
 	}
 	tx, err := r.db.BeginTx(ctx, nil)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer tx.Rollback() //nolint:errcheck // after Commit this is a no-op
 	// Asynchronous commit: if a crash loses this transaction, confirmed
@@ -639,7 +633,7 @@ func (r *Relay) apply(done, retry, bury, release []outcome) (stuck []outcome, er
 	// ones keep their lease until it expires. Nothing is lost, and the
 	// relay does not wait for the WAL flush.
 	if _, err := tx.ExecContext(ctx, `SET LOCAL synchronous_commit = off`); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if len(done) > 0 {
 		q := r.q.deleteDone
@@ -647,7 +641,7 @@ func (r *Relay) apply(done, retry, bury, release []outcome) (stuck []outcome, er
 			q = r.q.archiveDone
 		}
 		if _, err := tx.ExecContext(ctx, q, pq.Int64Array(seqsOf(done))); err != nil {
-			return nil, fmt.Errorf("remove published rows: %w", err)
+			return nil, nil, fmt.Errorf("remove published rows: %w", err)
 		}
 	}
 	if len(retry) > 0 {
@@ -657,46 +651,51 @@ func (r *Relay) apply(done, retry, bury, release []outcome) (stuck []outcome, er
 			delays[i] = float64(r.backoffFor(o.row.attempts + 1).Milliseconds())
 		}
 		if _, err := tx.ExecContext(ctx, r.q.retry, pq.Int64Array(seqs), pq.StringArray(leases), pq.StringArray(errs), pq.Float64Array(delays)); err != nil {
-			return nil, fmt.Errorf("schedule retries: %w", err)
+			return nil, nil, fmt.Errorf("schedule retries: %w", err)
 		}
 	}
 	if len(bury) > 0 {
-		if stuck, err = r.buryRows(ctx, tx, bury); err != nil {
-			return nil, err
+		if buried, stuck, err = r.buryRows(ctx, tx, bury); err != nil {
+			return nil, nil, err
 		}
 	}
 	if len(release) > 0 {
 		seqs, leases, _ := columnsOf(release)
 		if _, err := tx.ExecContext(ctx, r.q.release, pq.Int64Array(seqs), pq.StringArray(leases)); err != nil {
-			return nil, fmt.Errorf("release rows: %w", err)
+			return nil, nil, fmt.Errorf("release rows: %w", err)
 		}
 	}
-	return stuck, tx.Commit()
+	return buried, stuck, tx.Commit()
 }
 
-// buryRows moves rows to the dead-letter table and schedules those it
-// could not move (their seq is there already) again after MaxBackoff,
-// returning them.
-func (r *Relay) buryRows(ctx context.Context, tx *sql.Tx, bury []outcome) (stuck []outcome, err error) {
+// buryRows moves rows to the dead-letter table, returning them as buried,
+// and schedules those it could not move (their seq is there already) again
+// after MaxBackoff, returning them as stuck.
+func (r *Relay) buryRows(ctx context.Context, tx *sql.Tx, bury []outcome) (buried, stuck []outcome, err error) {
 	seqs, leases, errs := columnsOf(bury)
 	rows, err := tx.QueryContext(ctx, r.q.bury, pq.Int64Array(seqs), pq.StringArray(leases), pq.StringArray(errs))
 	if err != nil {
-		return nil, fmt.Errorf("move rows to %s: %w", r.tables.Dead, err)
+		return nil, nil, fmt.Errorf("move rows to %s: %w", r.tables.Dead, err)
 	}
 	moved := map[int64]bool{}
 	for rows.Next() {
 		var seq int64
 		if err := rows.Scan(&seq); err != nil {
 			rows.Close()
-			return nil, fmt.Errorf("move rows to %s: %w", r.tables.Dead, err)
+			return nil, nil, fmt.Errorf("move rows to %s: %w", r.tables.Dead, err)
 		}
 		moved[seq] = true
 	}
 	rows.Close()
 	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("move rows to %s: %w", r.tables.Dead, err)
+		return nil, nil, fmt.Errorf("move rows to %s: %w", r.tables.Dead, err)
 	}
 	var left []outcome
+	for _, o := range bury {
+		if moved[o.row.seq] {
+			buried = append(buried, o)
+		}
+	}
 	var leftSeqs []int64
 	var leftLeases, leftErrs []string
 	var delays []float64
@@ -709,33 +708,33 @@ func (r *Relay) buryRows(ctx context.Context, tx *sql.Tx, bury []outcome) (stuck
 		}
 	}
 	if len(left) == 0 {
-		return nil, nil
+		return buried, nil, nil
 	}
 	// Not moved: the seq is in the dead-letter table, or the lease was lost
 	// meanwhile (another relay has the row). The retry, which checks the
 	// lease, schedules only the first kind, and says which.
 	rows, err = tx.QueryContext(ctx, r.q.retry+` RETURNING o.seq`, pq.Int64Array(leftSeqs), pq.StringArray(leftLeases), pq.StringArray(leftErrs), pq.Float64Array(delays))
 	if err != nil {
-		return nil, fmt.Errorf("schedule rows %s refused: %w", r.tables.Dead, err)
+		return nil, nil, fmt.Errorf("schedule rows %s refused: %w", r.tables.Dead, err)
 	}
 	defer rows.Close()
 	scheduled := map[int64]bool{}
 	for rows.Next() {
 		var seq int64
 		if err := rows.Scan(&seq); err != nil {
-			return nil, fmt.Errorf("schedule rows %s refused: %w", r.tables.Dead, err)
+			return nil, nil, fmt.Errorf("schedule rows %s refused: %w", r.tables.Dead, err)
 		}
 		scheduled[seq] = true
 	}
 	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("schedule rows %s refused: %w", r.tables.Dead, err)
+		return nil, nil, fmt.Errorf("schedule rows %s refused: %w", r.tables.Dead, err)
 	}
 	for _, o := range left {
 		if scheduled[o.row.seq] {
 			stuck = append(stuck, o)
 		}
 	}
-	return stuck, nil
+	return buried, stuck, nil
 }
 
 func seqsOf(os []outcome) []int64 {

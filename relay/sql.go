@@ -114,11 +114,16 @@ WHERE o.seq = f.seq AND o.lease = f.lease`,
 		// and returns the seqs it moved. A row is deleted only once it is
 		// in the dead-letter table: one whose seq is there already (a table
 		// shared by two outboxes, seqs reused after RESTART IDENTITY)
-		// stays in the outbox, and the relay schedules it again.
+		// stays in the outbox, and the relay schedules it again. The rows
+		// are locked as they are read, so the lease checked is the one
+		// deleted under: a row another relay claimed meanwhile is in
+		// neither statement, not copied to the dead-letter table while it
+		// stays in the outbox.
 		bury: `WITH f AS (SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[]) AS f(seq, lease, err)),
 ins AS (INSERT INTO ` + dead + ` (seq, ` + columns + `, last_error)
     SELECT o.seq, ` + prefixed("o.", strings.Replace(columns, "attempts", "attempts + 1", 1)) + `, f.err
     FROM ` + ob + ` o JOIN f ON o.seq = f.seq AND o.lease = f.lease
+    FOR UPDATE OF o
     ON CONFLICT (seq) DO NOTHING RETURNING seq)
 DELETE FROM ` + ob + ` o USING ins, f WHERE o.seq = ins.seq AND o.seq = f.seq AND o.lease = f.lease
 RETURNING o.seq`,
