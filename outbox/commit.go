@@ -404,8 +404,8 @@ func (t *atCommitTx) Commit() error {
 	c.forgetIfDeallocated(err)
 	// Ends the transaction if an insert failed; after a failed COMMIT
 	// there is none, and PostgreSQL only warns. If even the ROLLBACK
-	// fails (a lost connection, a COPY still open), the connection may
-	// still be in the transaction: it is closed, which rolls it back.
+	// fails (a lost connection), the connection may still be in the
+	// transaction: it is closed, which rolls it back.
 	if _, rbErr := c.pqConn.ExecContext(ctx, "ROLLBACK", nil); rbErr != nil {
 		c.bad = true
 		var pqErr *pq.Error

@@ -673,39 +673,23 @@ func (r *Relay) apply(done, retry, bury, release []outcome) (buried, stuck []out
 // after MaxBackoff, returning them as stuck.
 func (r *Relay) buryRows(ctx context.Context, tx *sql.Tx, bury []outcome) (buried, stuck []outcome, err error) {
 	seqs, leases, errs := columnsOf(bury)
-	rows, err := tx.QueryContext(ctx, r.q.bury, pq.Int64Array(seqs), pq.StringArray(leases), pq.StringArray(errs))
+	moved, err := seqSet(tx.QueryContext(ctx, r.q.bury, pq.Int64Array(seqs), pq.StringArray(leases), pq.StringArray(errs)))
 	if err != nil {
 		return nil, nil, fmt.Errorf("move rows to %s: %w", r.tables.Dead, err)
 	}
-	moved := map[int64]bool{}
-	for rows.Next() {
-		var seq int64
-		if err := rows.Scan(&seq); err != nil {
-			rows.Close()
-			return nil, nil, fmt.Errorf("move rows to %s: %w", r.tables.Dead, err)
-		}
-		moved[seq] = true
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return nil, nil, fmt.Errorf("move rows to %s: %w", r.tables.Dead, err)
-	}
 	var left []outcome
-	for _, o := range bury {
-		if moved[o.row.seq] {
-			buried = append(buried, o)
-		}
-	}
 	var leftSeqs []int64
 	var leftLeases, leftErrs []string
 	var delays []float64
 	for _, o := range bury {
-		if !moved[o.row.seq] {
-			left = append(left, o)
-			leftSeqs, leftLeases = append(leftSeqs, o.row.seq), append(leftLeases, o.row.lease)
-			leftErrs = append(leftErrs, fmt.Sprintf("could not move to %s: seq %d is there already; last error: %v", r.tables.Dead, o.row.seq, o.err))
-			delays = append(delays, float64(r.cfg.MaxBackoff.Milliseconds()))
+		if moved[o.row.seq] {
+			buried = append(buried, o)
+			continue
 		}
+		left = append(left, o)
+		leftSeqs, leftLeases = append(leftSeqs, o.row.seq), append(leftLeases, o.row.lease)
+		leftErrs = append(leftErrs, fmt.Sprintf("could not move to %s: seq %d is there already; last error: %v", r.tables.Dead, o.row.seq, o.err))
+		delays = append(delays, float64(r.cfg.MaxBackoff.Milliseconds()))
 	}
 	if len(left) == 0 {
 		return buried, nil, nil
@@ -713,20 +697,8 @@ func (r *Relay) buryRows(ctx context.Context, tx *sql.Tx, bury []outcome) (burie
 	// Not moved: the seq is in the dead-letter table, or the lease was lost
 	// meanwhile (another relay has the row). The retry, which checks the
 	// lease, schedules only the first kind, and says which.
-	rows, err = tx.QueryContext(ctx, r.q.retry+` RETURNING o.seq`, pq.Int64Array(leftSeqs), pq.StringArray(leftLeases), pq.StringArray(leftErrs), pq.Float64Array(delays))
+	scheduled, err := seqSet(tx.QueryContext(ctx, r.q.retry+` RETURNING o.seq`, pq.Int64Array(leftSeqs), pq.StringArray(leftLeases), pq.StringArray(leftErrs), pq.Float64Array(delays)))
 	if err != nil {
-		return nil, nil, fmt.Errorf("schedule rows %s refused: %w", r.tables.Dead, err)
-	}
-	defer rows.Close()
-	scheduled := map[int64]bool{}
-	for rows.Next() {
-		var seq int64
-		if err := rows.Scan(&seq); err != nil {
-			return nil, nil, fmt.Errorf("schedule rows %s refused: %w", r.tables.Dead, err)
-		}
-		scheduled[seq] = true
-	}
-	if err := rows.Err(); err != nil {
 		return nil, nil, fmt.Errorf("schedule rows %s refused: %w", r.tables.Dead, err)
 	}
 	for _, o := range left {
@@ -735,6 +707,23 @@ func (r *Relay) buryRows(ctx context.Context, tx *sql.Tx, bury []outcome) (burie
 		}
 	}
 	return buried, stuck, nil
+}
+
+// seqSet reads the seqs a statement returned.
+func seqSet(rows *sql.Rows, err error) (map[int64]bool, error) {
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	set := map[int64]bool{}
+	for rows.Next() {
+		var seq int64
+		if err := rows.Scan(&seq); err != nil {
+			return nil, err
+		}
+		set[seq] = true
+	}
+	return set, rows.Err()
 }
 
 func seqsOf(os []outcome) []int64 {
