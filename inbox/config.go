@@ -189,6 +189,11 @@ func (cfg Config) withDefaults() (Config, error) {
 	if cfg.DeadLetterQueue == "" {
 		cfg.DeadLetterQueue = DeadLetterQueueName(cfg.Queue)
 	}
+	for _, q := range []struct{ field, name string }{{"Queue", cfg.Queue}, {"RetryQueue", cfg.RetryQueue}, {"DeadLetterQueue", cfg.DeadLetterQueue}} {
+		if len(q.name) > 255 {
+			return bad(q.field, "%d bytes: AMQP queue names are at most 255 (the retry and dead-letter queues default to Queue's name plus %q and %q)", len(q.name), ".retry", ".dead")
+		}
+	}
 	if cfg.RetryQueue == cfg.Queue || cfg.DeadLetterQueue == cfg.Queue || cfg.RetryQueue == cfg.DeadLetterQueue {
 		return bad("RetryQueue", "Queue, RetryQueue and DeadLetterQueue must be three different queues")
 	}

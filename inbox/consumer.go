@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/cenkalti/backoff/v4"
 	"github.com/jmoiron/sqlx"
@@ -89,6 +90,11 @@ func (c *Consumer) Run(ctx context.Context) error {
 		return errors.New("inbox: Run called while this Consumer is already running")
 	}
 	defer c.running.Store(false)
+	unregister, err := c.register()
+	if err != nil {
+		return err
+	}
+	defer unregister()
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	if c.cfg.PurgeInterval > 0 {
@@ -96,11 +102,6 @@ func (c *Consumer) Run(ctx context.Context) error {
 		go func() { defer wg.Done(); c.purgeLoop(ctx) }()
 	}
 	log := c.cfg.Logger.With("consumer", c.cfg.Consumer)
-	unregister, err := c.register()
-	if err != nil {
-		return err
-	}
-	defer unregister()
 	b := backoff.NewExponentialBackOff()
 	b.InitialInterval, b.MaxInterval, b.MaxElapsedTime = 100*time.Millisecond, c.cfg.ReconnectMaxWait, 0
 	for {
@@ -323,9 +324,17 @@ func (c *Consumer) shard(d *amqp.Delivery, next *uint32) int {
 	return int(h.Sum32() % uint32(c.cfg.Concurrency))
 }
 
+// consumerTag is name (cut to fit: a tag is an AMQP short string, at most
+// 255 bytes) and a random suffix.
 func consumerTag(name string) string {
 	b := make([]byte, 4)
 	_, _ = rand.Read(b)
+	if n := 255 - 1 - 2*len(b); len(name) > n {
+		for n > 0 && !utf8.RuneStart(name[n]) {
+			n--
+		}
+		name = name[:n]
+	}
 	return name + " " + hex.EncodeToString(b)
 }
 

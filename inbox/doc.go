@@ -36,7 +36,11 @@
 // between only duplicates it, which dedupe absorbs). A message waits at
 // most MaxBackoff longer than its own delay (RabbitMQ expires messages at
 // the head of a queue only). After MaxAttempts the message goes to the
-// dead-letter queue with the last error in x-mailroom-reason.
+// dead-letter queue with the last error in x-mailroom-reason. Retries and
+// dead letters travel through the default exchange; the exchange and
+// routing key the message was first published with ride along in
+// x-mailroom-exchange and x-mailroom-routing-key, and Message.Exchange and
+// Message.RoutingKey are those on every attempt.
 // Message.Attempt is 1 on first delivery; it counts retries and, on quorum
 // queues, redeliveries after a crash (x-delivery-count).
 //

@@ -12,6 +12,8 @@ import (
 
 	"github.com/jmoiron/sqlx"
 	amqp "github.com/rabbitmq/amqp091-go"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/metric/noop"
 
 	"github.com/mailroom-go/mailroom/inbox"
 	"github.com/mailroom-go/mailroom/internal/testenv"
@@ -43,6 +45,8 @@ func TestNewValidatesConfig(t *testing.T) {
 		{"MaxBackoff", func(c *inbox.Config) { c.MinBackoff, c.MaxBackoff = 2e9, 1e9 }},
 		{"Retention", func(c *inbox.Config) { c.Retention = 1e9 }},
 		{"Table", func(c *inbox.Config) { c.Table = "no-dashes" }},
+		{"Queue", func(c *inbox.Config) { c.Queue = strings.Repeat("q", 256) }},
+		{"RetryQueue", func(c *inbox.Config) { c.Queue = strings.Repeat("q", 250) }}, // its default retry queue is 256 bytes
 	} {
 		cfg := ok
 		tc.edit(&cfg)
@@ -500,5 +504,126 @@ func TestShutdownTimeoutCancelsHandlers(t *testing.T) {
 		t.Fatalf("stats %+v: a handler cancelled by shutdown is neither handled nor counted as a failure", s)
 	}
 	e.start(e.config(record))
+	e.waitEffects(1)
+}
+
+// OrderedByKey: a message left unacked because the consumer stops (here
+// while it waits to retry in place) is not overtaken by the later
+// messages of its key that are already delivered to the consumer. Eight
+// consumers; before the fix about half applied a later message.
+func TestOrderedByKeyStopKeepsOrder(t *testing.T) {
+	t.Parallel()
+	for run := range 8 {
+		t.Run(fmt.Sprint("run ", run), func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t, inbox.Topology{})
+			cfg := e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+				if strings.HasSuffix(m.ID, "-0000") {
+					return errors.New("fails until redelivered elsewhere")
+				}
+				return record(ctx, tx, m)
+			})
+			cfg.OrderedByKey, cfg.Concurrency, cfg.Prefetch = true, 1, 10
+			cfg.MinBackoff, cfg.MaxBackoff = time.Minute, time.Minute
+			var msgs []amqp.Publishing
+			for i, id := range ids("stop", 5) {
+				msgs = append(msgs, msg(id, "K", i))
+			}
+			e.publish(msgs...)
+			c, stop := e.start(cfg)
+			ch := e.b.Channel()
+			testenv.Eventually(t, wait, "the first message waiting to retry, the others delivered", func() bool {
+				q, err := ch.QueueDeclarePassive(e.queue, true, false, false, false, nil)
+				return err == nil && q.Messages == 0 && c.Stats().Failed == 1
+			})
+			stop()
+			if got := e.effects(); len(got) != 0 {
+				t.Errorf("applied %v after stop while stop-0000, earlier in key K, was not", got)
+			}
+		})
+	}
+}
+
+// A retried or dead-lettered message keeps the exchange and routing key it
+// was published with: handlers that route on them see the same on every
+// attempt, and a dead letter says where it came from.
+func TestRetryKeepsExchangeAndRoutingKey(t *testing.T) {
+	t.Parallel()
+	ex := testenv.Unique("ex")
+	e := newEnv(t, inbox.Topology{Exchange: ex, BindingKeys: []string{"order.*"}})
+	e.b.CleanupExchanges(ex)
+	type seen struct{ exchange, routingKey string }
+	var mu sync.Mutex
+	var got []seen
+	cfg := e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+		mu.Lock()
+		got = append(got, seen{m.Exchange, m.RoutingKey})
+		mu.Unlock()
+		return errors.New("always")
+	})
+	cfg.MaxAttempts = 2
+	e.start(cfg)
+	ch := e.b.Channel()
+	if err := ch.Publish(ex, "order.placed", true, false, msg("routed", "", 1)); err != nil {
+		t.Fatal(err)
+	}
+	dl := e.deadLetters(1)[0]
+	mu.Lock()
+	defer mu.Unlock()
+	want := seen{ex, "order.placed"}
+	if len(got) != 2 || got[0] != want || got[1] != want {
+		t.Errorf("handler saw %+v, want %+v on both attempts", got, want)
+	}
+	if dl.Headers[inbox.HeaderExchange] != ex || dl.Headers[inbox.HeaderRoutingKey] != "order.placed" {
+		t.Errorf("dead letter headers %v: want where it was published", dl.Headers)
+	}
+}
+
+// refusingMeter is a MeterProvider whose meters refuse callbacks.
+type refusingMeter struct{ noop.MeterProvider }
+
+func (refusingMeter) Meter(string, ...metric.MeterOption) metric.Meter { return refusingMeterOf{} }
+
+type refusingMeterOf struct{ noop.Meter }
+
+func (refusingMeterOf) RegisterCallback(metric.Callback, ...metric.Observable) (metric.Registration, error) {
+	return nil, errors.New("meter refuses callbacks")
+}
+
+// Run returns a setup error at once, not when its context ends.
+func TestRunReturnsSetupErrorAtOnce(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, inbox.Topology{})
+	cfg := e.config(record)
+	cfg.MeterProvider = refusingMeter{}
+	c, err := inbox.New(e.db, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "refuses callbacks") {
+			t.Errorf("Run = %v, want the meter's error", err)
+		}
+	case <-time.After(wait):
+		cancel()
+		<-done
+		t.Fatal("Run kept its setup error until its context ended")
+	}
+}
+
+// A ConnectionName longer than an AMQP short string still consumes: the
+// consumer tag made from it is cut to fit.
+func TestLongConnectionNameConsumes(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, inbox.Topology{})
+	cfg := e.config(record)
+	cfg.ConnectionName = strings.Repeat("n", 300)
+	e.start(cfg)
+	e.publish(msg("long-name", "", 1))
 	e.waitEffects(1)
 }

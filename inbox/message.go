@@ -26,13 +26,18 @@ const (
 	// HeaderQueue and HeaderConsumer, on a dead letter, say where it failed.
 	HeaderQueue    = "x-mailroom-queue"
 	HeaderConsumer = "x-mailroom-consumer"
+	// HeaderExchange and HeaderRoutingKey, on a retry or a dead letter,
+	// keep where the message was first published: retries and dead
+	// letters travel through the default exchange.
+	HeaderExchange   = "x-mailroom-exchange"
+	HeaderRoutingKey = "x-mailroom-routing-key"
 )
 
 // Message is one delivery as the handler sees it.
 type Message struct {
 	ID          string // AMQP message_id: the outbox id, the deduplication key
-	Exchange    string // exchange it was published to (the work queue's, for a retry)
-	RoutingKey  string
+	Exchange    string // exchange it was published to, the same on every attempt
+	RoutingKey  string // routing key it was published with, the same on every attempt
 	Key         string // ordering key (x-mailroom-key header); "" when none
 	Type        string // AMQP type
 	ContentType string // AMQP content_type
@@ -68,6 +73,10 @@ func decode(d *amqp.Delivery) (Message, error) {
 		switch {
 		case k == HeaderKey:
 			m.Key = headerString(v)
+		case k == HeaderExchange:
+			m.Exchange = headerString(v)
+		case k == HeaderRoutingKey:
+			m.RoutingKey = headerString(v)
 		case k == HeaderAttempt:
 			n, err := strconv.Atoi(headerString(v))
 			if err != nil || n < 1 {
@@ -133,10 +142,12 @@ func headerString(v any) string {
 }
 
 // republish copies d for the retry or dead-letter queue: same properties and
-// body, broker bookkeeping dropped, extra headers set.
+// body, broker bookkeeping dropped, where it was first published kept
+// (HeaderExchange, HeaderRoutingKey), extra headers set.
 func republish(d *amqp.Delivery, extra amqp.Table) amqp.Publishing {
-	h := make(amqp.Table, len(d.Headers)+len(extra))
-	for k, v := range d.Headers {
+	h := make(amqp.Table, len(d.Headers)+len(extra)+2)
+	h[HeaderExchange], h[HeaderRoutingKey] = d.Exchange, d.RoutingKey
+	for k, v := range d.Headers { // a retry's copies of those win
 		if !brokerHeader(k) {
 			h[k] = v
 		}

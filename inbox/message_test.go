@@ -4,6 +4,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 )
@@ -61,10 +62,28 @@ func TestDecodeRejectsPoison(t *testing.T) {
 
 func TestRepublishDropsBrokerBookkeeping(t *testing.T) {
 	t.Parallel()
-	d := amqp.Delivery{MessageId: "m", UserId: "someone", Headers: amqp.Table{"x-death": 1, "x-delivery-count": 2, "keep": "v"}}
+	d := amqp.Delivery{MessageId: "m", UserId: "someone", Exchange: "orders", RoutingKey: "order.placed", Headers: amqp.Table{"x-death": 1, "x-delivery-count": 2, "keep": "v"}}
 	p := republish(&d, amqp.Table{HeaderAttempt: int64(2)})
 	if _, ok := p.Headers["x-death"]; ok || p.Headers["keep"] != "v" || p.Headers[HeaderAttempt] != int64(2) || p.UserId != "" || p.DeliveryMode != amqp.Persistent {
 		t.Errorf("republished %+v", p)
+	}
+	// A retry's delivery comes from the default exchange: the first
+	// publish's exchange and routing key, in its headers, win.
+	retry := amqp.Delivery{MessageId: "m", Exchange: "", RoutingKey: "q", Headers: p.Headers}
+	again := republish(&retry, nil)
+	m, err := decode(&amqp.Delivery{MessageId: "m", Exchange: "", RoutingKey: "q.retry", Headers: again.Headers})
+	if err != nil || m.Exchange != "orders" || m.RoutingKey != "order.placed" || len(m.Headers) != 1 {
+		t.Errorf("decoded %+v, %v: want exchange orders, routing key order.placed, headers without mailroom's", m, err)
+	}
+}
+
+func TestConsumerTagFits(t *testing.T) {
+	t.Parallel()
+	for _, name := range []string{"inbox", strings.Repeat("é", 200)} {
+		tag := consumerTag(name)
+		if len(tag) > 255 || !utf8.ValidString(tag) || !strings.HasPrefix(name, strings.TrimRight(tag[:len(tag)-9], " ")) {
+			t.Errorf("consumerTag(%d bytes) = %q (%d bytes): want valid UTF-8 of at most 255, the name's beginning", len(name), tag, len(tag))
+		}
 	}
 }
 

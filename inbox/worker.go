@@ -46,6 +46,13 @@ type item struct {
 func (s session) work(in <-chan amqp.Delivery) {
 	size := s.c.cfg.BatchSize
 	for {
+		// Stopping: take nothing more, even when in has deliveries (a
+		// select picks among ready cases at random). A message left
+		// unacked as the session stopped (settle) must not be overtaken
+		// by a later one of its key.
+		if s.stopped() {
+			return
+		}
 		var first amqp.Delivery
 		select {
 		case <-s.stop:
