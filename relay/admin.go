@@ -46,9 +46,11 @@ type StatusReport struct {
 	Retrying int64 `json:"retrying"`
 	// InFlight counts pending rows leased by a relay right now.
 	InFlight int64 `json:"in_flight"`
-	// OldestPendingAge is the age (since the row was written) of the oldest
-	// pending row that is not Scheduled: the relay's lag, the signal to
-	// alert on. 0 when nothing is pending.
+	// OldestPendingAge is how long the oldest pending row that is not
+	// Scheduled has waited: the relay's lag, the signal to alert on. A
+	// row waits from when it became due (written, its AvailableAt, or its
+	// replay from the dead-letter table), or, once it failed, from when it
+	// was written. 0 when nothing is pending.
 	OldestPendingAge time.Duration `json:"-"`
 	// Dead counts rows in the dead-letter table.
 	Dead int64 `json:"dead"`
@@ -98,6 +100,11 @@ func newAdminQueries(tables mailroom.Tables) (adminQueries, error) {
 	ob, dead, pub := t.Outbox.Quoted(), t.Dead.Quoted(), t.Published.Quoted()
 	// scheduled: never attempted, not leased, not yet due.
 	const scheduled = `(attempts = 0 AND lease IS NULL AND available_at > now())`
+	// waitingSince: when a row began to count as lag. A row never
+	// attempted waits from when it was due (written, its AvailableAt, or
+	// its replay); a row that failed, from when it was written, so a
+	// message that keeps failing keeps the lag growing.
+	const waitingSince = `CASE WHEN attempts = 0 THEN greatest(created_at, available_at) ELSE created_at END`
 	obOID := `'` + strings.ReplaceAll(ob, `'`, `''`) + `'::regclass::oid`
 	const deadCols = `seq, id, exchange, routing_key, key, type, content_type, headers, payload, created_at`
 	return adminQueries{
@@ -109,7 +116,7 @@ func newAdminQueries(tables mailroom.Tables) (adminQueries, error) {
     count(*) FILTER (WHERE ` + scheduled + `),
     count(*) FILTER (WHERE attempts > 0),
     count(*) FILTER (WHERE leased_until > now()),
-    coalesce(greatest(extract(epoch FROM now() - min(created_at) FILTER (WHERE NOT ` + scheduled + `)), 0), 0)::float8,
+    coalesce(greatest(extract(epoch FROM now() - min(` + waitingSince + `) FILTER (WHERE NOT ` + scheduled + `)), 0), 0)::float8,
     (SELECT count(*) FROM ` + dead + `),
     ` + presentRelays(obOID) + `,
     ` + publishingRelays(obOID) + `

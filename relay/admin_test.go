@@ -104,6 +104,49 @@ func TestStatusCountsAndLag(t *testing.T) {
 	}
 }
 
+// The lag counts from when a row was due: a delayed message written an
+// hour ago and due a second ago has waited a second, a replayed dead letter
+// has waited since its replay; a message that failed has waited since it
+// was written, even while it backs off.
+func TestStatusLagCountsFromDue(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	ctx := context.Background()
+	lag := func() time.Duration {
+		t.Helper()
+		st, err := relay.Status(ctx, s.DB.DB, mailroom.Tables{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.OldestPendingAge
+	}
+	delayed := admAdd(t, s, outbox.Message{Exchange: "x", RoutingKey: "later"})
+	if _, err := s.DB.Exec(`UPDATE mailroom_outbox SET created_at = now() - interval '1 hour', available_at = now() - interval '1 second' WHERE id = $1`, delayed[0]); err != nil {
+		t.Fatal(err)
+	}
+	if got := lag(); got < time.Second || got > time.Minute {
+		t.Errorf("a delayed row due a second ago: lag %s, want about 1s", got)
+	}
+	replayed := admAdd(t, s, outbox.Message{Exchange: "x", RoutingKey: "dead"})
+	if _, err := s.DB.Exec(`UPDATE mailroom_outbox SET created_at = now() - interval '2 days' WHERE id = $1`, replayed[0]); err != nil {
+		t.Fatal(err)
+	}
+	admBury(t, s, "unroutable", replayed...)
+	if _, err := relay.ReplayDead(ctx, s.DB.DB, mailroom.Tables{}, replayed); err != nil {
+		t.Fatal(err)
+	}
+	if got := lag(); got < time.Second || got > time.Minute {
+		t.Errorf("a dead letter replayed just now, written two days ago: lag %s, want about 1s", got)
+	}
+	failing := admAdd(t, s, outbox.Message{Exchange: "x", RoutingKey: "failing"})
+	if _, err := s.DB.Exec(`UPDATE mailroom_outbox SET created_at = now() - interval '10 minutes', attempts = 3, available_at = now() + interval '1 minute' WHERE id = $1`, failing[0]); err != nil {
+		t.Fatal(err)
+	}
+	if got := lag(); got < 10*time.Minute || got > time.Hour {
+		t.Errorf("a row failing for 10 minutes, backing off: lag %s, want about 10m", got)
+	}
+}
+
 func TestStatusBadTableName(t *testing.T) {
 	t.Parallel()
 	s := testenv.NewSchema(t)

@@ -124,8 +124,9 @@
 // 30s.
 //
 // pending_rows counts every row in the outbox (due, in flight, retrying or
-// scheduled); oldest_pending_age is the lag: the age of the oldest row that
-// is not merely scheduled for later, 0 when none. Both come from Status,
+// scheduled); oldest_pending_age is the lag: how long the oldest row that
+// is not merely scheduled for later has waited since it was due (or, once
+// it failed, since it was written), 0 when none. Both come from Status,
 // the query behind the sidecar's status command, which scans the outbox
 // table (cheap while the relay keeps up; on the order of 100ms per million
 // waiting rows). It runs only when a reader collects and at most once per

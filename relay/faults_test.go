@@ -2,6 +2,7 @@ package relay_test
 
 import (
 	"context"
+	"database/sql"
 	"fmt"
 	"os"
 	"os/exec"
@@ -15,6 +16,7 @@ import (
 	"github.com/mailroom-go/mailroom/internal/testenv"
 	"github.com/mailroom-go/mailroom/internal/wakeup"
 	"github.com/mailroom-go/mailroom/outbox"
+	"github.com/mailroom-go/mailroom/relay"
 )
 
 func batch(ex string, n int) ([]outbox.Message, map[string]bool) {
@@ -586,4 +588,60 @@ func TestRefusedExchangeIsDeadLettered(t *testing.T) {
 	if s := e.relays[0].Stats(); s.Failed != 2 || s.DeadLettered != 1 {
 		t.Errorf("stats %+v, want 2 failed attempts and 1 dead letter", s)
 	}
+}
+
+// A relay whose LISTEN session cannot connect (here a closed port; in
+// production a connection limit or a wrong DatabaseURL) publishes by
+// polling, and still stops when asked: Run used to wait forever for the
+// listener's first connection.
+func TestUnreachableListenSessionStillStops(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	cfg := e.config()
+	cfg.DatabaseURL = "postgres://root@127.0.0.1:1/test?sslmode=disable&connect_timeout=1"
+	db, err := sql.Open("postgres", testenv.WithAppName(e.s.URL, e.appTag))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	r, err := relay.New(db, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	e.add(outbox.Message{Exchange: e.ex, RoutingKey: "k", Payload: []byte(`{}`)})
+	e.receive(e.queue, 1, 10*time.Second)
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Run = %v, want nil", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Run did not return within 30s of cancel: the listener's wait for a connection held it")
+	}
+}
+
+// When every session of a sleeping relay drops (a database restart), the
+// wake lock goes with them; the relay takes it again as soon as its
+// listener is back, not at its next poll, so writers notify it again.
+func TestWakeLockRetakenAfterAllSessionsDrop(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	cfg := e.config()
+	cfg.PollInterval = time.Hour
+	e.start(cfg)
+	pid := e.waitAsleep(1)
+	if n := testenv.TerminateBackends(t, e.appTag); n == 0 {
+		t.Fatal("terminated no session of the relay")
+	}
+	testenv.Eventually(t, 20*time.Second, "the wake lock taken again by a new session", func() bool {
+		pids := e.wakeLockHolders()
+		return len(pids) == 1 && pids[0] != pid
+	})
+	e.add(outbox.Message{Exchange: e.ex, RoutingKey: "k", Payload: []byte(`{}`)})
+	e.receive(e.queue, 1, 10*time.Second)
 }

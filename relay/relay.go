@@ -263,7 +263,13 @@ func (r *Relay) listen(wake chan<- struct{}, lock *wakeLock) (stop func()) {
 			select {
 			case <-done:
 				return
-			case <-l.Notify: // nil on reconnect: wake too
+			case n := <-l.Notify: // nil on reconnect: wake too
+				if n == nil {
+					// The sessions may all have dropped (a database
+					// restart), the wake lock's with them: the claim loop
+					// checks it at once rather than at its next poll.
+					lock.suspect()
+				}
 				select {
 				case wake <- struct{}{}:
 				default:
@@ -271,7 +277,10 @@ func (r *Relay) listen(wake chan<- struct{}, lock *wakeLock) (stop func()) {
 			}
 		}
 	}()
-	return func() { close(done); <-exited; l.Close() }
+	// Close before waiting: Listen blocks until the listener has a
+	// connection (one it may never get: a connection limit, a wrong
+	// DatabaseURL), and Close is what ends that wait.
+	return func() { close(done); l.Close(); <-exited }
 }
 
 func (r *Relay) outboxOID() (uint32, error) {
@@ -404,6 +413,9 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 		select {
 		case <-ctx.Done():
 		case <-wake:
+			if lock.suspected() {
+				lock.check(ctx)
+			}
 		case <-poll.C:
 			lock.check(ctx) // a lost session took the lock with it
 		}

@@ -35,9 +35,10 @@ const (
 // that connection while the lock is held. Used by the claim loop only,
 // except setTable, which the listener calls once LISTEN works.
 type wakeLock struct {
-	db   *sql.DB
-	oid  atomic.Uint32 // the outbox table's OID; 0 until the relay LISTENs
-	conn *sql.Conn     // non-nil while the lock is held
+	db          *sql.DB
+	oid         atomic.Uint32 // the outbox table's OID; 0 until the relay LISTENs
+	conn        *sql.Conn     // non-nil while the lock is held
+	suspectFlag atomic.Bool   // the listener reconnected: check the lock's session
 }
 
 type lockResult int
@@ -66,6 +67,12 @@ func (w *wakeLock) ready() bool { return w != nil && w.oid.Load() != 0 }
 func (w *wakeLock) held() bool { return w != nil && w.conn != nil }
 
 func (w *wakeLock) setTable(oid uint32) { w.oid.Store(oid) }
+
+// suspect asks the claim loop to check the lock's session (see check) at
+// its next wake-up; suspected reports, once, whether it was asked.
+func (w *wakeLock) suspect() { w.suspectFlag.Store(true) }
+
+func (w *wakeLock) suspected() bool { return w != nil && w.suspectFlag.Swap(false) }
 
 // acquire takes the lock, waiting at most lockWait.
 func (w *wakeLock) acquire(ctx context.Context) (lockResult, error) {

@@ -31,6 +31,7 @@ func TestBadInput(t *testing.T) {
 		{"DATABASE_URL bad escape", []string{"DATABASE_URL=postgres://root:" + secret + "%zz@h/db"}, []string{"status"}, "percent-encode"},
 		{"run bad MAILROOM_NO_LISTEN", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp, "MAILROOM_NO_LISTEN=sure"}, []string{"run"}, "MAILROOM_NO_LISTEN"},
 		{"run tiny maintenance interval", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--maintenance-interval", "1ns"}, "--maintenance-interval"},
+		{"run dedupe retention of seconds", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--dedupe-retention", "1s"}, "--dedupe-retention"},
 		{"run tiny confirm timeout", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--confirm-timeout", "3ns"}, "ConfirmTimeout 3ns: must be at least 100ms"},
 		{"run negative min backoff", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--min-backoff", "-1s"}, "MinBackoff -1s"},
 		{"bad table name", []string{"DATABASE_URL=" + db}, []string{"status", "--outbox-table", "no;such"}, "Tables.Outbox"},
@@ -190,7 +191,7 @@ func TestMigrateStatusAndDeadCommands(t *testing.T) {
 		outbox.Message{Exchange: "orders", RoutingKey: "order.placed", Key: "order-2"},
 		outbox.Message{Exchange: "orders", RoutingKey: "later", AvailableAt: time.Now().Add(time.Hour)},
 	)
-	if _, err := s.DB.Exec(`UPDATE mailroom_outbox SET created_at = now() - interval '42 seconds' WHERE id = $1`, ids[2]); err != nil {
+	if _, err := s.DB.Exec(`UPDATE mailroom_outbox SET created_at = now() - interval '42 seconds', available_at = now() - interval '42 seconds' WHERE id = $1`, ids[2]); err != nil {
 		t.Fatal(err)
 	}
 	bury(t, s, "relay: unroutable: no queue bound\nfor exchange", ids[0], ids[1])

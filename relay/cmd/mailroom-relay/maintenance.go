@@ -23,10 +23,27 @@ type maintConfig struct {
 }
 
 // maintLockClass is the first key of the maintenance advisory lock
-// ("mrmn"); the second is the outbox table's OID, so each mailroom
-// installation (schema) has its own leader. The two-key form lives apart from
-// Migrate's one-key lock.
+// ("mrmn"), plus which purges the instance runs (lockClass); the second is
+// the outbox table's OID, so each mailroom installation (schema) has its
+// own leader. The two-key form lives apart from Migrate's one-key lock.
 const maintLockClass = 0x6d726d6e
+
+// lockClass is the maintenance lock's first key for this instance's
+// purges: instances that run the same ones take turns on one lock, and an
+// instance that runs a purge the leader does not (say --retain, during a
+// rolling change of the flags) is not kept from it. Two such leaders may
+// purge the inbox at the same time, which is correct (they skip each
+// other's rows), only repeated work.
+func (c maintConfig) lockClass() int {
+	class := maintLockClass
+	if c.dedupeRetention > 0 {
+		class++
+	}
+	if c.retain > 0 {
+		class += 2
+	}
+	return class
+}
 
 const (
 	maintLockSQL   = `SELECT pg_try_advisory_lock($2::int, ($1::regclass)::oid::int)`
@@ -141,7 +158,7 @@ func (mt *maintainer) lead(ctx context.Context) bool {
 		return false
 	}
 	var got bool
-	if err := conn.QueryRowContext(cctx, maintLockSQL, mt.outbox, maintLockClass).Scan(&got); err != nil {
+	if err := conn.QueryRowContext(cctx, maintLockSQL, mt.outbox, mt.cfg.lockClass()).Scan(&got); err != nil {
 		if ctx.Err() == nil {
 			mt.log.Warn("maintenance: taking the lock failed", "error", err)
 		}
@@ -167,7 +184,7 @@ func (mt *maintainer) resign() {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	var released bool
-	if err := mt.conn.QueryRowContext(ctx, maintUnlockSQL, mt.outbox, maintLockClass).Scan(&released); err != nil || !released {
+	if err := mt.conn.QueryRowContext(ctx, maintUnlockSQL, mt.outbox, mt.cfg.lockClass()).Scan(&released); err != nil || !released {
 		discard(mt.conn)
 	} else {
 		mt.conn.Close()

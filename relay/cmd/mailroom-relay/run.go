@@ -79,7 +79,7 @@ func cmdRun(args []string, stderr io.Writer) error {
 	fs.DurationVar(&o.sampleEvery, "sample-interval", envDurationOr("MAILROOM_SAMPLE_INTERVAL", 5*time.Second), "how often the status page's chart samples throughput and lag (it keeps 10 minutes) [$MAILROOM_SAMPLE_INTERVAL]")
 	fs.DurationVar(&o.maint.interval, "maintenance-interval", envDurationOr("MAILROOM_MAINTENANCE_INTERVAL", time.Minute), "how often maintenance runs; 0 turns it off [$MAILROOM_MAINTENANCE_INTERVAL]")
 	fs.DurationVar(&o.maint.timeout, "maintenance-timeout", envDurationOr("MAILROOM_MAINTENANCE_TIMEOUT", 30*time.Second), "longest one maintenance run may take; the rest waits for the next run [$MAILROOM_MAINTENANCE_TIMEOUT]")
-	fs.DurationVar(&o.maint.dedupeRetention, "dedupe-retention", envDurationOr("MAILROOM_DEDUPE_RETENTION", dedupe.DefaultRetention), "delete inbox (dedupe) entries older than this; keep it at least the longest Retention of the consumers on the table (inbox.Config.Retention, default 7 days) and above the longest a message can stay in the broker; 0 leaves the inbox alone [$MAILROOM_DEDUPE_RETENTION]")
+	fs.DurationVar(&o.maint.dedupeRetention, "dedupe-retention", envDurationOr("MAILROOM_DEDUPE_RETENTION", dedupe.DefaultRetention), "delete inbox (dedupe) entries older than this; keep it at least the longest Retention of the consumers on the table (inbox.Config.Retention, default 7 days) and above the longest a message can stay in the broker; at least 1h; 0 leaves the inbox alone [$MAILROOM_DEDUPE_RETENTION]")
 	fs.IntVar(&o.maint.batch, "purge-batch", envIntOr("MAILROOM_PURGE_BATCH", dedupe.DefaultPurgeBatch), "rows per purge statement [$MAILROOM_PURGE_BATCH]")
 	if err := parse(fs, args, stderr); err != nil {
 		return err
@@ -215,13 +215,18 @@ func (o *runOpts) check() error {
 		return usageErr("--maintenance-interval %s: must be at least 10ms, or 0 to turn maintenance off", o.maint.interval)
 	case o.maint.interval > 0 && o.maint.timeout <= 0:
 		return usageErr("--maintenance-timeout %s: must be positive", o.maint.timeout)
-	case o.maint.dedupeRetention < 0:
-		return usageErr("--dedupe-retention %s: must be positive, or 0 to leave the inbox alone", o.maint.dedupeRetention)
+	case o.maint.dedupeRetention < 0 || o.maint.dedupeRetention > 0 && o.maint.dedupeRetention < minDedupeRetention:
+		return usageErr("--dedupe-retention %s: must be at least %s (ids forgotten sooner may still be redelivered, and would be applied twice; keep it at least the longest inbox.Config.Retention of the consumers on the table), or 0 to leave the inbox alone", o.maint.dedupeRetention, minDedupeRetention)
 	case o.maint.batch < 1 || o.maint.batch > 100000:
 		return usageErr("--purge-batch %d: must be between 1 and 100000", o.maint.batch)
 	}
 	return nil
 }
+
+// minDedupeRetention is the shortest --dedupe-retention taken: a guard
+// against a unit typo (1s, 1m). The real bound is the consumers' own
+// Retention, which inbox.Config checks against their retry span.
+const minDedupeRetention = time.Hour
 
 // withAppName sets application_name on a lib/pq URL unless it has one, so
 // the sidecar's sessions are recognisable in pg_stat_activity.

@@ -102,7 +102,7 @@ func TestRunPublishesAndServes(t *testing.T) {
 	// The lag gauge follows a due row that cannot be published (its
 	// exchange does not exist): it is as old as the row.
 	lagID := addMessages(t, s, outbox.Message{Exchange: testenv.Unique("missing"), RoutingKey: "x"})[0]
-	if _, err := s.DB.Exec(`UPDATE mailroom_outbox SET created_at = now() - interval '1 hour' WHERE id = $1`, lagID); err != nil {
+	if _, err := s.DB.Exec(`UPDATE mailroom_outbox SET created_at = now() - interval '1 hour', available_at = now() - interval '1 hour' WHERE id = $1`, lagID); err != nil {
 		t.Fatal(err)
 	}
 	if lag := sc.metric("mailroom_outbox_oldest_pending_age_seconds"); lag < 3600 || lag > 7200 {
@@ -532,4 +532,26 @@ func TestMaintenanceWithoutInboxTable(t *testing.T) {
 	if said != 1 || failed != 0 {
 		t.Fatalf("missing inbox table logged %d times (want once), maintenance failed %d times (want 0)", said, failed)
 	}
+}
+
+// Instances that run different purges do not keep each other from them: a
+// leader without --retain does not stop an instance with --retain from
+// purging the published table (a rolling change of the flags).
+func TestMaintenanceLeadersPerPurgeSet(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	testenv.NewBroker(t)
+	if _, err := s.DB.Exec(`INSERT INTO mailroom_outbox_published (seq, id, exchange, routing_key, payload, created_at, attempts, published_at)
+SELECT g, gen_random_uuid(), 'x', 'r', '\x7b7d', now() - interval '3 hours', 0, now() - interval '2 hours' FROM generate_series(1, 10) g`); err != nil {
+		t.Fatal(err)
+	}
+	a := startSidecar(t, s.URL, "--maintenance-interval", "100ms")
+	testenv.Eventually(t, time.Minute, "the instance without --retain to lead", func() bool {
+		return a.metric("mailroom_relay_maintenance_leader") == 1
+	})
+	startSidecar(t, s.URL, "--maintenance-interval", "100ms", "--retain", "1h")
+	testenv.Eventually(t, time.Minute, "the published rows purged by the instance with --retain", func() bool {
+		var n int
+		return s.DB.Get(&n, `SELECT count(*) FROM mailroom_outbox_published`) == nil && n == 0
+	})
 }

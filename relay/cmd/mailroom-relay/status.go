@@ -15,8 +15,9 @@ import (
 const statusHelp = `Usage: mailroom-relay status [--json] [flags]
 
 Prints what is waiting in the outbox: pending rows (of which scheduled for
-later, retrying after a failure, in flight), the age of the oldest pending
-row that is due (the lag: alert on it), the number of dead letters and
+later, retrying after a failure, in flight), how long the oldest pending
+row has waited since it was due, or since it was written once it failed
+(the lag: alert on it), the number of dead letters and
 the number of relays running on the outbox (publishing, or standing by
 to take over).
 
