@@ -169,8 +169,8 @@ func (c *Consumer) purgeLoop(ctx context.Context) {
 // was unacked is redelivered and deduplicated. session closes conn.
 func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 	var bg sync.WaitGroup
-	defer bg.Wait()    // notification drainers end once conn is closed
-	defer conn.Close() //nolint:errcheck // runs first
+	defer bg.Wait()         // notification drainers end once conn is closed
+	defer amqpx.Close(conn) // runs first
 	log := c.cfg.Logger.With("consumer", c.cfg.Consumer, "queue", c.cfg.Queue, "connection", c.cfg.ConnectionName)
 
 	broken := make(chan struct{}) // closed when a notification means the session is over
@@ -300,7 +300,7 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 	}()
 	// Stop: no new deliveries, let running handlers finish (bounded), then
 	// close the connection; the broker requeues what was not acked.
-	_ = ch.Cancel(tag, false)
+	_ = ch.Cancel(tag, true) // no wait: a blocked connection is not read (see amqpx.Close)
 	close(stop)
 	timer := time.AfterFunc(c.cfg.ShutdownTimeout, hcancel)
 	workers.Wait()

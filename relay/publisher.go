@@ -478,17 +478,15 @@ func (p *publisher) awaitConfirms() {
 	}
 }
 
+// close closes the connection, and with it the channels (their closes
+// would each wait for a broker that may not read them: amqpx.Close).
 func (p *publisher) close() {
 	p.flush()
-	if p.sess != nil {
-		p.sess.ch.Close()
-		<-p.sess.done
-	}
-	if p.probe != nil {
-		p.probe.Close()
-	}
 	if p.conn != nil {
-		p.conn.Close()
+		amqpx.Close(p.conn)
+	}
+	if p.sess != nil {
+		<-p.sess.done
 	}
 }
 

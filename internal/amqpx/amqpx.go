@@ -52,6 +52,17 @@ func retry(ctx context.Context, maxWait time.Duration, onError func(error, time.
 	return backoff.RetryNotifyWithData(dial, backoff.WithContext(b, ctx), onError)
 }
 
+// CloseTimeout bounds the close of a connection (see Close).
+const CloseTimeout = 5 * time.Second
+
+// Close closes conn, waiting at most CloseTimeout for the broker's reply.
+// The broker stops reading from a connection it blocked (a resource alarm
+// after the connection published), so an unbounded close waits for the
+// alarm to clear; when the deadline passes, the socket is closed anyway.
+func Close(conn *amqp.Connection) {
+	_ = conn.CloseDeadline(time.Now().Add(CloseTimeout))
+}
+
 // Redact hides the password of a URL so it can appear in logs and errors.
 func Redact(s string) string {
 	u, err := url.Parse(s)

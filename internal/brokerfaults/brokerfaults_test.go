@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -264,4 +265,89 @@ func TestConsumerSurvivesBrokerFaults(t *testing.T) {
 	if n := effects(); n != 900 || claims != 900 {
 		t.Fatalf("effects %d, inbox claims %d; want exactly 900 each", n, claims)
 	}
+}
+
+// stopsWithin calls stop and fails the test unless it returns within d.
+// (When it does not, the alarm's cleanup clears the alarm, and stop then
+// returns.)
+func stopsWithin(t *testing.T, d time.Duration, what string, stop func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() { defer close(done); stop() }()
+	select {
+	case <-done:
+	case <-time.After(d):
+		t.Errorf("%s did not stop within %s under a memory alarm: closing a blocked connection waited for the broker", what, d)
+	}
+}
+
+// A relay stops under a memory alarm: the broker does not read a blocked
+// connection, so the close is bounded; the rows it held stay in the
+// outbox.
+func TestRelayStopsUnderMemoryAlarm(t *testing.T) {
+	f := newFlow(t, 0)
+	raiseMemoryAlarm(t)
+	f.add(200)
+	testenv.Eventually(t, 30*time.Second, "a connection blocked by the alarm", func() bool {
+		out, _ := exec.Command("rabbitmqctl", "list_connections", "state", "-q").Output()
+		return strings.Contains(string(out), "blocked")
+	})
+	stopsWithin(t, 30*time.Second, "the relay", f.stop)
+	if n := f.pending(); n != 200 {
+		t.Errorf("%d of 200 rows in the outbox after the stop, want all (none could be confirmed)", n)
+	}
+}
+
+// An inbox consumer stops under a memory alarm after it published a retry
+// (which blocks its connection); the message is redelivered afterwards.
+func TestConsumerStopsUnderMemoryAlarm(t *testing.T) {
+	t.Cleanup(func() { ensureBrokerUp(t) })
+	s := testenv.NewSchema(t)
+	b := testenv.NewBroker(t)
+	queue := testenv.Unique("q")
+	if err := inbox.DeclareTopology(b.Channel(), inbox.Topology{Queue: queue}); err != nil {
+		t.Fatal(err)
+	}
+	b.CleanupQueues(queue, inbox.RetryQueueName(queue), inbox.DeadLetterQueueName(queue))
+	b.CleanupExchanges(inbox.DeadLetterExchangeName(queue))
+	if err := b.Channel().Publish("", queue, true, false, amqp.Publishing{MessageId: outbox.NewID(), DeliveryMode: amqp.Persistent, Body: []byte(`{}`)}); err != nil {
+		t.Fatal(err)
+	}
+	raiseMemoryAlarm(t)
+	var calls atomic.Int64
+	c, err := inbox.New(s.DB, inbox.Config{
+		URL: testenv.AMQPURL(), Queue: queue, Consumer: "alarm", ConnectionName: testenv.Unique("alarm"),
+		Handler: func(context.Context, *sqlx.Tx, inbox.Message) error {
+			calls.Add(1)
+			return fmt.Errorf("fails: the retry's publish blocks the connection")
+		},
+		ShutdownTimeout: time.Second,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	testenv.Eventually(t, 30*time.Second, "a connection blocked by the alarm", func() bool {
+		out, _ := exec.Command("rabbitmqctl", "list_connections", "state", "-q").Output()
+		return calls.Load() > 0 && strings.Contains(string(out), "blocked")
+	})
+	stopsWithin(t, 30*time.Second, "the consumer", func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	rabbitmqctl(t, "set_vm_memory_high_watermark", "0.4")
+	ch := b.Channel()
+	testenv.Eventually(t, 30*time.Second, "the message back in the work or the retry queue", func() bool {
+		n := 0
+		for _, q := range []string{queue, inbox.RetryQueueName(queue)} {
+			if qi, err := ch.QueueDeclarePassive(q, true, false, false, false, nil); err == nil {
+				n += qi.Messages
+			}
+		}
+		return n >= 1
+	})
 }
