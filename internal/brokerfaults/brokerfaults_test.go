@@ -50,8 +50,8 @@ func ensureBrokerUp(t *testing.T) {
 
 // raiseMemoryAlarm blocks publishing connections until the test ends or
 // clears it. Its cleanup clears it before the flow's relay stops (cleanups
-// run last-registered first): closing a blocked connection waits for the
-// broker, which would wait forever.
+// run last-registered first), so the relay's close is answered rather than
+// cut off at its bound (amqpx.CloseTimeout).
 func raiseMemoryAlarm(t *testing.T) {
 	t.Cleanup(func() { exec.Command("rabbitmqctl", "set_vm_memory_high_watermark", "0.4").Run() })
 	rabbitmqctl(t, "set_vm_memory_high_watermark", "0.000001")
