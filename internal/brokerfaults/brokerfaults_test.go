@@ -57,6 +57,37 @@ func raiseMemoryAlarm(t *testing.T) {
 	rabbitmqctl(t, "set_vm_memory_high_watermark", "0.000001")
 }
 
+// waitBlocked waits until the broker blocks a connection (under the alarm,
+// once it publishes).
+func waitBlocked(t *testing.T) {
+	t.Helper()
+	testenv.Eventually(t, 30*time.Second, "a connection blocked by the alarm", func() bool {
+		out, _ := exec.Command("rabbitmqctl", "list_connections", "state", "-q").Output()
+		return strings.Contains(string(out), "blocked")
+	})
+}
+
+// inboxQueue declares a work queue with its retry and dead-letter queues,
+// removed when the test ends.
+func inboxQueue(t *testing.T, b *testenv.Broker) string {
+	t.Helper()
+	queue := testenv.Unique("q")
+	if err := inbox.DeclareTopology(b.Channel(), inbox.Topology{Queue: queue}); err != nil {
+		t.Fatal(err)
+	}
+	b.CleanupQueues(queue, inbox.RetryQueueName(queue), inbox.DeadLetterQueueName(queue))
+	b.CleanupExchanges(inbox.DeadLetterExchangeName(queue))
+	return queue
+}
+
+// runConsumer runs c until the returned stop, which returns Run's error.
+func runConsumer(c *inbox.Consumer) (stop func() error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	return func() error { cancel(); return <-done }
+}
+
 type flow struct {
 	t     *testing.T
 	s     *testenv.Schema
@@ -174,10 +205,7 @@ func TestRelayPausesUnderMemoryAlarm(t *testing.T) {
 	f := newFlow(t, 0)
 	raiseMemoryAlarm(t)
 	f.add(200)
-	testenv.Eventually(t, 30*time.Second, "a connection blocked by the alarm", func() bool {
-		out, _ := exec.Command("rabbitmqctl", "list_connections", "state", "-q").Output()
-		return strings.Contains(string(out), "blocked")
-	})
+	waitBlocked(t)
 	rabbitmqctl(t, "set_vm_memory_high_watermark", "0.4")
 	f.checkAllQueued()
 }
@@ -201,13 +229,7 @@ func TestConsumerSurvivesBrokerFaults(t *testing.T) {
 	t.Cleanup(func() { ensureBrokerUp(t) })
 	s := testenv.NewSchema(t)
 	b := testenv.NewBroker(t)
-	queue := testenv.Unique("q")
-	ch := b.Channel()
-	if err := inbox.DeclareTopology(ch, inbox.Topology{Queue: queue}); err != nil {
-		t.Fatal(err)
-	}
-	b.CleanupQueues(queue, inbox.RetryQueueName(queue), inbox.DeadLetterQueueName(queue))
-	b.CleanupExchanges(inbox.DeadLetterExchangeName(queue))
+	queue := inboxQueue(t, b)
 	if _, err := s.DB.Exec(`CREATE TABLE effects (id text PRIMARY KEY)`); err != nil {
 		t.Fatal(err)
 	}
@@ -222,10 +244,7 @@ func TestConsumerSurvivesBrokerFaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- c.Run(ctx) }()
-	defer func() { cancel(); <-done }()
+	defer runConsumer(c)() // the effects below say whether it worked
 
 	publish := func(n int) {
 		conn, err := testenv.Dial(testenv.AMQPURL(), "brokerfaults-publisher")
@@ -288,10 +307,7 @@ func TestRelayStopsUnderMemoryAlarm(t *testing.T) {
 	f := newFlow(t, 0)
 	raiseMemoryAlarm(t)
 	f.add(200)
-	testenv.Eventually(t, 30*time.Second, "a connection blocked by the alarm", func() bool {
-		out, _ := exec.Command("rabbitmqctl", "list_connections", "state", "-q").Output()
-		return strings.Contains(string(out), "blocked")
-	})
+	waitBlocked(t)
 	stopsWithin(t, 30*time.Second, "the relay", f.stop)
 	if n := f.pending(); n != 200 {
 		t.Errorf("%d of 200 rows in the outbox after the stop, want all (none could be confirmed)", n)
@@ -304,12 +320,7 @@ func TestConsumerStopsUnderMemoryAlarm(t *testing.T) {
 	t.Cleanup(func() { ensureBrokerUp(t) })
 	s := testenv.NewSchema(t)
 	b := testenv.NewBroker(t)
-	queue := testenv.Unique("q")
-	if err := inbox.DeclareTopology(b.Channel(), inbox.Topology{Queue: queue}); err != nil {
-		t.Fatal(err)
-	}
-	b.CleanupQueues(queue, inbox.RetryQueueName(queue), inbox.DeadLetterQueueName(queue))
-	b.CleanupExchanges(inbox.DeadLetterExchangeName(queue))
+	queue := inboxQueue(t, b)
 	if err := b.Channel().Publish("", queue, true, false, amqp.Publishing{MessageId: outbox.NewID(), DeliveryMode: amqp.Persistent, Body: []byte(`{}`)}); err != nil {
 		t.Fatal(err)
 	}
@@ -326,16 +337,11 @@ func TestConsumerStopsUnderMemoryAlarm(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- c.Run(ctx) }()
-	testenv.Eventually(t, 30*time.Second, "a connection blocked by the alarm", func() bool {
-		out, _ := exec.Command("rabbitmqctl", "list_connections", "state", "-q").Output()
-		return calls.Load() > 0 && strings.Contains(string(out), "blocked")
-	})
+	stop := runConsumer(c)
+	testenv.Eventually(t, 30*time.Second, "the handler called", func() bool { return calls.Load() > 0 })
+	waitBlocked(t)
 	stopsWithin(t, 30*time.Second, "the consumer", func() {
-		cancel()
-		if err := <-done; err != nil {
+		if err := stop(); err != nil {
 			t.Errorf("Run: %v", err)
 		}
 	})
