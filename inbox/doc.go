@@ -39,8 +39,10 @@
 // dead-letter queue with the last error in x-mailroom-reason. Retries and
 // dead letters travel through the default exchange; the exchange and
 // routing key the message was first published with ride along in
-// x-mailroom-exchange and x-mailroom-routing-key, and Message.Exchange and
-// Message.RoutingKey are those on every attempt.
+// x-mailroom-exchange and x-mailroom-routing-key (read only on deliveries
+// through the default exchange, so a publisher to a named exchange cannot
+// claim another), and Message.Exchange and Message.RoutingKey are those on
+// every attempt.
 // Message.Attempt is 1 on first delivery; it counts retries and, on quorum
 // queues, redeliveries after a crash (x-delivery-count).
 //

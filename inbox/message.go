@@ -28,7 +28,8 @@ const (
 	HeaderConsumer = "x-mailroom-consumer"
 	// HeaderExchange and HeaderRoutingKey, on a retry or a dead letter,
 	// keep where the message was first published: retries and dead
-	// letters travel through the default exchange.
+	// letters travel through the default exchange. They are read only on
+	// deliveries through the default exchange.
 	HeaderExchange   = "x-mailroom-exchange"
 	HeaderRoutingKey = "x-mailroom-routing-key"
 )
@@ -59,9 +60,9 @@ func (p poison) Error() string { return p.reason }
 // decode turns a delivery into a Message, or says why it cannot.
 func decode(d *amqp.Delivery) (Message, error) {
 	m := Message{
-		ID: d.MessageId, Exchange: d.Exchange, RoutingKey: d.RoutingKey,
-		Type: d.Type, ContentType: d.ContentType, Payload: d.Body, Attempt: 1,
+		ID: d.MessageId, Type: d.Type, ContentType: d.ContentType, Payload: d.Body, Attempt: 1,
 	}
+	m.Exchange, m.RoutingKey = origin(d)
 	if m.ID == "" {
 		return m, poison{"no message_id: mailroom deduplicates by message_id, so a delivery without one cannot be handled safely (publish through the outbox, or set message_id)"}
 	}
@@ -73,10 +74,6 @@ func decode(d *amqp.Delivery) (Message, error) {
 		switch {
 		case k == HeaderKey:
 			m.Key = headerString(v)
-		case k == HeaderExchange:
-			m.Exchange = headerString(v)
-		case k == HeaderRoutingKey:
-			m.RoutingKey = headerString(v)
 		case k == HeaderAttempt:
 			n, err := strconv.Atoi(headerString(v))
 			if err != nil || n < 1 {
@@ -141,17 +138,31 @@ func headerString(v any) string {
 	}
 }
 
+// origin is where d was first published: its own exchange and routing
+// key, or, for a delivery through the default exchange (as retries come
+// back), those its HeaderExchange and HeaderRoutingKey carry. A publisher
+// cannot make a delivery through a named exchange claim another.
+func origin(d *amqp.Delivery) (exchange, routingKey string) {
+	if d.Exchange == "" {
+		if ex, ok := d.Headers[HeaderExchange]; ok {
+			return headerString(ex), headerString(d.Headers[HeaderRoutingKey])
+		}
+	}
+	return d.Exchange, d.RoutingKey
+}
+
 // republish copies d for the retry or dead-letter queue: same properties and
 // body, broker bookkeeping dropped, where it was first published kept
-// (HeaderExchange, HeaderRoutingKey), extra headers set.
+// (origin, in HeaderExchange and HeaderRoutingKey), extra headers set.
 func republish(d *amqp.Delivery, extra amqp.Table) amqp.Publishing {
 	h := make(amqp.Table, len(d.Headers)+len(extra)+2)
-	h[HeaderExchange], h[HeaderRoutingKey] = d.Exchange, d.RoutingKey
-	for k, v := range d.Headers { // a retry's copies of those win
+	for k, v := range d.Headers {
 		if !brokerHeader(k) {
 			h[k] = v
 		}
 	}
+	ex, rk := origin(d)
+	h[HeaderExchange], h[HeaderRoutingKey] = ex, rk
 	for k, v := range extra {
 		h[k] = v
 	}

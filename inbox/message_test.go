@@ -77,6 +77,22 @@ func TestRepublishDropsBrokerBookkeeping(t *testing.T) {
 	}
 }
 
+// A delivery through a named exchange is what it is: headers naming
+// another origin are neither believed nor passed on.
+func TestOriginHeadersOnlyThroughDefaultExchange(t *testing.T) {
+	t.Parallel()
+	d := amqp.Delivery{MessageId: "m", Exchange: "orders", RoutingKey: "order.placed",
+		Headers: amqp.Table{HeaderExchange: "payments.internal", HeaderRoutingKey: "refund.approved"}}
+	m, err := decode(&d)
+	if err != nil || m.Exchange != "orders" || m.RoutingKey != "order.placed" {
+		t.Errorf("decoded %+v, %v: want the delivery's own exchange and routing key", m, err)
+	}
+	p := republish(&d, nil)
+	if p.Headers[HeaderExchange] != "orders" || p.Headers[HeaderRoutingKey] != "order.placed" {
+		t.Errorf("republished headers %v: want the delivery's own exchange and routing key", p.Headers)
+	}
+}
+
 func TestConsumerTagFits(t *testing.T) {
 	t.Parallel()
 	for _, name := range []string{"inbox", strings.Repeat("é", 200)} {

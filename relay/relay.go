@@ -251,6 +251,11 @@ func (r *Relay) listen(wake chan<- struct{}, lock *wakeLock) (stop func()) {
 				}
 				break
 			}
+			select {
+			case <-done: // stopping: the listener was closed under Listen
+				return
+			default:
+			}
 			d := bo.NextBackOff()
 			r.log.Warn("LISTEN failed; polling meanwhile", "error", err, "retry_in", d.String())
 			select {

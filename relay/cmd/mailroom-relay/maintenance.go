@@ -51,12 +51,12 @@ const (
 )
 
 // maintainer purges old inbox entries and retained published rows on one
-// sidecar at a time. The leader holds a session-level advisory lock on a
-// dedicated connection and runs every purge statement on that same
-// connection: if the session dies, the lock is gone and so is the leader's
-// ability to purge, so two instances never purge at once. (Concurrent
-// purges would still be correct, they skip each other's rows; the lock
-// saves the duplicate work.)
+// sidecar at a time among those running the same purges (lockClass). The
+// leader holds a session-level advisory lock on a dedicated connection and
+// runs every purge statement on that same connection: if the session dies,
+// the lock is gone and so is the leader's ability to purge, so two such
+// instances never purge at once. (Concurrent purges are still correct,
+// they skip each other's rows; the lock saves the duplicate work.)
 type maintainer struct {
 	cfg    maintConfig
 	db     *sql.DB
