@@ -52,7 +52,7 @@ func TestBatchFailureRedoneWithSavepoints(t *testing.T) {
 			t.Cleanup(func() { _ = mp.Shutdown(context.Background()) })
 			cfg.MeterProvider = mp
 			cfg.Concurrency, cfg.BatchSize, cfg.MaxAttempts, cfg.OrderedByKey = 1, 10, 3, ordered
-			c, _ := e.start(cfg)
+			c, stop := e.start(cfg)
 			e.deadLetters(1)
 			got := e.waitEffects(39)
 			if got[doomed] != 0 {
@@ -68,7 +68,7 @@ func TestBatchFailureRedoneWithSavepoints(t *testing.T) {
 				redone += n - 1
 			}
 			mu.Unlock()
-			if s := c.Stats(); s.Handled != 39 || s.Failed != 3 || s.DeadLettered != 1 {
+			if s := settled(c, stop); s.Handled != 39 || s.Failed != 3 || s.DeadLettered != 1 {
 				t.Errorf("stats %+v, want 39 handled, 3 failed, 1 dead letter", s)
 			}
 			ok, failed := handlerRuns(t, reader)
@@ -111,7 +111,7 @@ func TestBatchStatementFailureSwallowedByHandler(t *testing.T) {
 				return record(ctx, tx, m)
 			})
 			cfg.Concurrency, cfg.BatchSize, cfg.OrderedByKey = 1, 10, ordered
-			c, _ := e.start(cfg)
+			c, stop := e.start(cfg)
 			e.waitEffects(60)
 			largestTx(t, e)
 			var rows []struct {
@@ -130,7 +130,7 @@ func TestBatchStatementFailureSwallowedByHandler(t *testing.T) {
 					t.Errorf("%s applied on attempt %d, want %d", r.ID, r.Attempt, want)
 				}
 			}
-			if s := c.Stats(); s.Handled != 60 || s.Failed != uint64(len(swallows)) {
+			if s := settled(c, stop); s.Handled != 60 || s.Failed != uint64(len(swallows)) {
 				t.Errorf("stats %+v, want 60 handled and %d failed", s, len(swallows))
 			}
 			if ordered {
@@ -189,7 +189,7 @@ func TestBatchAddSentLaterFails(t *testing.T) {
 		return ob.Add(ctx, tx, outbox.Message{Exchange: "x", Type: typ, Payload: []byte(`{}`)})
 	})
 	cfg.Concurrency, cfg.BatchSize, cfg.MaxAttempts = 1, 10, 2
-	c, _ := e.start(cfg)
+	c, stop := e.start(cfg)
 	e.deadLetters(len(doomed))
 	got := e.waitEffects(40 - len(doomed))
 	largestTx(t, e)
@@ -209,7 +209,7 @@ func TestBatchAddSentLaterFails(t *testing.T) {
 	if err := e.db.Get(&outboxRows, `SELECT count(*) FROM mailroom_outbox`); err != nil || outboxRows != 40-len(doomed) {
 		t.Errorf("%d outbox rows (%v), want one per applied message, %d", outboxRows, err, 40-len(doomed))
 	}
-	if s := c.Stats(); s.Handled != uint64(40-len(doomed)) || s.Failed != uint64(2*len(doomed)) || s.DeadLettered != uint64(len(doomed)) {
+	if s := settled(c, stop); s.Handled != uint64(40-len(doomed)) || s.Failed != uint64(2*len(doomed)) || s.DeadLettered != uint64(len(doomed)) {
 		t.Errorf("stats %+v, want %d handled, %d failed, %d dead letters", s, 40-len(doomed), 2*len(doomed), len(doomed))
 	}
 }
@@ -303,11 +303,11 @@ func TestBatchHandlerFailsAfterAddSentLater(t *testing.T) {
 		return errors.New("the handler fails after its Add")
 	})
 	cfg.Concurrency, cfg.BatchSize, cfg.MaxAttempts = 1, 10, 3
-	c, _ := e.start(cfg)
+	c, stop := e.start(cfg)
 	e.deadLetters(2)
 	e.waitEffects(18)
 	largestTx(t, e)
-	if s := c.Stats(); s.Handled != 18 || s.Failed != 4 || s.DeadLettered != 2 || s.DBErrors != 0 {
+	if s := settled(c, stop); s.Handled != 18 || s.Failed != 4 || s.DeadLettered != 2 || s.DBErrors != 0 {
 		t.Errorf("stats %+v, want 18 handled, 4 failed (attempts 2 and 3 of two), 2 dead letters, no database errors", s)
 	}
 }
@@ -336,13 +336,13 @@ CREATE TABLE children (parent int REFERENCES parents DEFERRABLE INITIALLY DEFERR
 	}
 	e.publish(msgs...)
 	cfg.Concurrency, cfg.BatchSize, cfg.MaxAttempts = 1, 10, 2
-	c, _ := e.start(cfg)
+	c, stop := e.start(cfg)
 	dls := e.deadLetters(1)
 	if dls[0].MessageId != "refused-0004" {
 		t.Errorf("dead letter %s, want refused-0004", dls[0].MessageId)
 	}
 	e.waitEffects(19)
-	if s := c.Stats(); s.Handled != 19 || s.Failed != 2 || s.DeadLettered != 1 || s.Requeued != 0 {
+	if s := settled(c, stop); s.Handled != 19 || s.Failed != 2 || s.DeadLettered != 1 || s.Requeued != 0 {
 		t.Errorf("stats %+v, want 19 handled, 2 failed, 1 dead letter, none requeued", s)
 	}
 }
@@ -376,10 +376,10 @@ CREATE CONSTRAINT TRIGGER fail_twice AFTER INSERT ON effects DEFERRABLE INITIALL
 			e.publish(msgs...)
 			cfg := e.config(record)
 			cfg.OrderedByKey, cfg.Concurrency, cfg.BatchSize = true, 1, 5
-			c, _ := e.start(cfg)
+			c, stop := e.start(cfg)
 			e.waitEffects(20)
 			checkKeyOrder(t, e)
-			if s := c.Stats(); s.Handled != 20 || s.Requeued != 0 {
+			if s := settled(c, stop); s.Handled != 20 || s.Requeued != 0 {
 				t.Errorf("stats %+v, want 20 handled, none requeued", s)
 			}
 		})
@@ -409,13 +409,13 @@ CREATE CONSTRAINT TRIGGER cancel_commit AFTER INSERT ON cancelled DEFERRABLE INI
 		return err
 	})
 	cfg.MaxAttempts = 2
-	c, _ := e.start(cfg)
+	c, stop := e.start(cfg)
 	e.publish(msg("cancelled", "", 1), msg("fine", "", 2))
 	if dls := e.deadLetters(1); dls[0].MessageId != "cancelled" {
 		t.Fatalf("dead letter %s, want cancelled", dls[0].MessageId)
 	}
 	e.waitEffects(1)
-	if s := c.Stats(); s.Failed != 2 || s.Requeued != 0 {
+	if s := settled(c, stop); s.Failed != 2 || s.Requeued != 0 {
 		t.Errorf("stats %+v, want 2 failed, none requeued", s)
 	}
 }

@@ -187,3 +187,11 @@ func ids(prefix string, n int) []string {
 	}
 	return out
 }
+
+// settled stops the consumer and returns its final counters: they are
+// bumped just after the commit, ack or confirm a test waits on, so exact
+// figures are read only once Run has returned.
+func settled(c *inbox.Consumer, stop func()) inbox.Stats {
+	stop()
+	return c.Stats()
+}

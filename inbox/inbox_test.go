@@ -195,7 +195,7 @@ func TestHandlerFailsFirstKTimes(t *testing.T) {
 				return record(ctx, tx, m)
 			})
 			cfg.OrderedByKey, cfg.BatchSize = tc.ordered, tc.batch
-			c, _ := e.start(cfg)
+			c, stop := e.start(cfg)
 			var msgs []amqp.Publishing
 			for i, id := range ids("flaky", 10) {
 				msgs = append(msgs, msg(id, fmt.Sprint("key", i%3), i))
@@ -207,7 +207,7 @@ func TestHandlerFailsFirstKTimes(t *testing.T) {
 			if len(attempts) != 1 || attempts[0] != k+1 {
 				t.Errorf("applied on attempts %v, want all on %d", attempts, k+1)
 			}
-			if s := c.Stats(); s.Failed != 10*k || s.DeadLettered != 0 {
+			if s := settled(c, stop); s.Failed != 10*k || s.DeadLettered != 0 {
 				t.Errorf("stats %+v, want %d failures and no dead letters", s, 10*k)
 			}
 		})
@@ -228,7 +228,7 @@ func TestAlwaysFailingGoesToDeadLetters(t *testing.T) {
 		return errors.New("card declined")
 	})
 	cfg.MaxAttempts = 3
-	c, _ := e.start(cfg)
+	c, stop := e.start(cfg)
 	e.publish(msg("doomed", "k", 1))
 	dl := e.deadLetters(1)[0]
 	reason, _ := dl.Headers[inbox.HeaderReason].(string)
@@ -244,7 +244,7 @@ func TestAlwaysFailingGoesToDeadLetters(t *testing.T) {
 	if got := e.effects(); len(got) != 0 {
 		t.Errorf("effects %v, want none (every attempt rolled back)", got)
 	}
-	if s := c.Stats(); s.DeadLettered != 1 {
+	if s := settled(c, stop); s.DeadLettered != 1 {
 		t.Errorf("stats %+v", s)
 	}
 }
@@ -324,7 +324,7 @@ func TestBatchWithOneFailingHandler(t *testing.T) {
 		return nil
 	})
 	cfg.Concurrency, cfg.BatchSize = 1, 10
-	c, _ := e.start(cfg)
+	c, stop := e.start(cfg)
 	e.waitEffects(40)
 	var largest int
 	e.db.Get(&largest, `SELECT max(n) FROM (SELECT count(*) AS n FROM effects GROUP BY txid) b`)
@@ -336,7 +336,7 @@ func TestBatchWithOneFailingHandler(t *testing.T) {
 	if attempt != 2 || !failedOnce.Load() {
 		t.Errorf("batch-0005 applied on attempt %d, want 2", attempt)
 	}
-	if s := c.Stats(); s.Handled != 40 || s.Failed != 1 {
+	if s := settled(c, stop); s.Handled != 40 || s.Failed != 1 {
 		t.Errorf("stats %+v", s)
 	}
 }

@@ -537,7 +537,7 @@ func TestUnpublishableRowsAreDeadLettered(t *testing.T) {
 	e.add(fine...)
 	cfg := e.config()
 	cfg.MaxAttempts, cfg.BatchSize = 2, 3
-	e.start(cfg)
+	stop := e.start(cfg)
 	e.consumeAll(e.queue, want, 30*time.Second)
 	e.waitDrained()
 	var errs []string
@@ -547,6 +547,7 @@ func TestUnpublishableRowsAreDeadLettered(t *testing.T) {
 	if len(errs) != 2 || !strings.Contains(errs[0], "routing_key is 300 bytes") || !strings.Contains(errs[1], "frame") {
 		t.Fatalf("dead letters %q, want the two rows, failed for their routing key and their headers", errs)
 	}
+	stop() // the counters are bumped just after the commit waitDrained saw
 	if s := e.relays[0].Stats(); s.Failed != 4 || s.Released != 0 {
 		t.Errorf("stats %+v, want 4 failed attempts and nothing released", s)
 	}
@@ -575,7 +576,7 @@ func TestRefusedExchangeIsDeadLettered(t *testing.T) {
 	e.add(msgs...)
 	cfg := e.config()
 	cfg.MaxAttempts = 2
-	e.start(cfg)
+	stop := e.start(cfg)
 	e.consumeAll(e.queue, want, 30*time.Second)
 	e.waitDrained()
 	var lastError string
@@ -585,6 +586,7 @@ func TestRefusedExchangeIsDeadLettered(t *testing.T) {
 	if !strings.Contains(lastError, "refuses publishing to exchange") || !strings.Contains(lastError, internal) {
 		t.Fatalf("dead letter's error %q, want the broker's refusal of %s", lastError, internal)
 	}
+	stop() // the counters are bumped just after the commit waitDrained saw
 	if s := e.relays[0].Stats(); s.Failed != 2 || s.DeadLettered != 1 {
 		t.Errorf("stats %+v, want 2 failed attempts and 1 dead letter", s)
 	}
