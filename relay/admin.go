@@ -89,7 +89,7 @@ type DeadLetter struct {
 }
 
 type adminQueries struct {
-	status, listDead, lockDead, lockAllDead, replay, replayAll, discard, purgePublished string
+	status, listDead, lockDead, lastDead, replay, replayAll, discard, purgePublished string
 }
 
 func newAdminQueries(tables mailroom.Tables) (adminQueries, error) {
@@ -127,14 +127,18 @@ FROM ` + dead + ` ORDER BY seq LIMIT $1`,
 		// Lock the rows first, so a concurrent replay or discard of the same
 		// id waits and then finds it gone (reported, not silently counted).
 		// Index: dead_id_idx.
-		lockDead:    `SELECT id::text FROM ` + dead + ` WHERE id = ANY($1::uuid[]) FOR UPDATE`,
-		lockAllDead: `SELECT id::text FROM ` + dead + ` FOR UPDATE`,
+		lockDead: `SELECT id::text FROM ` + dead + ` WHERE id = ANY($1::uuid[]) FOR UPDATE`,
+		lastDead: `SELECT max(seq) FROM ` + dead,
 		// Back into the outbox in write order with a new seq (so at the end
 		// of its key), attempts 0, due now; the id and created_at are kept.
 		replay: `WITH d AS (DELETE FROM ` + dead + ` WHERE id = ANY($1::uuid[]) RETURNING ` + deadCols + `)
 INSERT INTO ` + ob + ` (id, exchange, routing_key, key, type, content_type, headers, payload, created_at)
 SELECT id, exchange, routing_key, key, type, content_type, headers, payload, created_at FROM d ORDER BY seq`,
-		replayAll: `WITH d AS (DELETE FROM ` + dead + ` RETURNING ` + deadCols + `)
+		// The oldest $2 up to seq $1 (the last when the replay began).
+		// A concurrent replay of one of them makes this one wait, then
+		// skip it.
+		replayAll: `WITH d AS (DELETE FROM ` + dead + ` WHERE seq IN (
+    SELECT seq FROM ` + dead + ` WHERE seq <= $1 ORDER BY seq LIMIT $2 FOR UPDATE) RETURNING ` + deadCols + `)
 INSERT INTO ` + ob + ` (id, exchange, routing_key, key, type, content_type, headers, payload, created_at)
 SELECT id, exchange, routing_key, key, type, content_type, headers, payload, created_at FROM d ORDER BY seq`,
 		discard: `DELETE FROM ` + dead + ` WHERE id = ANY($1::uuid[])`,
@@ -207,22 +211,52 @@ func ListDead(ctx context.Context, db *sql.DB, tables mailroom.Tables, limit int
 // key already published. Replayed rows keep their original order among
 // themselves.
 func ReplayDead(ctx context.Context, db *sql.DB, tables mailroom.Tables, ids []string) (replayed int64, err error) {
-	return moveDead(ctx, db, tables, ids, false, true)
+	return moveDead(ctx, db, tables, ids, true)
 }
 
-// ReplayAllDead is ReplayDead for every dead letter.
+// ReplayAllDead is ReplayDead for every dead letter there when it starts,
+// in write order, replayBatch rows per transaction: a large dead-letter
+// table is neither locked in one long transaction nor released into the
+// outbox by one huge commit, and rows the relay buries again meanwhile are
+// not replayed twice. If it stops early (ctx ends, an error), the rows it
+// moved stay moved and the error says how many; run it again for the rest.
 func ReplayAllDead(ctx context.Context, db *sql.DB, tables mailroom.Tables) (replayed int64, err error) {
-	return moveDead(ctx, db, tables, nil, true, true)
+	q, err := newAdminQueries(tables)
+	if err != nil {
+		return 0, err
+	}
+	var last sql.NullInt64
+	if err := db.QueryRowContext(ctx, q.lastDead).Scan(&last); err != nil {
+		return 0, fmt.Errorf("relay: replay dead letters: %w", err)
+	}
+	for last.Valid {
+		res, err := db.ExecContext(ctx, q.replayAll, last.Int64, replayBatch)
+		var n int64
+		if err == nil {
+			n, err = res.RowsAffected()
+		}
+		if err != nil {
+			return replayed, fmt.Errorf("relay: replay dead letters (%d replayed before this error; run it again for the rest): %w", replayed, err)
+		}
+		if n == 0 {
+			break
+		}
+		replayed += n
+	}
+	return replayed, nil
 }
+
+// replayBatch is how many dead letters one ReplayAllDead transaction moves.
+const replayBatch = 1000
 
 // DiscardDead deletes the dead letters with the given message ids, in one
 // transaction; if any id is not a dead letter, nothing is deleted and the
 // error (ErrDeadLetterNotFound) names the missing ids.
 func DiscardDead(ctx context.Context, db *sql.DB, tables mailroom.Tables, ids []string) (discarded int64, err error) {
-	return moveDead(ctx, db, tables, ids, false, false)
+	return moveDead(ctx, db, tables, ids, false)
 }
 
-func moveDead(ctx context.Context, db *sql.DB, tables mailroom.Tables, ids []string, all, replay bool) (int64, error) {
+func moveDead(ctx context.Context, db *sql.DB, tables mailroom.Tables, ids []string, replay bool) (int64, error) {
 	what := "discard"
 	if replay {
 		what = "replay"
@@ -231,10 +265,8 @@ func moveDead(ctx context.Context, db *sql.DB, tables mailroom.Tables, ids []str
 	if err != nil {
 		return 0, err
 	}
-	if !all {
-		if ids, err = checkIDs(ids); err != nil {
-			return 0, err
-		}
+	if ids, err = checkIDs(ids); err != nil {
+		return 0, err
 	}
 	tx, err := db.BeginTx(ctx, nil)
 	if err != nil {
@@ -242,12 +274,7 @@ func moveDead(ctx context.Context, db *sql.DB, tables mailroom.Tables, ids []str
 	}
 	defer tx.Rollback() //nolint:errcheck // after Commit this is a no-op
 
-	var rs *sql.Rows
-	if all {
-		rs, err = tx.QueryContext(ctx, q.lockAllDead)
-	} else {
-		rs, err = tx.QueryContext(ctx, q.lockDead, pq.StringArray(ids))
-	}
+	rs, err := tx.QueryContext(ctx, q.lockDead, pq.StringArray(ids))
 	if err != nil {
 		return 0, fmt.Errorf("relay: %s dead letters: %w", what, err)
 	}
@@ -274,15 +301,11 @@ func moveDead(ctx context.Context, db *sql.DB, tables mailroom.Tables, ids []str
 		return 0, fmt.Errorf("%w: %s (nothing was %sed; `mailroom-relay dead list` shows the ids)", ErrDeadLetterNotFound, strings.Join(missing, ", "), what)
 	}
 
-	var res sql.Result
-	switch {
-	case replay && all:
-		res, err = tx.ExecContext(ctx, q.replayAll)
-	case replay:
-		res, err = tx.ExecContext(ctx, q.replay, pq.StringArray(ids))
-	default:
-		res, err = tx.ExecContext(ctx, q.discard, pq.StringArray(ids))
+	stmt := q.discard
+	if replay {
+		stmt = q.replay
 	}
+	res, err := tx.ExecContext(ctx, stmt, pq.StringArray(ids))
 	if err != nil {
 		return 0, fmt.Errorf("relay: %s dead letters: %w", what, err)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -266,6 +267,36 @@ func TestReplayAllDeadKeepsWriteOrder(t *testing.T) {
 	}
 	if n, err := relay.ReplayAllDead(ctx, s.DB.DB, mailroom.Tables{}); err != nil || n != 0 {
 		t.Fatalf("replay all of nothing: %d, %v; want 0, nil", n, err)
+	}
+}
+
+// A dead-letter table larger than one batch is replayed in several
+// transactions, every row once, in write order.
+func TestReplayAllDeadInBatches(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	const n = 2100 // two full batches of 1000 and a partial one
+	s.DB.MustExec(`INSERT INTO mailroom_outbox_dead (seq, id, exchange, routing_key, key, payload, created_at, attempts, last_error)
+SELECT nextval(pg_get_serial_sequence('mailroom_outbox', 'seq')), gen_random_uuid(), 'x', 'r', 'k' || (i % 7), '{}', now(), 7, 'nack'
+FROM generate_series(1, $1) i`, n)
+	var want []string
+	if err := s.DB.Select(&want, `SELECT id::text FROM mailroom_outbox_dead ORDER BY seq`); err != nil {
+		t.Fatal(err)
+	}
+	got, err := relay.ReplayAllDead(context.Background(), s.DB.DB, mailroom.Tables{})
+	if err != nil || got != n {
+		t.Fatalf("replay all: %d, %v; want %d", got, err, n)
+	}
+	var replayed []string
+	if err := s.DB.Select(&replayed, `SELECT id::text FROM mailroom_outbox ORDER BY seq`); err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(replayed) != fmt.Sprint(want) {
+		t.Fatalf("outbox after replay holds %d rows, not the %d dead letters in write order", len(replayed), len(want))
+	}
+	var txs int
+	if err := s.DB.Get(&txs, `SELECT count(DISTINCT xmin::text) FROM mailroom_outbox`); err != nil || txs != 3 {
+		t.Fatalf("rows written by %d transactions (%v), want 3 of at most 1000 rows", txs, err)
 	}
 }
 
