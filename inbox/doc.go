@@ -42,7 +42,9 @@
 // x-mailroom-exchange and x-mailroom-routing-key (read only on deliveries
 // through the default exchange, so a publisher to a named exchange cannot
 // claim another), and Message.Exchange and Message.RoutingKey are those on
-// every attempt.
+// every attempt. A dead letter carries no x-mailroom-attempt: moved back to
+// the work queue (the management UI's "Move messages", a shovel), it starts
+// again at attempt 1 with MaxAttempts before it.
 // Message.Attempt is 1 on first delivery; it counts retries and, on quorum
 // queues, redeliveries after a crash (x-delivery-count).
 //

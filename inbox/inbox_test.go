@@ -249,6 +249,36 @@ func TestAlwaysFailingGoesToDeadLetters(t *testing.T) {
 	}
 }
 
+// A dead letter moved back to the work queue, headers and all (as the
+// management UI's "Move messages" does), gets MaxAttempts attempts again.
+func TestDeadLetterMovedBackStartsOver(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, inbox.Topology{})
+	var calls atomic.Int64
+	cfg := e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+		calls.Add(1)
+		return fmt.Errorf("attempt %d declined", m.Attempt)
+	})
+	cfg.MaxAttempts = 2
+	e.start(cfg)
+	e.publish(msg("doomed", "k", 1))
+	dl := e.deadLetters(1)[0]
+	if _, ok := dl.Headers[inbox.HeaderAttempt]; ok {
+		t.Errorf("dead letter carries %s = %v", inbox.HeaderAttempt, dl.Headers[inbox.HeaderAttempt])
+	}
+	e.publish(amqp.Publishing{
+		MessageId: dl.MessageId, Type: dl.Type, ContentType: dl.ContentType, DeliveryMode: amqp.Persistent,
+		Timestamp: dl.Timestamp, Headers: dl.Headers, Body: dl.Body,
+	})
+	again := e.deadLetters(1)[0]
+	if n := calls.Load(); n != 4 {
+		t.Errorf("handler called %d times, want MaxAttempts = 2 before and 2 after the move", n)
+	}
+	if reason, _ := again.Headers[inbox.HeaderReason].(string); !strings.Contains(reason, "attempt 2 declined") {
+		t.Errorf("second dead letter's reason %q, want the second attempt's error", reason)
+	}
+}
+
 // Poison deliveries (no message_id, or one PostgreSQL cannot store;
 // invalid JSON) go to the dead-letter queue with a reason, and the
 // consumer keeps going.

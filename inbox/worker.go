@@ -582,6 +582,10 @@ func (s *session) deadLetter(d *amqp.Delivery, reason string) {
 		reason = reason[:n] + "…"
 	}
 	msg := republish(d, amqp.Table{HeaderReason: reason, HeaderQueue: s.c.cfg.Queue, HeaderConsumer: s.c.cfg.Consumer})
+	// Moved back to the work queue by an operator, it starts again at
+	// attempt 1 (the reason says how many it took), not one failure away
+	// from this queue.
+	delete(msg.Headers, HeaderAttempt)
 	if err := s.pub.publish(s.ctx, s.c.cfg.DeadLetterQueue, msg); err != nil {
 		s.requeue(fmt.Errorf("send to dead-letter queue: %w", err), d)
 		return
