@@ -17,7 +17,12 @@ import (
 
 // TestMain fails the package if any goroutine (Run's workers, notification
 // drainers, purger, amqp091 readers) outlives the tests.
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m,
+		// database/sql's opener goroutine ends asynchronously after Close.
+		goleak.IgnoreTopFunction("database/sql.(*DB).connectionOpener"),
+	)
+}
 
 const wait = 60 * time.Second
 

@@ -336,8 +336,8 @@ func TestAtCommitNotifiesASleepingRelay(t *testing.T) {
 		if n == nil {
 			t.Fatal("listener reconnected; the notification may be lost")
 		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("the commit did not notify the sleeping relay within 10s")
+	case <-time.After(30 * time.Second):
+		t.Fatal("the commit did not notify the sleeping relay within 30s")
 	}
 	var notified bool
 	if err := s.DB.Get(&notified, `SELECT notified FROM mailroom_outbox`); err != nil || !notified {

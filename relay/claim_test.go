@@ -54,6 +54,13 @@ func TestClaimsTakeTurns(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Noticing the waiter and releasing the lock must not race the claim's
+	// lock timeout (1 s) on a loaded machine.
+	wait := strings.Replace(r.q.turn, "lock_timeout = 1000;", "lock_timeout = 60000;", 1)
+	if wait == r.q.turn {
+		t.Fatalf("no lock_timeout of 1000 ms in %q", r.q.turn)
+	}
+	r.q.turn = wait
 	release := holdClaimLock(t, s)
 	claimed := make(chan []*row, 1)
 	go func() {
@@ -63,7 +70,7 @@ func TestClaimsTakeTurns(t *testing.T) {
 		}
 		claimed <- rows
 	}()
-	testenv.Eventually(t, 10*time.Second, "the claim waiting for the claim lock", func() bool { return claimLockWaiters(t, s) == 1 })
+	testenv.Eventually(t, 30*time.Second, "the claim waiting for the claim lock", func() bool { return claimLockWaiters(t, s) == 1 })
 	select {
 	case rows := <-claimed:
 		t.Fatalf("claimed %d rows while another claim held the lock", len(rows))
@@ -222,7 +229,7 @@ func TestBuryAfterTheLeaseWasTakenLeavesTheRow(t *testing.T) {
 		buried, stuck, err := r.apply(nil, nil, []outcome{o}, nil)
 		done <- result{buried, stuck, err}
 	}()
-	testenv.Eventually(t, 10*time.Second, "the bury waiting for the row", func() bool {
+	testenv.Eventually(t, 30*time.Second, "the bury waiting for the row", func() bool {
 		var n int
 		s.DB.Get(&n, `SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%mailroom_outbox_dead%'`)
 		return n >= 1

@@ -183,13 +183,13 @@ func TestOutOfCommitOrderRowIsPublished(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.add(outbox.Message{ID: idB, Exchange: e.ex, RoutingKey: "b", Payload: []byte(`{}`)}) // higher seq, commits first
-	if d := e.receive(e.queue, 1, 10*time.Second)[0]; d.MessageId != idB {
+	if d := e.receive(e.queue, 1, 30*time.Second)[0]; d.MessageId != idB {
 		t.Fatalf("first delivery %s, want %s", d.MessageId, idB)
 	}
 	if err := early.Commit(); err != nil {
 		t.Fatal(err)
 	}
-	if d := e.receive(e.queue, 1, 10*time.Second)[0]; d.MessageId != idA {
+	if d := e.receive(e.queue, 1, 30*time.Second)[0]; d.MessageId != idA {
 		t.Fatalf("second delivery %s, want %s", d.MessageId, idA)
 	}
 	e.waitDrained()
@@ -204,7 +204,7 @@ func TestNotifyWakesRelay(t *testing.T) {
 	e.waitAsleep(1)
 	for i := 0; i < 3; i++ {
 		e.add(outbox.Message{Exchange: e.ex, RoutingKey: "k", Payload: []byte(`{}`)})
-		e.receive(e.queue, 1, 10*time.Second)
+		e.receive(e.queue, 1, 30*time.Second)
 	}
 }
 
@@ -225,7 +225,7 @@ func TestNotifyWakesRelayOfCustomTable(t *testing.T) {
 	cfg.Tables = mailroom.Tables{Outbox: table}
 	cfg.PollInterval = time.Hour
 	e.start(cfg)
-	testenv.Eventually(t, 10*time.Second, "the relay asleep holding the events table's wake lock", func() bool {
+	testenv.Eventually(t, 30*time.Second, "the relay asleep holding the events table's wake lock", func() bool {
 		var n int
 		e.s.DB.Get(&n, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1
   AND objid = to_regclass($2)::oid AND objsubid = 2 AND mode = 'ExclusiveLock' AND granted`, wakeup.LockKey, table)
@@ -236,7 +236,7 @@ func TestNotifyWakesRelayOfCustomTable(t *testing.T) {
 		if err := ob.Add(context.Background(), e.s.DB.DB, outbox.Message{ID: id, Exchange: e.ex, RoutingKey: "k", Payload: []byte(`{}`)}); err != nil {
 			t.Fatal(err)
 		}
-		if d := e.receive(e.queue, 1, 10*time.Second)[0]; d.MessageId != id {
+		if d := e.receive(e.queue, 1, 30*time.Second)[0]; d.MessageId != id {
 			t.Fatalf("delivery %s, want %s", d.MessageId, id)
 		}
 	}
@@ -258,7 +258,7 @@ WHERE locktype = 'advisory' AND classid = $1 AND objid = to_regclass('mailroom_o
 // it is exclusive) and returns the holder's pid.
 func (e *env) waitAsleep(n int) (pid int) {
 	e.t.Helper()
-	testenv.Eventually(e.t, 10*time.Second, fmt.Sprintf("%d relay(s) asleep holding the wake lock", n), func() bool {
+	testenv.Eventually(e.t, 30*time.Second, fmt.Sprintf("%d relay(s) asleep holding the wake lock", n), func() bool {
 		pids := e.wakeLockHolders()
 		if len(pids) == n && n > 0 {
 			pid = pids[0]
@@ -291,7 +291,7 @@ func TestOpenWriterDoesNotStallWakeUps(t *testing.T) {
 	for i := 0; i < 3; i++ {
 		id := outbox.NewID()
 		e.add(outbox.Message{ID: id, Exchange: e.ex, RoutingKey: "k", Payload: []byte(`{}`)})
-		if d := e.receive(e.queue, 1, 10*time.Second)[0]; d.MessageId != id {
+		if d := e.receive(e.queue, 1, 30*time.Second)[0]; d.MessageId != id {
 			t.Fatalf("delivery %s, want %s", d.MessageId, id)
 		}
 		if pids := e.wakeLockHolders(); len(pids) != 0 {
@@ -301,7 +301,7 @@ func TestOpenWriterDoesNotStallWakeUps(t *testing.T) {
 	if err := long.Commit(); err != nil {
 		t.Fatal(err)
 	}
-	if d := e.receive(e.queue, 1, 10*time.Second)[0]; d.MessageId != longID {
+	if d := e.receive(e.queue, 1, 30*time.Second)[0]; d.MessageId != longID {
 		t.Fatalf("delivery %s, want the long transaction's %s", d.MessageId, longID)
 	}
 	e.waitAsleep(1)
@@ -322,7 +322,7 @@ func TestTwoSleepingRelaysWakeUp(t *testing.T) {
 	for i := 0; i < 3; i++ {
 		e.waitAsleep(1)
 		e.add(outbox.Message{Exchange: e.ex, RoutingKey: "k", Payload: []byte(`{}`)})
-		e.receive(e.queue, 1, 10*time.Second)
+		e.receive(e.queue, 1, 30*time.Second)
 	}
 }
 
@@ -339,12 +339,12 @@ func TestWakeLockSessionLost(t *testing.T) {
 	if _, err := e.s.DB.Exec(`SELECT pg_terminate_backend($1)`, pid); err != nil {
 		t.Fatal(err)
 	}
-	testenv.Eventually(t, 10*time.Second, "the wake lock taken again by a new session", func() bool {
+	testenv.Eventually(t, 30*time.Second, "the wake lock taken again by a new session", func() bool {
 		pids := e.wakeLockHolders()
 		return len(pids) == 1 && pids[0] != pid
 	})
 	e.add(outbox.Message{Exchange: e.ex, RoutingKey: "k", Payload: []byte(`{}`)})
-	e.receive(e.queue, 1, 10*time.Second)
+	e.receive(e.queue, 1, 30*time.Second)
 }
 
 func TestPollOnlyMode(t *testing.T) {
@@ -615,7 +615,7 @@ func TestUnreachableListenSessionStillStops(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- r.Run(ctx) }()
 	e.add(outbox.Message{Exchange: e.ex, RoutingKey: "k", Payload: []byte(`{}`)})
-	e.receive(e.queue, 1, 10*time.Second)
+	e.receive(e.queue, 1, 30*time.Second)
 	cancel()
 	select {
 	case err := <-done:
@@ -645,5 +645,5 @@ func TestWakeLockRetakenAfterAllSessionsDrop(t *testing.T) {
 		return len(pids) == 1 && pids[0] != pid
 	})
 	e.add(outbox.Message{Exchange: e.ex, RoutingKey: "k", Payload: []byte(`{}`)})
-	e.receive(e.queue, 1, 10*time.Second)
+	e.receive(e.queue, 1, 30*time.Second)
 }

@@ -596,15 +596,17 @@ func (r *Relay) finish(ctx context.Context, os []outcome) {
 		r.log.Error("could not record publish outcomes before stopping; the rows will be published again after their lease expires", "rows", len(os), "error", err)
 	}
 	if err == nil {
+		// Failures first: whoever sees an outcome counted sees the
+		// attempt's failure counted too.
 		c := &r.counters
-		c.published.Add(int64(len(done)))
-		c.dead.Add(int64(len(buried)))
-		c.released.Add(int64(len(release)))
 		for _, o := range os {
 			if o.reason != noReason {
 				c.failures[o.reason].Add(1)
 			}
 		}
+		c.published.Add(int64(len(done)))
+		c.dead.Add(int64(len(buried)))
+		c.released.Add(int64(len(release)))
 		for _, o := range buried {
 			r.log.Error("message dead-lettered", "message_id", o.row.id, "exchange", o.row.exchange, "routing_key", o.row.routingKey, "key", o.row.key, "attempt", o.row.attempts+1, "error", o.err)
 		}

@@ -163,7 +163,7 @@ func TestPublishesWithProperties(t *testing.T) {
 		ID: id, Exchange: e.ex, RoutingKey: "order.placed", Key: "order-1", Type: "order.placed",
 		Headers: map[string]string{"tenant": "acme"}, Payload: []byte(`{"order":1}`),
 	})
-	d := e.receive(e.queue, 1, 10*time.Second)[0]
+	d := e.receive(e.queue, 1, 30*time.Second)[0]
 	if d.MessageId != id || d.Type != "order.placed" || d.ContentType != "application/json" ||
 		d.DeliveryMode != amqp.Persistent || d.RoutingKey != "order.placed" || d.Exchange != e.ex ||
 		string(d.Body) != `{"order":1}` {
@@ -233,7 +233,7 @@ func TestUnroutableIsRetriedThenDeadLettered(t *testing.T) {
 	e.add(outbox.Message{ID: id, Exchange: lonely, RoutingKey: "nobody", Payload: []byte(`{}`)},
 		outbox.Message{Exchange: e.ex, RoutingKey: "fine", Payload: []byte(`{}`)})
 	// The poison row does not block the other.
-	if d := e.receive(e.queue, 1, 10*time.Second)[0]; d.RoutingKey != "fine" {
+	if d := e.receive(e.queue, 1, 30*time.Second)[0]; d.RoutingKey != "fine" {
 		t.Fatalf("got %s", d.RoutingKey)
 	}
 	var dead struct {
@@ -260,7 +260,7 @@ func TestMissingExchangeKeepsRowAndOthersFlow(t *testing.T) {
 	}
 	e.receive(e.queue, 20, 15*time.Second)
 	var lastError string
-	testenv.Eventually(t, 10*time.Second, "failed attempt recorded", func() bool {
+	testenv.Eventually(t, 30*time.Second, "failed attempt recorded", func() bool {
 		return e.s.DB.Get(&lastError, `SELECT last_error FROM mailroom_outbox WHERE exchange = $1 AND attempts > 0`, missing) == nil
 	})
 	if !strings.Contains(lastError, "exchange does not exist") || !strings.Contains(lastError, missing) {
@@ -354,7 +354,7 @@ func TestRelaysShareTheDefaultWindow(t *testing.T) {
 	}
 	windows := func(want ...int) {
 		t.Helper()
-		testenv.Eventually(t, 10*time.Second, fmt.Sprintf("confirm windows %v", want), func() bool {
+		testenv.Eventually(t, 30*time.Second, fmt.Sprintf("confirm windows %v", want), func() bool {
 			for i, r := range e.relays[:len(want)] {
 				if r.Stats().ConfirmWindow != want[i] {
 					return false
@@ -373,7 +373,7 @@ func TestRelaysShareTheDefaultWindow(t *testing.T) {
 	if testenv.TerminateBackends(t, e.appTag) == 0 {
 		t.Fatal("no relay session terminated")
 	}
-	testenv.Eventually(t, 10*time.Second, "two relays running and publishing again", func() bool {
+	testenv.Eventually(t, 30*time.Second, "two relays running and publishing again", func() bool {
 		st, err := relay.Status(context.Background(), e.s.DB.DB, mailroom.Tables{})
 		return err == nil && st.Relays == 2 && st.Publishing == 2
 	})
@@ -390,7 +390,7 @@ func TestRelaysShareTheDefaultWindow(t *testing.T) {
 	}
 	// The consumer can have every message before the relay has deleted
 	// the last confirmed rows, which is when it counts them.
-	testenv.Eventually(t, 10*time.Second, "relay a to count 3000 published", func() bool { return a.Stats().Published == 3000 })
+	testenv.Eventually(t, 30*time.Second, "relay a to count 3000 published", func() bool { return a.Stats().Published == 3000 })
 }
 
 // testLogger sends the relay's logs to the test log (shown on failure or -v).
@@ -429,7 +429,7 @@ SELECT seq, gen_random_uuid(), 'older', 'k', '{}', now(), 1, 'an older dead lett
 	}
 	fine := outbox.NewID()
 	e.add(outbox.Message{ID: fine, Exchange: e.ex, RoutingKey: "fine", Payload: []byte(`{}`)})
-	if d := e.receive(e.queue, 1, 10*time.Second)[0]; d.MessageId != fine {
+	if d := e.receive(e.queue, 1, 30*time.Second)[0]; d.MessageId != fine {
 		t.Fatalf("got %s, want the next row", d.MessageId)
 	}
 	var dead int

@@ -35,7 +35,7 @@ func (e *env) waitRole(name string, r *relay.Relay, standby bool) {
 
 func (e *env) wantStatus(relays, publishing int64) {
 	e.t.Helper()
-	testenv.Eventually(e.t, 10*time.Second, fmt.Sprintf("status: %d relays running, %d publishing", relays, publishing), func() bool {
+	testenv.Eventually(e.t, 30*time.Second, fmt.Sprintf("status: %d relays running, %d publishing", relays, publishing), func() bool {
 		st, err := relay.Status(context.Background(), e.s.DB.DB, mailroom.Tables{})
 		return err == nil && st.Relays == relays && st.Publishing == publishing
 	})
@@ -82,7 +82,7 @@ func TestStandbyRelayTakesOverWhenThePublisherStops(t *testing.T) {
 	e.waitRole("b", b, false)
 	e.wantStatus(1, 1)
 	e.deliver(1000)
-	testenv.Eventually(t, 10*time.Second, "relay b to count 1000 published", func() bool { return b.Stats().Published == 1000 })
+	testenv.Eventually(t, 30*time.Second, "relay b to count 1000 published", func() bool { return b.Stats().Published == 1000 })
 }
 
 // The publishing relay's lock session is terminated: the standby takes

@@ -14,7 +14,10 @@ import (
 
 // No goroutine of the services outlives App.Run.
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	goleak.VerifyTestMain(m,
+		// database/sql's opener goroutine ends asynchronously after Close.
+		goleak.IgnoreTopFunction("database/sql.(*DB).connectionOpener"),
+	)
 }
 
 // testApp is the example wired on a test's own schema, exchanges and
