@@ -112,10 +112,10 @@ type Config struct {
 	// MaxBackoff. Defaults 1s and 5m.
 	MinBackoff, MaxBackoff time.Duration
 
-	// ShutdownTimeout bounds how long Run waits for running handlers after
-	// its context ends; then their context is cancelled. Deliveries not yet
-	// started are left unacked and the broker redelivers them.
-	// Default 30s.
+	// ShutdownTimeout bounds how long Run, after its context ends, handles
+	// the deliveries the broker already sent and waits for running
+	// handlers; then their context is cancelled. Deliveries not handled by
+	// then are left unacked and the broker redelivers them. Default 30s.
 	ShutdownTimeout time.Duration
 	// ReconnectMaxWait caps the backoff between reconnection attempts.
 	// Default 30s.

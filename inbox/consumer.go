@@ -258,7 +258,7 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 	hctx, hcancel := context.WithCancel(context.WithoutCancel(ctx))
 	defer hcancel()
 	stop := make(chan struct{}) // closed: workers take no new deliveries
-	s := &session{c: c, ctx: hctx, stop: stop, pub: pub, retryOK: retryOK, deadOK: deadOK, log: log, acks: newAcker(c.cfg.Prefetch)}
+	s := &session{c: c, ctx: hctx, stop: stop, finish: new(atomic.Bool), pub: pub, retryOK: retryOK, deadOK: deadOK, log: log, acks: newAcker(c.cfg.Prefetch)}
 
 	var workers sync.WaitGroup
 	inputs := make([]chan amqp.Delivery, c.cfg.Concurrency)
@@ -272,6 +272,13 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 		go func(in <-chan amqp.Delivery) { defer workers.Done(); s.work(in) }(inputs[i])
 	}
 	var next uint32 // round robin for deliveries without a key
+	input := func(d *amqp.Delivery) chan amqp.Delivery {
+		if c.cfg.OrderedByKey {
+			return inputs[c.shard(d, &next)]
+		}
+		return shared
+	}
+	dropped := false // a delivery was not passed on: none after it may be
 	result := func() error {
 		for {
 			select {
@@ -280,13 +287,11 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 					return errors.New("delivery channel closed (connection lost or consumer cancelled)")
 				}
 				s.acks.received(d.DeliveryTag)
-				in := shared
-				if c.cfg.OrderedByKey {
-					in = inputs[c.shard(&d, &next)]
-				}
+				in := input(&d)
 				select {
 				case in <- d:
 				case <-ctx.Done():
+					dropped = true
 					return nil
 				case <-broken:
 					return errors.New("session broken")
@@ -298,9 +303,32 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 			}
 		}
 	}()
-	// Stop: no new deliveries, let running handlers finish (bounded), then
-	// close the connection; the broker requeues what was not acked.
+	// Stop: no new deliveries; when Run stops (not a broken session) the
+	// workers handle what was already delivered, and what amqp091 holds
+	// is passed on while it fits (in order: a key's later deliveries never
+	// get ahead). Running handlers finish (bounded), then the connection
+	// closes and the broker requeues what was not acked.
 	_ = ch.Cancel(tag, true) // no wait: a blocked connection is not read (see amqpx.Close)
+	if result == nil {
+		s.finish.Store(true)
+	pass:
+		for !dropped {
+			select {
+			case d, ok := <-deliveries:
+				if !ok {
+					break pass
+				}
+				in := input(&d)
+				if len(in) == cap(in) { // only this goroutine sends to in
+					break pass
+				}
+				s.acks.received(d.DeliveryTag)
+				in <- d
+			default:
+				break pass
+			}
+		}
+	}
 	close(stop)
 	timer := time.AfterFunc(c.cfg.ShutdownTimeout, hcancel)
 	workers.Wait()

@@ -113,9 +113,15 @@
 // broker) waits for its workers and starts over on a new connection. Acks
 // go only to the channel a delivery came from: after a reconnect the old
 // deliveries are redelivered and deduplicated, never acked by tag on the
-// new channel. When ctx ends Run stops consuming, lets running handlers
-// finish for up to ShutdownTimeout, and returns nil; deliveries not yet
-// started return to the queue.
+// new channel. When ctx ends Run stops consuming, handles what the broker
+// already delivered (at most Prefetch) and lets running handlers finish,
+// for up to ShutdownTimeout in all, and returns nil; what is left returns
+// to the queue. (Handing delivered messages back would cost each an
+// attempt on a quorum queue, which counts every return in
+// x-delivery-count: at every deploy.) A worker hands back the rest of its
+// deliveries once one waits on a retry delay (OrderedByKey keeps the
+// order), and after a broken session nothing is handled: its acks could
+// not reach the broker.
 //
 // Message ids are remembered for Retention (7 days) and purged every
 // PurgeInterval; see package dedupe.

@@ -574,6 +574,69 @@ func TestOrderedByKeyStopKeepsOrder(t *testing.T) {
 	}
 }
 
+// Run's stop handles what the broker already delivered instead of handing
+// it back: on a quorum queue every return counts in x-delivery-count, so
+// each deploy would cost those messages an attempt.
+func TestStopFinishesDelivered(t *testing.T) {
+	t.Parallel()
+	for _, ordered := range []bool{false, true} {
+		t.Run(fmt.Sprint("ordered=", ordered), func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t, inbox.Topology{}) // quorum queues
+			var msgs []amqp.Publishing
+			for i, id := range ids("stop", 20) {
+				msgs = append(msgs, msg(id, "K", i))
+			}
+			e.publish(msgs...)
+			ch := e.b.Channel()
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			var once sync.Once
+			cfg := e.config(func(hctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+				// The first handler stops Run once the broker has sent the
+				// prefetch (5): the other four arrived with the first.
+				once.Do(func() {
+					testenv.Eventually(t, wait, "the prefetch sent", func() bool {
+						q, err := ch.QueueDeclarePassive(e.queue, true, false, false, false, nil)
+						return err == nil && q.Messages == 15
+					})
+					cancel()
+				})
+				return record(hctx, tx, m)
+			})
+			cfg.Concurrency, cfg.Prefetch, cfg.OrderedByKey = 1, 5, ordered
+			c, err := inbox.New(e.db, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := c.Run(ctx); err != nil {
+				t.Fatalf("Run: %v", err)
+			}
+			if s := c.Stats(); s.Handled != 5 {
+				t.Errorf("handled %d before Run returned, want the 5 delivered", s.Handled)
+			}
+			var mu sync.Mutex
+			attempts := map[string]int{}
+			cfg = e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+				mu.Lock()
+				attempts[m.ID] = m.Attempt
+				mu.Unlock()
+				return record(ctx, tx, m)
+			})
+			cfg.OrderedByKey = ordered
+			e.start(cfg)
+			e.waitEffects(20)
+			mu.Lock()
+			defer mu.Unlock()
+			for id, n := range attempts {
+				if n != 1 {
+					t.Errorf("%s on attempt %d after a clean stop, want 1", id, n)
+				}
+			}
+		})
+	}
+}
+
 // A retried or dead-lettered message keeps the exchange and routing key it
 // was published with: handlers that route on them see the same on every
 // attempt, and a dead letter says where it came from.

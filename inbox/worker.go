@@ -8,6 +8,7 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -23,9 +24,13 @@ import (
 
 // session holds what the workers of one connection share.
 type session struct {
-	c       *Consumer
-	ctx     context.Context // handlers' context: outlives Run's by ShutdownTimeout
-	stop    <-chan struct{} // closed: take no new deliveries
+	c    *Consumer
+	ctx  context.Context // handlers' context: outlives Run's by ShutdownTimeout
+	stop <-chan struct{} // closed: take no new deliveries
+	// finish is true when the stop is Run's (not a broken session): then
+	// each worker first handles what was already delivered to it.
+	finish  *atomic.Bool
+	left    bool // this worker left a delivery unacked as the session stopped
 	pub     *publisher
 	retryOK bool // the retry queue exists
 	deadOK  bool // the dead-letter queue exists
@@ -46,27 +51,36 @@ type item struct {
 func (s session) work(in <-chan amqp.Delivery) {
 	size := s.c.cfg.BatchSize
 	for {
-		// Stopping: take nothing more, even when in has deliveries (a
-		// select picks among ready cases at random). A message left
-		// unacked as the session stopped (settle) must not be overtaken
-		// by a later one of its key.
-		if s.stopped() {
-			return
-		}
 		var first amqp.Delivery
-		select {
-		case <-s.stop:
-			return
-		case first = <-in:
-		default:
-			// Out of work: send the acks held for coalescing (see acker).
-			if err := s.acks.flush(); err != nil {
-				s.log.Debug("inbox: acks lost with their channel; the redeliveries will be deduplicated", "error", err)
+		if s.stopped() {
+			// Run is stopping: handle what the broker already delivered
+			// rather than hand it back (a quorum queue counts every
+			// return in x-delivery-count, an attempt lost at each
+			// deploy), until in is empty or ShutdownTimeout ends the
+			// handlers' context. Not after a delivery was left unacked
+			// (a later one of its key must not overtake it), nor when the
+			// session broke (its acks cannot reach the broker).
+			if s.abandon() {
+				return
 			}
 			select {
-			case <-s.stop:
-				return
 			case first = <-in:
+			default:
+				return
+			}
+		} else {
+			select {
+			case first = <-in:
+			default:
+				// Out of work: send the acks held for coalescing (see acker).
+				if err := s.acks.flush(); err != nil {
+					s.log.Debug("inbox: acks lost with their channel; the redeliveries will be deduplicated", "error", err)
+				}
+				select {
+				case <-s.stop:
+					continue
+				case first = <-in:
+				}
 			}
 		}
 		batch := []amqp.Delivery{first}
@@ -81,6 +95,13 @@ func (s session) work(in <-chan amqp.Delivery) {
 		}
 		s.handle(batch)
 	}
+}
+
+// abandon reports whether the worker must leave what it holds unacked for
+// the broker to redeliver: it left one such already (see pause), the
+// session broke, or ShutdownTimeout passed.
+func (s *session) abandon() bool {
+	return s.left || s.ctx.Err() != nil || s.stopped() && !s.finish.Load()
 }
 
 func (s *session) stopped() bool {
@@ -407,7 +428,7 @@ func (s *session) careful(bctx context.Context, bspan trace.Span, items []item, 
 			// whose commit PostgreSQL refuses, and charges only that one.
 			s.log.Warn("inbox: commit of a batch refused; applying its messages one at a time", "count", len(items), "error", err)
 			for _, it := range items {
-				if s.stopped() {
+				if s.abandon() {
 					return nil
 				}
 				s.one(it)
@@ -425,7 +446,7 @@ func (s *session) careful(bctx context.Context, bspan trace.Span, items []item, 
 	// OrderedByKey: retry the failed message in place before the ones
 	// behind it.
 	s.settle(items[n], false, errs[n], nil)
-	if s.stopped() {
+	if s.abandon() {
 		return nil
 	}
 	return items[n+1:]
@@ -636,7 +657,9 @@ func msgAttrs(m *Message, extra ...any) []any {
 	return append([]any{"message_id", m.ID, "exchange", m.Exchange, "routing_key", m.RoutingKey, "key", m.Key, "attempt", m.Attempt}, extra...)
 }
 
-// pause waits d unless the session stops first; it reports whether d passed.
+// pause waits d unless the session stops first; it reports whether d
+// passed. When it did not, the delivery waiting on it stays unacked: the
+// worker then takes no more (see work).
 func (s *session) pause(d time.Duration) bool {
 	t := time.NewTimer(d)
 	defer t.Stop()
@@ -644,6 +667,7 @@ func (s *session) pause(d time.Duration) bool {
 	case <-t.C:
 		return true
 	case <-s.stop:
+		s.left = true
 		return false
 	}
 }
