@@ -33,7 +33,7 @@ const (
 	DefaultMaxAttempts      = 10
 	DefaultMinBackoff       = time.Second
 	DefaultMaxBackoff       = 5 * time.Minute
-	DefaultShutdownTimeout  = 30 * time.Second
+	DefaultShutdownTimeout  = 20 * time.Second
 	DefaultReconnectMaxWait = 30 * time.Second
 	DefaultPurgeInterval    = time.Hour
 	DefaultRetention        = 7 * 24 * time.Hour
@@ -113,9 +113,12 @@ type Config struct {
 	MinBackoff, MaxBackoff time.Duration
 
 	// ShutdownTimeout bounds how long Run, after its context ends, handles
-	// the deliveries the broker already sent and waits for running
-	// handlers; then their context is cancelled. Deliveries not handled by
-	// then are left unacked and the broker redelivers them. Default 30s.
+	// the deliveries its workers already hold (not under OrderedByKey) and
+	// waits for running handlers; then their context is cancelled.
+	// Deliveries not handled by then are left unacked and the broker
+	// redelivers them. Closing the connection may take up to 5s more:
+	// keep the two below the stop grace period of your platform (30s by
+	// default on Kubernetes). Default 20s.
 	ShutdownTimeout time.Duration
 	// ReconnectMaxWait caps the backoff between reconnection attempts.
 	// Default 30s.

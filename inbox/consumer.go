@@ -83,8 +83,10 @@ func New(db *sqlx.DB, cfg Config) (*Consumer, error) {
 
 // Run consumes until ctx ends, reconnecting with backoff whenever the
 // connection or channel is lost or the broker cancels the consumer. When
-// ctx ends it stops taking deliveries, waits up to Config.ShutdownTimeout
-// for running handlers, and returns nil. Run may not be called twice at once.
+// ctx ends it stops consuming, handles the deliveries its workers already
+// hold (not under OrderedByKey), waits for running handlers, for up to
+// Config.ShutdownTimeout in all, and returns nil. Run may not be called
+// twice at once.
 func (c *Consumer) Run(ctx context.Context) error {
 	if !c.running.CompareAndSwap(false, true) {
 		return errors.New("inbox: Run called while this Consumer is already running")
@@ -257,8 +259,8 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 	// stop lets them finish and commit.
 	hctx, hcancel := context.WithCancel(context.WithoutCancel(ctx))
 	defer hcancel()
-	stop := make(chan struct{}) // closed: workers take no new deliveries
-	s := &session{c: c, ctx: hctx, stop: stop, finish: new(atomic.Bool), pub: pub, retryOK: retryOK, deadOK: deadOK, log: log, acks: newAcker(c.cfg.Prefetch)}
+	stop := make(chan struct{}) // closed: workers stop (after what they hold, see work)
+	s := &session{c: c, ctx: hctx, stop: stop, finish: new(atomic.Bool), broken: broken, pub: pub, retryOK: retryOK, deadOK: deadOK, log: log, acks: newAcker(c.cfg.Prefetch)}
 
 	var workers sync.WaitGroup
 	inputs := make([]chan amqp.Delivery, c.cfg.Concurrency)
@@ -278,7 +280,6 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 		}
 		return shared
 	}
-	dropped := false // a delivery was not passed on: none after it may be
 	result := func() error {
 		for {
 			select {
@@ -291,7 +292,6 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 				select {
 				case in <- d:
 				case <-ctx.Done():
-					dropped = true
 					return nil
 				case <-broken:
 					return errors.New("session broken")
@@ -303,23 +303,25 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 			}
 		}
 	}()
-	// Stop: no new deliveries; when Run stops (not a broken session) the
-	// workers handle what was already delivered, and what amqp091 holds
-	// is passed on while it fits (in order: a key's later deliveries never
-	// get ahead). Running handlers finish (bounded), then the connection
-	// closes and the broker requeues what was not acked.
-	_ = ch.Cancel(tag, true) // no wait: a blocked connection is not read (see amqpx.Close)
-	if result == nil {
+	// Stop. Running handlers finish (bounded), then the connection closes
+	// and the broker requeues what was not acked. When Run stops (not a
+	// broken session) the consumer is cancelled first and the workers
+	// handle what was already delivered. Not under OrderedByKey: a quorum queue with a single active
+	// consumer makes the next one active at the cancel, while earlier
+	// deliveries of its keys are still here; without it, the next one
+	// starts when the channel closes, with those deliveries returned.
+	if result == nil && !c.cfg.OrderedByKey {
+		_ = ch.Cancel(tag, true) // no wait: a blocked connection is not read (see amqpx.Close)
 		s.finish.Store(true)
-	pass:
-		for !dropped {
+	pass: // what amqp091 holds, while it fits (only this goroutine sends to in)
+		for {
 			select {
 			case d, ok := <-deliveries:
 				if !ok {
 					break pass
 				}
 				in := input(&d)
-				if len(in) == cap(in) { // only this goroutine sends to in
+				if len(in) == cap(in) {
 					break pass
 				}
 				s.acks.received(d.DeliveryTag)

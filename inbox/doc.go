@@ -113,15 +113,20 @@
 // broker) waits for its workers and starts over on a new connection. Acks
 // go only to the channel a delivery came from: after a reconnect the old
 // deliveries are redelivered and deduplicated, never acked by tag on the
-// new channel. When ctx ends Run stops consuming, handles what the broker
-// already delivered (at most Prefetch) and lets running handlers finish,
-// for up to ShutdownTimeout in all, and returns nil; what is left returns
-// to the queue. (Handing delivered messages back would cost each an
-// attempt on a quorum queue, which counts every return in
+// new channel. When ctx ends Run cancels the consumer, handles what the
+// broker already delivered to its workers and lets running handlers
+// finish, for up to ShutdownTimeout in all, and returns nil; what is left
+// returns to the queue. (Handing delivered messages back costs each an
+// attempt on a quorum queue of RabbitMQ 3.x, which counts every return in
 // x-delivery-count: at every deploy.) A worker hands back the rest of its
-// deliveries once one waits on a retry delay (OrderedByKey keeps the
-// order), and after a broken session nothing is handled: its acks could
-// not reach the broker.
+// deliveries once one waits on a delay (a retry, a database error), and
+// after the session breaks nothing more is handled: its acks could not
+// reach the broker. Under OrderedByKey a stopping consumer does not cancel
+// and hands back what its workers hold, in order: on a quorum queue with
+// a single active consumer a cancel makes the next consumer active at
+// once, while earlier messages of its keys are still here (the handover
+// would reorder them); the next one becomes active when this one's
+// channel closes and gets them first.
 //
 // Message ids are remembered for Retention (7 days) and purged every
 // PurgeInterval; see package dedupe.

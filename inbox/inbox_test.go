@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os/exec"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -562,61 +563,114 @@ func TestOrderedByKeyStopKeepsOrder(t *testing.T) {
 // each deploy would cost those messages an attempt.
 func TestStopFinishesDelivered(t *testing.T) {
 	t.Parallel()
-	for _, ordered := range []bool{false, true} {
-		t.Run(fmt.Sprint("ordered=", ordered), func(t *testing.T) {
-			t.Parallel()
-			e := newEnv(t, inbox.Topology{}) // quorum queues
-			var msgs []amqp.Publishing
-			for i, id := range ids("stop", 20) {
-				msgs = append(msgs, msg(id, "K", i))
-			}
-			e.publish(msgs...)
-			ch := e.b.Channel()
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			var once sync.Once
-			cfg := e.config(func(hctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
-				// The first handler stops Run once the broker has sent the
-				// prefetch (5): the other four arrived with the first.
-				once.Do(func() {
-					testenv.Eventually(t, wait, "the prefetch sent", func() bool {
-						q, err := ch.QueueDeclarePassive(e.queue, true, false, false, false, nil)
-						return err == nil && q.Messages == 15
-					})
-					cancel()
-				})
-				return record(hctx, tx, m)
+	e := newEnv(t, inbox.Topology{}) // a quorum queue
+	var msgs []amqp.Publishing
+	for i, id := range ids("stop", 20) {
+		msgs = append(msgs, msg(id, "K", i))
+	}
+	e.publish(msgs...)
+	ch := e.b.Channel()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var once sync.Once
+	cfg := e.config(func(hctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+		// The first handler stops Run once the broker has sent the
+		// prefetch (5): the other four arrived with the first.
+		once.Do(func() {
+			testenv.Eventually(t, wait, "the prefetch sent", func() bool {
+				q, err := ch.QueueDeclarePassive(e.queue, true, false, false, false, nil)
+				return err == nil && q.Messages == 15
 			})
-			cfg.Concurrency, cfg.Prefetch, cfg.OrderedByKey = 1, 5, ordered
-			c, err := inbox.New(e.db, cfg)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := c.Run(ctx); err != nil {
-				t.Fatalf("Run: %v", err)
-			}
-			if s := c.Stats(); s.Handled != 5 {
-				t.Errorf("handled %d before Run returned, want the 5 delivered", s.Handled)
-			}
-			var mu sync.Mutex
-			attempts := map[string]int{}
-			cfg = e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
-				mu.Lock()
-				attempts[m.ID] = m.Attempt
-				mu.Unlock()
-				return record(ctx, tx, m)
-			})
-			cfg.OrderedByKey = ordered
-			e.start(cfg)
-			e.waitEffects(20)
-			mu.Lock()
-			defer mu.Unlock()
-			for id, n := range attempts {
-				if n != 1 {
-					t.Errorf("%s on attempt %d after a clean stop, want 1", id, n)
-				}
-			}
+			cancel()
 		})
+		return record(hctx, tx, m)
+	})
+	cfg.Concurrency, cfg.Prefetch = 1, 5
+	c, err := inbox.New(e.db, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Run(ctx); err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	if s := c.Stats(); s.Handled != 5 {
+		t.Errorf("handled %d before Run returned, want the 5 delivered", s.Handled)
+	}
+	var mu sync.Mutex
+	attempts := map[string]int{}
+	e.start(e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+		mu.Lock()
+		attempts[m.ID] = m.Attempt
+		mu.Unlock()
+		return record(ctx, tx, m)
+	}))
+	e.waitEffects(20)
+	mu.Lock()
+	defer mu.Unlock()
+	for id, n := range attempts {
+		if n != 1 {
+			t.Errorf("%s on attempt %d after a clean stop, want 1", id, n)
+		}
+	}
+}
+
+// Under OrderedByKey with a single active consumer on a quorum queue, a
+// stopping consumer passes the queue to the next one without reordering a
+// key: the next one starts with the messages the first one held.
+func TestSingleActiveHandoverKeepsOrder(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, inbox.Topology{SingleActiveConsumer: true})
+	var msgs []amqp.Publishing
+	for i, id := range ids("handover", 20) {
+		msgs = append(msgs, msg(id, "K", i))
+	}
+	e.publish(msgs...)
+	entered, proceed := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	cfg := e.config(func(hctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+		once.Do(func() { close(entered); <-proceed })
+		return record(hctx, tx, m)
+	})
+	cfg.Concurrency, cfg.Prefetch, cfg.OrderedByKey = 1, 5, true
+	c, err := inbox.New(e.db, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	<-entered
+	// The next consumer registers (not active while this one runs), then
+	// this one stops.
+	next := e.config(record)
+	next.OrderedByKey = true
+	e.start(next)
+	testenv.Eventually(t, wait, "the next consumer registered", func() bool {
+		out, err := exec.Command("rabbitmqctl", "-q", "list_consumers", "queue_name").CombinedOutput()
+		if err != nil {
+			t.Fatalf("rabbitmqctl list_consumers: %v: %s", err, out)
+		}
+		n := 0
+		for _, q := range strings.Fields(string(out)) {
+			if q == e.queue {
+				n++
+			}
+		}
+		return n == 2
+	})
+	cancel()
+	close(proceed)
+	if err := <-done; err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	e.waitEffects(20)
+	var order []string
+	if err := e.db.Select(&order, `SELECT msg_id FROM effects ORDER BY seq`); err != nil {
+		t.Fatal(err)
+	}
+	if want := ids("handover", 20); fmt.Sprint(order) != fmt.Sprint(want) {
+		t.Errorf("applied in the order %v, want %v", order, want)
 	}
 }
 

@@ -26,11 +26,12 @@ import (
 type session struct {
 	c    *Consumer
 	ctx  context.Context // handlers' context: outlives Run's by ShutdownTimeout
-	stop <-chan struct{} // closed: take no new deliveries
+	stop <-chan struct{} // closed: Run stops or the session broke (see work)
 	// finish is true when the stop is Run's (not a broken session): then
 	// each worker first handles what was already delivered to it.
 	finish  *atomic.Bool
-	left    bool // this worker left a delivery unacked as the session stopped
+	broken  <-chan struct{} // closed when the connection or channel is lost
+	left    bool            // this worker left a delivery unacked as the session stopped
 	pub     *publisher
 	retryOK bool // the retry queue exists
 	deadOK  bool // the dead-letter queue exists
@@ -46,8 +47,8 @@ type item struct {
 }
 
 // work takes deliveries from in, up to BatchSize of those already waiting
-// at a time, until stop. Each worker runs on its own copy of the session
-// (its own infra counter).
+// at a time, until stop (and then, see below, what in still holds). Each
+// worker runs on its own copy of the session (its own infra and left).
 func (s session) work(in <-chan amqp.Delivery) {
 	size := s.c.cfg.BatchSize
 	for {
@@ -57,9 +58,10 @@ func (s session) work(in <-chan amqp.Delivery) {
 			// rather than hand it back (a quorum queue counts every
 			// return in x-delivery-count, an attempt lost at each
 			// deploy), until in is empty or ShutdownTimeout ends the
-			// handlers' context. Not after a delivery was left unacked
-			// (a later one of its key must not overtake it), nor when the
-			// session broke (its acks cannot reach the broker).
+			// handlers' context. Not under OrderedByKey (see
+			// Consumer.session), not after a delivery was left unacked,
+			// nor when the session broke (its acks cannot reach the
+			// broker).
 			if s.abandon() {
 				return
 			}
@@ -101,7 +103,15 @@ func (s session) work(in <-chan amqp.Delivery) {
 // the broker to redeliver: it left one such already (see pause), the
 // session broke, or ShutdownTimeout passed.
 func (s *session) abandon() bool {
-	return s.left || s.ctx.Err() != nil || s.stopped() && !s.finish.Load()
+	if s.left || s.ctx.Err() != nil {
+		return true
+	}
+	select {
+	case <-s.broken:
+		return true
+	default:
+		return s.stopped() && !s.finish.Load()
+	}
 }
 
 func (s *session) stopped() bool {
@@ -124,7 +134,7 @@ func (s *session) handle(ds []amqp.Delivery) {
 		}
 		items = append(items, item{&ds[i], m})
 	}
-	for len(items) > 0 {
+	for len(items) > 0 && !s.abandon() {
 		if len(items) == 1 {
 			s.one(items[0])
 			return
@@ -665,11 +675,13 @@ func (s *session) pause(d time.Duration) bool {
 	defer t.Stop()
 	select {
 	case <-t.C:
-		return true
+		if !s.stopped() {
+			return true
+		}
 	case <-s.stop:
-		s.left = true
-		return false
 	}
+	s.left = true
+	return false
 }
 
 // delay is the backoff before retry number attempt (1-based): exponential
