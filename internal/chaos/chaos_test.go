@@ -352,12 +352,19 @@ func TestChaos(t *testing.T) {
 		switch k := rng.Intn(7); k {
 		case 0, 1:
 			p := procs[rng.Intn(len(procs))]
-			kind := "SIGKILL relay"
+			who := "relay"
 			if strings.Contains(p.name, "consumer") {
-				kind = "SIGKILL consumer"
+				who = "consumer"
 			}
-			faults[kind]++
-			p.kill()
+			// A crash, or one time in three a deploy: a graceful stop
+			// (a consumer hands the queue to the next one), a restart.
+			if rng.Intn(3) == 0 {
+				faults["SIGINT (graceful restart) "+who]++
+				p.stop()
+			} else {
+				faults["SIGKILL "+who]++
+				p.kill()
+			}
 			time.Sleep(time.Duration(200+rng.Intn(1500)) * time.Millisecond) // down time
 			p.start(t)
 		case 2:
