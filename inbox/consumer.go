@@ -335,9 +335,7 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 	timer := time.AfterFunc(c.cfg.ShutdownTimeout, hcancel)
 	workers.Wait()
 	timer.Stop()
-	if err := s.acks.flush(); err != nil {
-		log.Debug("inbox: acks lost with their channel; the redeliveries will be deduplicated", "error", err)
-	}
+	s.flushAcks()
 	return result
 }
 

@@ -68,16 +68,14 @@ func (s session) work(in <-chan amqp.Delivery) {
 			select {
 			case first = <-in:
 			default:
+				s.flushAcks() // not held back by a slower worker's last handler
 				return
 			}
 		} else {
 			select {
 			case first = <-in:
 			default:
-				// Out of work: send the acks held for coalescing (see acker).
-				if err := s.acks.flush(); err != nil {
-					s.log.Debug("inbox: acks lost with their channel; the redeliveries will be deduplicated", "error", err)
-				}
+				s.flushAcks()
 				select {
 				case <-s.stop:
 					continue
@@ -96,6 +94,14 @@ func (s session) work(in <-chan amqp.Delivery) {
 			}
 		}
 		s.handle(batch)
+	}
+}
+
+// flushAcks sends the acks held for coalescing (see acker): when a worker
+// runs out of work.
+func (s *session) flushAcks() {
+	if err := s.acks.flush(); err != nil {
+		s.log.Debug("inbox: acks lost with their channel; the redeliveries will be deduplicated", "error", err)
 	}
 }
 
