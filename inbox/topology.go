@@ -48,6 +48,9 @@ type Topology struct {
 	// by and take over when it goes away. Use it with Config.OrderedByKey
 	// when several consumer processes run: otherwise the broker spreads one
 	// key's messages over them and per-key order holds only per process.
+	// With OrderedByKey a stopping consumer also hands over in order (see
+	// Consumer.Run); without it, it finishes what it holds while the next
+	// one starts.
 	SingleActiveConsumer bool
 	// RetryQueue, DeadLetterQueue and DeadLetterExchange default to Queue +
 	// ".retry", ".dead" and ".dlx".
