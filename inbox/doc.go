@@ -42,9 +42,11 @@
 // x-mailroom-exchange and x-mailroom-routing-key (read only on deliveries
 // through the default exchange, so a publisher to a named exchange cannot
 // claim another), and Message.Exchange and Message.RoutingKey are those on
-// every attempt. A dead letter carries no x-mailroom-attempt: moved back to
-// the work queue (the management UI's "Move messages", a shovel), it starts
-// again at attempt 1 with MaxAttempts before it.
+// every attempt. A dead letter the consumer sends carries no
+// x-mailroom-attempt: moved back to the work queue (the management UI's
+// "Move messages", a shovel), it starts again at attempt 1 with
+// MaxAttempts before it. (One the broker dead-letters at a quorum queue's
+// delivery limit is the broker's copy and keeps the header.)
 // Message.Attempt is 1 on first delivery; it counts retries and, on quorum
 // queues, redeliveries after a crash (x-delivery-count).
 //
@@ -117,11 +119,11 @@
 // broker already delivered to its workers and lets running handlers
 // finish, for up to ShutdownTimeout in all, and returns nil; what is left
 // returns to the queue. (Handing delivered messages back costs each an
-// attempt on a quorum queue of RabbitMQ 3.x, which counts every return in
-// x-delivery-count: at every deploy.) A worker hands back the rest of its
-// deliveries once one waits on a delay (a retry, a database error), and
-// after the session breaks nothing more is handled: its acks could not
-// reach the broker. Under OrderedByKey a stopping consumer does not cancel
+// attempt on a quorum queue of RabbitMQ before 4.3, which counts every
+// return in x-delivery-count: at every deploy.) A worker hands back the
+// rest of its deliveries once one waits on a delay (a retry, a database
+// error), and after the session breaks nothing more is handled: its acks
+// could not reach the broker. Under OrderedByKey a stopping consumer does not cancel
 // and hands back what its workers hold, in order: on a quorum queue with
 // a single active consumer a cancel makes the next consumer active at
 // once, while earlier messages of its keys are still here (the handover

@@ -569,20 +569,10 @@ func TestStopFinishesDelivered(t *testing.T) {
 		msgs = append(msgs, msg(id, "K", i))
 	}
 	e.publish(msgs...)
-	ch := e.b.Channel()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
+	entered, proceed := make(chan struct{}), make(chan struct{})
 	var once sync.Once
 	cfg := e.config(func(hctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
-		// The first handler stops Run once the broker has sent the
-		// prefetch (5): the other four arrived with the first.
-		once.Do(func() {
-			testenv.Eventually(t, wait, "the prefetch sent", func() bool {
-				q, err := ch.QueueDeclarePassive(e.queue, true, false, false, false, nil)
-				return err == nil && q.Messages == 15
-			})
-			cancel()
-		})
+		once.Do(func() { close(entered); <-proceed })
 		return record(hctx, tx, m)
 	})
 	cfg.Concurrency, cfg.Prefetch = 1, 5
@@ -590,7 +580,21 @@ func TestStopFinishesDelivered(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Run(ctx); err != nil {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	<-entered
+	// Run stops while the first handler runs, once the broker has sent the
+	// prefetch (5): the other four arrived with the first.
+	ch := e.b.Channel()
+	testenv.Eventually(t, wait, "the prefetch sent", func() bool {
+		q, err := ch.QueueDeclarePassive(e.queue, true, false, false, false, nil)
+		return err == nil && q.Messages == 15
+	})
+	cancel()
+	close(proceed)
+	if err := <-done; err != nil {
 		t.Fatalf("Run: %v", err)
 	}
 	if s := c.Stats(); s.Handled != 5 {

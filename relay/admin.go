@@ -126,8 +126,9 @@ FROM ` + ob,
 FROM ` + dead + ` ORDER BY seq LIMIT $1`,
 		// Lock the rows first, so a concurrent replay or discard of the same
 		// id waits and then finds it gone (reported, not silently counted).
-		// Index: dead_id_idx.
-		lockDead: `SELECT id::text FROM ` + dead + ` WHERE id = ANY($1::uuid[]) FOR UPDATE`,
+		// In seq order, as replayAll locks them: two of these cannot
+		// deadlock. Index: dead_id_idx.
+		lockDead: `SELECT id::text FROM ` + dead + ` WHERE id = ANY($1::uuid[]) ORDER BY seq FOR UPDATE`,
 		lastDead: `SELECT max(seq) FROM ` + dead,
 		// Back into the outbox in write order with a new seq (so at the end
 		// of its key), attempts 0, due now; the id and created_at are kept.
@@ -214,11 +215,12 @@ func ReplayDead(ctx context.Context, db *sql.DB, tables mailroom.Tables, ids []s
 	return moveDead(ctx, db, tables, ids, true)
 }
 
-// ReplayAllDead is ReplayDead for every dead letter there when it starts,
-// in write order, replayBatch rows per transaction: a large dead-letter
-// table is neither locked in one long transaction nor released into the
-// outbox by one huge commit, and rows the relay buries again meanwhile are
-// not replayed twice. If it stops early (ctx ends, an error), the rows it
+// ReplayAllDead is ReplayDead for every dead letter up to the newest one
+// there when it starts, in write order, replayBatch rows per transaction:
+// a large dead-letter table is neither locked in one long transaction nor
+// released into the outbox by one huge commit, and rows the relay buries
+// again meanwhile (with the new, higher seq of their replay) are not
+// replayed twice. If it stops early (ctx ends, an error), the rows it
 // moved stay moved and the error says how many; run it again for the rest.
 func ReplayAllDead(ctx context.Context, db *sql.DB, tables mailroom.Tables) (replayed int64, err error) {
 	q, err := newAdminQueries(tables)

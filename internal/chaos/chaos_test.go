@@ -87,7 +87,9 @@ func (p *proc) signal(sig os.Signal) {
 	}
 }
 
-func (p *proc) stop() {
+// stop interrupts the process and waits for it to exit; it reports
+// whether it did so within 20 s (else it is killed).
+func (p *proc) stop() (graceful bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.cmd != nil {
@@ -98,8 +100,10 @@ func (p *proc) stop() {
 		case <-done:
 		case <-time.After(20 * time.Second):
 			p.cmd.Process.Kill()
+			return false
 		}
 	}
+	return true
 }
 
 type lockedWriter struct {
@@ -359,8 +363,11 @@ func TestChaos(t *testing.T) {
 			// A crash, or one time in three a deploy: a graceful stop
 			// (a consumer hands the queue to the next one), a restart.
 			if rng.Intn(3) == 0 {
-				faults["SIGINT (graceful restart) "+who]++
-				p.stop()
+				if p.stop() {
+					faults["SIGINT (graceful restart) "+who]++
+				} else {
+					faults["SIGINT, killed after 20 s "+who]++
+				}
 			} else {
 				faults["SIGKILL "+who]++
 				p.kill()

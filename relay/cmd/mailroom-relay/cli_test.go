@@ -1,7 +1,11 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -275,5 +279,48 @@ func TestMigrateStatusAndDeadCommands(t *testing.T) {
 	}
 	if err := s.DB.Get(&n, `SELECT count(*) FROM mailroom_outbox_dead`); err != nil || n != 0 {
 		t.Fatalf("dead rows at the end: %d, %v; want 0", n, err)
+	}
+}
+
+// Ctrl-C during `dead replay --all` stops it: it says how many rows it
+// moved, and each row is either back in the outbox or still a dead letter.
+func TestReplayAllInterrupted(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	const n = 300000 // a few seconds of batches
+	s.DB.MustExec(`INSERT INTO mailroom_outbox_dead (seq, id, exchange, routing_key, payload, created_at, attempts, last_error)
+SELECT nextval(pg_get_serial_sequence('mailroom_outbox', 'seq')), gen_random_uuid(), 'x', 'r', '{}', now(), 7, 'nack'
+FROM generate_series(1, $1)`, n)
+	cmd := exec.Command(bin, "dead", "replay", "--all")
+	cmd.Env = cleanEnv("DATABASE_URL=" + s.URL)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, time.Minute, "the replay under way", func() bool {
+		var k int
+		return s.DB.Get(&k, `SELECT count(*) FROM mailroom_outbox`) == nil && k > 0
+	})
+	if err := cmd.Process.Signal(os.Interrupt); err != nil {
+		t.Fatal(err)
+	}
+	err := cmd.Wait()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 {
+		t.Fatalf("exit %v, want status 1; stderr %q", err, stderr.String())
+	}
+	var moved int
+	if _, err := fmt.Sscanf(stderr.String()[strings.Index(stderr.String(), "(")+1:], "%d replayed before", &moved); err != nil {
+		t.Fatalf("stderr %q does not say how many were replayed: %v", stderr.String(), err)
+	}
+	var back, dead int
+	if err := s.DB.Get(&back, `SELECT count(*) FROM mailroom_outbox`); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DB.Get(&dead, `SELECT count(*) FROM mailroom_outbox_dead`); err != nil {
+		t.Fatal(err)
+	}
+	if back != moved || back+dead != n || moved == n {
+		t.Fatalf("said %d replayed; %d rows back in the outbox and %d still dead (of %d)", moved, back, dead, n)
 	}
 }

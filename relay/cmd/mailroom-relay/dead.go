@@ -43,9 +43,10 @@ transaction: attempts start again at 0, the row is due at once, and id,
 payload, headers and creation time are kept. If an id is not a dead letter,
 nothing is replayed (exit status 1).
 
---all moves every dead letter there when it starts, oldest first, 1000 per
-transaction; if it stops early (an error, Ctrl-C), the rows it moved stay
-moved and the error says how many: run it again for the rest.
+--all moves every dead letter up to the newest one there when it starts,
+oldest first, 1000 per transaction; if it stops early (an error, Ctrl-C),
+the rows it moved stay moved and the error says how many: run it again for
+the rest.
 
 Per-key order: a replayed row goes to the END of its key. It gets a new
 sequence number, so rows of the same key written after it and still pending

@@ -26,9 +26,11 @@ import (
 	"log/slog"
 	"net/url"
 	"os"
+	"os/signal"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	_ "github.com/lib/pq"
@@ -157,15 +159,19 @@ func (c *common) connect(timeout time.Duration) (ctx context.Context, db *sql.DB
 	if _, err := c.check(); err != nil {
 		return nil, nil, nil, err
 	}
-	ctx, cancel := context.Background(), context.CancelFunc(func() {})
+	// Ctrl-C cancels the running statement (PostgreSQL rolls it back), so
+	// a command stopped midway says what it did, as replay --all does.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	cancel := context.CancelFunc(func() {})
 	if timeout > 0 {
 		ctx, cancel = context.WithTimeout(ctx, timeout)
 	}
 	if db, err = c.open(ctx); err != nil {
 		cancel()
+		stop()
 		return nil, nil, nil, err
 	}
-	return ctx, db, func() { db.Close(); cancel() }, nil
+	return ctx, db, func() { db.Close(); cancel(); stop() }, nil
 }
 
 func (c *common) open(ctx context.Context) (*sql.DB, error) {
