@@ -69,6 +69,13 @@ func (e *env) config(h inbox.Handler) inbox.Config {
 // ends); stop fails the test unless Run returns nil promptly.
 func (e *env) start(cfg inbox.Config) (*inbox.Consumer, func()) {
 	e.t.Helper()
+	return e.run(cfg, func() {})
+}
+
+// run is start with afterCancel called by stop between ending Run's
+// context and waiting for Run.
+func (e *env) run(cfg inbox.Config, afterCancel func()) (*inbox.Consumer, func()) {
+	e.t.Helper()
 	c, err := inbox.New(e.db, cfg)
 	if err != nil {
 		e.t.Fatal(err)
@@ -80,6 +87,7 @@ func (e *env) start(cfg inbox.Config) (*inbox.Consumer, func()) {
 	stop := func() {
 		once.Do(func() {
 			cancel()
+			afterCancel()
 			select {
 			case err := <-done:
 				if err != nil {

@@ -558,33 +558,36 @@ func TestOrderedByKeyStopKeepsOrder(t *testing.T) {
 	}
 }
 
+// heldConsumer publishes 20 messages of one key (prefix-0000…) and runs a
+// consumer (Concurrency 1, Prefetch 5) whose first handler waits: it
+// returns once that handler waits. stop ends Run's context, lets the
+// handler go on, and returns once Run has.
+func (e *env) heldConsumer(prefix string, ordered bool) (c *inbox.Consumer, stop func()) {
+	e.t.Helper()
+	var msgs []amqp.Publishing
+	for i, id := range ids(prefix, 20) {
+		msgs = append(msgs, msg(id, "K", i))
+	}
+	e.publish(msgs...)
+	entered, proceed := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	cfg := e.config(func(ctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
+		once.Do(func() { close(entered); <-proceed })
+		return record(ctx, tx, m)
+	})
+	cfg.Concurrency, cfg.Prefetch, cfg.OrderedByKey = 1, 5, ordered
+	c, stop = e.run(cfg, func() { close(proceed) })
+	<-entered
+	return c, stop
+}
+
 // Run's stop handles what the broker already delivered instead of handing
 // it back: on a quorum queue every return counts in x-delivery-count, so
 // each deploy would cost those messages an attempt.
 func TestStopFinishesDelivered(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, inbox.Topology{}) // a quorum queue
-	var msgs []amqp.Publishing
-	for i, id := range ids("stop", 20) {
-		msgs = append(msgs, msg(id, "K", i))
-	}
-	e.publish(msgs...)
-	entered, proceed := make(chan struct{}), make(chan struct{})
-	var once sync.Once
-	cfg := e.config(func(hctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
-		once.Do(func() { close(entered); <-proceed })
-		return record(hctx, tx, m)
-	})
-	cfg.Concurrency, cfg.Prefetch = 1, 5
-	c, err := inbox.New(e.db, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	done := make(chan error, 1)
-	go func() { done <- c.Run(ctx) }()
-	<-entered
+	c, stop := e.heldConsumer("stop", false)
 	// Run stops while the first handler runs, once the broker has sent the
 	// prefetch (5): the other four arrived with the first.
 	ch := e.b.Channel()
@@ -592,11 +595,7 @@ func TestStopFinishesDelivered(t *testing.T) {
 		q, err := ch.QueueDeclarePassive(e.queue, true, false, false, false, nil)
 		return err == nil && q.Messages == 15
 	})
-	cancel()
-	close(proceed)
-	if err := <-done; err != nil {
-		t.Fatalf("Run: %v", err)
-	}
+	stop()
 	if s := c.Stats(); s.Handled != 5 {
 		t.Errorf("handled %d before Run returned, want the 5 delivered", s.Handled)
 	}
@@ -624,27 +623,7 @@ func TestStopFinishesDelivered(t *testing.T) {
 func TestSingleActiveHandoverKeepsOrder(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, inbox.Topology{SingleActiveConsumer: true})
-	var msgs []amqp.Publishing
-	for i, id := range ids("handover", 20) {
-		msgs = append(msgs, msg(id, "K", i))
-	}
-	e.publish(msgs...)
-	entered, proceed := make(chan struct{}), make(chan struct{})
-	var once sync.Once
-	cfg := e.config(func(hctx context.Context, tx *sqlx.Tx, m inbox.Message) error {
-		once.Do(func() { close(entered); <-proceed })
-		return record(hctx, tx, m)
-	})
-	cfg.Concurrency, cfg.Prefetch, cfg.OrderedByKey = 1, 5, true
-	c, err := inbox.New(e.db, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	done := make(chan error, 1)
-	go func() { done <- c.Run(ctx) }()
-	<-entered
+	_, stop := e.heldConsumer("handover", true)
 	// The next consumer registers (not active while this one runs), then
 	// this one stops.
 	next := e.config(record)
@@ -663,11 +642,7 @@ func TestSingleActiveHandoverKeepsOrder(t *testing.T) {
 		}
 		return n == 2
 	})
-	cancel()
-	close(proceed)
-	if err := <-done; err != nil {
-		t.Fatalf("Run: %v", err)
-	}
+	stop()
 	e.waitEffects(20)
 	var order []string
 	if err := e.db.Select(&order, `SELECT msg_id FROM effects ORDER BY seq`); err != nil {
