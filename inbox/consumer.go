@@ -274,12 +274,6 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 		go func(in <-chan amqp.Delivery) { defer workers.Done(); s.work(in) }(inputs[i])
 	}
 	var next uint32 // round robin for deliveries without a key
-	input := func(d *amqp.Delivery) chan amqp.Delivery {
-		if c.cfg.OrderedByKey {
-			return inputs[c.shard(d, &next)]
-		}
-		return shared
-	}
 	result := func() error {
 		for {
 			select {
@@ -288,7 +282,10 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 					return errors.New("delivery channel closed (connection lost or consumer cancelled)")
 				}
 				s.acks.received(d.DeliveryTag)
-				in := input(&d)
+				in := shared
+				if c.cfg.OrderedByKey {
+					in = inputs[c.shard(&d, &next)]
+				}
 				select {
 				case in <- d:
 				case <-ctx.Done():
@@ -306,26 +303,23 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 	// Stop. Running handlers finish (bounded), then the connection closes
 	// and the broker requeues what was not acked. When Run stops (not a
 	// broken session) the consumer is cancelled first and the workers
-	// handle what was already delivered. Not under OrderedByKey: a quorum queue with a single active
-	// consumer makes the next one active at the cancel, while earlier
-	// deliveries of its keys are still here; without it, the next one
-	// starts when the channel closes, with those deliveries returned.
+	// handle what was already delivered. Not under OrderedByKey: a quorum
+	// queue with a single active consumer makes the next one active at the
+	// cancel, while earlier deliveries of its keys are still here; without
+	// it, the next one starts when the channel closes, with those
+	// deliveries returned.
 	if result == nil && !c.cfg.OrderedByKey {
 		_ = ch.Cancel(tag, true) // no wait: a blocked connection is not read (see amqpx.Close)
 		s.finish.Store(true)
-	pass: // what amqp091 holds, while it fits (only this goroutine sends to in)
+	pass: // what amqp091 holds, while it fits (only this goroutine sends to shared)
 		for {
 			select {
 			case d, ok := <-deliveries:
-				if !ok {
-					break pass
-				}
-				in := input(&d)
-				if len(in) == cap(in) {
+				if !ok || len(shared) == cap(shared) {
 					break pass
 				}
 				s.acks.received(d.DeliveryTag)
-				in <- d
+				shared <- d
 			default:
 				break pass
 			}
