@@ -44,7 +44,9 @@ type StatusReport struct {
 	Scheduled int64 `json:"scheduled"`
 	// Retrying counts pending rows that failed at least once.
 	Retrying int64 `json:"retrying"`
-	// InFlight counts pending rows leased by a relay right now.
+	// InFlight counts pending rows leased by a relay right now. Only
+	// relays publishing side by side lease; a relay publishing alone (the
+	// default) holds its rows in memory, counted by its Stats().Held.
 	InFlight int64 `json:"in_flight"`
 	// OldestPendingAge is how long the oldest pending row that is not
 	// Scheduled has waited: the relay's lag, the signal to alert on. A

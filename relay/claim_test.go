@@ -3,6 +3,7 @@ package relay
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -85,25 +86,141 @@ func TestClaimsTakeTurns(t *testing.T) {
 	}
 }
 
-// A relay publishing alone on its table claims without the claim lock,
-// with a prepared statement.
-func TestLoneRelayClaimsWithoutTheLock(t *testing.T) {
+// outcomes builds one outcome of kind for each row.
+func outcomes(rows []*row, kind outcomeKind, err error) []outcome {
+	os := make([]outcome, len(rows))
+	for i, w := range rows {
+		os[i] = outcome{row: w, kind: kind, err: err}
+	}
+	return os
+}
+
+func sorted(s []int64) []int64 { slices.Sort(s); return s }
+
+func seqsOfRows(rows []*row) []int64 {
+	seqs := make([]int64, len(rows))
+	for i, w := range rows {
+		seqs[i] = w.seq
+	}
+	return seqs
+}
+
+// A relay publishing alone on its table claims without the claim lock and
+// without leases: it writes nothing at the claim, skips the rows it holds,
+// and records each outcome of a row so claimed — unless another relay has
+// leased the row meanwhile.
+func TestLoneRelayClaimsWithoutLeases(t *testing.T) {
 	t.Parallel()
 	s := testenv.NewSchema(t)
-	fillOutbox(t, s, "mailroom_outbox", 10, 3)
-	r, err := New(s.DB.DB, Config{URL: testenv.AMQPURL(), DatabaseURL: s.URL})
+	fillOutbox(t, s, "mailroom_outbox", 12, 0)
+	s.DB.MustExec(`UPDATE mailroom_outbox SET attempts = 1 WHERE seq % 2 = 0`) // one failure from the dead-letter table
+	r, err := New(s.DB.DB, Config{URL: testenv.AMQPURL(), DatabaseURL: s.URL, BatchSize: 4, MaxAttempts: 2})
 	if err != nil {
 		t.Fatal(err)
 	}
-	r.alone.Store(true)
+	r.setAlone(true)
 	defer r.closeStatements()
 	defer holdClaimLock(t, s)()
-	rows, err := r.claim(context.Background())
+	ctx := context.Background()
+	claim := func(what string) []*row {
+		t.Helper()
+		rows, err := r.claim(ctx)
+		if err != nil || len(rows) != 4 {
+			t.Fatalf("%s: claimed %d rows, %v; want 4 (with the claim lock held elsewhere)", what, len(rows), err)
+		}
+		return rows
+	}
+	versions := func() (v string) {
+		t.Helper()
+		if err := s.DB.Get(&v, `SELECT string_agg(xmin::text || ':' || coalesce(lease::text, '') || ':' || coalesce(leased_until::text, ''), ',' ORDER BY seq) FROM mailroom_outbox`); err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	before := versions()
+	first, second := claim("first claim"), claim("second claim")
+	for _, w := range second {
+		if slices.Contains(seqsOfRows(first), w.seq) {
+			t.Fatalf("row %d claimed twice while held", w.seq)
+		}
+	}
+	if after := versions(); after != before {
+		t.Fatalf("the claims wrote to the outbox: rows (xmin:lease:leased_until) were %s, now %s", before, after)
+	}
+	if n := r.held.leaseless(); n != 8 {
+		t.Fatalf("%d rows held without a lease, want 8", n)
+	}
+	r.finish(ctx, outcomes(first, delivered, nil))
+	r.finish(ctx, outcomes(second, released, nil))
+	again := claim("claim after the release")
+	if !slices.Equal(sorted(seqsOfRows(again)), sorted(seqsOfRows(second))) {
+		t.Fatalf("claimed %v after releasing %v: a released row keeps its place, want the same rows", seqsOfRows(again), seqsOfRows(second))
+	}
+	// Of the rows now held: one is leased by another relay meanwhile, and
+	// every one fails. The two without a first failure are scheduled
+	// again, the other two buried, and the leased one left alone.
+	taken := again[0]
+	s.DB.MustExec(`UPDATE mailroom_outbox SET lease = gen_random_uuid(), leased_until = now() + interval '1 minute' WHERE seq = $1`, taken.seq)
+	r.finish(ctx, outcomes(again, failed, ErrUnroutable))
+	if n := r.held.leaseless(); n != 0 {
+		t.Fatalf("%d rows held after every outcome was recorded, want 0", n)
+	}
+	for _, w := range again {
+		var attempts, dead int
+		var lastError *string
+		if err := s.DB.QueryRow(`SELECT (SELECT coalesce(max(attempts), -1) FROM mailroom_outbox WHERE seq = $1), (SELECT last_error FROM mailroom_outbox WHERE seq = $1), (SELECT count(*) FROM mailroom_outbox_dead WHERE seq = $1)`, w.seq).Scan(&attempts, &lastError, &dead); err != nil {
+			t.Fatal(err)
+		}
+		switch {
+		case w == taken:
+			if attempts != w.attempts || lastError != nil || dead != 0 {
+				t.Errorf("row %d, leased by another relay: attempts %d, last error %v, dead %d; want it untouched", w.seq, attempts, lastError, dead)
+			}
+		case w.attempts == 1:
+			if attempts != -1 || dead != 1 {
+				t.Errorf("row %d at its last attempt: in the outbox %v, dead letters %d; want it moved to the dead-letter table", w.seq, attempts != -1, dead)
+			}
+		default:
+			if attempts != 1 || lastError == nil || dead != 0 {
+				t.Errorf("row %d at its first attempt: attempts %d, last error %v, dead %d; want 1 attempt recorded", w.seq, attempts, lastError, dead)
+			}
+		}
+	}
+	var left int
+	if err := s.DB.Get(&left, `SELECT count(*) FROM mailroom_outbox`); err != nil || left != 12-4-2 {
+		t.Fatalf("%d rows left in the outbox (%v), want 6: 12, less 4 delivered and 2 buried", left, err)
+	}
+}
+
+// A relay skips the rows it holds in leasing claims too: one whose lease
+// ran out while the relay still holds it (the broker slow to confirm) is
+// not claimed again by the same relay.
+func TestClaimSkipsHeldRowsAfterTheirLease(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	fillOutbox(t, s, "mailroom_outbox", 6, 0)
+	r, err := New(s.DB.DB, Config{URL: testenv.AMQPURL(), DisableListen: true, BatchSize: 3})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(rows) != 3 || r.claimStmt == nil || r.turnSkipped.Load() != 0 { // one row per key: 3 keys
-		t.Fatalf("claimed %d rows (prepared: %v) while the claim lock was held, want 3 with the prepared statement", len(rows), r.claimStmt != nil)
+	ctx := context.Background()
+	first, err := r.claim(ctx)
+	if err != nil || len(first) != 3 {
+		t.Fatalf("claimed %d rows, %v; want 3", len(first), err)
+	}
+	s.DB.MustExec(`UPDATE mailroom_outbox SET leased_until = now() - interval '1 second' WHERE leased_until IS NOT NULL`)
+	second, err := r.claim(ctx)
+	if err != nil || len(second) != 3 {
+		t.Fatalf("second claim: %d rows, %v; want 3", len(second), err)
+	}
+	for _, w := range second {
+		if slices.Contains(seqsOfRows(first), w.seq) {
+			t.Fatalf("row %d claimed again while held", w.seq)
+		}
+	}
+	r.finish(ctx, outcomes(first, released, nil))
+	if third, err := r.claim(ctx); err != nil || !slices.Equal(sorted(seqsOfRows(third)), sorted(seqsOfRows(first))) {
+		t.Fatalf("after the release: claimed %v, %v; want %v", seqsOfRows(third), err, seqsOfRows(first))
 	}
 }
 

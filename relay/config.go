@@ -60,9 +60,12 @@ type Config struct {
 	// channel is closed and every unconfirmed row is retried (the broker's
 	// answer is unknown). Default 15s.
 	ConfirmTimeout time.Duration
-	// Lease is how long a claimed row belongs to this relay. A relay that
-	// dies mid-batch loses its rows to others when the lease expires.
-	// Default 60s; must exceed 2×ConfirmTimeout.
+	// Lease is how long a claimed row belongs to this relay while other
+	// relays publish on the table too. A relay that dies mid-batch loses
+	// its rows to others when the lease expires. (A relay publishing alone
+	// leases nothing, and hands a row back when it has held it Lease less
+	// ConfirmTimeout, as a leasing relay does.) Default 60s; must exceed
+	// 2×ConfirmTimeout.
 	Lease time.Duration
 	// PollInterval is how often the relay looks for due rows without being
 	// woken: the latency of delayed and retried messages, and of everything

@@ -1,6 +1,6 @@
 // Package relay moves messages from the outbox table to RabbitMQ: it claims
-// due rows with a short lease (SKIP LOCKED, one statement, no transaction
-// held open), publishes them persistent and mandatory on a confirm channel,
+// due rows in one statement, no transaction held open (with a short lease
+// and SKIP LOCKED when several relays publish), publishes them persistent and mandatory on a confirm channel,
 // and deletes a row only once the broker acked it and did not return it.
 // A nack, a return or a missing exchange counts an attempt and reschedules
 // the row with backoff; after MaxAttempts it moves to the dead-letter
@@ -64,12 +64,17 @@
 // a database-wide lock. The lock is held on a connection of its own, opened
 // from DatabaseURL.
 //
-// Leases: a claim is one short statement that leases rows for Lease; no
-// transaction stays open while the broker is awaited, so the vacuum horizon
-// is never pinned. Rows of a relay that died are claimed by others when the
-// lease expires. The lease is written to a column no index covers, on pages
-// kept 60% free (schema version 4), so it is a HOT update: no index entry. Each relay's Name must be unique among the relays of a
-// table (the default, host and pid, is).
+// Leases: a claim is one short statement; no transaction stays open while
+// the broker is awaited, so the vacuum horizon is never pinned. A relay
+// publishing alone on its table (the default: see ActiveRelays) only reads
+// the rows it claims and keeps them in memory, skipping them at its next
+// claims; if it dies, a relay taking over claims them at once. Relays
+// publishing side by side lease the rows they claim for Lease; rows of one
+// that died are claimed by others when the lease expires. The lease is
+// written to a column no index covers, on pages kept 60% free (schema
+// version 4), so it is a HOT update: no index entry. Each relay's Name
+// must be unique among the relays of a table (the default, host and pid,
+// is).
 //
 // Throughput: the stages overlap. The next batch is claimed while the
 // current one is published; up to ConfirmWindow messages await confirms

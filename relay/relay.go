@@ -54,14 +54,80 @@ type Relay struct {
 	shareDefault bool          // ConfirmWindow was left at its default: share it (share.go)
 	window       atomic.Int64  // the confirm window in effect
 	standby      atomic.Bool   // another relay publishes in this one's place (share.go)
-	alone        atomic.Bool   // the only relay publishing on the table: claims need no turn (share.go)
+	held         holding       // rows claimed and not finished
 	frozenAfter  time.Duration // see share.go; tests shorten it
 
-	// Prepared statements (not with DisableListen, which may mean PgBouncer
-	// in transaction mode): each is prepared on first use and closed when
-	// Run returns.
-	stmtMu                sync.Mutex
-	claimStmt, deleteStmt *sql.Stmt
+	// alone: the relay holds the alone lock (share.go) and claims without
+	// turn or lease. A claim reads it under aloneMu, so once the
+	// coordinator has cleared it no such claim is running.
+	aloneMu sync.RWMutex
+	alone   bool
+
+	// The delete's prepared statement (not with DisableListen, which may
+	// mean PgBouncer in transaction mode): prepared on first use and closed
+	// when Run returns.
+	stmtMu     sync.Mutex
+	deleteStmt *sql.Stmt
+}
+
+// holding is the set of rows a relay has claimed and not finished. Its
+// claims skip them: a relay publishing alone claims without leases, and
+// only this set keeps it from claiming its own rows again.
+type holding struct {
+	mu       sync.Mutex
+	seqs     map[int64]bool // seq → claimed without a lease
+	unleased int
+}
+
+func (h *holding) add(rows []*row) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.seqs == nil {
+		h.seqs = map[int64]bool{}
+	}
+	for _, w := range rows {
+		h.seqs[w.seq] = w.lease == ""
+		if w.lease == "" {
+			h.unleased++
+		}
+	}
+}
+
+// leaseless counts the rows held that were claimed without a lease.
+func (h *holding) leaseless() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.unleased
+}
+
+// drop forgets rows once their outcome is recorded (or given up on).
+func (h *holding) drop(os []outcome) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, o := range os {
+		if unleased, ok := h.seqs[o.row.seq]; ok {
+			delete(h.seqs, o.row.seq)
+			if unleased {
+				h.unleased--
+			}
+		}
+	}
+}
+
+func (h *holding) size() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.seqs)
+}
+
+func (h *holding) list() []int64 {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	seqs := make([]int64, 0, len(h.seqs))
+	for seq := range h.seqs {
+		seqs = append(seqs, seq)
+	}
+	return seqs
 }
 
 // Stats are counters since the relay was created. The metrics (see the
@@ -72,6 +138,11 @@ type Stats struct {
 	DeadLettered int64     // moved to the dead-letter table
 	Released     int64     // handed back unpublished (shutdown, lost connection)
 	LastProgress time.Time // last successful claim query: the loop is alive
+
+	// Held counts the rows this relay has claimed and not yet finished
+	// (published and deleted, scheduled again, dead-lettered or handed
+	// back).
+	Held int
 
 	// ConfirmWindow is the confirm window in effect: Config.ConfirmWindow,
 	// or this relay's share of the default while several relays publish
@@ -88,6 +159,7 @@ func (r *Relay) Stats() Stats {
 	return Stats{
 		Published: c.published.Load(), Failed: c.failed(), DeadLettered: c.dead.Load(),
 		Released: c.released.Load(), LastProgress: time.Unix(0, c.lastProgress.Load()),
+		Held:          r.held.size(),
 		ConfirmWindow: int(r.window.Load()), Standby: r.standby.Load(),
 	}
 }
@@ -179,29 +251,33 @@ func (r *Relay) Run(ctx context.Context) error {
 		stopListen = r.listen(wake, lock)
 	}
 	pub := newPublisher(r, outcomes)
+	// The coordinator keeps this relay's publishing slot until the rows it
+	// holds are finished: a relay taking the slot over claims without
+	// leases, and would publish them again.
+	coordCtx, stopCoordinating := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopCoordinating()
 	if !r.cfg.DisableListen { // a session of its own: not through PgBouncer
 		wg.Add(1)
-		go func() { defer wg.Done(); r.coordinate(ctx, pub, r.shareDefault, wake) }()
+		go func() { defer wg.Done(); r.coordinate(coordCtx, pub, r.shareDefault, wake) }()
 	}
 	wg.Add(2)
 	go func() { defer wg.Done(); defer lock.close(); r.claimLoop(ctx, wake, batches, lock) }()
 	go func() { defer wg.Done(); pub.run(ctx, batches); close(outcomes) }()
 	r.finishLoop(ctx, outcomes) // returns when outcomes is closed and flushed
+	stopCoordinating()
 	wg.Wait()
 	stopListen()
 	r.closeStatements()
 	return nil
 }
 
-// closeStatements closes the prepared statements (see prepared).
+// closeStatements closes the prepared statement (see prepared).
 func (r *Relay) closeStatements() {
 	r.stmtMu.Lock()
 	defer r.stmtMu.Unlock()
-	for _, st := range []**sql.Stmt{&r.claimStmt, &r.deleteStmt} {
-		if *st != nil {
-			(*st).Close()
-			*st = nil
-		}
+	if r.deleteStmt != nil {
+		r.deleteStmt.Close()
+		r.deleteStmt = nil
 	}
 }
 
@@ -436,37 +512,41 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 func (r *Relay) claim(ctx context.Context) ([]*row, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
-	lease := uuid.NewString()
 	start := time.Now()
 	clock := &batchClock{claimed: start}
 	defer func() { r.tel.claim.Record(ctx, time.Since(start).Seconds(), r.tel.record...) }()
-	args := []any{r.cfg.BatchSize, r.cfg.Lease.Milliseconds(), lease}
-	if r.alone.Load() { // set by coordinate, which does not run with DisableListen
-		// Nobody to take turns with: the claim alone, prepared (the
-		// server neither parses nor, once its plan is cached, plans it
-		// again).
-		return r.claimRows(ctx, clock, lease, func() (*sql.Rows, error) {
-			st, err := r.prepared(ctx, &r.claimStmt, r.q.claim)
-			if err != nil {
-				return nil, err
-			}
-			return st.QueryContext(ctx, args...)
-		})
+	return r.claimOnce(ctx, clock, r.held.list())
+}
+
+// claimOnce runs the claim that suits the relay's company on the table,
+// skipping the rows in held.
+func (r *Relay) claimOnce(ctx context.Context, clock *batchClock, held []int64) ([]*row, error) {
+	r.aloneMu.RLock()
+	if r.alone { // set by coordinate, which does not run with DisableListen
+		// Nobody to take turns with, nor to keep out by leases. The rows
+		// are held before the coordinator can see this relay not alone.
+		defer r.aloneMu.RUnlock()
+		q := claimText(r.q.claimAlone, r.cfg.BatchSize, 0, "", held)
+		rows, err := r.claimRows(clock, "", func() (*sql.Rows, error) { return r.db.QueryContext(ctx, q) })
+		r.held.add(rows)
+		return rows, err
 	}
-	var rows []*row
-	var err error
+	r.aloneMu.RUnlock()
+	lease := uuid.NewString()
+	q := claimText(r.q.claim, r.cfg.BatchSize, r.cfg.Lease.Milliseconds(), lease, held)
 	if skipped := r.turnSkipped.Load(); skipped == 0 || time.Since(time.Unix(0, skipped)) > claimLockSkip {
-		inTurn := r.q.claimInTurn(r.cfg.BatchSize, r.cfg.Lease.Milliseconds(), lease)
-		rows, err = r.claimRows(ctx, clock, lease, func() (*sql.Rows, error) { return r.db.QueryContext(ctx, inTurn) })
+		rows, err := r.claimRows(clock, lease, func() (*sql.Rows, error) { return r.db.QueryContext(ctx, r.q.turn+q) })
+		r.held.add(rows)
 		var pqErr *pq.Error
-		if errors.As(err, &pqErr) && pqErr.Code == "55P03" { // lock_not_available
-			r.log.Warn("waited too long for the claim lock; claiming without it for a while", "wait", claimLockTimeout.String(), "for", claimLockSkip.String())
-			r.turnSkipped.Store(time.Now().UnixNano())
-		} else {
+		if !errors.As(err, &pqErr) || pqErr.Code != "55P03" { // lock_not_available
 			return rows, err
 		}
+		r.log.Warn("waited too long for the claim lock; claiming without it for a while", "wait", claimLockTimeout.String(), "for", claimLockSkip.String())
+		r.turnSkipped.Store(time.Now().UnixNano())
 	}
-	return r.claimRows(ctx, clock, lease, func() (*sql.Rows, error) { return r.db.QueryContext(ctx, r.q.claim, args...) })
+	rows, err := r.claimRows(clock, lease, func() (*sql.Rows, error) { return r.db.QueryContext(ctx, q) })
+	r.held.add(rows)
+	return rows, err
 }
 
 // claimLockSkip is how long a relay claims without the claim lock after it
@@ -474,10 +554,10 @@ func (r *Relay) claim(ctx context.Context) ([]*row, error) {
 // database more but waits for nobody.
 const claimLockSkip = 10 * time.Second
 
-// claimRows runs a claim statement (query) and reads the rows it leased. A
-// message of several statements (claimInTurn) has the claim's rows in its
-// last result set.
-func (r *Relay) claimRows(ctx context.Context, clock *batchClock, lease string, query func() (*sql.Rows, error)) ([]*row, error) {
+// claimRows runs a claim statement (query) and reads the rows it claimed
+// under lease ("": none). A message of several statements (turn, then the
+// claim) has the claim's rows in its last result set.
+func (r *Relay) claimRows(clock *batchClock, lease string, query func() (*sql.Rows, error)) ([]*row, error) {
 	rs, err := query()
 	if err != nil {
 		var pqErr *pq.Error
@@ -570,13 +650,16 @@ func graceful(ctx context.Context, grace time.Duration) (context.Context, contex
 // leased; if even that fails, the leases expire and the rows are published
 // again (a duplicate the inbox absorbs, never a loss).
 func (r *Relay) finish(ctx context.Context, os []outcome) {
+	defer r.held.drop(os)
 	var done, retry, bury, release []outcome
 	for _, o := range os {
 		switch {
 		case o.kind == delivered:
 			done = append(done, o)
 		case o.kind == released:
-			release = append(release, o)
+			if o.row.lease != "" { // a row claimed without a lease is free as it is
+				release = append(release, o)
+			}
 		case o.row.attempts+1 >= r.cfg.MaxAttempts:
 			bury = append(bury, o)
 		default:
@@ -593,7 +676,7 @@ func (r *Relay) finish(ctx context.Context, os []outcome) {
 		r.log.Warn("recording publish outcomes failed; retrying", "error", err, "retry_in", d.String())
 	})
 	if err != nil {
-		r.log.Error("could not record publish outcomes before stopping; the rows will be published again after their lease expires", "rows", len(os), "error", err)
+		r.log.Error("could not record publish outcomes before stopping; the rows will be published again (once their lease expires, if they have one)", "rows", len(os), "error", err)
 	}
 	if err == nil {
 		// Failures first: whoever sees an outcome counted sees the
@@ -606,7 +689,7 @@ func (r *Relay) finish(ctx context.Context, os []outcome) {
 		}
 		c.published.Add(int64(len(done)))
 		c.dead.Add(int64(len(buried)))
-		c.released.Add(int64(len(release)))
+		c.released.Add(int64(len(os) - len(done) - len(retry) - len(bury)))
 		for _, o := range buried {
 			r.log.Error("message dead-lettered", "message_id", o.row.id, "exchange", o.row.exchange, "routing_key", o.row.routingKey, "key", o.row.key, "attempt", o.row.attempts+1, "error", o.err)
 		}

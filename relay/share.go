@@ -25,19 +25,32 @@ import (
 //     dies (its session ends) or cannot reach the broker (it gives its slot
 //     up while it reconnects, when a relay stands by), and within about
 //     frozenAfter when it freezes with its session open (see endFrozen).
-//   - A relay publishing alone claims without the claim lock (sql.go), with
-//     a prepared statement.
+//   - Alone (exclusive, aloneKey): a relay publishing alone takes it and
+//     claims without the claim lock and without leases (claimAlone in
+//     sql.go), skipping the rows it holds. A relay taking a slot while
+//     another holds it waits: the holder, seeing a second relay publish,
+//     claims with leases again and gives the lock up once the rows it
+//     claimed without one are finished. A stopping relay keeps its locks
+//     until it has finished the rows it holds, so a relay taking over does
+//     not publish them again.
 //   - The default confirm window (1024) is shared among the relays holding
 //     a slot, at least BatchSize each: RabbitMQ does best with about that
 //     many messages unconfirmed in all. Two relays publishing with 1024 each
 //     delivered 0.93× what one did, with 512 each 0.98×.
 //
-// The locks save work; correctness does not rest on them (leases and the
-// claim's key check do that). A relay whose session fails publishes
-// anyway until the session is back, rather than leave the outbox to no one.
+// The locks save work; correctness does not rest on them (the claim's key
+// check and the consumers' inbox do that). Where they fail — a relay whose
+// session fails publishes anyway until the session is back, rather than
+// leave the outbox to no one; a frozen relay wakes up after its slot was
+// taken over; a relay that left its slot while the broker was out of reach
+// reconnects — rows are published twice, never lost nor out of key order:
+// a later row of a key is claimable only once the earlier one is confirmed
+// and deleted, so any copy of the earlier one is a duplicate the inbox
+// drops.
 
 const (
 	presenceKey      = 1919249505 // "rela" in ASCII
+	aloneKey         = 1634496366 // "alon" in ASCII
 	activeKey        = 1633907830 // "actv" in ASCII; slot i is activeKey+i
 	maxActiveRelays  = 64
 	presenceInterval = time.Second
@@ -66,11 +79,12 @@ func publishingRelays(oid string) string {
 
 // coordinator holds this relay's presence lock and publishing slot.
 type coordinator struct {
-	r    *Relay
-	db   *sql.DB   // one connection, from Config.DatabaseURL
-	conn *sql.Conn // holds the locks; nil until taken, or after an error
-	oid  uint32
-	slot int // the publishing slot held; -1: none
+	r     *Relay
+	db    *sql.DB   // one connection, from Config.DatabaseURL
+	conn  *sql.Conn // holds the locks; nil until taken, or after an error
+	oid   uint32
+	slot  int  // the publishing slot held; -1: none
+	alone bool // holds the alone lock
 }
 
 // tick takes the presence lock if this relay does not hold it yet; gives
@@ -84,7 +98,7 @@ func (c *coordinator) tick(ctx context.Context, brokerDown bool) (publishing boo
 	defer func() {
 		if err != nil && c.conn != nil {
 			discard(c.conn)
-			c.conn, c.slot = nil, -1
+			c.conn, c.slot, c.alone = nil, -1, false
 		}
 	}()
 	if c.conn == nil {
@@ -134,7 +148,53 @@ func (c *coordinator) tick(ctx context.Context, brokerDown bool) (publishing boo
 	if c.slot >= 0 && n < 1 {
 		return false, 0, errors.New("the publishing lock is gone with its session")
 	}
+	if err := c.claimAlone(ctx, n, brokerDown); err != nil {
+		return false, 0, err
+	}
+	if c.slot >= 0 && !c.alone {
+		var others int
+		if err := c.conn.QueryRowContext(ctx, `SELECT count(*) FROM `+heldAdvisoryLocks(aloneKey, aloneKey, "$1")+` AND pid <> pg_backend_pid()`, c.oid).Scan(&others); err != nil {
+			return false, 0, err
+		}
+		if others > 0 { // it has not seen this relay yet: wait
+			return false, n, nil
+		}
+	}
 	return c.slot >= 0, n, nil
+}
+
+// claimAlone takes the alone lock when this relay is the only one
+// publishing, and gives it up when it is not: it first makes the relay
+// claim with leases, then waits (over ticks) until the rows it claimed
+// without a lease are finished. When it left its slot because the broker
+// is out of reach, those rows wait for the broker, and it gives the lock
+// up at once (the relay taking over may publish them too).
+func (c *coordinator) claimAlone(ctx context.Context, n int, brokerDown bool) error {
+	if c.slot >= 0 && n == 1 {
+		if !c.alone {
+			if err := c.conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1, $2)`, aloneKey, int32(c.oid)).Scan(&c.alone); err != nil {
+				return err
+			}
+		}
+		c.r.setAlone(c.alone)
+		return nil
+	}
+	c.r.setAlone(false)
+	if c.alone && (brokerDown || c.r.held.leaseless() == 0) {
+		if _, err := c.conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2)`, aloneKey, int32(c.oid)); err != nil {
+			return err
+		}
+		c.alone = false
+	}
+	return nil
+}
+
+// setAlone switches the claim (claimOnce). Once it returns, no claim
+// without a lease runs.
+func (r *Relay) setAlone(v bool) {
+	r.aloneMu.Lock()
+	defer r.aloneMu.Unlock()
+	r.alone = v
 }
 
 // A relay checks in every second (its tick's queries). A slot holder whose
@@ -202,14 +262,12 @@ func (r *Relay) coordinate(ctx context.Context, p *publisher, share bool, wake c
 			return
 		case err != nil:
 			r.log.Debug("coordinating with the relays of the table", "error", err)
-			r.alone.Store(false)
+			r.setAlone(false)
 			r.setStandby(false, wake) // publish rather than leave the table to no one
 		case !publishing:
-			r.alone.Store(false)
 			r.setStandby(true, wake)
 			r.counters.lastProgress.Store(time.Now().UnixNano()) // alive, standing by
 		default:
-			r.alone.Store(n == 1)
 			r.setStandby(false, wake)
 			if !share {
 				break

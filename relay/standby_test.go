@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -154,5 +155,122 @@ func TestNewValidatesConfig(t *testing.T) {
 	}
 	if w := r.Stats().ConfirmWindow; w != 2000 {
 		t.Errorf("default window with BatchSize 2000: %d, want 2000", w)
+	}
+}
+
+// blockDeletes makes every DELETE from the test's outbox wait (a trigger
+// takes an advisory lock the test holds) until unblock is called: rows a
+// relay published stay held by it, their outcome unrecorded.
+func (e *env) blockDeletes() (unblock func()) {
+	e.t.Helper()
+	ctx := context.Background()
+	conn, err := e.s.DB.Conn(ctx)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	var key int64
+	if err := conn.QueryRowContext(ctx, `SELECT hashtext(current_schema())::bigint`).Scan(&key); err != nil {
+		e.t.Fatal(err)
+	}
+	for _, q := range []string{
+		`SELECT pg_advisory_lock(` + fmt.Sprint(key) + `)`,
+		`CREATE FUNCTION block_deletes() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_advisory_xact_lock_shared(` + fmt.Sprint(key) + `); RETURN NULL; END $$`,
+		`CREATE TRIGGER block_deletes BEFORE DELETE ON mailroom_outbox FOR EACH STATEMENT EXECUTE FUNCTION block_deletes()`,
+	} {
+		if _, err := conn.ExecContext(ctx, q); err != nil {
+			e.t.Fatal(err)
+		}
+	}
+	var once sync.Once
+	unblock = func() {
+		once.Do(func() {
+			if _, err := conn.ExecContext(ctx, `SELECT pg_advisory_unlock(`+fmt.Sprint(key)+`)`); err != nil {
+				e.t.Error(err)
+			}
+			conn.Close()
+		})
+	}
+	e.t.Cleanup(unblock)
+	return unblock
+}
+
+// waitTicks waits until relay r, standing by, has checked in n more times
+// (one tick a second).
+func (e *env) waitTicks(r *relay.Relay, n int) {
+	e.t.Helper()
+	last := r.Stats().LastProgress
+	for i := 0; i < n; i++ {
+		testenv.Eventually(e.t, 15*time.Second, "the relay standing by to check in", func() bool {
+			p := r.Stats().LastProgress
+			if p.After(last) {
+				last = p
+				return true
+			}
+			return false
+		})
+	}
+}
+
+// publishHeld has relay a publish n messages and keep holding their rows
+// (their deletes wait), and returns unblock, which lets them finish.
+func (e *env) publishHeld(a *relay.Relay, n int) (unblock func()) {
+	e.t.Helper()
+	unblock = e.blockDeletes()
+	msgs, want := batch(e.ex, n)
+	e.add(msgs...)
+	if dups := e.consumeAll(e.queue, want, 60*time.Second); dups != 0 {
+		e.t.Errorf("%d duplicates", dups)
+	}
+	if st := a.Stats(); st.Published != 0 || st.Held != n {
+		e.t.Fatalf("relay a with its deletes blocked: %d published, %d held; want 0 and %d", st.Published, st.Held, n)
+	}
+	return unblock
+}
+
+// A relay stopping keeps its publishing slot and the alone lock until the
+// rows it holds are finished: the relay taking over claims without leases
+// and would publish them again.
+func TestStoppingRelayHandsOverOnlyWhatItFinished(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	a, _, stopA, b := e.publisherAndStandby(nil)
+	unblock := e.publishHeld(a, 300)
+	stopped := make(chan struct{})
+	go func() { defer close(stopped); stopA() }()
+	e.waitTicks(b, 3)
+	if st := b.Stats(); !st.Standby || st.Published != 0 {
+		t.Fatalf("relay b took over while relay a, stopping, still held its rows (standing by: %v, published %d)", st.Standby, st.Published)
+	}
+	unblock()
+	<-stopped
+	if st := a.Stats(); st.Published != 300 || st.Held != 0 {
+		t.Errorf("relay a stopped with %d published, %d held; want 300 and 0", st.Published, st.Held)
+	}
+	e.waitRole("b", b, false)
+	e.deliver(300) // fails on a message of the first 300 delivered again
+}
+
+// A relay joining one that publishes alone (ActiveRelays 2) waits until
+// that one claims with leases again and has finished the rows it claimed
+// without: the newcomer would publish those again.
+func TestJoiningRelayWaitsForTheLoneOne(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	two := func(c *relay.Config) { c.ActiveRelays = 2 }
+	a, _, _ := e.startNamed("-a", two)
+	e.waitRole("a", a, false)
+	unblock := e.publishHeld(a, 300)
+	b, _, _ := e.startNamed("-b", two)
+	e.wantStatus(2, 2) // both hold a publishing slot
+	e.waitTicks(b, 3)
+	if st := b.Stats(); !st.Standby || st.Published != 0 {
+		t.Fatalf("relay b claimed while relay a held rows claimed without a lease (standing by: %v, published %d)", st.Standby, st.Published)
+	}
+	unblock()
+	e.waitRole("b", b, false)
+	e.deliver(600) // fails on a message of the first 300 delivered again
+	if a.Stats().Published+b.Stats().Published < 600 {
+		t.Errorf("published %d + %d, want at least 600 between the two relays", a.Stats().Published, b.Stats().Published)
 	}
 }

@@ -137,7 +137,7 @@ func newOutboxCollector(db *sql.DB, tables mailroom.Tables, log *slog.Logger) *o
 		pending:   d("mailroom_outbox_pending_rows", "Rows in the outbox not yet published: due, in flight, retrying or scheduled."),
 		scheduled: d("mailroom_outbox_scheduled_rows", "Pending rows not attempted yet whose delivery time is in the future."),
 		retrying:  d("mailroom_outbox_retrying_rows", "Pending rows that failed at least once."),
-		inFlight:  d("mailroom_outbox_in_flight_rows", "Pending rows leased by a relay right now."),
+		inFlight:  d("mailroom_outbox_in_flight_rows", "Pending rows leased by a relay right now (relays publishing side by side; a relay publishing alone leases none)."),
 		age:       d("mailroom_outbox_oldest_pending_age_seconds", "How long the oldest pending row has waited since it was due, or since it was written once it failed (the relay's lag); 0 when none is pending."),
 		dead:      d("mailroom_outbox_dead_rows", "Rows in the dead-letter table."),
 	}
