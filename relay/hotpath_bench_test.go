@@ -50,6 +50,7 @@ func claimAndDelete(ctx context.Context, r *Relay) (int, error) {
 	if _, _, err := r.apply(done, nil, nil, nil); err != nil {
 		return 0, err
 	}
+	r.held.drop(done)
 	return len(rows), nil
 }
 
