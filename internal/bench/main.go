@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"os"
 	"runtime/pprof"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -114,11 +115,15 @@ func main() {
 				*rates = append(*rates, must(r, err))
 				fmt.Printf("relays   the broker alone, %d publishing connection(s): CPU per 100,000 messages: %s\n", n, cpu.per100k(int64(*events)))
 			}
-			for _, c := range []struct {
+			variants := []struct {
 				name      string
 				n, active int
 				rates     *[]float64
-			}{{"one relay", 1, 0, &one}, {"two relays, one standing by", 2, 0, &two}, {"two relays both publishing", 2, 2, &both}} {
+			}{{"one relay", 1, 0, &one}, {"two relays, one standing by", 2, 0, &two}, {"two relays both publishing", 2, 2, &both}}
+			if i%2 == 1 { // alternate the order: the machine drifts within a round too
+				slices.Reverse(variants)
+			}
+			for _, c := range variants {
 				r, cpu, bad, err := benchRelays(c.n, c.active)
 				must(r, err)
 				*c.rates = append(*c.rates, r)
