@@ -4,9 +4,11 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -653,4 +655,58 @@ func TestWakeLockRetakenAfterAllSessionsDrop(t *testing.T) {
 	})
 	e.add(outbox.Message{Exchange: e.ex, RoutingKey: "k", Payload: []byte(`{}`)})
 	e.receive(e.queue, 1, 30*time.Second)
+}
+
+// logTap collects a relay's log lines, and passes them on to the test log.
+type logTap struct {
+	mu    sync.Mutex
+	lines strings.Builder
+	t     *testing.T
+}
+
+func (l *logTap) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	l.lines.Write(p)
+	l.mu.Unlock()
+	return testWriter{l.t}.Write(p)
+}
+
+func (l *logTap) count(s string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Count(l.lines.String(), s)
+}
+
+// A session left over from a relay holds the wake lock (one still ending
+// after it was terminated, or discarded): the relay, finding the lock
+// taken, tries again within a second rather than at its next poll, so it
+// takes the lock once that session is gone, and writers notify it.
+func TestWakeLockHeldByALeftoverSession(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := context.Background()
+	ghost, err := e.s.DB.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ghost.Close()
+	if _, err := ghost.ExecContext(ctx, `SELECT pg_advisory_lock($1, 'mailroom_outbox'::regclass::oid::integer)`, wakeup.LockKey); err != nil {
+		t.Fatal(err)
+	}
+	tap := &logTap{t: t}
+	cfg := e.config()
+	cfg.PollInterval = time.Hour // only a NOTIFY, or the relay's own looking, can publish in time
+	cfg.Logger = slog.New(slog.NewTextHandler(tap, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	e.start(cfg)
+	const elsewhere = "another session holds the wake lock"
+	testenv.Eventually(t, 30*time.Second, "the relay to find the wake lock held", func() bool { return tap.count(elsewhere) > 0 })
+	if _, err := ghost.ExecContext(ctx, `SELECT pg_advisory_unlock($1, 'mailroom_outbox'::regclass::oid::integer)`, wakeup.LockKey); err != nil {
+		t.Fatal(err)
+	}
+	e.waitAsleep(1) // the relay took the lock: writers notify it
+	id := outbox.NewID()
+	e.add(outbox.Message{ID: id, Exchange: e.ex, RoutingKey: "k", Payload: []byte(`{}`)})
+	if d := e.receive(e.queue, 1, 30*time.Second)[0]; d.MessageId != id {
+		t.Fatalf("delivery %s, want %s", d.MessageId, id)
+	}
 }

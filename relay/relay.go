@@ -478,6 +478,13 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 					continue // look once more: every writer before the lock has committed
 				case lockBusy:
 					wait = lockRetry
+				case lockElsewhere:
+					// A relay asleep (writers notify it, and this relay
+					// too), or the session of one that is gone and still
+					// ending (terminated, or discarded by this relay):
+					// then nobody is notified. Look again soon.
+					wait = min(wait, lockElsewhereRetry)
+					r.log.Debug("another session holds the wake lock; trying again", "in", wait.String())
 				case lockFailed:
 					r.log.Warn("could not take the wake lock; relying on polling", "error", err)
 				}

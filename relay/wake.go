@@ -29,6 +29,12 @@ const (
 	lockRetry = 20 * time.Millisecond
 )
 
+// lockElsewhereRetry bounds how long a relay that found the wake lock held
+// by another session waits before it tries again (PollInterval, if
+// shorter). The holder may be a session still ending after its relay let
+// it go: it holds the lock for a moment, and then nobody does.
+const lockElsewhereRetry = time.Second
+
 // wakeLock holds the outbox table's wake lock for the relay while it
 // sleeps. A session-level advisory lock belongs to one connection, so it
 // has a pool of its own (one connection, from Config.DatabaseURL) and pins
