@@ -114,6 +114,7 @@
 //	mailroom.relay.claim.duration    histogram  s     mailroom_relay_claim_duration_seconds         table
 //	mailroom.relay.confirm_window    gauge      1     mailroom_relay_confirm_window                 table
 //	mailroom.relay.standby           gauge      1     mailroom_relay_standby                        table
+//	mailroom.relay.held_rows         gauge      1     mailroom_relay_held_rows                      table
 //	mailroom.outbox.pending_rows     gauge      1     mailroom_outbox_pending_rows                  table
 //	mailroom.outbox.oldest_pending_age gauge    s     mailroom_outbox_oldest_pending_age_seconds    table
 //
@@ -127,6 +128,10 @@
 // publish to ack, nack or return; the batch duration from the claim until
 // the last row of the batch is settled. Histogram buckets run from 1ms to
 // 30s.
+//
+// held_rows counts the rows this relay has claimed and not yet finished:
+// its messages in flight (Stats.Held). A relay publishing alone leases
+// none, so only this gauge shows them; sum it over the relays of a table.
 //
 // pending_rows counts every row in the outbox (due, in flight, retrying or
 // scheduled); oldest_pending_age is the lag: how long the oldest row that

@@ -657,7 +657,6 @@ func graceful(ctx context.Context, grace time.Duration) (context.Context, contex
 // leased; if even that fails, the leases expire and the rows are published
 // again (a duplicate the inbox absorbs, never a loss).
 func (r *Relay) finish(ctx context.Context, os []outcome) {
-	defer r.held.drop(os)
 	var done, retry, bury, release []outcome
 	for _, o := range os {
 		switch {
@@ -682,6 +681,7 @@ func (r *Relay) finish(ctx context.Context, os []outcome) {
 	err := backoff.RetryNotify(op, backoff.WithContext(bo, gctx), func(err error, d time.Duration) {
 		r.log.Warn("recording publish outcomes failed; retrying", "error", err, "retry_in", d.String())
 	})
+	r.held.drop(os) // before the counters: whoever sees a row counted sees it no longer held
 	if err != nil {
 		r.log.Error("could not record publish outcomes before stopping; the rows will be published again (once their lease expires, if they have one)", "rows", len(os), "error", err)
 	}

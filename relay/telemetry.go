@@ -131,7 +131,12 @@ func (r *Relay) register() (unregister func(), err error) {
 	if err != nil {
 		return nil, fmt.Errorf("relay: metric %s: %w", telemetry.RelayStandby, err)
 	}
-	insts := []metric.Observable{published, failures, dead, released, window, standby}
+	held, err := m.Int64ObservableGauge(telemetry.RelayHeld, metric.WithUnit("{row}"),
+		metric.WithDescription("Rows the relay has claimed and not yet finished (in flight)."))
+	if err != nil {
+		return nil, fmt.Errorf("relay: metric %s: %w", telemetry.RelayHeld, err)
+	}
+	insts := []metric.Observable{published, failures, dead, released, window, standby, held}
 	var pending metric.Int64ObservableGauge
 	var lag metric.Float64ObservableGauge
 	if r.cfg.BacklogInterval > 0 {
@@ -161,6 +166,7 @@ func (r *Relay) register() (unregister func(), err error) {
 			sb = 1
 		}
 		o.ObserveInt64(standby, sb, attrs)
+		o.ObserveInt64(held, int64(r.held.size()), attrs)
 		for i := reason(1); i < numReasons; i++ {
 			o.ObserveInt64(failures, c.failures[i].Load(), reasonAttrs[i])
 		}

@@ -337,6 +337,7 @@ func TestMetricsAfterDuplicatesRetriesAndDeadLetters(t *testing.T) {
 		{telemetry.RelayReleased, nil, rs.Released},
 		{telemetry.RelayConfirmWindow, nil, 1024}, // the default, one relay
 		{telemetry.RelayStandby, nil, 0},          // the only relay publishes
+		{telemetry.RelayHeld, nil, 0},             // nothing left to publish
 		{telemetry.InboxProcessed, nil, 4},
 		{telemetry.InboxDuplicates, nil, 2},
 		{telemetry.InboxFailures, nil, 3}, // flaky once, poison twice

@@ -60,6 +60,11 @@ const (
 	// table hold the publishing slots, Config.ActiveRelays), else 0.
 	// mailroom_relay_standby{table}
 	RelayStandby = "mailroom.relay.standby"
+	// RelayHeld counts the rows the relay has claimed and not yet
+	// finished: in flight. A relay publishing alone leases none, so the
+	// table's leased rows (Status.InFlight) do not show them.
+	// mailroom_relay_held_rows{table}
+	RelayHeld = "mailroom.relay.held_rows"
 	// RelayClaimDuration is the time of one claim statement, in seconds.
 	// mailroom_relay_claim_duration_seconds{table}
 	RelayClaimDuration = "mailroom.relay.claim.duration"
