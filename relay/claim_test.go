@@ -118,7 +118,7 @@ func TestLoneRelayClaimsWithoutLeases(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r.setAlone(true)
+	r.alone.Store(true)
 	defer r.closeStatements()
 	defer holdClaimLock(t, s)()
 	ctx := context.Background()

@@ -53,7 +53,9 @@ type Config struct {
 	// publishing beside it only adds work for the broker and the database
 	// (two relays delivered 0.91–0.97× what one did). Raise it when one
 	// relay cannot keep up with your broker (a cluster, or one far away).
-	// Relays with DisableListen always publish. At most 64; give the relays
+	// Relays with DisableListen take no slot and publish whenever no relay
+	// publishes alone (a lone relay's rows carry no lease, so they claim
+	// nothing meanwhile). At most 64; give the relays
 	// of a table the same value.
 	ActiveRelays int
 	// ConfirmTimeout bounds the wait for one confirm. When it passes, the
@@ -75,7 +77,7 @@ type Config struct {
 	// the relay then finds new rows by polling only, and never takes the
 	// wake lock, so writers never send a NOTIFY for it. It also keeps the
 	// relay from preparing statements on the *sql.DB given to New, which it
-	// otherwise does for its claim and delete: if only that pool goes
+	// otherwise does for its delete: if only that pool goes
 	// through PgBouncer in transaction mode, use PgBouncer 1.21 or later
 	// with max_prepared_statements set, or set DisableListen.
 	DisableListen bool

@@ -147,7 +147,7 @@ func BenchmarkClaimCycle(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				r.setAlone(alone)
+				r.alone.Store(alone)
 				defer r.closeStatements()
 				claimCycles(b, r, batch)
 			})

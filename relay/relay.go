@@ -58,10 +58,12 @@ type Relay struct {
 	frozenAfter  time.Duration // see share.go; tests shorten it
 
 	// alone: the relay holds the alone lock (share.go) and claims without
-	// turn or lease. A claim reads it under aloneMu, so once the
-	// coordinator has cleared it no such claim is running.
-	aloneMu sync.RWMutex
-	alone   bool
+	// turn or lease. A claim counts itself in loneClaims before it reads
+	// alone, and the coordinator clears alone before it reads loneClaims:
+	// once it has cleared alone and seen no claim counted, none without a
+	// lease is running or can start.
+	alone      atomic.Bool
+	loneClaims atomic.Int32
 
 	// The delete's prepared statement (not with DisableListen, which may
 	// mean PgBouncer in transaction mode): prepared on first use and closed
@@ -528,17 +530,17 @@ func (r *Relay) claim(ctx context.Context) ([]*row, error) {
 // claimOnce runs the claim that suits the relay's company on the table,
 // skipping the rows in held.
 func (r *Relay) claimOnce(ctx context.Context, clock *batchClock, held []int64) ([]*row, error) {
-	r.aloneMu.RLock()
-	if r.alone { // set by coordinate, which does not run with DisableListen
+	r.loneClaims.Add(1)
+	if r.alone.Load() { // set by coordinate, which does not run with DisableListen
 		// Nobody to take turns with, nor to keep out by leases. The rows
-		// are held before the coordinator can see this relay not alone.
-		defer r.aloneMu.RUnlock()
+		// are held before the claim stops counting.
+		defer r.loneClaims.Add(-1)
 		q := claimText(r.q.claimAlone, r.cfg.BatchSize, 0, "", held)
 		rows, err := r.claimRows(clock, "", func() (*sql.Rows, error) { return r.db.QueryContext(ctx, q) })
 		r.held.add(rows)
 		return rows, err
 	}
-	r.aloneMu.RUnlock()
+	r.loneClaims.Add(-1)
 	lease := uuid.NewString()
 	q := claimText(r.q.claim, r.cfg.BatchSize, r.cfg.Lease.Milliseconds(), lease, held)
 	if skipped := r.turnSkipped.Load(); skipped == 0 || time.Since(time.Unix(0, skipped)) > claimLockSkip {

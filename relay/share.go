@@ -172,29 +172,36 @@ func (c *coordinator) tick(ctx context.Context, brokerDown bool) (publishing boo
 func (c *coordinator) claimAlone(ctx context.Context, n int, brokerDown bool) error {
 	if c.slot >= 0 && n == 1 {
 		if !c.alone {
-			if err := c.conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1, $2)`, aloneKey, int32(c.oid)).Scan(&c.alone); err != nil {
+			// Take the lock, then count again: a relay taking a slot
+			// meanwhile looked for the lock before this took it, found it
+			// free, and publishes. (It takes its slot, then looks; this
+			// relay takes the lock, then looks: one of them sees the other.)
+			var got bool
+			if err := c.conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1, $2)`, aloneKey, int32(c.oid)).Scan(&got); err != nil {
+				return err
+			}
+			if !got { // another relay has it: this one waits (tick)
+				c.r.alone.Store(false)
+				return nil
+			}
+			c.alone = true
+			if err := c.conn.QueryRowContext(ctx, `SELECT `+publishingRelays("$1"), c.oid).Scan(&n); err != nil {
 				return err
 			}
 		}
-		c.r.setAlone(c.alone)
-		return nil
+		if n == 1 {
+			c.r.alone.Store(true)
+			return nil
+		}
 	}
-	c.r.setAlone(false)
-	if c.alone && (brokerDown || c.r.held.leaseless() == 0) {
+	c.r.alone.Store(false)
+	if c.alone && (brokerDown || c.r.loneClaims.Load() == 0 && c.r.held.leaseless() == 0) {
 		if _, err := c.conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2)`, aloneKey, int32(c.oid)); err != nil {
 			return err
 		}
 		c.alone = false
 	}
 	return nil
-}
-
-// setAlone switches the claim (claimOnce). Once it returns, no claim
-// without a lease runs.
-func (r *Relay) setAlone(v bool) {
-	r.aloneMu.Lock()
-	defer r.aloneMu.Unlock()
-	r.alone = v
 }
 
 // A relay checks in every second (its tick's queries). A slot holder whose
@@ -262,7 +269,7 @@ func (r *Relay) coordinate(ctx context.Context, p *publisher, share bool, wake c
 			return
 		case err != nil:
 			r.log.Debug("coordinating with the relays of the table", "error", err)
-			r.setAlone(false)
+			r.alone.Store(false)
 			r.setStandby(false, wake) // publish rather than leave the table to no one
 		case !publishing:
 			r.setStandby(true, wake)

@@ -111,4 +111,25 @@ func TestStandbyEndsTheSessionOfAFrozenPublisher(t *testing.T) {
 			t.Fatal("the second relay took the slot of a publisher that checks in")
 		}
 	}
+
+	// The publisher's claim waits on the table (an ALTER TABLE queued
+	// behind a long transaction would do that): it still checks in.
+	lock, err := s.DB.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Rollback()
+	if _, err := lock.ExecContext(ctx, `LOCK TABLE mailroom_outbox IN ACCESS EXCLUSIVE MODE`); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, 30*time.Second, "the publisher's claim waiting for the table", func() bool {
+		var n int
+		s.DB.Get(&n, `SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FROM "mailroom_outbox" o%'`)
+		return n > 0
+	})
+	for deadline := time.Now().Add(2*other.frozenAfter + presenceInterval); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if r.Stats().Standby || !other.Stats().Standby {
+			t.Fatal("the second relay took the slot of a publisher whose claim waits on the table")
+		}
+	}
 }

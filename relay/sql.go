@@ -14,7 +14,7 @@ type queries struct {
 	claim, claimAlone, deleteDone, deleteDoneAsync, archiveDone, retry, bury, release string
 
 	// turn takes the claim lock for the claim that follows it in the same
-	// message (see claimInTurn).
+	// message (see claimOnce).
 	turn string
 }
 
@@ -54,9 +54,10 @@ const columns = `id, exchange, routing_key, key, type, content_type, headers, pa
 
 func newQueries(t mailroom.Resolved) queries {
 	ob, dead, pub := t.Outbox.Quoted(), t.Dead.Quoted(), t.Published.Quoted()
+	obOID := `'` + strings.ReplaceAll(ob, `'`, `''`) + `'::regclass::oid::integer`
 	return queries{
 		turn: `SET LOCAL lock_timeout = ` + strconv.FormatInt(claimLockTimeout.Milliseconds(), 10) + `;
-SELECT pg_advisory_xact_lock(` + strconv.Itoa(claimLockKey) + `, '` + strings.ReplaceAll(ob, `'`, `''`) + `'::regclass::oid::integer);
+SELECT pg_advisory_xact_lock(` + strconv.Itoa(claimLockKey) + `, ` + obOID + `);
 `,
 		// claim takes up to $1 due rows, oldest first, and leases them for
 		// $2 ms under token $3, in one short autocommit statement: no
@@ -79,15 +80,24 @@ SELECT pg_advisory_xact_lock(` + strconv.Itoa(claimLockKey) + `, '` + strings.Re
 		// snapshot fails the re-checked leased_until condition and is not
 		// claimed twice. $4: the seqs this relay holds (claimText).
 		//
+		// While a relay publishes alone (it holds the alone lock, see
+		// share.go) this claim takes nothing: that relay's rows carry no
+		// lease. Relays that coordinate wait for it anyway; this keeps
+		// out those that cannot (DisableListen), and any relay whose
+		// coordination fails. The lock is tried in shared mode for the
+		// claim's transaction, which PgBouncer's transaction mode allows.
+		//
 		// The claim commits asynchronously (synchronous_commit off for this
 		// statement's transaction): a lease lost in a database crash only
 		// lets the row be claimed and published again — a duplicate the
 		// inbox absorbs — and not waiting for the WAL flush keeps the claim
 		// off the disk's latency.
 		claim: `WITH async AS (SELECT set_config('synchronous_commit', 'off', true)),
+free AS MATERIALIZED (SELECT pg_try_advisory_xact_lock_shared(` + strconv.Itoa(aloneKey) + `, ` + obOID + `) AS ok),
 cand AS (
     SELECT o.seq FROM ` + ob + ` o
-    WHERE o.available_at <= now()
+    WHERE (SELECT ok FROM free)
+      AND o.available_at <= now()
       AND (o.leased_until IS NULL OR o.leased_until <= now())
       AND o.seq <> ALL($4)
       AND (o.key = '' OR NOT EXISTS (SELECT 1 FROM ` + ob + ` p WHERE p.key = o.key AND p.key <> '' AND p.seq < o.seq))
@@ -130,7 +140,7 @@ INSERT INTO ` + pub + ` (seq, ` + columns + `) SELECT seq, ` + columns + ` FROM 
 ON CONFLICT (seq) DO NOTHING`,
 
 		// retry records a failed attempt and schedules the next one, only
-		// while this relay's lease still owns the row.
+		// while this relay still owns the row (owned).
 		retry: `UPDATE ` + ob + ` o SET attempts = o.attempts + 1, last_error = f.err,
     available_at = now() + f.delay_ms * interval '1 millisecond', lease = NULL, leased_until = NULL
 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::float8[]) AS f(seq, lease, err, delay_ms)

@@ -274,3 +274,27 @@ func TestJoiningRelayWaitsForTheLoneOne(t *testing.T) {
 		t.Errorf("published %d + %d, want at least 600 between the two relays", a.Stats().Published, b.Stats().Published)
 	}
 }
+
+// A relay polling without LISTEN (PgBouncer) takes no publishing slot and
+// so cannot wait for a relay publishing alone like the others do: its
+// claims take nothing while one does (that relay's rows carry no lease),
+// and it publishes once that relay stops.
+func TestPollingRelayBesideALoneOne(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	a, _, stopA := e.startNamed("-a", nil)
+	e.waitRole("a", a, false)
+	poll := e.config()
+	poll.Name = e.appTag + "-poll"
+	poll.DisableListen, poll.DatabaseURL = true, ""
+	poll.PollInterval = 10 * time.Millisecond
+	e.start(poll)
+	b := e.relays[len(e.relays)-1]
+	e.deliver(3000) // fails on a message delivered twice
+	if p := b.Stats().Published; p != 0 {
+		t.Errorf("the polling relay published %d messages beside a relay publishing alone", p)
+	}
+	stopA()
+	e.deliver(500)
+	testenv.Eventually(t, 30*time.Second, "the polling relay to count 500 published", func() bool { return b.Stats().Published == 500 })
+}
