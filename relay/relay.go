@@ -64,6 +64,11 @@ type Relay struct {
 	// lease is running or can start.
 	alone      atomic.Bool
 	loneClaims atomic.Int32
+	// leaving: the coordinator waits for the rows claimed without a
+	// lease to be finished before it gives the alone lock up; finish
+	// tells it on drained when the last one is.
+	leaving atomic.Bool
+	drained chan struct{}
 
 	// The delete's prepared statement (not with DisableListen, which may
 	// mean PgBouncer in transaction mode): prepared on first use and closed
@@ -188,6 +193,7 @@ func New(db *sql.DB, cfg Config) (*Relay, error) {
 		tel: tel, shareDefault: shareDefault,
 	}
 	r.window.Store(int64(cfg.ConfirmWindow))
+	r.drained = make(chan struct{}, 1)
 	r.standby.Store(!cfg.DisableListen) // until Run takes a publishing slot (share.go)
 	r.frozenAfter = frozenAfter
 	return r, nil
@@ -684,6 +690,12 @@ func (r *Relay) finish(ctx context.Context, os []outcome) {
 		r.log.Warn("recording publish outcomes failed; retrying", "error", err, "retry_in", d.String())
 	})
 	r.held.drop(os) // before the counters: whoever sees a row counted sees it no longer held
+	if r.leaving.Load() && r.held.leaseless() == 0 {
+		select {
+		case r.drained <- struct{}{}:
+		default:
+		}
+	}
 	if err != nil {
 		r.log.Error("could not record publish outcomes before stopping; the rows will be published again (once their lease expires, if they have one)", "rows", len(os), "error", err)
 	}

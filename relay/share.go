@@ -99,6 +99,7 @@ func (c *coordinator) tick(ctx context.Context, brokerDown bool) (publishing boo
 		if err != nil && c.conn != nil {
 			discard(c.conn)
 			c.conn, c.slot, c.alone = nil, -1, false
+			c.r.leaving.Store(false)
 		}
 	}()
 	if c.conn == nil {
@@ -195,11 +196,13 @@ func (c *coordinator) claimAlone(ctx context.Context, n int, brokerDown bool) er
 		}
 	}
 	c.r.alone.Store(false)
+	c.r.leaving.Store(c.alone)
 	if c.alone && (brokerDown || c.r.loneClaims.Load() == 0 && c.r.held.leaseless() == 0) {
 		if _, err := c.conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2)`, aloneKey, int32(c.oid)); err != nil {
 			return err
 		}
 		c.alone = false
+		c.r.leaving.Store(false)
 	}
 	return nil
 }
@@ -304,6 +307,7 @@ func (r *Relay) coordinate(ctx context.Context, p *publisher, share bool, wake c
 		case <-ctx.Done():
 			return
 		case <-time.After(presenceInterval):
+		case <-r.drained: // leaving alone: its last row without a lease is finished
 		}
 	}
 }
