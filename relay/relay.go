@@ -541,14 +541,14 @@ func (r *Relay) claimOnce(ctx context.Context, clock *batchClock, held []int64) 
 		// Nobody to take turns with, nor to keep out by leases. The rows
 		// are held before the claim stops counting.
 		defer r.loneClaims.Add(-1)
-		q := claimText(r.q.claimAlone, r.cfg.BatchSize, 0, "", held)
+		q := claimText(r.q.claimAlone, r.cfg.BatchSize, 0, "", held, false)
 		rows, err := r.claimRows(clock, "", func() (*sql.Rows, error) { return r.db.QueryContext(ctx, q) })
 		r.held.add(rows)
 		return rows, err
 	}
 	r.loneClaims.Add(-1)
 	lease := uuid.NewString()
-	q := claimText(r.q.claim, r.cfg.BatchSize, r.cfg.Lease.Milliseconds(), lease, held)
+	q := claimText(r.q.claim, r.cfg.BatchSize, r.cfg.Lease.Milliseconds(), lease, held, !r.leaving.Load())
 	if skipped := r.turnSkipped.Load(); skipped == 0 || time.Since(time.Unix(0, skipped)) > claimLockSkip {
 		rows, err := r.claimRows(clock, lease, func() (*sql.Rows, error) { return r.db.QueryContext(ctx, r.q.turn+q) })
 		r.held.add(rows)

@@ -154,10 +154,10 @@ func (c *coordinator) tick(ctx context.Context, brokerDown bool) (publishing boo
 	}
 	if c.slot >= 0 && !c.alone {
 		var others int
-		if err := c.conn.QueryRowContext(ctx, `SELECT count(*) FROM `+heldAdvisoryLocks(aloneKey, aloneKey, "$1")+` AND pid <> pg_backend_pid()`, c.oid).Scan(&others); err != nil {
+		if err := c.conn.QueryRowContext(ctx, `SELECT count(*) FROM `+heldAdvisoryLocks(aloneKey, aloneKey, "$1")+` AND mode = 'ExclusiveLock' AND pid <> pg_backend_pid()`, c.oid).Scan(&others); err != nil {
 			return false, 0, err
 		}
-		if others > 0 { // it has not seen this relay yet: wait
+		if others > 0 { // it has not seen this relay yet: wait (claims hold the lock shared: not counted)
 			return false, n, nil
 		}
 	}
@@ -195,8 +195,8 @@ func (c *coordinator) claimAlone(ctx context.Context, n int, brokerDown bool) er
 			return nil
 		}
 	}
+	c.r.leaving.Store(c.alone) // first: a claim seeing neither would take nothing
 	c.r.alone.Store(false)
-	c.r.leaving.Store(c.alone)
 	if c.alone && (brokerDown || c.r.loneClaims.Load() == 0 && c.r.held.leaseless() == 0) {
 		if _, err := c.conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2)`, aloneKey, int32(c.oid)); err != nil {
 			return err

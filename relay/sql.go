@@ -28,14 +28,15 @@ const claimLockKey = 1953853038
 const claimLockTimeout = time.Second
 
 // claimText renders a claim statement (claim or claimAlone) with its
-// values as literals: limit, the lease's length and token, and the seqs
-// this relay holds (claimed, not yet finished), which the claim skips. A
+// values as literals: limit, the lease's length and token, the seqs this
+// relay holds (claimed, not yet finished), which the claim skips, and
+// whether the claim checks that no relay publishes alone (claim). A
 // literal array is a constant to the planner, which looks seqs up in it by
 // hash; as a parameter of a prepared statement it could be planned once,
 // generically, and scanned from the start for every row the claim visits
 // (3-5× slower here with a few thousand held). The values are ours: two
 // integers, a UUID and integers.
-func claimText(query string, limit int, leaseMS int64, lease string, held []int64) string {
+func claimText(query string, limit int, leaseMS int64, lease string, held []int64, checkAlone bool) string {
 	var b strings.Builder
 	b.WriteString("'{")
 	for i, seq := range held {
@@ -45,8 +46,12 @@ func claimText(query string, limit int, leaseMS int64, lease string, held []int6
 		b.WriteString(strconv.FormatInt(seq, 10))
 	}
 	b.WriteString("}'::bigint[]")
+	check := "true"
+	if checkAlone {
+		check = "(SELECT ok FROM free)"
+	}
 	return strings.NewReplacer(
-		"$1", strconv.Itoa(limit), "$2", strconv.FormatInt(leaseMS, 10), "$3", "'"+lease+"'::uuid", "$4", b.String(),
+		"$1", strconv.Itoa(limit), "$2", strconv.FormatInt(leaseMS, 10), "$3", "'"+lease+"'::uuid", "$4", b.String(), "$5", check,
 	).Replace(query)
 }
 
@@ -86,6 +91,8 @@ SELECT pg_advisory_xact_lock(` + strconv.Itoa(claimLockKey) + `, ` + obOID + `);
 		// out those that cannot (DisableListen), and any relay whose
 		// coordination fails. The lock is tried in shared mode for the
 		// claim's transaction, which PgBouncer's transaction mode allows.
+		// $5 is that check, or true for the relay leaving lone mode
+		// (it holds the lock itself, and skips its own rows by $4).
 		//
 		// The claim commits asynchronously (synchronous_commit off for this
 		// statement's transaction): a lease lost in a database crash only
@@ -96,8 +103,7 @@ SELECT pg_advisory_xact_lock(` + strconv.Itoa(claimLockKey) + `, ` + obOID + `);
 free AS MATERIALIZED (SELECT pg_try_advisory_xact_lock_shared(` + strconv.Itoa(aloneKey) + `, ` + obOID + `) AS ok),
 cand AS (
     SELECT o.seq FROM ` + ob + ` o
-    WHERE (SELECT ok FROM free)
-      AND o.available_at <= now()
+    WHERE o.available_at <= now()
       AND (o.leased_until IS NULL OR o.leased_until <= now())
       AND o.seq <> ALL($4)
       AND (o.key = '' OR NOT EXISTS (SELECT 1 FROM ` + ob + ` p WHERE p.key = o.key AND p.key <> '' AND p.seq < o.seq))
@@ -105,7 +111,7 @@ cand AS (
     LIMIT $1
     FOR UPDATE SKIP LOCKED)
 UPDATE ` + ob + ` o SET leased_until = now() + $2 * interval '1 millisecond', lease = $3
-FROM cand WHERE o.seq = cand.seq AND (SELECT true FROM async)
+FROM cand WHERE o.seq = cand.seq AND (SELECT true FROM async) AND $5
 RETURNING o.seq, ` + prefixed("o.", columns),
 
 		// claimAlone is the claim of a relay publishing alone on its table
