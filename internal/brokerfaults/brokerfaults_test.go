@@ -55,6 +55,12 @@ func ensureBrokerUp(t *testing.T) {
 func raiseMemoryAlarm(t *testing.T) {
 	t.Cleanup(func() { exec.Command("rabbitmqctl", "set_vm_memory_high_watermark", "0.4").Run() })
 	rabbitmqctl(t, "set_vm_memory_high_watermark", "0.000001")
+	// The memory monitor raises the alarm on its own time: publishes sent
+	// before it would go through.
+	testenv.Eventually(t, 30*time.Second, "the memory alarm in effect", func() bool {
+		out, _ := exec.Command("rabbitmqctl", "-q", "eval", "rabbit_alarm:get_alarms().").Output()
+		return strings.Contains(string(out), "resource_limit,memory")
+	})
 }
 
 // waitBlocked waits until the broker blocks a connection (under the alarm,
