@@ -50,6 +50,7 @@ type refusal struct {
 // session is one confirm-mode channel and the messages awaiting its confirms.
 type session struct {
 	ch   *amqp.Channel
+	conn *amqp.Connection // the channel's
 	mu   sync.Mutex
 	wait map[uint64]*pending // by delivery tag
 	done chan struct{}       // closed when the confirm loop has settled everything
@@ -296,7 +297,7 @@ func (p *publisher) openChannels() error {
 		ch.Close()
 		return fmt.Errorf("enable publisher confirms: %w", err)
 	}
-	s := &session{ch: ch, wait: map[uint64]*pending{}, done: make(chan struct{})}
+	s := &session{ch: ch, conn: p.conn, wait: map[uint64]*pending{}, done: make(chan struct{})}
 	confirms := ch.NotifyPublish(make(chan amqp.Confirmation, p.r.cfg.ConfirmWindow))
 	returns := ch.NotifyReturn(make(chan amqp.Return, p.r.cfg.ConfirmWindow))
 	closed := ch.NotifyClose(make(chan *amqp.Error, 1))
@@ -378,7 +379,12 @@ func (p *publisher) confirmLoop(s *session, confirms <-chan amqp.Confirmation, r
 			if p.oldest(s) > p.r.cfg.ConfirmTimeout {
 				p.r.log.Warn("confirm timed out; closing the channel so unconfirmed messages are retried", "timeout", p.r.cfg.ConfirmTimeout)
 				s.timedOut.Store(true)
+				// A broker that blocked the connection (a resource alarm)
+				// stops reading it, and would never answer the channel's
+				// close: then the connection is closed, bounded, instead.
+				closing := time.AfterFunc(amqpx.CloseTimeout, func() { amqpx.Close(s.conn) })
 				s.ch.Close() // confirms is closed next, and we abandon
+				closing.Stop()
 			}
 		}
 	}
