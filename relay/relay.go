@@ -58,12 +58,12 @@ type Relay struct {
 	frozenAfter  time.Duration // see share.go; tests shorten it
 
 	// alone: the relay holds the alone lock (share.go) and claims without
-	// turn or lease. A claim counts itself in loneClaims before it reads
-	// alone, and the coordinator clears alone before it reads loneClaims:
-	// once it has cleared alone and seen no claim counted, none without a
-	// lease is running or can start.
-	alone      atomic.Bool
-	loneClaims atomic.Int32
+	// turn or lease. A claim counts itself in claiming before it reads
+	// alone, until its rows are held; the coordinator clears alone before
+	// it reads claiming: once it has cleared alone and seen no claim
+	// counted, none without a lease is running or can start.
+	alone    atomic.Bool
+	claiming atomic.Int32
 	// leaving: the coordinator waits for the rows claimed without a
 	// lease to be finished before it gives the alone lock up; finish
 	// tells it on drained when the last one is.
@@ -530,28 +530,25 @@ func (r *Relay) claim(ctx context.Context) ([]*row, error) {
 	start := time.Now()
 	clock := &batchClock{claimed: start}
 	defer func() { r.tel.claim.Record(ctx, time.Since(start).Seconds(), r.tel.record...) }()
-	return r.claimOnce(ctx, clock, r.held.list())
+	r.claiming.Add(1)
+	defer r.claiming.Add(-1) // after the rows are held
+	rows, err := r.claimOnce(ctx, clock, r.held.list())
+	r.held.add(rows)
+	return rows, err
 }
 
 // claimOnce runs the claim that suits the relay's company on the table,
 // skipping the rows in held.
 func (r *Relay) claimOnce(ctx context.Context, clock *batchClock, held []int64) ([]*row, error) {
-	r.loneClaims.Add(1)
 	if r.alone.Load() { // set by coordinate, which does not run with DisableListen
-		// Nobody to take turns with, nor to keep out by leases. The rows
-		// are held before the claim stops counting.
-		defer r.loneClaims.Add(-1)
+		// Nobody to take turns with, nor to keep out by leases.
 		q := claimText(r.q.claimAlone, r.cfg.BatchSize, 0, "", held, false)
-		rows, err := r.claimRows(clock, "", func() (*sql.Rows, error) { return r.db.QueryContext(ctx, q) })
-		r.held.add(rows)
-		return rows, err
+		return r.claimRows(clock, "", func() (*sql.Rows, error) { return r.db.QueryContext(ctx, q) })
 	}
-	r.loneClaims.Add(-1)
 	lease := uuid.NewString()
 	q := claimText(r.q.claim, r.cfg.BatchSize, r.cfg.Lease.Milliseconds(), lease, held, !r.leaving.Load())
 	if skipped := r.turnSkipped.Load(); skipped == 0 || time.Since(time.Unix(0, skipped)) > claimLockSkip {
 		rows, err := r.claimRows(clock, lease, func() (*sql.Rows, error) { return r.db.QueryContext(ctx, r.q.turn+q) })
-		r.held.add(rows)
 		var pqErr *pq.Error
 		if !errors.As(err, &pqErr) || pqErr.Code != "55P03" { // lock_not_available
 			return rows, err
@@ -559,9 +556,7 @@ func (r *Relay) claimOnce(ctx context.Context, clock *batchClock, held []int64) 
 		r.log.Warn("waited too long for the claim lock; claiming without it for a while", "wait", claimLockTimeout.String(), "for", claimLockSkip.String())
 		r.turnSkipped.Store(time.Now().UnixNano())
 	}
-	rows, err := r.claimRows(clock, lease, func() (*sql.Rows, error) { return r.db.QueryContext(ctx, q) })
-	r.held.add(rows)
-	return rows, err
+	return r.claimRows(clock, lease, func() (*sql.Rows, error) { return r.db.QueryContext(ctx, q) })
 }
 
 // claimLockSkip is how long a relay claims without the claim lock after it

@@ -197,7 +197,7 @@ func (c *coordinator) claimAlone(ctx context.Context, n int, brokerDown bool) er
 	}
 	c.r.leaving.Store(c.alone) // first: a claim seeing neither would take nothing
 	c.r.alone.Store(false)
-	if c.alone && (brokerDown || c.r.loneClaims.Load() == 0 && c.r.held.leaseless() == 0) {
+	if c.alone && (brokerDown || c.r.claiming.Load() == 0 && c.r.held.leaseless() == 0) {
 		if _, err := c.conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2)`, aloneKey, int32(c.oid)); err != nil {
 			return err
 		}
