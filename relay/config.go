@@ -82,9 +82,20 @@ type Config struct {
 	// with max_prepared_statements set, or set DisableListen.
 	DisableListen bool
 
+	// MaxMessageSize is the largest payload the relay publishes, in bytes;
+	// a larger row fails as an attempt without being sent (and is
+	// dead-lettered after MaxAttempts). Default DefaultMaxMessageSize
+	// (16 MiB, RabbitMQ 4's default max_message_size). Keep it at or below
+	// the broker's limit: a message over that closes the channel, which the
+	// relay also counts as an attempt of that row, but which hands back
+	// every other unconfirmed message with it (published again). At most
+	// 512 MiB, RabbitMQ's hard limit.
+	MaxMessageSize int
+
 	// MaxAttempts is how many failed publishes (nack, unroutable, missing
-	// exchange) move a row to the dead-letter table. A lost connection is
-	// not the message's fault and does not count. Default 20.
+	// exchange, refused by the broker, too large) move a row to the
+	// dead-letter table. A lost connection is not the message's fault and
+	// does not count. Default 20.
 	MaxAttempts int
 	// MinBackoff and MaxBackoff bound the exponential backoff (with jitter)
 	// between attempts of one row. Defaults 1s and 5m.
@@ -116,6 +127,13 @@ type Config struct {
 	BacklogInterval time.Duration
 }
 
+// DefaultMaxMessageSize is Config.MaxMessageSize's default: 16 MiB,
+// RabbitMQ 4's default max_message_size.
+const DefaultMaxMessageSize = 16 << 20
+
+// maxMessageSizeLimit is RabbitMQ's hard limit on max_message_size.
+const maxMessageSizeLimit = 512 << 20
+
 func (c *Config) setDefaults() {
 	if c.Name == "" {
 		h, _ := os.Hostname()
@@ -135,6 +153,7 @@ func (c *Config) setDefaults() {
 	def(&c.ConfirmWindow, max(1024, c.BatchSize))
 	def(&c.ActiveRelays, 1)
 	def(&c.MaxAttempts, 20)
+	def(&c.MaxMessageSize, DefaultMaxMessageSize)
 	defDur(&c.ConfirmTimeout, 15*time.Second)
 	defDur(&c.Lease, 60*time.Second)
 	defDur(&c.PollInterval, 500*time.Millisecond)
@@ -166,6 +185,8 @@ func (c *Config) validate() error {
 		return fmt.Errorf("relay: Config.Lease %s must be at least twice ConfirmTimeout (%s), or rows are re-claimed while their confirms are still awaited", c.Lease, c.ConfirmTimeout)
 	case c.PollInterval < 10*time.Millisecond:
 		return fmt.Errorf("relay: Config.PollInterval %s: must be at least 10ms", c.PollInterval)
+	case c.MaxMessageSize < 1 || c.MaxMessageSize > maxMessageSizeLimit:
+		return fmt.Errorf("relay: Config.MaxMessageSize %d: must be between 1 and %d bytes (RabbitMQ's hard limit)", c.MaxMessageSize, maxMessageSizeLimit)
 	case c.MaxAttempts < 1:
 		return fmt.Errorf("relay: Config.MaxAttempts %d: must be at least 1", c.MaxAttempts)
 	case c.MinBackoff < 0:

@@ -5,7 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
-	"strings"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -34,11 +34,15 @@ type publisher struct {
 
 	spanNames map[string]string // "publish <exchange>" by exchange, built once
 
-	// refused holds, by exchange, why the broker closed a channel on a
-	// publish there (403: an internal exchange, no write permission), for
-	// the current connection. Written by confirm loops, read by publish.
+	// refused holds why the broker closed a channel on a publish (403: an
+	// internal exchange, no write permission; a routing key its topic
+	// permissions refuse), by exchange or by exchange and routing key
+	// (refusalKey), and its max_message_size once a message went over it
+	// (406), for the current connection. Written by confirm loops, read by
+	// publish.
 	refusedMu sync.Mutex
 	refused   map[string]refusal
+	brokerMax int // 0: not known
 }
 
 // refusal is the broker's reason for refusing an exchange, and when.
@@ -106,26 +110,39 @@ func (p *publisher) publish(ctx context.Context, w *row) {
 			p.emit(outcome{row: w, kind: failed, reason: reasonUnpublishable, err: err})
 			return
 		}
-		if ok, err := p.exchangeExists(w.exchange); err != nil {
-			p.reset(err)
-			continue
-		} else if !ok {
-			p.emit(outcome{row: w, kind: failed, reason: reasonNoExchange,
-				err: fmt.Errorf("%w: %q (declare it, e.g. `rabbitmqctl eval` or your topology code; the message stays in the outbox and is retried)", ErrNoExchange, w.exchange)})
-			return
-		}
-		if why := p.refusedAt(w.exchange); why != "" {
-			// Publishing there closes the channel, releasing every
-			// unconfirmed message, and the row comes back at once.
-			p.emit(outcome{row: w, kind: failed, reason: reasonUnpublishable,
-				err: fmt.Errorf("%w: the broker refuses publishing to exchange %q: %s (fix the exchange or the relay user's permissions; the relay tries again after MaxBackoff)", ErrUnpublishable, w.exchange, why)})
+		if err := p.tooLarge(w); err != nil {
+			p.emit(outcome{row: w, kind: failed, reason: reasonUnpublishable, err: err})
 			return
 		}
 		// A row held too long (the broker out of reach, or blocking us)
 		// could be confirmed after its lease ends, when another relay may
-		// have claimed it: it is handed back instead.
+		// have claimed it: it is handed back instead. A blocked connection
+		// is not read by the broker, so the wait comes before any RPC.
 		due := w.batch.claimed.Add(p.r.cfg.Lease - p.r.cfg.ConfirmTimeout)
-		if time.Now().After(due) || !p.waitUnblocked(ctx, due) || !p.acquire(ctx) {
+		if time.Now().After(due) || !p.waitUnblocked(ctx, due) {
+			p.settle([]*row{w}, released, nil)
+			return
+		}
+		if ok, err := p.exchangeExists(ctx, w.exchange); err != nil {
+			if ctx.Err() != nil {
+				p.settle([]*row{w}, released, nil)
+				return
+			}
+			p.reset(ctx, err)
+			continue
+		} else if !ok {
+			p.emit(outcome{row: w, kind: failed, reason: reasonNoExchange,
+				err: fmt.Errorf("%w: %q (declare it, e.g. in your topology code or with `rabbitmqadmin declare exchange`)", ErrNoExchange, w.exchange)})
+			return
+		}
+		if why := p.refusedAt(w.exchange, w.routingKey); why != "" {
+			// Publishing there closes the channel, releasing every
+			// unconfirmed message, and the row comes back at once.
+			p.emit(outcome{row: w, kind: failed, reason: reasonUnpublishable,
+				err: fmt.Errorf("%w: the broker refuses publishing to exchange %q with routing key %q: %s (fix the exchange or the relay user's permissions)", ErrUnpublishable, w.exchange, w.routingKey, why)})
+			return
+		}
+		if !p.acquire(ctx) {
 			p.settle([]*row{w}, released, nil)
 			return
 		}
@@ -156,7 +173,7 @@ func (p *publisher) publish(ctx context.Context, w *row) {
 			p.settle([]*row{w}, released, nil)
 			return
 		}
-		p.reset(fmt.Errorf("publish: %w", err))
+		p.reset(ctx, fmt.Errorf("publish: %w", err))
 	}
 }
 
@@ -242,7 +259,7 @@ func (p *publisher) connect(ctx context.Context) error {
 			return nil
 		}
 		if p.sess != nil && p.sess.ch.IsClosed() {
-			p.reset(errors.New("channel closed"))
+			p.reset(ctx, errors.New("channel closed"))
 		}
 		if p.conn == nil || p.conn.IsClosed() {
 			conn, wire, err := amqpx.DialBatchRetry(ctx, p.r.cfg.URL, "mailroom-relay "+p.r.cfg.Name, 5*time.Second, func(err error, d time.Duration) {
@@ -256,6 +273,7 @@ func (p *publisher) connect(ctx context.Context) error {
 			p.known = map[string]bool{}
 			p.refusedMu.Lock()
 			clear(p.refused)
+			p.brokerMax = 0
 			p.refusedMu.Unlock()
 			p.blocked.Store(false)
 			blocked := conn.NotifyBlocked(make(chan amqp.Blocking, 4))
@@ -265,10 +283,10 @@ func (p *publisher) connect(ctx context.Context) error {
 				}
 			}()
 		}
-		if err := p.openChannels(); err != nil {
+		if err := p.openChannels(ctx); err != nil {
 			p.down.Store(true)
 			p.r.log.Warn("opening broker channels failed; reconnecting", "error", err)
-			p.conn.Close()
+			amqpx.Close(p.conn)
 			if !sleepCtx(ctx, 100*time.Millisecond) {
 				return ctx.Err()
 			}
@@ -278,10 +296,10 @@ func (p *publisher) connect(ctx context.Context) error {
 	}
 }
 
-func (p *publisher) openChannels() error {
+func (p *publisher) openChannels(ctx context.Context) error {
 	if p.probe == nil || p.probe.IsClosed() {
-		ch, err := p.conn.Channel()
-		if err != nil {
+		var ch *amqp.Channel
+		if err := p.bounded(ctx, "open a channel", func() (err error) { ch, err = p.conn.Channel(); return err }); err != nil {
 			return err
 		}
 		p.probe = ch
@@ -289,12 +307,11 @@ func (p *publisher) openChannels() error {
 	if p.sess != nil && !p.sess.ch.IsClosed() {
 		return nil
 	}
-	ch, err := p.conn.Channel()
-	if err != nil {
+	var ch *amqp.Channel
+	if err := p.bounded(ctx, "open a channel", func() (err error) { ch, err = p.conn.Channel(); return err }); err != nil {
 		return err
 	}
-	if err := ch.Confirm(false); err != nil {
-		ch.Close()
+	if err := p.bounded(ctx, "enable publisher confirms", func() error { return ch.Confirm(false) }); err != nil {
 		return fmt.Errorf("enable publisher confirms: %w", err)
 	}
 	s := &session{ch: ch, conn: p.conn, wait: map[uint64]*pending{}, done: make(chan struct{})}
@@ -416,6 +433,13 @@ func (p *publisher) abandon(s *session, why error) {
 	for tag, e := range s.wait {
 		delete(s.wait, tag)
 		<-p.slots
+		if err := refusedBy(why, e.row); err != nil {
+			// The broker closed the channel because of this message: its
+			// fault, an attempt (or it would head every claim, and close
+			// the channel at each).
+			p.emit(outcome{row: e.row, kind: failed, err: err, reason: reasonUnpublishable})
+			continue
+		}
 		p.emit(outcome{row: e.row, kind: released, err: why, reason: rs})
 	}
 }
@@ -435,12 +459,14 @@ func (p *publisher) oldest(s *session) time.Duration {
 // exchangeExists checks (once per connection) that an exchange exists, on
 // the probe channel, because publishing to a missing exchange closes the
 // publishing channel and with it every unconfirmed message.
-func (p *publisher) exchangeExists(name string) (bool, error) {
+func (p *publisher) exchangeExists(ctx context.Context, name string) (bool, error) {
 	if name == "" || p.known[name] {
 		return true, nil
 	}
 	p.flush()
-	err := p.probe.ExchangeDeclarePassive(name, "direct", true, false, false, false, nil)
+	err := p.bounded(ctx, "check exchange "+strconv.Quote(name), func() error {
+		return p.probe.ExchangeDeclarePassive(name, "direct", true, false, false, false, nil)
+	})
 	var ae *amqp.Error
 	if errors.As(err, &ae) && ae.Code == amqp.NotFound {
 		return false, nil // the probe channel is now closed; connect reopens it
@@ -454,11 +480,11 @@ func (p *publisher) exchangeExists(name string) (bool, error) {
 
 // reset closes the current channel after an error; its confirm loop
 // releases whatever was unconfirmed, and connect opens a new one.
-func (p *publisher) reset(why error) {
+func (p *publisher) reset(ctx context.Context, why error) {
 	p.r.log.Warn("resetting broker channel", "error", why)
 	p.flush() // the channel.close must not wait behind held publishes
 	if p.sess != nil {
-		p.sess.ch.Close()
+		_ = p.bounded(ctx, "close the channel", p.sess.ch.Close)
 		<-p.sess.done
 		p.sess = nil
 	}
@@ -536,39 +562,144 @@ func fits(msg amqp.Publishing, w *row, frameSize int) error {
 	return nil
 }
 
-// refusedExchange finds the exchange in RabbitMQ's ACCESS_REFUSED texts:
-// "cannot publish to internal exchange 'x' in vhost '/'", "access to
-// exchange 'x' in vhost '/' refused for user 'u'".
-var refusedExchange = regexp.MustCompile(`exchange '([^']*)' in vhost`)
+// The broker's texts of the channel closes that refuse one message:
+// ACCESS_REFUSED "cannot publish to internal exchange 'x' in vhost '/'",
+// "access to exchange 'x' in vhost '/' refused for user 'u'", "write
+// access to topic 'k' in exchange 'x' in vhost '/' refused for user 'u'";
+// PRECONDITION_FAILED "message size 2097152 is larger than configured max
+// size 1048576".
+var (
+	refusedExchange = regexp.MustCompile(`exchange '([^']*)' in vhost`)
+	refusedTopic    = regexp.MustCompile(`access to topic '(.*)' in exchange '([^']*)' in vhost`)
+	overMaxSize     = regexp.MustCompile(`message size (\d+) is larger than (?:configured )?max size (\d+)`)
+)
 
-// noteRefusal records the exchange a 403 channel close names, so its rows
-// fail as attempts instead of closing the channel at every claim. A
-// refusal of one routing key (topic authorisation: "access to topic 'k'
-// in exchange 'x'") is not the exchange's: it is left to release and
-// retry as before.
-func (p *publisher) noteRefusal(why error) {
+// refusal parses a channel close that refuses messages: the exchange (and
+// routing key, for topic authorisation) it names, or the broker's
+// max_message_size. ok is false for any other close.
+func parseRefusal(why error) (exchange, routingKey string, maxSize int, topic, ok bool) {
 	var ae *amqp.Error
-	if !errors.As(why, &ae) || ae.Code != amqp.AccessRefused || strings.Contains(ae.Reason, "access to topic") {
-		return
+	if !errors.As(why, &ae) {
+		return "", "", 0, false, false
 	}
-	m := refusedExchange.FindStringSubmatch(ae.Reason)
-	if m == nil {
-		return
+	switch ae.Code {
+	case amqp.AccessRefused:
+		if m := refusedTopic.FindStringSubmatch(ae.Reason); m != nil {
+			return m[2], m[1], 0, true, true
+		}
+		if m := refusedExchange.FindStringSubmatch(ae.Reason); m != nil {
+			return m[1], "", 0, false, true
+		}
+	case amqp.PreconditionFailed:
+		if m := overMaxSize.FindStringSubmatch(ae.Reason); m != nil {
+			if n, err := strconv.Atoi(m[2]); err == nil && n > 0 {
+				return "", "", n, false, true
+			}
+		}
 	}
-	p.refusedMu.Lock()
-	p.refused[m[1]] = refusal{ae.Reason, time.Now()}
-	p.refusedMu.Unlock()
+	return "", "", 0, false, false
 }
 
-// refusedAt is the broker's reason for refusing exchange, if it did within
-// MaxBackoff (after that one publish tries again: permissions may have
-// been fixed).
-func (p *publisher) refusedAt(exchange string) string {
+// refusedBy is the failure of w if the broker closed the channel (why)
+// because of it, or of a message it refuses the same way; nil otherwise.
+func refusedBy(why error, w *row) error {
+	exchange, routingKey, maxSize, topic, ok := parseRefusal(why)
+	switch {
+	case !ok:
+		return nil
+	case maxSize > 0:
+		if len(w.payload) > maxSize {
+			return overBrokerMax(len(w.payload), maxSize)
+		}
+	case topic:
+		if w.exchange == exchange && w.routingKey == routingKey {
+			return fmt.Errorf("%w: the broker refuses routing key %q on exchange %q: %s (grant the relay user topic permission)", ErrUnpublishable, routingKey, exchange, why)
+		}
+	case w.exchange == exchange:
+		return fmt.Errorf("%w: the broker refuses publishing to exchange %q: %s (fix the exchange or the relay user's permissions)", ErrUnpublishable, exchange, why)
+	}
+	return nil
+}
+
+func overBrokerMax(size, limit int) error {
+	return fmt.Errorf("%w: its payload is %d bytes, over the broker's max_message_size of %d bytes (raise max_message_size in rabbitmq.conf, or send it in smaller messages)", ErrUnpublishable, size, limit)
+}
+
+// noteRefusal records what a channel close refused, so the rows it would
+// refuse again fail as attempts before they are sent, instead of closing
+// the channel (and handing back every unconfirmed message) at each claim.
+func (p *publisher) noteRefusal(why error) {
+	exchange, routingKey, maxSize, topic, ok := parseRefusal(why)
+	if !ok {
+		return
+	}
+	var ae *amqp.Error
+	errors.As(why, &ae)
 	p.refusedMu.Lock()
 	defer p.refusedMu.Unlock()
-	r, ok := p.refused[exchange]
-	if !ok || time.Since(r.at) > p.r.cfg.MaxBackoff {
-		return ""
+	switch {
+	case maxSize > 0:
+		p.brokerMax = maxSize
+	case topic:
+		p.refused[refusalKey(exchange, routingKey)] = refusal{ae.Reason, time.Now()}
+	default:
+		p.refused[exchange] = refusal{ae.Reason, time.Now()}
 	}
-	return r.reason
+}
+
+// refusalKey is the key of a refused routing key in p.refused (exchange
+// names hold no NUL).
+func refusalKey(exchange, routingKey string) string { return exchange + "\x00" + routingKey }
+
+// refusedAt is the broker's reason for refusing exchange, or routingKey on
+// it, if it did within MaxBackoff (after that one publish tries again:
+// permissions may have been fixed).
+func (p *publisher) refusedAt(exchange, routingKey string) string {
+	p.refusedMu.Lock()
+	defer p.refusedMu.Unlock()
+	for _, k := range [...]string{exchange, refusalKey(exchange, routingKey)} {
+		if r, ok := p.refused[k]; ok && time.Since(r.at) <= p.r.cfg.MaxBackoff {
+			return r.reason
+		}
+	}
+	return ""
+}
+
+// tooLarge fails a row whose payload is over MaxMessageSize, or over the
+// broker's max_message_size once a channel close told it.
+func (p *publisher) tooLarge(w *row) error {
+	if n := len(w.payload); n > p.r.cfg.MaxMessageSize {
+		return fmt.Errorf("%w: its payload is %d bytes, over the relay's MaxMessageSize of %d bytes (raise it, and the broker's max_message_size, or send it in smaller messages)", ErrUnpublishable, n, p.r.cfg.MaxMessageSize)
+	}
+	p.refusedMu.Lock()
+	limit := p.brokerMax
+	p.refusedMu.Unlock()
+	if limit > 0 && len(w.payload) > limit {
+		return overBrokerMax(len(w.payload), limit)
+	}
+	return nil
+}
+
+// bounded runs f, an RPC on the connection, until the broker answers, ctx
+// ends or ConfirmTimeout passes. A broker that blocked the connection (a
+// resource alarm) stops reading it and never answers; then the socket is
+// closed, which ends f at once (a close handshake would wait for the
+// broker too), and whatever was unconfirmed on it is handed back.
+func (p *publisher) bounded(ctx context.Context, what string, f func() error) error {
+	done := make(chan error, 1)
+	go func() { done <- f() }()
+	t := time.NewTimer(p.r.cfg.ConfirmTimeout)
+	defer t.Stop()
+	var why error
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		why = ctx.Err()
+	case <-t.C:
+		why = fmt.Errorf("no answer within %s (a resource alarm?)", p.r.cfg.ConfirmTimeout)
+	}
+	p.wire.Conn.Close()
+	<-done
+	return fmt.Errorf("%s: %w; connection closed", what, why)
 }
