@@ -1,37 +1,37 @@
 package inbox
 
 import (
-	"encoding/json"
 	"fmt"
-	"mime"
 	"strconv"
 	"strings"
 	"time"
 	"unicode/utf8"
 
 	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/mailroom-go/mailroom/internal/wire"
 )
 
-// Headers mailroom reads and writes. Names starting with "x-mailroom-" are
-// reserved: they never appear in Message.Headers.
+// Headers mailroom reads and writes (docs/wire.md). Names starting with
+// "x-mailroom-" are reserved: they never appear in Message.Headers.
 const (
 	// HeaderKey carries the ordering key (outbox Message.Key).
-	HeaderKey = "x-mailroom-key"
+	HeaderKey = wire.HeaderKey
 	// HeaderAttempt is the attempt number of a redelivery through the retry
 	// queue (absent = 1).
-	HeaderAttempt = "x-mailroom-attempt"
+	HeaderAttempt = wire.HeaderAttempt
 	// HeaderReason, on a dead letter, says why it was dead-lettered: the
 	// handler's last error, or what made the delivery undecodable.
-	HeaderReason = "x-mailroom-reason"
+	HeaderReason = wire.HeaderReason
 	// HeaderQueue and HeaderConsumer, on a dead letter, say where it failed.
-	HeaderQueue    = "x-mailroom-queue"
-	HeaderConsumer = "x-mailroom-consumer"
+	HeaderQueue    = wire.HeaderQueue
+	HeaderConsumer = wire.HeaderConsumer
 	// HeaderExchange and HeaderRoutingKey, on a retry or a dead letter,
 	// keep where the message was first published: retries and dead
 	// letters travel through the default exchange. They are read only on
 	// deliveries through the default exchange.
-	HeaderExchange   = "x-mailroom-exchange"
-	HeaderRoutingKey = "x-mailroom-routing-key"
+	HeaderExchange   = wire.HeaderExchange
+	HeaderRoutingKey = wire.HeaderRoutingKey
 )
 
 // Message is one delivery as the handler sees it.
@@ -86,7 +86,7 @@ func decode(d *amqp.Delivery) (Message, error) {
 			if n, err := strconv.Atoi(headerString(v)); err == nil && n > 0 {
 				redelivered = n
 			}
-		case brokerHeader(k) || strings.HasPrefix(k, "x-mailroom-"):
+		case wire.BrokerHeader(k) || wire.Reserved(k):
 		default:
 			if m.Headers == nil {
 				m.Headers = make(map[string]string, len(d.Headers))
@@ -95,23 +95,10 @@ func decode(d *amqp.Delivery) (Message, error) {
 		}
 	}
 	m.Attempt += redelivered
-	if isJSON(m.ContentType) && !json.Valid(m.Payload) {
-		return m, poison{fmt.Sprintf("payload is not valid JSON but content_type is %q", m.ContentType)}
+	if err := wire.CheckPayload(m.ContentType, m.Payload); err != nil {
+		return m, poison{err.Error()}
 	}
 	return m, nil
-}
-
-func brokerHeader(k string) bool {
-	return k == "x-death" || k == "x-delivery-count" ||
-		strings.HasPrefix(k, "x-first-death-") || strings.HasPrefix(k, "x-last-death-")
-}
-
-func isJSON(contentType string) bool {
-	if contentType == "" {
-		return false
-	}
-	mt, _, err := mime.ParseMediaType(contentType)
-	return err == nil && (mt == "application/json" || strings.HasSuffix(mt, "+json"))
 }
 
 // headerString formats an AMQP field value (see Message.Headers).
@@ -157,7 +144,7 @@ func origin(d *amqp.Delivery) (exchange, routingKey string) {
 func republish(d *amqp.Delivery, extra amqp.Table) amqp.Publishing {
 	h := make(amqp.Table, len(d.Headers)+len(extra)+2)
 	for k, v := range d.Headers {
-		if !brokerHeader(k) {
+		if !wire.BrokerHeader(k) {
 			h[k] = v
 		}
 	}

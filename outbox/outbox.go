@@ -11,7 +11,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-	"unicode/utf8"
 
 	"github.com/google/uuid"
 	"github.com/lib/pq"
@@ -20,6 +19,7 @@ import (
 	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/internal/sqlident"
 	"github.com/mailroom-go/mailroom/internal/telemetry"
+	"github.com/mailroom-go/mailroom/internal/wire"
 )
 
 // Message is one event to publish. Only Payload and a route (Exchange and/or
@@ -30,7 +30,7 @@ type Message struct {
 	RoutingKey  string            // at most 255 bytes
 	Key         string            // ordering key (e.g. aggregate id); "" = no ordering constraint; at most 255 bytes
 	Type        string            // event type, becomes the AMQP `type` property
-	ContentType string            // default "application/json" (then Payload must be valid JSON)
+	ContentType string            // default "application/json" (with it, or any …+json, Payload must be valid JSON)
 	Headers     map[string]string // become AMQP headers; names starting with "x-mailroom-" are reserved
 	Payload     []byte            // at most Config.MaxPayloadBytes
 	AvailableAt time.Time         // zero = now; later = delayed delivery
@@ -48,19 +48,19 @@ type Execer interface {
 var ErrInvalidMessage = errors.New("outbox: invalid message")
 
 // MaxHeaderBytes bounds a message's headers as AMQP encodes them (names,
-// values and 6 bytes each):
-// AMQP carries every header in one frame, and a larger one makes the broker
-// close the relay's connection.
-const MaxHeaderBytes = 64 << 10
+// values and 6 bytes each): AMQP carries every header in one frame, and a
+// larger one makes the broker close the relay's connection.
+const MaxHeaderBytes = wire.MaxHeaderBytes
 
 // DefaultMaxPayloadBytes is the default payload limit: 1 MiB. RabbitMQ
-// accepts far more (max_message_size: 128 MiB on 3.10, 16 MiB from 3.13),
-// but large payloads in a queue table and on a confirm channel hurt every
-// other message; store big blobs elsewhere and send a reference.
+// accepts more (max_message_size: 16 MiB by default on RabbitMQ 4, and the
+// relay's MaxMessageSize is the same), but large payloads in a queue table
+// and on a confirm channel hurt every other message; store big blobs
+// elsewhere and send a reference.
 const DefaultMaxPayloadBytes = 1 << 20
 
 // ReservedHeaderPrefix marks headers mailroom sets itself (x-mailroom-key).
-const ReservedHeaderPrefix = "x-mailroom-"
+const ReservedHeaderPrefix = wire.ReservedPrefix
 
 // Config configures an Outbox. The zero value is valid.
 type Config struct {
@@ -68,7 +68,8 @@ type Config struct {
 	// Default "mailroom_outbox" (resolved through search_path).
 	Table string
 	// MaxPayloadBytes rejects larger payloads. Default DefaultMaxPayloadBytes;
-	// at most 128 MiB (RabbitMQ's own ceiling).
+	// at most 512 MiB (RabbitMQ's hard limit). The relay publishes at most
+	// its own MaxMessageSize (default 16 MiB) and dead-letters larger rows.
 	MaxPayloadBytes int
 	// Propagator writes the trace context of Add's ctx (the current span,
 	// and baggage if the propagator carries it) into each message's
@@ -128,8 +129,8 @@ func New(cfg Config) (*Outbox, error) {
 	switch {
 	case cfg.MaxPayloadBytes == 0:
 		cfg.MaxPayloadBytes = DefaultMaxPayloadBytes
-	case cfg.MaxPayloadBytes < 0 || cfg.MaxPayloadBytes > 128<<20:
-		return nil, fmt.Errorf("outbox: Config.MaxPayloadBytes %d: must be between 1 and %d (128 MiB, RabbitMQ's limit); 0 means the 1 MiB default", cfg.MaxPayloadBytes, 128<<20)
+	case cfg.MaxPayloadBytes < 0 || cfg.MaxPayloadBytes > wire.MaxMessageSizeLimit:
+		return nil, fmt.Errorf("outbox: Config.MaxPayloadBytes %d: must be between 1 and %d (512 MiB, RabbitMQ's hard limit); 0 means the 1 MiB default", cfg.MaxPayloadBytes, wire.MaxMessageSizeLimit)
 	}
 	insert := `INSERT INTO ` + table.Quoted() + ` (id, exchange, routing_key, key, type, content_type, headers, payload, available_at) VALUES `
 	return &Outbox{
@@ -373,7 +374,7 @@ func (o *Outbox) validate(i int, m *Message) (string, error) {
 	if m.Exchange == "" && m.RoutingKey == "" {
 		return "", bad("RoutingKey", "empty with the default exchange, which routes by queue name: set Exchange, or RoutingKey to the target queue")
 	}
-	if err := shortString(m.Exchange); err != nil {
+	if err := wire.ShortString(m.Exchange); err != nil {
 		return "", bad("Exchange", "%v", err)
 	}
 	for _, c := range m.Exchange {
@@ -381,64 +382,20 @@ func (o *Outbox) validate(i int, m *Message) (string, error) {
 			return "", bad("Exchange", "%q has %q; AMQP exchange names use letters, digits, '-', '_', '.' and ':'", m.Exchange, c)
 		}
 	}
-	for _, f := range [...]struct{ name, v string }{{"RoutingKey", m.RoutingKey}, {"Key", m.Key}, {"Type", m.Type}, {"ContentType", m.ContentType}} {
-		if err := shortString(f.v); err != nil {
-			return "", bad(f.name, "%v", err)
-		}
+	// The key travels as a header value, but is indexed: the same limit.
+	if err := wire.ShortString(m.Key); err != nil {
+		return "", bad("Key", "%v", err)
 	}
 	if m.ContentType == "" {
-		m.ContentType = "application/json"
-	}
-	headerBytes := 0
-	for name, v := range m.Headers {
-		headerBytes += 6 + len(name) + len(v) // as AMQP encodes a table entry
-		if name == "" {
-			return "", bad("Headers", "empty header name")
-		}
-		if err := shortString(name); err != nil {
-			return "", bad("Headers", "name: %v", err)
-		}
-		if err := text(v); err != nil {
-			return "", bad("Headers", "%q: %v", name, err)
-		}
-		if strings.HasPrefix(strings.ToLower(name), ReservedHeaderPrefix) {
-			return "", bad("Headers", "%q: names starting with %q are reserved by mailroom (use Message.Key for the ordering key)", name, ReservedHeaderPrefix)
-		}
-	}
-	if headerBytes > MaxHeaderBytes {
-		return "", bad("Headers", "%d bytes encoded is over the %d-byte limit: AMQP sends all headers in one frame (RabbitMQ's is 128 KiB); put large data in the payload", headerBytes, MaxHeaderBytes)
+		m.ContentType = wire.DefaultContentType
 	}
 	if len(m.Payload) > o.maxPayload {
 		return "", bad("Payload", "%d bytes is over the %d-byte limit (Config.MaxPayloadBytes); store large data elsewhere and send a reference", len(m.Payload), o.maxPayload)
 	}
-	if m.ContentType == "application/json" && !json.Valid(m.Payload) {
-		return "", bad("Payload", "not valid JSON, but ContentType is application/json (the default); fix the payload or set ContentType")
+	if err := wire.Check(wire.Message{Exchange: m.Exchange, RoutingKey: m.RoutingKey, Type: m.Type, ContentType: m.ContentType, Headers: m.Headers, Payload: m.Payload}); err != nil {
+		return "", fmt.Errorf("%w: message %d: %w", ErrInvalidMessage, i, err)
 	}
 	return id, nil
-}
-
-// shortString enforces AMQP's 255-byte shortstr limit, which applies to the
-// exchange, routing key, type, content type and header names; the ordering
-// key travels as a header value but is indexed, so it gets the same limit.
-func shortString(s string) error {
-	if len(s) > 255 {
-		return fmt.Errorf("%d bytes is over the 255-byte limit", len(s))
-	}
-	return text(s)
-}
-
-// text enforces what PostgreSQL's text columns and jsonb accept (and AMQP
-// strings require): UTF-8 without NUL bytes. Checked here, a bad value is
-// an error of Add naming the field, also when the insert itself travels
-// with the COMMIT (NewConnector).
-func text(s string) error {
-	if strings.ContainsRune(s, 0) {
-		return fmt.Errorf("contains a NUL byte")
-	}
-	if !utf8.ValidString(s) {
-		return fmt.Errorf("%q is not valid UTF-8", s)
-	}
-	return nil
 }
 
 // timeLiteral is t as an SQL literal, as lib/pq sends a time parameter:

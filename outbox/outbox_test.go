@@ -387,7 +387,7 @@ func TestConfigErrors(t *testing.T) {
 	if _, err := outbox.New(outbox.Config{MaxPayloadBytes: -1}); err == nil || !strings.Contains(err.Error(), "MaxPayloadBytes") {
 		t.Errorf("negative MaxPayloadBytes: %v", err)
 	}
-	if _, err := outbox.New(outbox.Config{MaxPayloadBytes: 200 << 20}); err == nil {
+	if _, err := outbox.New(outbox.Config{MaxPayloadBytes: 600 << 20}); err == nil {
 		t.Error("MaxPayloadBytes over RabbitMQ's limit accepted")
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/internal/wire"
 )
 
 // Config configures a Relay. Zero values take the documented defaults.
@@ -129,10 +130,7 @@ type Config struct {
 
 // DefaultMaxMessageSize is Config.MaxMessageSize's default: 16 MiB,
 // RabbitMQ 4's default max_message_size.
-const DefaultMaxMessageSize = 16 << 20
-
-// maxMessageSizeLimit is RabbitMQ's hard limit on max_message_size.
-const maxMessageSizeLimit = 512 << 20
+const DefaultMaxMessageSize = wire.DefaultMaxMessageSize
 
 func (c *Config) setDefaults() {
 	if c.Name == "" {
@@ -185,8 +183,8 @@ func (c *Config) validate() error {
 		return fmt.Errorf("relay: Config.Lease %s must be at least twice ConfirmTimeout (%s), or rows are re-claimed while their confirms are still awaited", c.Lease, c.ConfirmTimeout)
 	case c.PollInterval < 10*time.Millisecond:
 		return fmt.Errorf("relay: Config.PollInterval %s: must be at least 10ms", c.PollInterval)
-	case c.MaxMessageSize < 1 || c.MaxMessageSize > maxMessageSizeLimit:
-		return fmt.Errorf("relay: Config.MaxMessageSize %d: must be between 1 and %d bytes (RabbitMQ's hard limit)", c.MaxMessageSize, maxMessageSizeLimit)
+	case c.MaxMessageSize < 1 || c.MaxMessageSize > wire.MaxMessageSizeLimit:
+		return fmt.Errorf("relay: Config.MaxMessageSize %d: must be between 1 and %d bytes (RabbitMQ's hard limit)", c.MaxMessageSize, wire.MaxMessageSizeLimit)
 	case c.MaxAttempts < 1:
 		return fmt.Errorf("relay: Config.MaxAttempts %d: must be at least 1", c.MaxAttempts)
 	case c.MinBackoff < 0:

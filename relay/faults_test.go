@@ -553,7 +553,7 @@ func TestUnpublishableRowsAreDeadLettered(t *testing.T) {
 	if err := e.s.DB.Select(&errs, `SELECT last_error FROM mailroom_outbox_dead ORDER BY seq`); err != nil {
 		t.Fatal(err)
 	}
-	if len(errs) != 2 || !strings.Contains(errs[0], "routing_key is 300 bytes") || !strings.Contains(errs[1], "frame") {
+	if len(errs) != 2 || !strings.Contains(errs[0], "RoutingKey: 300 bytes is over the 255-byte limit") || !strings.Contains(errs[1], "frame") {
 		t.Fatalf("dead letters %q, want the two rows, failed for their routing key and their headers", errs)
 	}
 	stop() // the counters are bumped just after the commit waitDrained saw

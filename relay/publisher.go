@@ -13,6 +13,7 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/mailroom-go/mailroom/internal/amqpx"
+	"github.com/mailroom-go/mailroom/internal/wire"
 )
 
 // publisher owns the AMQP connection and one confirm-mode channel. It
@@ -95,6 +96,10 @@ func (p *publisher) run(ctx context.Context, batches <-chan []*row) {
 // publish sends one row or settles it: it never returns with the row lost.
 func (p *publisher) publish(ctx context.Context, w *row) {
 	w.span = p.startPublish(w)
+	if err := p.check(w); err != nil {
+		p.emit(outcome{row: w, kind: failed, reason: reasonUnpublishable, err: err})
+		return
+	}
 	msg := message(w, w.span != nil)
 	if w.span != nil {
 		p.injectSpan(w.span, msg.Headers)
@@ -104,7 +109,7 @@ func (p *publisher) publish(ctx context.Context, w *row) {
 			p.settle([]*row{w}, released, nil)
 			return
 		}
-		if err := fits(msg, w, p.conn.Config.FrameSize); err != nil {
+		if err := fits(msg, p.conn.Config.FrameSize); err != nil {
 			// Sent, it would fail in the client's encoder or close the
 			// connection (frame_too_large), again at every claim.
 			p.emit(outcome{row: w, kind: failed, reason: reasonUnpublishable, err: err})
@@ -188,7 +193,7 @@ func message(w *row, traced bool) amqp.Publishing {
 		h[k] = v
 	}
 	if w.key != "" {
-		h["x-mailroom-key"] = w.key
+		h[wire.HeaderKey] = w.key
 	}
 	return amqp.Publishing{
 		MessageId:    w.id,
@@ -534,21 +539,27 @@ func (p *publisher) emit(o outcome) {
 	p.outcomes <- o
 }
 
-// fits checks what the broker would refuse by closing the channel or the
-// connection, or amqp091-go refuse to encode: names over AMQP's 255-byte
-// short strings, and headers larger than a frame. Add checks these too; a
-// row written by other means (SQL, COPY) may not have been.
-func fits(msg amqp.Publishing, w *row, frameSize int) error {
-	for _, f := range [...]struct{ name, v string }{{"exchange", w.exchange}, {"routing_key", w.routingKey}, {"id", msg.MessageId}, {"type", msg.Type}, {"content_type", msg.ContentType}} {
-		if len(f.v) > 255 {
-			return fmt.Errorf("%w: %s is %d bytes, over AMQP's 255-byte limit", ErrUnpublishable, f.name, len(f.v))
-		}
+// check applies the wire contract to a row, as Add did (a row written by
+// other means, SQL or COPY, may break it), and MaxMessageSize.
+func (p *publisher) check(w *row) error {
+	if w.badHeaders != nil {
+		return fmt.Errorf("%w: %w", ErrUnpublishable, w.badHeaders)
 	}
+	if err := wire.Check(wire.Message{Exchange: w.exchange, RoutingKey: w.routingKey, Type: w.typ, ContentType: w.contentType, Headers: w.headers, Payload: w.payload}); err != nil {
+		return fmt.Errorf("%w: %w", ErrUnpublishable, err)
+	}
+	if n := len(w.payload); n > p.r.cfg.MaxMessageSize {
+		return fmt.Errorf("%w: Payload: %d bytes is over the relay's MaxMessageSize of %d bytes (raise it, and the broker's max_message_size, or send it in smaller messages)", ErrUnpublishable, n, p.r.cfg.MaxMessageSize)
+	}
+	return nil
+}
+
+// fits checks that the headers, with those the relay adds (the key, the
+// trace context), fit in the connection's frame: a larger one would close
+// the connection (frame_too_large), again at every claim.
+func fits(msg amqp.Publishing, frameSize int) error {
 	size := 64 + len(msg.MessageId) + len(msg.Type) + len(msg.ContentType) // frame, class and property overhead
 	for k, v := range msg.Headers {
-		if len(k) > 255 {
-			return fmt.Errorf("%w: header name %.40q… is %d bytes, over AMQP's 255-byte limit", ErrUnpublishable, k, len(k))
-		}
 		size += 1 + len(k) + 5 // name, type, length
 		if s, ok := v.(string); ok {
 			size += len(s)
@@ -622,7 +633,7 @@ func refusedBy(why error, w *row) error {
 }
 
 func overBrokerMax(size, limit int) error {
-	return fmt.Errorf("%w: its payload is %d bytes, over the broker's max_message_size of %d bytes (raise max_message_size in rabbitmq.conf, or send it in smaller messages)", ErrUnpublishable, size, limit)
+	return fmt.Errorf("%w: Payload: %d bytes is over the broker's max_message_size of %d bytes (raise max_message_size in rabbitmq.conf, or send it in smaller messages)", ErrUnpublishable, size, limit)
 }
 
 // noteRefusal records what a channel close refused, so the rows it would
@@ -665,12 +676,9 @@ func (p *publisher) refusedAt(exchange, routingKey string) string {
 	return ""
 }
 
-// tooLarge fails a row whose payload is over MaxMessageSize, or over the
-// broker's max_message_size once a channel close told it.
+// tooLarge fails a row whose payload is over the broker's
+// max_message_size, once a channel close told it.
 func (p *publisher) tooLarge(w *row) error {
-	if n := len(w.payload); n > p.r.cfg.MaxMessageSize {
-		return fmt.Errorf("%w: its payload is %d bytes, over the relay's MaxMessageSize of %d bytes (raise it, and the broker's max_message_size, or send it in smaller messages)", ErrUnpublishable, n, p.r.cfg.MaxMessageSize)
-	}
 	p.refusedMu.Lock()
 	limit := p.brokerMax
 	p.refusedMu.Unlock()

@@ -53,7 +53,7 @@ func TestRowOverMaxMessageSizeIsDeadLettered(t *testing.T) {
 	stop := e.start(cfg)
 	e.consumeAll(e.queue, want, 30*time.Second)
 	attempts, lastError := e.deadError(big)
-	if attempts != 2 || !strings.Contains(lastError, "2048 bytes") || !strings.Contains(lastError, "MaxMessageSize of 1024") {
+	if attempts != 2 || !strings.Contains(lastError, "Payload: 2048 bytes") || !strings.Contains(lastError, "MaxMessageSize of 1024") {
 		t.Errorf("dead letter: %d attempts, error %q; want 2, naming the size and MaxMessageSize", attempts, lastError)
 	}
 	if notFinal.MatchString(lastError) {

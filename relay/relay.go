@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"context"
 	"database/sql"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -19,6 +18,7 @@ import (
 
 	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/internal/wakeup"
+	"github.com/mailroom-go/mailroom/internal/wire"
 )
 
 // ErrUnroutable is the failure of a message the broker returned (mandatory
@@ -29,9 +29,12 @@ var ErrUnroutable = errors.New("relay: unroutable: no queue bound for exchange a
 // ErrNacked is the failure of a message the broker refused (basic.nack).
 var ErrNacked = errors.New("relay: nacked by the broker")
 
-// ErrUnpublishable is the failure of a message the broker cannot take as
-// it is (a name over 255 bytes, headers larger than a frame): only a row
-// written by other means than outbox.Add can be one.
+// ErrUnpublishable is the failure of a message that breaks the wire
+// contract (a name over 255 bytes, headers larger than a frame, reserved
+// headers, a payload that is not the JSON its content type says: only a
+// row written by other means than outbox.Add can be one), is larger than
+// MaxMessageSize, or that the broker refuses (its max_message_size, the
+// relay user's permissions).
 var ErrUnpublishable = errors.New("relay: message cannot be published as it is")
 
 // ErrNoExchange is the failure of a message whose exchange does not exist.
@@ -210,6 +213,7 @@ type row struct {
 	typ         string
 	contentType string
 	headers     map[string]string
+	badHeaders  error // the headers column is not a JSON object
 	payload     []byte
 	createdAt   time.Time
 	attempts    int
@@ -591,15 +595,9 @@ func (r *Relay) claimRows(clock *batchClock, lease string, query func() (*sql.Ro
 		if err := rs.Scan(&w.seq, &w.id, &w.exchange, &w.routingKey, &w.key, &w.typ, &w.contentType, &headers, &w.payload, &w.createdAt, &w.attempts); err != nil {
 			return nil, fmt.Errorf("claim from %s: %w", r.tables.Outbox, err)
 		}
-		if len(headers) > 0 {
-			if err := json.Unmarshal(headers, &w.headers); err != nil {
-				// Only Add writes headers, as a JSON object of strings; a
-				// row edited by hand is published with its headers as
-				// they are in one header (the consumer decides), never
-				// dropped.
-				w.headers = map[string]string{"x-mailroom-bad-headers": string(headers)}
-			}
-		}
+		// A row written by hand may hold anything there: the publish
+		// fails it (wire.ParseHeaders says what is wrong).
+		w.headers, w.badHeaders = wire.ParseHeaders(headers)
 		rows = append(rows, w)
 	}
 	if err := rs.Err(); err != nil {
