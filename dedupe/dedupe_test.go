@@ -243,7 +243,7 @@ func TestPurgeRemovesOnlyOldEntries(t *testing.T) {
 		UNION ALL SELECT 't', 'new' || g, now() FROM generate_series(1, 10) g`); err != nil {
 		t.Fatal(err)
 	}
-	n, err := st.Purge(ctx, db, 0) // default 7 days
+	n, err := st.Purge(ctx, db, "s", 0) // default 7 days
 	if err != nil || n != 50 {
 		t.Fatalf("Purge = %d, %v; want 50", n, err)
 	}
@@ -253,14 +253,47 @@ func TestPurgeRemovesOnlyOldEntries(t *testing.T) {
 	if left != 30 || old != 0 {
 		t.Fatalf("left %d (old %d), want 30 (0)", left, old)
 	}
-	if n, err := st.Purge(ctx, db, 5*24*time.Hour); err != nil || n != 20 {
+	if n, err := st.Purge(ctx, db, "s", 5*24*time.Hour); err != nil || n != 20 {
 		t.Fatalf("Purge(5 days) = %d, %v; want 20", n, err)
 	}
 	if first, _ := st.Claim(ctx, db, "s", "old1"); !first {
 		t.Fatal("a purged id should be claimable again")
 	}
-	if _, err := st.Purge(ctx, db, -time.Second); !errors.Is(err, dedupe.ErrInvalid) {
+	if _, err := st.Purge(ctx, db, "s", -time.Second); !errors.Is(err, dedupe.ErrInvalid) {
 		t.Fatalf("negative window: %v, want ErrInvalid", err)
+	}
+}
+
+// Scopes share the table, not their retention: purging one scope by its
+// window leaves every other scope's entries, however old.
+func TestPurgeOnlyItsScope(t *testing.T) {
+	t.Parallel()
+	db := testenv.NewSchema(t).DB
+	st := newStore(t, dedupe.Config{PurgeBatch: 3})
+	ctx := context.Background()
+	// Each scope: 10 entries 10 days old, 10 entries 40 days old.
+	if _, err := db.Exec(`INSERT INTO mailroom_inbox (scope, id, recorded_at)
+		SELECT s, s || '-' || g || '-' || d, now() - d * interval '1 day'
+		FROM unnest(ARRAY['week', 'month', 'other']) s, generate_series(1, 10) g, unnest(ARRAY[10, 40]) d`); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := st.Purge(ctx, db, "week", 7*24*time.Hour); err != nil || n != 20 {
+		t.Fatalf("Purge(week, 7 days) = %d, %v; want its 20", n, err)
+	}
+	if n, err := st.Purge(ctx, db, "month", 30*24*time.Hour); err != nil || n != 10 {
+		t.Fatalf("Purge(month, 30 days) = %d, %v; want its 10 of 40 days", n, err)
+	}
+	var left []string
+	if err := db.Select(&left, `SELECT scope || ' ' || count(*) FROM mailroom_inbox GROUP BY scope ORDER BY scope`); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(left, ", "); got != "month 10, other 20" {
+		t.Fatalf("left %s; want month 10, other 20", got)
+	}
+	for _, scope := range []string{"", "bad\x00"} {
+		if _, err := st.Purge(ctx, db, scope, 0); !errors.Is(err, dedupe.ErrInvalid) {
+			t.Errorf("Purge(%q): %v, want ErrInvalid", scope, err)
+		}
 	}
 }
 
@@ -277,7 +310,7 @@ func TestPurgeSkipsLockedRows(t *testing.T) {
 	tx.MustExec(`SELECT 1 FROM mailroom_inbox WHERE id = 'a' FOR UPDATE`)
 	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	n, err := st.Purge(pctx, db, 0)
+	n, err := st.Purge(pctx, db, "s", 0)
 	if err != nil || n != 1 {
 		t.Fatalf("Purge = %d, %v; want 1 (the unlocked row), without waiting", n, err)
 	}

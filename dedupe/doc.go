@@ -24,13 +24,18 @@
 //
 // # Purging
 //
-// Entries are kept for a window (DefaultRetention, 7 days) and removed by
-// Purge, which you run periodically (the inbox consumer does, see
-// inbox.Config.PurgeInterval). Purge deletes in batches of Config.PurgeBatch
-// (1000) rows, oldest first along the recorded_at index, each batch its own
-// short autocommit statement with FOR UPDATE SKIP LOCKED: no purge holds
-// locks for more than one batch, concurrent purgers never wait on each other
-// or on claims, and autovacuum reclaims the space as it goes.
+// Each scope keeps its entries for a window of its own and is purged by
+// its owner with Purge(ctx, db, scope, olderThan), which touches no other
+// scope: scopes share the table but not their retention. The inbox
+// consumer purges its Consumer scope by its Retention (see
+// inbox.Config.PurgeInterval); an HTTP idempotency middleware purges its
+// scope itself; the mailroom-relay sidecar purges only the scopes it is
+// told to (--purge-inbox scope=retention), none by default. Purge deletes
+// in batches of Config.PurgeBatch (1000) rows, oldest first along the
+// (scope, recorded_at) index, each batch its own short autocommit statement
+// with FOR UPDATE SKIP LOCKED: no purge holds locks for more than one
+// batch, concurrent purgers never wait on each other or on claims, and
+// autovacuum reclaims the space as it goes.
 //
 // Why batched deletes and not time partitions (DROP PARTITION is cheaper
 // still): the primary key (scope, id) must be unique across the whole

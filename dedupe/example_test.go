@@ -36,12 +36,13 @@ func ExampleStore_Claim() {
 	}
 }
 
-// Purge expired entries periodically; each batch commits on its own.
+// Purge a scope's expired entries periodically; each batch commits on its
+// own. Other scopes in the table are left to their owners.
 func ExampleStore_Purge() {
 	ctx := context.Background()
 	db := sqlx.MustOpen("postgres", "postgres://localhost/app?sslmode=disable")
 	store, _ := dedupe.New(dedupe.Config{})
-	n, err := store.Purge(ctx, db, 0) // entries older than 7 days
+	n, err := store.Purge(ctx, db, "http:orders", 0) // its entries older than 7 days
 	if err != nil {
 		panic(err)
 	}

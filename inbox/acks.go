@@ -2,6 +2,7 @@ package inbox
 
 import (
 	"sync"
+	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 )
@@ -20,23 +21,44 @@ import (
 // the session ends.
 type acker struct {
 	mu       sync.Mutex
-	inflight map[uint64]struct{} // received, not yet settled
-	next     uint64              // the tag after the last one received
-	low      uint64              // every tag below low is settled
-	held     []*amqp.Delivery    // applied, ack not sent yet
+	inflight map[uint64]time.Time // received, not yet settled: held since (see stamp in Consumer.session)
+	next     uint64               // the tag after the last one received
+	low      uint64               // every tag below low is settled
+	held     []*amqp.Delivery     // applied, ack not sent yet
 	maxHeld  int
 }
 
 func newAcker(prefetch int) *acker {
-	return &acker{inflight: map[uint64]struct{}{}, next: 1, low: 1, maxHeld: max(1, prefetch/2)}
+	return &acker{inflight: map[uint64]time.Time{}, next: 1, low: 1, maxHeld: max(1, prefetch/2)}
 }
 
-// received records a delivery before any worker can see it.
-func (a *acker) received(tag uint64) {
+// received records a delivery, held since at, before any worker can see
+// it.
+func (a *acker) received(tag uint64, at time.Time) {
 	a.mu.Lock()
-	a.inflight[tag] = struct{}{}
+	a.inflight[tag] = at
 	a.next = tag + 1
 	a.mu.Unlock()
+}
+
+// oldest returns since when the oldest delivery not yet settled has been
+// held, if there is one.
+func (a *acker) oldest() (time.Time, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.advance()
+	at, ok := a.inflight[a.low]
+	return at, ok
+}
+
+// advance moves low past the settled tags.
+func (a *acker) advance() {
+	for a.low < a.next {
+		if _, ok := a.inflight[a.low]; ok {
+			break
+		}
+		a.low++
+	}
 }
 
 // ack acks ds now or later (see acker). An error means the channel is
@@ -72,12 +94,7 @@ func (a *acker) flush() error {
 // send sends the held acks that every earlier delivery's settlement
 // allows in one multiple ack, and with all the rest one by one.
 func (a *acker) send(all bool) error {
-	for a.low < a.next {
-		if _, ok := a.inflight[a.low]; ok {
-			break
-		}
-		a.low++
-	}
+	a.advance()
 	var top *amqp.Delivery // the highest held delivery below low
 	keep := a.held[:0]
 	for _, d := range a.held {

@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"testing"
+	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 )
@@ -53,7 +54,7 @@ func (b *broker) Reject(tag uint64, requeue bool) error { return b.Nack(tag, fal
 
 func (b *broker) deliver(a *acker, tag uint64) *amqp.Delivery {
 	b.outstanding[tag] = true
-	a.received(tag)
+	a.received(tag, time.Now())
 	return &amqp.Delivery{Acknowledger: b, DeliveryTag: tag}
 }
 

@@ -37,6 +37,7 @@ const (
 	DefaultReconnectMaxWait = 30 * time.Second
 	DefaultPurgeInterval    = time.Hour
 	DefaultRetention        = 7 * 24 * time.Hour
+	DefaultHoldLimit        = 25 * time.Minute
 	maxBatchSize            = 1000
 )
 
@@ -60,15 +61,22 @@ type Config struct {
 	ConnectionName string
 	// RetryQueue receives failed messages with a per-message TTL; when the
 	// TTL expires the broker dead-letters them back to Queue.
-	// Default Queue + ".retry". When it does not exist, a failed delivery is
-	// requeued after the backoff delay instead (see the package doc).
+	// Default Queue + ".retry". Run declares it when it does not exist
+	// (see NoDeclare).
 	RetryQueue string
 	// DeadLetterQueue receives undecodable messages and messages that failed
 	// MaxAttempts times, with the reason in the x-mailroom-reason header.
-	// Default Queue + ".dead". When it does not exist the delivery is
-	// rejected without requeue, which dead-letters it through the queue's
-	// own dead-letter exchange if it has one and drops it otherwise.
+	// Default Queue + ".dead". Run declares it when it does not exist (see
+	// NoDeclare).
 	DeadLetterQueue string
+	// NoDeclare stops Run from declaring RetryQueue and DeadLetterQueue
+	// when they do not exist. By default Run declares a missing one as
+	// DeclareTopology would (a durable quorum queue; the retry queue
+	// dead-letters to Queue through the default exchange, which works
+	// whatever Queue's arguments) and leaves Queue as it is. Set it when
+	// you manage the topology yourself: Run then returns an error wrapping
+	// ErrQueueNotFound that names the missing queue.
+	NoDeclare bool
 
 	// Concurrency is the number of workers, each with its own transaction.
 	// Default DefaultConcurrency (4). Let db keep at least Concurrency + 1
@@ -123,6 +131,17 @@ type Config struct {
 	// ReconnectMaxWait caps the backoff between reconnection attempts.
 	// Default 30s.
 	ReconnectMaxWait time.Duration
+	// HoldLimit bounds how long a delivery stays unacked here (held
+	// through a database outage, a retry in place under OrderedByKey, a
+	// slow handler). Past it Run hands every delivery back to the queue,
+	// in order, by closing its connection, and consumes again once the
+	// database answers. Otherwise RabbitMQ's consumer_timeout (30 min by
+	// default, checked once a minute) would close the channel and return
+	// them with their delivery count raised: a quorum queue dead-letters a
+	// message past its delivery limit, without a reason. Keep it a few
+	// minutes under the broker's timeout, and above the longest handler.
+	// Default DefaultHoldLimit (25 min); negative disables it.
+	HoldLimit time.Duration
 
 	// Table is the deduplication table (see package dedupe).
 	// Default "mailroom_inbox".
@@ -241,6 +260,11 @@ func (cfg Config) withDefaults() (Config, error) {
 		cfg.ReconnectMaxWait = DefaultReconnectMaxWait
 	} else if cfg.ReconnectMaxWait < 10*time.Millisecond {
 		return bad("ReconnectMaxWait", "%s: must be at least 10ms", cfg.ReconnectMaxWait)
+	}
+	if cfg.HoldLimit == 0 {
+		cfg.HoldLimit = DefaultHoldLimit
+	} else if cfg.HoldLimit > 0 && cfg.HoldLimit < time.Second {
+		return bad("HoldLimit", "%s: must be at least 1s (or negative to disable it)", cfg.HoldLimit)
 	}
 	if cfg.Retention == 0 {
 		cfg.Retention = DefaultRetention

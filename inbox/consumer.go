@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"log/slog"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -40,7 +41,7 @@ type Stats struct {
 	Duplicates   uint64 // deliveries acked without calling the handler
 	Failed       uint64 // handler errors and panics
 	Retried      uint64 // deliveries sent to the retry queue or retried in place
-	DeadLettered uint64 // deliveries sent to the dead-letter queue (or rejected)
+	DeadLettered uint64 // deliveries sent to the dead-letter queue
 	Requeued     uint64 // deliveries returned to the queue (unknown commit outcome, broker error)
 	DBErrors     uint64 // database errors before a commit, retried in place
 	Sessions     uint64 // connections established (1 + reconnections)
@@ -99,9 +100,11 @@ func (c *Consumer) Run(ctx context.Context) error {
 	defer unregister()
 	var wg sync.WaitGroup
 	defer wg.Wait()
+	pctx, stopPurge := context.WithCancel(ctx) // also when Run returns an error
+	defer stopPurge()
 	if c.cfg.PurgeInterval > 0 {
 		wg.Add(1)
-		go func() { defer wg.Done(); c.purgeLoop(ctx) }()
+		go func() { defer wg.Done(); c.purgeLoop(pctx) }()
 	}
 	log := c.cfg.Logger.With("consumer", c.cfg.Consumer)
 	b := backoff.NewExponentialBackOff()
@@ -121,6 +124,9 @@ func (c *Consumer) Run(ctx context.Context) error {
 		err = c.session(ctx, conn)
 		if ctx.Err() != nil {
 			return nil
+		}
+		if errors.Is(err, ErrQueueNotFound) {
+			return err
 		}
 		if time.Since(started) > time.Minute {
 			b.Reset()
@@ -153,12 +159,13 @@ func (c *Consumer) purgeLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			n, err := c.store.Purge(ctx, c.db, c.cfg.Retention)
+			// Only this consumer's ids: others on the table keep their own Retention.
+			n, err := c.store.Purge(ctx, c.db, c.cfg.Consumer, c.cfg.Retention)
 			if err != nil && ctx.Err() == nil {
 				c.cfg.Logger.Warn("inbox: purge of old message ids failed; retrying next interval", "consumer", c.cfg.Consumer, "table", c.store.Table(), "error", err)
 			} else if n > 0 {
 				c.tel.purged.Add(ctx, n, c.tel.purgedOpts...)
-				c.cfg.Logger.Debug("inbox: purged old message ids", "table", c.store.Table(), "deleted", n)
+				c.cfg.Logger.Debug("inbox: purged old message ids", "consumer", c.cfg.Consumer, "table", c.store.Table(), "deleted", n)
 			}
 		}
 	}
@@ -171,8 +178,9 @@ func (c *Consumer) purgeLoop(ctx context.Context) {
 // was unacked is redelivered and deduplicated. session closes conn.
 func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 	var bg sync.WaitGroup
-	defer bg.Wait()         // notification drainers end once conn is closed
-	defer amqpx.Close(conn) // runs first
+	defer bg.Wait() // notification drainers end once conn is closed
+	closeConn := sync.OnceFunc(func() { amqpx.Close(conn) })
+	defer closeConn() // runs first
 	log := c.cfg.Logger.With("consumer", c.cfg.Consumer, "queue", c.cfg.Queue, "connection", c.cfg.ConnectionName)
 
 	broken := make(chan struct{}) // closed when a notification means the session is over
@@ -206,13 +214,8 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 		}
 	}()
 
-	retryOK := queueExists(conn, c.cfg.RetryQueue)
-	deadOK := queueExists(conn, c.cfg.DeadLetterQueue)
-	if !retryOK {
-		log.Warn("inbox: retry queue not found; failed messages are requeued after the backoff delay instead (declare it with inbox.DeclareTopology)", "retry_queue", c.cfg.RetryQueue)
-	}
-	if !deadOK {
-		log.Warn("inbox: dead-letter queue not found; poison messages are rejected without requeue (declare it with inbox.DeclareTopology)", "dead_letter_queue", c.cfg.DeadLetterQueue)
+	if err := c.ensureQueues(conn, log); err != nil {
+		return err
 	}
 	pub, err := newPublisher(conn, &bg, log, brk)
 	if err != nil {
@@ -249,7 +252,11 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 			}
 		}
 	}()
+	if err := c.waitDB(ctx, broken, log); err != nil {
+		return err
+	}
 	tag := consumerTag(c.cfg.ConnectionName)
+	since := time.Now() // nothing can be delivered before the consume
 	deliveries, err := ch.Consume(c.cfg.Queue, tag, false, false, false, false, nil)
 	if err != nil {
 		return fmt.Errorf("consume %q: %w", c.cfg.Queue, err)
@@ -260,7 +267,18 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 	hctx, hcancel := context.WithCancel(context.WithoutCancel(ctx))
 	defer hcancel()
 	stop := make(chan struct{}) // closed: workers stop (after what they hold, see work)
-	s := &session{c: c, ctx: hctx, stop: stop, finish: new(atomic.Bool), broken: broken, pub: pub, retryOK: retryOK, deadOK: deadOK, log: log, acks: newAcker(c.cfg.Prefetch)}
+	// handBack ends the session and returns every unacked delivery to the
+	// queue at once, in order, by closing the connection.
+	handBack := func(why error) {
+		log.Warn("inbox: handing every delivery back to the queue, in order, by closing the connection; consuming again once the database answers", "error", why)
+		brk()
+		closeConn()
+	}
+	s := &session{c: c, ctx: hctx, stop: stop, finish: new(atomic.Bool), broken: broken, pub: pub, handBack: handBack, log: log, acks: newAcker(c.cfg.Prefetch)}
+	if c.cfg.HoldLimit > 0 {
+		bg.Add(1)
+		go func() { defer bg.Done(); s.watchHolds(c.cfg.HoldLimit) }()
+	}
 
 	var workers sync.WaitGroup
 	inputs := make([]chan amqp.Delivery, c.cfg.Concurrency)
@@ -274,25 +292,50 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 		go func(in <-chan amqp.Delivery) { defer workers.Done(); s.work(in) }(inputs[i])
 	}
 	var next uint32 // round robin for deliveries without a key
+	// stamp records since when a delivery may have been held: the broker's
+	// consumer_timeout counts from when it sent it (see watchHolds). One
+	// that was already waiting in amqp091-go's buffer (the loop was busy
+	// handing an earlier one to a full worker) may have come long before
+	// it is read, but not before the previous delivery, nor before the one
+	// Prefetch tags earlier was read: until that was settled, the prefetch
+	// was full.
+	read := make([]time.Time, c.cfg.Prefetch) // by tag % Prefetch
+	stamp := func(d *amqp.Delivery, waited bool) {
+		now, slot := time.Now(), &read[d.DeliveryTag%uint64(len(read))]
+		if waited {
+			since = now
+		} else if slot.After(since) {
+			since = *slot
+		}
+		*slot = now
+		s.acks.received(d.DeliveryTag, since)
+	}
 	result := func() error {
 		for {
+			var d amqp.Delivery
+			ok, waited := false, false
 			select {
-			case d, ok := <-deliveries:
-				if !ok {
-					return errors.New("delivery channel closed (connection lost or consumer cancelled)")
-				}
-				s.acks.received(d.DeliveryTag)
-				in := shared
-				if c.cfg.OrderedByKey {
-					in = inputs[c.shard(&d, &next)]
-				}
+			case d, ok = <-deliveries: // it was waiting (see stamp)
+			default:
+				waited = true
 				select {
-				case in <- d:
+				case d, ok = <-deliveries:
 				case <-ctx.Done():
 					return nil
 				case <-broken:
 					return errors.New("session broken")
 				}
+			}
+			if !ok {
+				return errors.New("delivery channel closed (connection lost or consumer cancelled)")
+			}
+			stamp(&d, waited)
+			in := shared
+			if c.cfg.OrderedByKey {
+				in = inputs[c.shard(&d, &next)]
+			}
+			select {
+			case in <- d:
 			case <-ctx.Done():
 				return nil
 			case <-broken:
@@ -318,7 +361,7 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 				if !ok || len(shared) == cap(shared) {
 					break pass
 				}
-				s.acks.received(d.DeliveryTag)
+				s.acks.received(d.DeliveryTag, time.Now())
 				shared <- d
 			default:
 				break pass
@@ -331,6 +374,58 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 	timer.Stop()
 	s.flushAcks()
 	return result
+}
+
+// pingTimeout bounds one check of the database in waitDB.
+const pingTimeout = 10 * time.Second
+
+// waitDB pings the database until it answers: deliveries taken while it
+// is unreachable would only be held, then handed back at HoldLimit, each
+// return counted by a quorum queue against its delivery limit.
+func (c *Consumer) waitDB(ctx context.Context, broken <-chan struct{}, log *slog.Logger) error {
+	b := backoff.NewExponentialBackOff()
+	b.InitialInterval, b.MaxInterval, b.MaxElapsedTime = 100*time.Millisecond, c.cfg.ReconnectMaxWait, 0
+	for {
+		pctx, cancel := context.WithTimeout(ctx, pingTimeout)
+		err := c.db.PingContext(pctx)
+		cancel()
+		if err == nil || ctx.Err() != nil {
+			return ctx.Err()
+		}
+		wait := b.NextBackOff()
+		log.Warn("inbox: database unreachable; consuming once it answers", "error", err, "retry_in", wait.String())
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-broken:
+			t.Stop()
+			return errors.New("session broken")
+		}
+	}
+}
+
+// watchHolds hands every delivery back once one has been held unacked
+// for limit, until the session stops: the broker would close the channel
+// at its consumer_timeout (see Config.HoldLimit).
+func (s *session) watchHolds(limit time.Duration) {
+	t := time.NewTicker(limit / 10)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stop:
+			return
+		case <-s.broken:
+			return
+		case <-t.C:
+			if at, ok := s.acks.oldest(); ok && time.Since(at) > limit {
+				s.handBack(fmt.Errorf("a delivery held unacked for %s, longer than Config.HoldLimit (%s)", time.Since(at).Round(time.Millisecond), limit))
+				return
+			}
+		}
+	}
 }
 
 // shard picks the worker of a delivery: by key when it has one, so one key
@@ -358,16 +453,4 @@ func consumerTag(name string) string {
 		name = name[:n]
 	}
 	return name + " " + hex.EncodeToString(b)
-}
-
-// queueExists checks with a passive declare on a throwaway channel (a
-// missing queue closes the channel).
-func queueExists(conn *amqp.Connection, name string) bool {
-	ch, err := conn.Channel()
-	if err != nil {
-		return false
-	}
-	defer ch.Close()
-	_, err = ch.QueueDeclarePassive(name, true, false, false, false, nil)
-	return err == nil
 }

@@ -57,16 +57,22 @@
 // constraint, a serialization failure) rolled back and counts as a handler
 // failure. A COMMIT whose connection failed, or whose session ended
 // around it, has an unknown outcome: the delivery is requeued after a
-// delay (under OrderedByKey tried again in place, up to MaxAttempts times
-// in a row), never acked, and dedupe settles it. A retry or dead letter
-// that cannot be published is requeued likewise. A delivery whose
-// message_id PostgreSQL cannot store (a NUL byte, invalid UTF-8) goes to
-// the dead-letter queue at once.
+// delay, never acked, and dedupe settles it. A retry or dead letter that
+// cannot be published is requeued likewise. Under OrderedByKey a requeued
+// delivery would be overtaken by the later messages of its key, so
+// neither is: a dead letter is published again in place, and a commit of
+// unknown outcome is tried again in place up to MaxAttempts times in a row
+// for the same message (other database errors do not count), after which
+// the consumer hands every delivery back in order (see Connections). A
+// delivery whose message_id PostgreSQL cannot store (a NUL byte, invalid
+// UTF-8) goes to the dead-letter queue at once.
 //
-// Without a retry queue (a queue not declared by DeclareTopology) a failed
-// message is held for its delay and requeued; on a classic queue it is then
-// retried forever, since nothing counts its attempts. Without a dead-letter
-// queue, dead letters are rejected without requeue.
+// At the start of each session Run checks that the retry and dead-letter
+// queues exist and declares a missing one as DeclareTopology would (a
+// quorum queue), leaving the work queue as it is: a plain queue declared
+// by someone else works too. With Config.NoDeclare it returns an error
+// wrapping ErrQueueNotFound instead. A check that fails otherwise than
+// with NOT_FOUND ends the session, which is retried.
 //
 // # Throughput and ordering
 //
@@ -129,6 +135,15 @@
 // once, while earlier messages of its keys are still here (the handover
 // would reorder them); the next one becomes active when this one's
 // channel closes and gets them first.
+//
+// A delivery held unacked for Config.HoldLimit (25 min; held through a
+// database outage, say) makes Run hand every delivery back: it closes the
+// connection, which returns them to the queue in order, and consumes
+// again once the database answers a ping. Otherwise RabbitMQ's
+// consumer_timeout (30 min by default) would close the channel and return
+// them with their delivery count raised, and a quorum queue would
+// dead-letter a message past its delivery limit without a reason. Every
+// session waits until the database answers before it consumes.
 //
 // Message ids are remembered for Retention (7 days) and purged every
 // PurgeInterval; see package dedupe.

@@ -46,6 +46,7 @@ func TestNewValidatesConfig(t *testing.T) {
 		{"MaxBackoff", func(c *inbox.Config) { c.MinBackoff, c.MaxBackoff = 2e9, 1e9 }},
 		{"Retention", func(c *inbox.Config) { c.Retention = 1e9 }},
 		{"Table", func(c *inbox.Config) { c.Table = "no-dashes" }},
+		{"HoldLimit", func(c *inbox.Config) { c.HoldLimit = time.Millisecond }},
 		{"Queue", func(c *inbox.Config) { c.Queue = strings.Repeat("q", 256) }},
 		{"RetryQueue", func(c *inbox.Config) { c.Queue = strings.Repeat("q", 250) }}, // its default retry queue is 256 bytes
 	} {
@@ -437,12 +438,14 @@ func TestConsumerCancelledByBroker(t *testing.T) {
 	e.waitEffects(2)
 }
 
-// Run works on a plain queue without retry and dead-letter queues.
+// Run works on a plain queue without retry and dead-letter queues: it
+// declares them.
 func TestPlainQueueWithoutTopology(t *testing.T) {
 	t.Parallel()
 	s := testenv.NewSchema(t)
 	b := testenv.NewBroker(t)
 	q := b.Queue("", "", nil)
+	b.CleanupQueues(inbox.RetryQueueName(q), inbox.DeadLetterQueueName(q))
 	s.DB.MustExec(`CREATE TABLE effects (seq bigserial PRIMARY KEY, msg_id text NOT NULL, key text NOT NULL DEFAULT '', attempt int NOT NULL, txid bigint NOT NULL DEFAULT txid_current())`)
 	e := &env{t: t, db: s.DB, b: b, queue: q}
 	var failed atomic.Bool
@@ -455,6 +458,7 @@ func TestPlainQueueWithoutTopology(t *testing.T) {
 	e.publish(msg("plain", "", 1), msg("", "", 2))
 	e.waitEffects(1)
 	testenv.Eventually(t, wait, "poison rejected", func() bool { return c.Stats().DeadLettered == 1 })
+	e.deadLetters(1) // in the dead-letter queue Run declared, not dropped
 }
 
 // A database error before the commit (here: the dedupe table is missing)

@@ -3,6 +3,7 @@ package inbox
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 )
@@ -84,6 +85,9 @@ type Topology struct {
 //   - A message TTL or queue expiry (x-message-ttl, x-expires) on the work
 //     or dead-letter queue discards messages; none is set.
 //
+// (Run declares a missing RetryQueue or DeadLetterQueue itself, unless
+// Config.NoDeclare; it never declares Queue.)
+//
 // Declaring an existing queue with different arguments fails with
 // PRECONDITION_FAILED and closes ch: delete the queue or declare it as it
 // was. Use a fresh channel after an error.
@@ -109,31 +113,16 @@ func DeclareTopology(ch *amqp.Channel, t Topology) error {
 	if len(t.BindingKeys) == 0 {
 		t.BindingKeys = []string{"#"}
 	}
-	base := func() amqp.Table {
-		if t.Classic {
-			return amqp.Table{"x-queue-type": "classic"}
-		}
-		return amqp.Table{"x-queue-type": "quorum"}
-	}
-	deadLettering := func(args amqp.Table, exchange string) amqp.Table {
-		args["x-dead-letter-exchange"] = exchange
-		if !t.Classic {
-			args["x-dead-letter-strategy"] = "at-least-once"
-			args["x-overflow"] = "reject-publish"
-		}
-		return args
-	}
-
 	if err := ch.ExchangeDeclare(t.DeadLetterExchange, "fanout", true, false, false, false, nil); err != nil {
 		return fmt.Errorf("inbox: declare dead-letter exchange %q: %w", t.DeadLetterExchange, err)
 	}
-	if err := declareQueue(ch, t.DeadLetterQueue, base()); err != nil {
+	if err := declareQueue(ch, t.DeadLetterQueue, queueArgs(t.Classic)); err != nil {
 		return err
 	}
 	if err := ch.QueueBind(t.DeadLetterQueue, "", t.DeadLetterExchange, false, nil); err != nil {
 		return fmt.Errorf("inbox: bind %q to %q: %w", t.DeadLetterQueue, t.DeadLetterExchange, err)
 	}
-	work := deadLettering(base(), t.DeadLetterExchange)
+	work := deadLettering(queueArgs(t.Classic), t.DeadLetterExchange, t.Classic)
 	if !t.Classic && t.DeliveryLimit > 0 {
 		work["x-delivery-limit"] = int64(t.DeliveryLimit)
 	}
@@ -143,9 +132,7 @@ func DeclareTopology(ch *amqp.Channel, t Topology) error {
 	if err := declareQueue(ch, t.Queue, work); err != nil {
 		return err
 	}
-	retry := deadLettering(base(), "") // the default exchange routes by queue name
-	retry["x-dead-letter-routing-key"] = t.Queue
-	if err := declareQueue(ch, t.RetryQueue, retry); err != nil {
+	if err := declareQueue(ch, t.RetryQueue, retryArgs(t.Queue, t.Classic)); err != nil {
 		return err
 	}
 	if t.Exchange != "" {
@@ -161,6 +148,33 @@ func DeclareTopology(ch *amqp.Channel, t Topology) error {
 	return nil
 }
 
+// queueArgs are the arguments every queue of a Topology has.
+func queueArgs(classic bool) amqp.Table {
+	if classic {
+		return amqp.Table{"x-queue-type": "classic"}
+	}
+	return amqp.Table{"x-queue-type": "quorum"}
+}
+
+// deadLettering adds dead-lettering to exchange to args.
+func deadLettering(args amqp.Table, exchange string, classic bool) amqp.Table {
+	args["x-dead-letter-exchange"] = exchange
+	if !classic {
+		args["x-dead-letter-strategy"] = "at-least-once"
+		args["x-overflow"] = "reject-publish"
+	}
+	return args
+}
+
+// retryArgs are the arguments of the retry queue of queue: expired
+// messages go back to queue through the default exchange, which routes by
+// queue name.
+func retryArgs(queue string, classic bool) amqp.Table {
+	args := deadLettering(queueArgs(classic), "", classic)
+	args["x-dead-letter-routing-key"] = queue
+	return args
+}
+
 func declareQueue(ch *amqp.Channel, name string, args amqp.Table) error {
 	if _, err := ch.QueueDeclare(name, true, false, false, false, args); err != nil {
 		var ae *amqp.Error
@@ -170,4 +184,66 @@ func declareQueue(ch *amqp.Channel, name string, args amqp.Table) error {
 		return fmt.Errorf("inbox: declare queue %q: %w", name, err)
 	}
 	return nil
+}
+
+// ErrQueueNotFound is wrapped by the error Run returns when Config.NoDeclare
+// is set and the retry or dead-letter queue does not exist.
+var ErrQueueNotFound = errors.New("queue not found")
+
+// ensureQueues makes sure the retry and dead-letter queues exist at the
+// start of a session: without them a failed message would wait on its
+// backoff in a worker, and a dead letter would be dropped. A missing one
+// is declared as DeclareTopology would, unless NoDeclare. Queue itself is
+// left alone: it may exist with other arguments (a redeclare would fail),
+// and the retry queue reaches it through the default exchange anyway.
+func (c *Consumer) ensureQueues(conn *amqp.Connection, log *slog.Logger) error {
+	for _, q := range []struct {
+		what, name string
+		args       amqp.Table
+	}{
+		{"retry queue", c.cfg.RetryQueue, retryArgs(c.cfg.Queue, false)},
+		{"dead-letter queue", c.cfg.DeadLetterQueue, queueArgs(false)},
+	} {
+		found, err := queueExists(conn, q.name)
+		switch {
+		case err != nil:
+			return fmt.Errorf("check %s %q: %w", q.what, q.name, err) // retried with the session
+		case found:
+			continue
+		case c.cfg.NoDeclare:
+			return fmt.Errorf("inbox: %w: %s %q (Config.NoDeclare is set): declare it, e.g. with inbox.DeclareTopology, or unset NoDeclare to let Run declare it", ErrQueueNotFound, q.what, q.name)
+		}
+		ch, err := conn.Channel()
+		if err != nil {
+			return fmt.Errorf("open channel: %w", err)
+		}
+		err = declareQueue(ch, q.name, q.args)
+		_ = ch.Close()
+		if err != nil {
+			return fmt.Errorf("declare missing %s (or set Config.NoDeclare and declare it yourself): %w", q.what, err)
+		}
+		log.Info("inbox: declared missing queue", "declared", q.name, "args", q.args)
+	}
+	return nil
+}
+
+// queueExists checks with a passive declare on a throwaway channel (a
+// missing queue closes the channel). Only NOT_FOUND means missing: any
+// other failure (a lost connection, an exclusive queue of another
+// connection) is an error.
+func queueExists(conn *amqp.Connection, name string) (bool, error) {
+	ch, err := conn.Channel()
+	if err != nil {
+		return false, fmt.Errorf("open channel: %w", err)
+	}
+	defer ch.Close()
+	_, err = ch.QueueDeclarePassive(name, true, false, false, false, nil)
+	var ae *amqp.Error
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.As(err, &ae) && ae.Code == amqp.NotFound:
+		return false, nil
+	}
+	return false, err
 }

@@ -29,15 +29,19 @@ type session struct {
 	stop <-chan struct{} // closed: Run stops or the session broke (see work)
 	// finish is true when the stop is Run's (not a broken session): then
 	// each worker first handles what was already delivered to it.
-	finish  *atomic.Bool
-	broken  <-chan struct{} // closed when the connection or channel is lost
-	left    bool            // this worker left a delivery unacked as the session stopped
-	pub     *publisher
-	retryOK bool // the retry queue exists
-	deadOK  bool // the dead-letter queue exists
-	log     *slog.Logger
-	acks    *acker // the consuming channel's
-	infra   int    // consecutive database/broker failures of this worker (see work)
+	finish   *atomic.Bool
+	broken   <-chan struct{} // closed when the connection or channel is lost
+	left     bool            // this worker left a delivery unacked as the session stopped
+	pub      *publisher
+	handBack func(why error) // returns every delivery to the queue, in order, ending the session
+	log      *slog.Logger
+	acks     *acker // the consuming channel's
+	infra    int    // consecutive database/broker failures of this worker (see work)
+	// unknowns counts the commits of unknown outcome in a row of the
+	// message or batch that starts with delivery unknownTag (see
+	// unknownAgain).
+	unknownTag uint64
+	unknowns   int
 }
 
 // item is a decoded delivery.
@@ -161,8 +165,11 @@ func (s *session) one(it item) {
 func (s *session) settle(it item, dup bool, herr, ierr error) {
 	for {
 		switch {
-		case ierr != nil && errors.Is(ierr, errUnknown) && !s.retryUnknownInPlace():
+		case ierr != nil && errors.Is(ierr, errUnknown) && !s.c.cfg.OrderedByKey:
 			s.requeue(ierr, it.d)
+			return
+		case ierr != nil && errors.Is(ierr, errUnknown) && !s.unknownAgain(it.d):
+			s.giveUp(ierr)
 			return
 		case ierr != nil:
 			if !s.hold(ierr) {
@@ -482,24 +489,42 @@ func (s *session) retryBatch(err error, items []item) []item {
 // unknownOutcome handles a batch whose COMMIT lost its connection: it may
 // have committed. The batch is requeued (redeliveries are deduplicated);
 // under OrderedByKey it is tried again in place instead (see
-// retryUnknownInPlace).
+// unknownAgain).
 func (s *session) unknownOutcome(err error, items []item) []item {
 	err = fmt.Errorf("commit of a batch of %d (outcome unknown; redeliveries are deduplicated): %w", len(items), err)
-	if s.retryUnknownInPlace() {
-		return s.retryBatch(err, items)
+	switch {
+	case !s.c.cfg.OrderedByKey:
+		s.requeue(err, ds(items)...)
+		return nil
+	case !s.unknownAgain(items[0].d):
+		s.giveUp(err)
+		return nil
 	}
-	s.requeue(err, ds(items)...)
-	return nil
+	return s.retryBatch(err, items)
 }
 
-// retryUnknownInPlace reports whether a commit with an unknown outcome is
-// tried again in place (dedupe acks what did commit) rather than requeued:
-// under OrderedByKey, where the later messages of its keys would otherwise
-// overtake it, until MaxAttempts failures in a row (a message whose
-// transaction always ends its session would hold its keys forever; the
-// broker's delivery limit can then see it).
-func (s *session) retryUnknownInPlace() bool {
-	return s.c.cfg.OrderedByKey && s.infra < s.c.cfg.MaxAttempts
+// unknownAgain counts a commit of unknown outcome of the message or batch
+// that starts with d, under OrderedByKey, and reports whether it may be
+// tried again in place (dedupe acks what did commit): up to MaxAttempts
+// such outcomes of that same delivery in a row. Then giveUp: a message
+// whose transaction always ends its session would hold its keys forever,
+// and handed back the broker's delivery limit can see it.
+func (s *session) unknownAgain(d *amqp.Delivery) bool {
+	if d.DeliveryTag != s.unknownTag {
+		s.unknownTag, s.unknowns = d.DeliveryTag, 0
+	}
+	s.unknowns++
+	return s.unknowns < s.c.cfg.MaxAttempts
+}
+
+// giveUp hands every delivery of the session back, in order, after a
+// failure that cannot be retried in place under OrderedByKey: requeued
+// alone, a delivery would be overtaken by the later messages of its key
+// that this worker (or amqp091-go's buffer) already holds. The worker
+// takes nothing more.
+func (s *session) giveUp(err error) {
+	s.left = true
+	s.handBack(err)
 }
 
 func msgIDs(items []item) []string {
@@ -584,13 +609,6 @@ func (s *session) failed(it item, herr error) {
 	wait := s.c.delay(attempt)
 	s.log.Warn("inbox: handler failed; will retry", msgAttrs(&it.m, "retry_in", wait.String(), "error", herr)...)
 	s.c.stats.retried.Add(1)
-	if !s.retryOK {
-		// No retry queue: hold the delivery for the delay, then requeue.
-		if s.pause(wait) {
-			s.nack(it.d, true)
-		}
-		return
-	}
 	msg := republish(it.d, amqp.Table{HeaderAttempt: int64(attempt + 1)})
 	msg.Expiration = strconv.FormatInt(max(1, wait.Milliseconds()), 10)
 	if err := s.pub.publish(s.ctx, cfg.RetryQueue, msg); err != nil {
@@ -606,11 +624,6 @@ const maxReason = 4096
 // deadLetter moves d to the dead-letter queue with reason.
 func (s *session) deadLetter(d *amqp.Delivery, reason string) {
 	s.log.Error("inbox: dead-lettering message", "message_id", d.MessageId, "exchange", d.Exchange, "routing_key", d.RoutingKey, "key", headerString(d.Headers[HeaderKey]), "reason", reason)
-	if !s.deadOK {
-		s.c.stats.dead.Add(1)
-		s.nack(d, false)
-		return
-	}
 	if len(reason) > maxReason { // headers must fit in one AMQP frame
 		n := maxReason
 		for n > 0 && !utf8.RuneStart(reason[n]) {
@@ -623,9 +636,21 @@ func (s *session) deadLetter(d *amqp.Delivery, reason string) {
 	// attempt 1 (the reason says how many it took), not one failure away
 	// from this queue.
 	delete(msg.Headers, HeaderAttempt)
-	if err := s.pub.publish(s.ctx, s.c.cfg.DeadLetterQueue, msg); err != nil {
-		s.requeue(fmt.Errorf("send to dead-letter queue: %w", err), d)
-		return
+	for {
+		err := s.pub.publish(s.ctx, s.c.cfg.DeadLetterQueue, msg)
+		if err == nil {
+			break
+		}
+		err = fmt.Errorf("send to dead-letter queue: %w", err)
+		if !s.c.cfg.OrderedByKey {
+			s.requeue(err, d)
+			return
+		}
+		// Requeued, it would be overtaken by the later messages of its
+		// key: try again in place.
+		if !s.wait("inbox: broker error; retrying in place after a delay", err) {
+			return
+		}
 	}
 	s.c.stats.dead.Add(1)
 	s.ack(d)
@@ -661,10 +686,19 @@ func (s *session) hold(err error) bool {
 	if s.ctx.Err() != nil {
 		return false
 	}
-	s.infra++
 	s.c.stats.dbErrors.Add(1)
+	return s.wait("inbox: database error; retrying after a delay", err)
+}
+
+// wait logs msg and waits a delay that grows with the worker's
+// consecutive failures, unless the session stops first (see pause).
+func (s *session) wait(msg string, err error) bool {
+	if s.ctx.Err() != nil {
+		return false
+	}
+	s.infra++
 	wait := s.c.delay(min(s.infra, 30))
-	s.log.Warn("inbox: database error; retrying after a delay", "retry_in", wait.String(), "error", err)
+	s.log.Warn(msg, "retry_in", wait.String(), "error", err)
 	return s.pause(wait)
 }
 

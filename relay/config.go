@@ -8,11 +8,13 @@ import (
 	"os"
 	"time"
 
+	"github.com/lib/pq"
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/internal/redact"
 	"github.com/mailroom-go/mailroom/internal/wire"
 )
 
@@ -193,6 +195,13 @@ func (c *Config) validate() error {
 		return fmt.Errorf("relay: Config.MaxBackoff %s cannot be shorter than MinBackoff (%s)", c.MaxBackoff, c.MinBackoff)
 	case c.Retain < 0:
 		return fmt.Errorf("relay: Config.Retain %s: must be 0 (delete) or positive", c.Retain)
+	}
+	if c.DatabaseURL != "" {
+		// Checked here so no later error quotes a URL lib/pq cannot parse
+		// (its parse errors quote it, password included); redacted here.
+		if _, err := pq.NewConnector(c.DatabaseURL); err != nil {
+			return fmt.Errorf("relay: Config.DatabaseURL: %w", redact.Error(err, c.DatabaseURL))
+		}
 	}
 	return nil
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/lib/pq"
 
+	"github.com/mailroom-go/mailroom/internal/redact"
 	"github.com/mailroom-go/mailroom/internal/wakeup"
 )
 
@@ -59,7 +60,7 @@ const (
 func newWakeLock(url string) (*wakeLock, error) {
 	db, err := sql.Open("postgres", url)
 	if err != nil {
-		return nil, err
+		return nil, redact.Error(err, url)
 	}
 	db.SetMaxOpenConns(1)
 	db.SetMaxIdleConns(1)

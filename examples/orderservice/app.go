@@ -18,6 +18,7 @@ import (
 	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/dedupe"
 	"github.com/mailroom-go/mailroom/inbox"
+	"github.com/mailroom-go/mailroom/internal/redact"
 	"github.com/mailroom-go/mailroom/outbox"
 	"github.com/mailroom-go/mailroom/relay"
 )
@@ -98,7 +99,7 @@ func NewApp(cfg Config) (*App, error) {
 	// travels with the COMMIT.
 	sqlDB, err := outbox.OpenDB(cfg.DatabaseURL)
 	if err != nil {
-		return nil, fmt.Errorf("DATABASE_URL: %w", err)
+		return nil, fmt.Errorf("DATABASE_URL: %w", redact.Error(err, cfg.DatabaseURL))
 	}
 	db := sqlx.NewDb(sqlDB, "postgres")
 	a := &App{cfg: cfg, db: db}
@@ -237,6 +238,7 @@ func (a *App) Run(ctx context.Context, ln net.Listener) error {
 		<-errc
 		return err
 	}}
+	tasks = append(tasks, a.purgeKeys)
 	for _, r := range a.relays {
 		tasks = append(tasks, r.Run)
 	}
@@ -244,6 +246,23 @@ func (a *App) Run(ctx context.Context, ln net.Listener) error {
 		tasks = append(tasks, c.Run)
 	}
 	return runAll(ctx, tasks...)
+}
+
+// purgeKeys runs OrderService.PurgeKeys at start and then hourly until ctx
+// ends.
+func (a *App) purgeKeys(ctx context.Context) error {
+	t := time.NewTicker(time.Hour)
+	defer t.Stop()
+	for {
+		if _, err := a.Orders.PurgeKeys(ctx); err != nil && ctx.Err() == nil {
+			a.cfg.Logger.Warn("purge of old Idempotency-Keys failed; retrying in an hour", "error", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
 }
 
 // runAll runs the tasks until ctx ends or any one returns; then it cancels
@@ -277,7 +296,7 @@ func dialAMQP(url, name string) (*amqp.Connection, error) {
 	cfg.Properties.SetClientConnectionName(name)
 	conn, err := amqp.DialConfig(url, cfg)
 	if err != nil {
-		return nil, fmt.Errorf("connect to RabbitMQ at %s: %w", redact(url), err)
+		return nil, fmt.Errorf("connect to RabbitMQ at %s: %w", redact.String(url), redact.Error(err, url))
 	}
 	return conn, nil
 }

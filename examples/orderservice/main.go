@@ -17,7 +17,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"net/url"
 	"os"
 	"os/signal"
 	"syscall"
@@ -25,6 +24,8 @@ import (
 
 	"github.com/lib/pq"
 	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/mailroom-go/mailroom/internal/redact"
 )
 
 // Local defaults, overridden by DATABASE_URL and AMQP_URL.
@@ -128,7 +129,7 @@ func cmdDemo(ctx context.Context, args []string, getenv func(string) string, std
 		return err
 	}
 	defer app.Close()
-	fmt.Fprintf(stdout, "setting up tables and queues (database %s, broker %s)\n", redact(cfg.DatabaseURL), redact(cfg.AMQPURL))
+	fmt.Fprintf(stdout, "setting up tables and queues (database %s, broker %s)\n", redact.String(cfg.DatabaseURL), redact.String(cfg.AMQPURL))
 	if err := app.Setup(ctx); err != nil {
 		return err
 	}
@@ -227,16 +228,18 @@ func checkServices(ctx context.Context, cfg Config, stderr io.Writer) error {
 		err = db.PingContext(ctx)
 		db.Close()
 	}
+	// lib/pq's parse errors quote the URL, password included.
+	err = redact.Error(err, cfg.DatabaseURL)
 	var pgRefused *pq.Error // the server answered: wrong user, password or database
 	switch {
 	case errors.As(err, &pgRefused):
 		fmt.Fprintf(stderr, "orderservice: PostgreSQL at %s refused the connection: %v\n"+
-			"  check DATABASE_URL (user, password, database name)\n", redact(cfg.DatabaseURL), err)
+			"  check DATABASE_URL (user, password, database name)\n", redact.String(cfg.DatabaseURL), err)
 		return errFailed
 	case err != nil:
 		fmt.Fprintf(stderr, "orderservice: cannot reach PostgreSQL at %s: %v\n"+
 			"  start it:  pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start\n"+
-			"  or set DATABASE_URL to a running server\n", redact(cfg.DatabaseURL), err)
+			"  or set DATABASE_URL to a running server\n", redact.String(cfg.DatabaseURL), err)
 		return errFailed
 	}
 	conn, err := dialAMQP(cfg.AMQPURL, "orderservice check")
@@ -244,12 +247,12 @@ func checkServices(ctx context.Context, cfg Config, stderr io.Writer) error {
 	switch {
 	case errors.As(err, &amqpRefused):
 		fmt.Fprintf(stderr, "orderservice: RabbitMQ at %s refused the connection: %v\n"+
-			"  check AMQP_URL (user, password, vhost)\n", redact(cfg.AMQPURL), amqpRefused)
+			"  check AMQP_URL (user, password, vhost)\n", redact.String(cfg.AMQPURL), amqpRefused)
 		return errFailed
 	case err != nil:
 		fmt.Fprintf(stderr, "orderservice: cannot reach RabbitMQ at %s: %v\n"+
 			"  start it:  rabbitmq-server -detached  (or rabbitmqctl start_app if the node runs)\n"+
-			"  or set AMQP_URL to a running broker\n", redact(cfg.AMQPURL), errors.Unwrap(err))
+			"  or set AMQP_URL to a running broker\n", redact.String(cfg.AMQPURL), errors.Unwrap(err))
 		return errFailed
 	}
 	conn.Close()
@@ -278,13 +281,4 @@ func parse(fs *flag.FlagSet, args []string) error {
 		return errUsage{fmt.Errorf("%s: unexpected argument %q (see orderservice %s -h)", fs.Name(), fs.Arg(0), fs.Name())}
 	}
 	return nil
-}
-
-// redact hides a URL's password for messages and logs.
-func redact(s string) string {
-	u, err := url.Parse(s)
-	if err != nil {
-		return "(unparsable URL)"
-	}
-	return u.Redacted()
 }

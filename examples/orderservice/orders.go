@@ -155,6 +155,16 @@ func (s *OrderService) Place(ctx context.Context, key string, req PlaceOrder) (o
 }
 
 // Get returns one order.
+// keyRetention is how long an Idempotency-Key is remembered.
+const keyRetention = dedupe.DefaultRetention
+
+// PurgeKeys deletes Idempotency-Keys older than keyRetention. The keys
+// share orders_inbox with the "orders" consumer, which purges only its own
+// scope, so the API purges its own.
+func (s *OrderService) PurgeKeys(ctx context.Context) (int64, error) {
+	return s.keys.Purge(ctx, s.db, idempotencyScope, keyRetention)
+}
+
 func (s *OrderService) Get(ctx context.Context, id string) (Order, error) {
 	var o Order
 	err := s.db.GetContext(ctx, &o, `SELECT `+orderColumns+` FROM orders WHERE id = $1`, id)

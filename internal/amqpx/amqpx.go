@@ -6,11 +6,12 @@ package amqpx
 import (
 	"context"
 	"fmt"
-	"net/url"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
 	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/mailroom-go/mailroom/internal/redact"
 )
 
 // Dial connects once. name becomes the connection_name client property,
@@ -33,7 +34,8 @@ func config(name string) amqp.Config {
 func dialConfig(amqpURL string, cfg amqp.Config) (*amqp.Connection, error) {
 	conn, err := amqp.DialConfig(amqpURL, cfg)
 	if err != nil {
-		return nil, fmt.Errorf("connect to RabbitMQ at %s: %w", Redact(amqpURL), err)
+		// amqp091's parse errors quote the URL, password included.
+		return nil, fmt.Errorf("connect to RabbitMQ at %s: %w", redact.String(amqpURL), redact.Error(err, amqpURL))
 	}
 	return conn, nil
 }
@@ -61,13 +63,4 @@ const CloseTimeout = 5 * time.Second
 // alarm to clear; when the deadline passes, the socket is closed anyway.
 func Close(conn *amqp.Connection) {
 	_ = conn.CloseDeadline(time.Now().Add(CloseTimeout))
-}
-
-// Redact hides the password of a URL so it can appear in logs and errors.
-func Redact(s string) string {
-	u, err := url.Parse(s)
-	if err != nil {
-		return "(unparsable URL)"
-	}
-	return u.Redacted()
 }

@@ -23,6 +23,7 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/internal/redact"
 )
 
 // Defaults for the local services of a development machine.
@@ -150,14 +151,9 @@ func WithAppName(dbURL, name string) string {
 	return u.String()
 }
 
-// Redact hides the password of a URL for messages.
-func Redact(s string) string {
-	u, err := url.Parse(s)
-	if err != nil {
-		return "(unparsable URL)"
-	}
-	return u.Redacted()
-}
+// Redact hides the secrets of a connection string for messages (see
+// internal/redact).
+func Redact(s string) string { return redact.String(s) }
 
 // Broker is a test's connection to RabbitMQ plus the names it declared.
 type Broker struct {

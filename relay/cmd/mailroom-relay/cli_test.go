@@ -35,7 +35,13 @@ func TestBadInput(t *testing.T) {
 		{"DATABASE_URL bad escape", []string{"DATABASE_URL=postgres://root:" + secret + "%zz@h/db"}, []string{"status"}, "percent-encode"},
 		{"run bad MAILROOM_NO_LISTEN", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp, "MAILROOM_NO_LISTEN=sure"}, []string{"run"}, "MAILROOM_NO_LISTEN"},
 		{"run tiny maintenance interval", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--maintenance-interval", "1ns"}, "--maintenance-interval"},
-		{"run dedupe retention of seconds", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--dedupe-retention", "1s"}, "--dedupe-retention"},
+		{"run dedupe retention removed", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--dedupe-retention", "168h"}, "--purge-inbox payments=168h"},
+		{"run dedupe retention removed (env)", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp, "MAILROOM_DEDUPE_RETENTION=720h"}, []string{"run"}, "--dedupe-retention (MAILROOM_DEDUPE_RETENTION) was removed"},
+		{"run purge inbox without retention", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--purge-inbox", "payments"}, "want consumer=retention"},
+		{"run purge inbox of seconds", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--purge-inbox", "payments=1s"}, "at least 1h0m0s"},
+		{"run purge inbox without consumer", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--purge-inbox", "=168h"}, "no consumer name"},
+		{"run purge inbox twice", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--purge-inbox", "a=2h", "--purge-inbox", "a=3h"}, `consumer "a" named twice`},
+		{"run bad MAILROOM_PURGE_INBOX", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp, "MAILROOM_PURGE_INBOX=payments=168h,orders=soon"}, []string{"run"}, `MAILROOM_PURGE_INBOX: "orders=soon"`},
 		{"run tiny confirm timeout", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--confirm-timeout", "3ns"}, "ConfirmTimeout 3ns: must be at least 100ms"},
 		{"run negative min backoff", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--min-backoff", "-1s"}, "MinBackoff -1s"},
 		{"bad table name", []string{"DATABASE_URL=" + db}, []string{"status", "--outbox-table", "no;such"}, "Tables.Outbox"},
@@ -112,8 +118,8 @@ func TestHelp(t *testing.T) {
 			t.Errorf("%v: exit %d, want 0 and %q in:\n%s", args, r.code, want, r.stderr)
 		}
 	}
-	if r := runBin(t, cleanEnv(), "run", "-h"); !strings.Contains(r.stderr, "-admin-token") || !strings.Contains(r.stderr, "/readyz") {
-		t.Errorf("run -h does not document --admin-token and /readyz:\n%s", r.stderr)
+	if r := runBin(t, cleanEnv(), "run", "-h"); !strings.Contains(r.stderr, "-admin-token") || !strings.Contains(r.stderr, "/readyz") || !strings.Contains(r.stderr, "-purge-inbox") {
+		t.Errorf("run -h does not document --admin-token, /readyz and --purge-inbox:\n%s", r.stderr)
 	}
 	if r := runBin(t, cleanEnv(), "dead", "replay", "-h"); !strings.Contains(r.stderr, "END of its key") {
 		t.Errorf("dead replay -h does not say what replay does to per-key order:\n%s", r.stderr)

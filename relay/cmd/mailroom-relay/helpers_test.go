@@ -116,12 +116,19 @@ type sidecar struct {
 // a free port, with fast polling; extra flags are appended.
 func startSidecar(t *testing.T, dbURL string, extra ...string) *sidecar {
 	t.Helper()
+	return startSidecarEnv(t, nil, dbURL, extra...)
+}
+
+// startSidecarEnv is startSidecar with env ("KEY=value") added to the
+// sidecar's environment.
+func startSidecarEnv(t *testing.T, env []string, dbURL string, extra ...string) *sidecar {
+	t.Helper()
 	s := &sidecar{t: t, name: testenv.Unique("mr"), done: make(chan struct{}), ready: make(chan string, 1)}
 	args := append([]string{"run", "--http", "127.0.0.1:0", "--name", s.name,
 		"--poll-interval", "50ms", "--min-backoff", "10ms", "--max-backoff", "50ms",
 		"--sample-interval", "100ms", "--log-level", "debug"}, extra...)
 	s.cmd = exec.Command(bin, args...)
-	s.cmd.Env = cleanEnv("DATABASE_URL="+dbURL, "AMQP_URL="+testenv.AMQPURL())
+	s.cmd.Env = cleanEnv(append([]string{"DATABASE_URL=" + dbURL, "AMQP_URL=" + testenv.AMQPURL()}, env...)...)
 	stderr, err := s.cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)

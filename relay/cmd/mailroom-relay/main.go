@@ -13,7 +13,8 @@
 // Configuration comes from flags and the environment (DATABASE_URL,
 // AMQP_URL, …); flags win. A bad setting exits with status 2 and one line
 // saying which and how to fix it; a failure at run time exits with status 1.
-// Passwords in URLs never appear in logs or errors.
+// No password, token or other secret of a connection string appears in
+// logs, errors, help, the status page or metrics (see internal/redact).
 package main
 
 import (
@@ -36,6 +37,7 @@ import (
 	_ "github.com/lib/pq"
 
 	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/internal/redact"
 )
 
 const usage = `mailroom-relay moves transactional-outbox rows to RabbitMQ.
@@ -105,10 +107,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case errors.Is(err, flag.ErrHelp):
 		return 0
 	case errors.As(err, &ue):
-		fmt.Fprintln(stderr, "mailroom-relay: "+ue.msg)
+		fmt.Fprintln(stderr, "mailroom-relay: "+redact.Text(ue.msg, hidden...))
 		return 2
 	default:
-		fmt.Fprintln(stderr, "mailroom-relay: "+err.Error())
+		fmt.Fprintln(stderr, "mailroom-relay: "+redact.Text(err.Error(), hidden...))
 		return 1
 	}
 }
@@ -144,8 +146,9 @@ func (c *common) check() (*slog.Logger, error) {
 		// url.Parse's error quotes the URL, password included: not shown.
 		return nil, usageErr("DATABASE_URL does not parse as a URL: percent-encode special characters in the user and password (%%40 for @, %%25 for %%, %%2F for /)")
 	} else if u.Scheme != "postgres" && u.Scheme != "postgresql" {
-		return nil, usageErr("DATABASE_URL is not a postgres:// URL (got %s)", redactURL(c.databaseURL))
+		return nil, usageErr("DATABASE_URL is not a postgres:// URL (got %s)", redact.String(c.databaseURL))
 	}
+	hide(c.databaseURL)
 	if _, err := c.tables.Resolve(); err != nil {
 		return nil, usageErr("%v", err)
 	}
@@ -177,13 +180,13 @@ func (c *common) connect(timeout time.Duration) (ctx context.Context, db *sql.DB
 func (c *common) open(ctx context.Context) (*sql.DB, error) {
 	db, err := sql.Open("postgres", c.databaseURL)
 	if err != nil {
-		return nil, usageErr("DATABASE_URL: %v", err)
+		return nil, usageErr("DATABASE_URL: %v", redact.Error(err, c.databaseURL))
 	}
 	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if err := db.PingContext(pctx); err != nil {
 		db.Close()
-		return nil, fmt.Errorf("cannot reach PostgreSQL at %s: %v (is it running? start it, or fix DATABASE_URL)", redactURL(c.databaseURL), err)
+		return nil, fmt.Errorf("cannot reach PostgreSQL at %s: %v (is it running? start it, or fix DATABASE_URL)", redact.String(c.databaseURL), redact.Error(err, c.databaseURL))
 	}
 	return db, nil
 }
@@ -352,10 +355,8 @@ func envDurationOr(k string, def time.Duration) time.Duration {
 	return d
 }
 
-func redactURL(s string) string {
-	u, err := url.Parse(s)
-	if err != nil {
-		return "(unparsable URL)"
-	}
-	return u.Redacted()
-}
+// hidden are the connection strings in use, once they parse: the last
+// error a command prints is cleared of their secrets, whatever quoted them.
+var hidden []string
+
+func hide(dsn string) { hidden = append(hidden, dsn) }

@@ -5,7 +5,12 @@ import (
 	"database/sql"
 	"database/sql/driver"
 	"errors"
+	"fmt"
+	"hash/fnv"
 	"log/slog"
+	"os"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/mailroom-go/mailroom"
@@ -15,34 +20,35 @@ import (
 )
 
 type maintConfig struct {
-	interval        time.Duration // 0 = off
-	timeout         time.Duration // bound of one run
-	dedupeRetention time.Duration // 0 = leave the inbox alone
-	retain          time.Duration // relay's --retain; 0 = no published rows to purge
-	batch           int
+	interval time.Duration // 0 = off
+	timeout  time.Duration // bound of one run
+	inbox    purgeList     // consumers whose inbox entries to purge; none = leave the inbox alone
+	retain   time.Duration // relay's --retain; 0 = no published rows to purge
+	batch    int
 }
 
-// maintLockClass is the first key of the maintenance advisory lock
-// ("mrmn"), plus which purges the instance runs (lockClass); the second is
-// the outbox table's OID, so each mailroom installation (schema) has its
-// own leader. The two-key form lives apart from Migrate's one-key lock.
+// idle reports whether there is nothing for maintenance to purge.
+func (c maintConfig) idle() bool { return len(c.inbox.items) == 0 && c.retain <= 0 }
+
+// maintLockClass seeds the first key of the maintenance advisory lock
+// ("mrmn"); the second is the outbox table's OID, so each mailroom
+// installation (schema) has its own leader. The two-key form lives apart
+// from Migrate's one-key lock.
 const maintLockClass = 0x6d726d6e
 
 // lockClass is the maintenance lock's first key for this instance's
-// purges: instances that run the same ones take turns on one lock, and an
-// instance that runs a purge the leader does not (say --retain, during a
-// rolling change of the flags) is not kept from it. Two such leaders may
-// purge the inbox at the same time, which is correct (they skip each
-// other's rows), only repeated work.
-func (c maintConfig) lockClass() int {
-	class := maintLockClass
-	if c.dedupeRetention > 0 {
-		class++
+// purges, a hash of them: instances that run the same purges take turns on
+// one lock, and an instance that runs a purge the leader does not (another
+// --purge-inbox list or --retain, say during a rolling change of the flags)
+// is not kept from it. Two such leaders may purge the same rows at the same
+// time, which is correct (they skip each other's rows), only repeated work.
+func (c maintConfig) lockClass() int32 {
+	h := fnv.New32a()
+	fmt.Fprintf(h, "%d retain=%d", maintLockClass, c.retain)
+	for _, p := range c.inbox.items { // sorted by consumer
+		fmt.Fprintf(h, " inbox %q=%d", p.consumer, p.retention)
 	}
-	if c.retain > 0 {
-		class += 2
-	}
-	return class
+	return int32(h.Sum32())
 }
 
 const (
@@ -50,8 +56,9 @@ const (
 	maintUnlockSQL = `SELECT pg_advisory_unlock($2::int, ($1::regclass)::oid::int)`
 )
 
-// maintainer purges old inbox entries and retained published rows on one
-// sidecar at a time among those running the same purges (lockClass). The
+// maintainer purges the inbox entries of the consumers it is told to (each
+// by its own retention) and retained published rows, on one sidecar at a
+// time among those running the same purges (lockClass). The
 // leader holds a session-level advisory lock on a dedicated connection and
 // runs every purge statement on that same connection: if the session dies,
 // the lock is gone and so is the leader's ability to purge, so two such
@@ -81,6 +88,10 @@ func (mt *maintainer) run(ctx context.Context) {
 		mt.log.Info("maintenance is off (--maintenance-interval 0)")
 		return
 	}
+	if mt.cfg.idle() {
+		mt.log.Info("maintenance has nothing to do: no --purge-inbox and no --retain (each inbox consumer purges its own entries)")
+		return
+	}
 	defer mt.resign()
 	t := time.NewTicker(mt.cfg.interval)
 	defer t.Stop()
@@ -107,11 +118,16 @@ func (mt *maintainer) once(ctx context.Context) {
 	var errs []error
 	// bounded reports whether err only means the run hit its time limit.
 	bounded := func(err error) bool { return err != nil && rctx.Err() != nil && ctx.Err() == nil }
-	if mt.cfg.dedupeRetention > 0 && mt.inboxExists(rctx) {
-		n, err := mt.store.Purge(rctx, mt.conn, mt.cfg.dedupeRetention)
-		inbox = n
-		if err != nil && !bounded(err) {
-			errs = append(errs, err)
+	if len(mt.cfg.inbox.items) > 0 && mt.inboxExists(rctx) {
+		for _, p := range mt.cfg.inbox.items {
+			if rctx.Err() != nil {
+				break
+			}
+			n, err := mt.store.Purge(rctx, mt.conn, p.consumer, p.retention)
+			inbox += n
+			if err != nil && !bounded(err) {
+				errs = append(errs, err)
+			}
 		}
 	}
 	if mt.cfg.retain > 0 && rctx.Err() == nil {
@@ -210,8 +226,85 @@ func (mt *maintainer) inboxExists(ctx context.Context) bool {
 		return true // let the purge report the real error
 	}
 	if !found && !mt.noInbox {
-		mt.log.Info("inbox table not found; skipping the dedupe purge (set --inbox-table to your inbox table, or --dedupe-retention 0)", "table", mt.store.Table())
+		mt.log.Info("inbox table not found; skipping the inbox purge (set --inbox-table to your inbox table, or drop --purge-inbox)", "table", mt.store.Table())
 	}
 	mt.noInbox = !found
 	return found
+}
+
+// inboxPurge is one --purge-inbox entry: a consumer (dedupe scope) and how
+// long its entries are kept.
+type inboxPurge struct {
+	consumer  string
+	retention time.Duration
+}
+
+// purgeList is the repeatable --purge-inbox flag, sorted by consumer. It
+// starts from $MAILROOM_PURGE_INBOX (comma-separated); the first flag
+// replaces that list (flags win).
+type purgeList struct {
+	items   []inboxPurge
+	fromEnv bool
+}
+
+func (l *purgeList) String() string {
+	if l == nil {
+		return ""
+	}
+	var s []string
+	for _, p := range l.items {
+		s = append(s, p.consumer+"="+p.retention.String())
+	}
+	return strings.Join(s, ",")
+}
+
+func (l *purgeList) Set(v string) error {
+	if l.fromEnv {
+		l.items, l.fromEnv = nil, false
+	}
+	return l.add(v)
+}
+
+// add parses "consumer=retention". The retention is the consumer's own
+// (its inbox.Config.Retention or longer): there is no table-wide default.
+func (l *purgeList) add(v string) error {
+	i := strings.LastIndexByte(v, '=')
+	if i < 0 {
+		return fmt.Errorf("%q: want consumer=retention, e.g. payments=168h", v)
+	}
+	consumer, ret := strings.TrimSpace(v[:i]), strings.TrimSpace(v[i+1:])
+	d, err := time.ParseDuration(ret)
+	switch {
+	case consumer == "":
+		return fmt.Errorf("%q: no consumer name before the =", v)
+	case err != nil:
+		return fmt.Errorf("%q: %q is not a duration (e.g. 168h)", v, ret)
+	case d < minDedupeRetention:
+		return fmt.Errorf("%q: retention must be at least %s (ids forgotten sooner may still be redelivered, and would be applied twice; use the consumer's inbox.Config.Retention or longer)", v, minDedupeRetention)
+	}
+	for _, p := range l.items {
+		if p.consumer == consumer {
+			return fmt.Errorf("consumer %q named twice", consumer)
+		}
+	}
+	l.items = append(l.items, inboxPurge{consumer, d})
+	slices.SortFunc(l.items, func(a, b inboxPurge) int { return strings.Compare(a.consumer, b.consumer) })
+	return nil
+}
+
+// envPurgeList reads $MAILROOM_PURGE_INBOX; a bad entry is reported after
+// the flags are parsed, unless --purge-inbox overrides it.
+func envPurgeList() purgeList {
+	const k = "MAILROOM_PURGE_INBOX"
+	l := purgeList{fromEnv: true}
+	for _, v := range strings.Split(os.Getenv(k), ",") {
+		if strings.TrimSpace(v) == "" {
+			continue
+		}
+		if err := l.add(v); err != nil {
+			envErrs = append(envErrs, envError{k, usageErr("%s: %v", k, err)})
+			break
+		}
+	}
+	return l
 }

@@ -37,7 +37,7 @@ func newMetrics(reg *prometheus.Registry, db *sql.DB, tables mailroom.Tables, lo
 		}, []string{"result"}),
 		maintPurged: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "mailroom_relay_maintenance_purged_rows_total",
-			Help: "Rows deleted by maintenance, by table: the inbox (old dedupe entries) and the published table (rows older than --retain).",
+			Help: "Rows deleted by maintenance, by table: the inbox (entries of the --purge-inbox consumers older than their retention) and the published table (rows older than --retain).",
 		}, []string{"table"}),
 		maintLeader: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "mailroom_relay_maintenance_leader",

@@ -18,6 +18,7 @@ import (
 
 	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/dedupe"
+	"github.com/mailroom-go/mailroom/internal/redact"
 	"github.com/mailroom-go/mailroom/relay"
 )
 
@@ -38,11 +39,18 @@ On --http it serves:
              (the JSON body says which check failed)
   /metrics   Prometheus metrics
 
-Maintenance runs on one instance at a time (a PostgreSQL advisory lock held
-by the leader's session): every --maintenance-interval it deletes inbox
-(dedupe) entries older than --dedupe-retention and, when --retain is set,
-published rows older than --retain, --purge-batch rows per statement and for
-at most --maintenance-timeout per run.
+Maintenance runs on one instance at a time among those with the same purges
+(a PostgreSQL advisory lock held by the leader's session): every
+--maintenance-interval it deletes, --purge-batch rows per statement and for at
+most --maintenance-timeout per run:
+  - the inbox entries of each consumer named by --purge-inbox older than that
+    consumer's retention; no other consumer's entries. By default the inbox
+    is left alone: each inbox consumer purges its own entries by its own
+    Retention (inbox.Config). Name a consumer here when it does not purge
+    itself (PurgeInterval < 0), for another scope of the table (an HTTP
+    idempotency key store), or for a consumer that was retired.
+  - with --retain, published rows older than --retain.
+With neither, maintenance has nothing to do and does not run.
 `
 
 // runOpts are the sidecar's settings beyond relay.Config.
@@ -52,6 +60,8 @@ type runOpts struct {
 	stall       time.Duration
 	sampleEvery time.Duration
 	maint       maintConfig
+
+	removedDedupeRetention string // refused unless empty or a zero duration
 }
 
 func cmdRun(args []string, stderr io.Writer) error {
@@ -79,7 +89,9 @@ func cmdRun(args []string, stderr io.Writer) error {
 	fs.DurationVar(&o.sampleEvery, "sample-interval", envDurationOr("MAILROOM_SAMPLE_INTERVAL", 5*time.Second), "how often the status page's chart samples throughput and lag (it keeps 10 minutes) [$MAILROOM_SAMPLE_INTERVAL]")
 	fs.DurationVar(&o.maint.interval, "maintenance-interval", envDurationOr("MAILROOM_MAINTENANCE_INTERVAL", time.Minute), "how often maintenance runs; 0 turns it off [$MAILROOM_MAINTENANCE_INTERVAL]")
 	fs.DurationVar(&o.maint.timeout, "maintenance-timeout", envDurationOr("MAILROOM_MAINTENANCE_TIMEOUT", 30*time.Second), "longest one maintenance run may take; the rest waits for the next run [$MAILROOM_MAINTENANCE_TIMEOUT]")
-	fs.DurationVar(&o.maint.dedupeRetention, "dedupe-retention", envDurationOr("MAILROOM_DEDUPE_RETENTION", dedupe.DefaultRetention), "delete inbox (dedupe) entries older than this; keep it at least the longest Retention of the consumers on the table (inbox.Config.Retention, default 7 days) and above the longest a message can stay in the broker; at least 1h; 0 leaves the inbox alone [$MAILROOM_DEDUPE_RETENTION]")
+	o.maint.inbox = envPurgeList()
+	fs.Var(&o.maint.inbox, "purge-inbox", "`consumer=retention`: delete this consumer's inbox (dedupe) entries older than retention, and no other consumer's; repeat for more consumers; the environment variable takes a comma-separated list; retention at least 1h: the consumer's inbox.Config.Retention or longer (default: the inbox is left to its consumers) [$MAILROOM_PURGE_INBOX]")
+	fs.StringVar(&o.removedDedupeRetention, "dedupe-retention", os.Getenv("MAILROOM_DEDUPE_RETENTION"), "removed: it purged every consumer's entries with one retention; use --purge-inbox [$MAILROOM_DEDUPE_RETENTION]")
 	fs.IntVar(&o.maint.batch, "purge-batch", envIntOr("MAILROOM_PURGE_BATCH", dedupe.DefaultPurgeBatch), "rows per purge statement [$MAILROOM_PURGE_BATCH]")
 	if err := parse(fs, args, stderr); err != nil {
 		return err
@@ -98,8 +110,9 @@ func cmdRun(args []string, stderr io.Writer) error {
 		return usageErr("AMQP_URL is not set: pass --amqp-url or set AMQP_URL, e.g. amqp://guest:guest@127.0.0.1:5672/")
 	}
 	if u, err := url.Parse(cfg.URL); err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") {
-		return usageErr("AMQP_URL is not an amqp:// URL (got %s)", redactURL(cfg.URL))
+		return usageErr("AMQP_URL is not an amqp:// URL (got %s)", redact.String(cfg.URL))
 	}
+	hide(cfg.URL)
 	if o.adminToken == "" {
 		o.adminToken = os.Getenv("MAILROOM_ADMIN_TOKEN")
 	}
@@ -111,6 +124,7 @@ func cmdRun(args []string, stderr io.Writer) error {
 		cfg.Name = fmt.Sprintf("%s-%d", h, os.Getpid())
 	}
 	c.databaseURL = withAppName(c.databaseURL, "mailroom-relay "+cfg.Name)
+	hide(c.databaseURL)
 	o.maint.retain = cfg.Retain
 	cfg.DatabaseURL, cfg.Tables, cfg.Logger = c.databaseURL, c.tables, log
 
@@ -181,7 +195,7 @@ func cmdRun(args []string, stderr io.Writer) error {
 	go func() { defer wg.Done(); maint.run(ctx) }()
 
 	log.Info("http listening", "addr", ln.Addr().String(), "admin", o.adminToken != "")
-	log.Info("relay starting", "name", cfg.Name, "outbox", resolved.Outbox.String(), "amqp", redactURL(cfg.URL), "database", redactURL(c.databaseURL))
+	log.Info("relay starting", "name", cfg.Name, "outbox", resolved.Outbox.String(), "amqp", redact.String(cfg.URL), "database", redact.String(c.databaseURL))
 	runErr := r.Run(ctx) // returns after ctx ends, with in-flight rows finished or released
 	srv.stopping.Store(true)
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -215,17 +229,17 @@ func (o *runOpts) check() error {
 		return usageErr("--maintenance-interval %s: must be at least 10ms, or 0 to turn maintenance off", o.maint.interval)
 	case o.maint.interval > 0 && o.maint.timeout <= 0:
 		return usageErr("--maintenance-timeout %s: must be positive", o.maint.timeout)
-	case o.maint.dedupeRetention < 0 || o.maint.dedupeRetention > 0 && o.maint.dedupeRetention < minDedupeRetention:
-		return usageErr("--dedupe-retention %s: must be at least %s (ids forgotten sooner may still be redelivered, and would be applied twice; keep it at least the longest inbox.Config.Retention of the consumers on the table), or 0 to leave the inbox alone", o.maint.dedupeRetention, minDedupeRetention)
+	case o.removedDedupeRetention != "" && !zeroDuration(o.removedDedupeRetention):
+		return usageErr("--dedupe-retention (MAILROOM_DEDUPE_RETENTION) was removed: it purged every consumer's inbox entries with one retention, cutting short the window of consumers that keep theirs longer. Each consumer purges its own; to have the sidecar purge one, name it with its retention: --purge-inbox payments=%s (MAILROOM_PURGE_INBOX=payments=%[1]s)", o.removedDedupeRetention)
 	case o.maint.batch < 1 || o.maint.batch > 100000:
 		return usageErr("--purge-batch %d: must be between 1 and 100000", o.maint.batch)
 	}
 	return nil
 }
 
-// minDedupeRetention is the shortest --dedupe-retention taken: a guard
-// against a unit typo (1s, 1m). The real bound is the consumers' own
-// Retention, which inbox.Config checks against their retry span.
+// minDedupeRetention is the shortest --purge-inbox retention taken: a guard
+// against a unit typo (1s, 1m). The real bound is the consumer's own
+// Retention, which inbox.Config checks against its retry span.
 const minDedupeRetention = time.Hour
 
 // withAppName sets application_name on a lib/pq URL unless it has one, so
@@ -242,6 +256,12 @@ func withAppName(dbURL, name string) string {
 	q.Set("application_name", name)
 	u.RawQuery = q.Encode()
 	return u.String()
+}
+
+// zeroDuration reports whether s is a duration of 0 ("0", "0s").
+func zeroDuration(s string) bool {
+	d, err := time.ParseDuration(s)
+	return err == nil && d == 0
 }
 
 func envIntOr(k string, def int) int {

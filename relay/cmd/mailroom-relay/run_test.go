@@ -66,7 +66,7 @@ func TestRunPublishesAndServes(t *testing.T) {
 		{"mailroom_relay_dead_lettered_total", nil, 0},
 		{"mailroom_relay_confirm_duration_seconds", nil, 50}, // histogram: one confirm per message
 		{"mailroom_relay_broker_up", nil, 1},
-		{"mailroom_relay_maintenance_leader", nil, 1},
+		{"mailroom_relay_maintenance_leader", nil, 0}, // no --purge-inbox, no --retain: nothing to lead
 		{"mailroom_relay_maintenance_purged_rows_total", []string{"table=mailroom_inbox"}, 0},
 		{"mailroom_relay_maintenance_purged_rows_total", []string{"table=mailroom_outbox_published"}, 0},
 		{"mailroom_relay_maintenance_runs_total", []string{"result=error"}, 0},
@@ -460,7 +460,7 @@ SELECT 'payments', gen_random_uuid()::text, now() - interval '2 hours' FROM gene
 		}
 	}
 	seed(2500, 1500)
-	flags := []string{"--maintenance-interval", "100ms", "--retain", "1h", "--dedupe-retention", "1h", "--purge-batch", "500"}
+	flags := []string{"--maintenance-interval", "100ms", "--retain", "1h", "--purge-inbox", "payments=1h", "--purge-batch", "500"}
 	a := startSidecar(t, s.URL, flags...)
 	b := startSidecar(t, s.URL, flags...)
 	purged := func(sc *sidecar) float64 {
@@ -520,7 +520,7 @@ func TestMaintenanceWithoutInboxTable(t *testing.T) {
 	t.Parallel()
 	s := testenv.NewSchema(t)
 	testenv.NewBroker(t)
-	sc := startSidecar(t, s.URL, "--maintenance-interval", "50ms", "--inbox-table", "no_such_inbox")
+	sc := startSidecar(t, s.URL, "--maintenance-interval", "50ms", "--inbox-table", "no_such_inbox", "--purge-inbox", "payments=1h")
 	testenv.Eventually(t, time.Minute, "several maintenance runs", func() bool {
 		v, _ := sc.metrics().get("mailroom_relay_maintenance_runs_total", "result=ok")
 		return v >= 3
@@ -540,8 +540,9 @@ func TestMaintenanceWithoutInboxTable(t *testing.T) {
 }
 
 // Instances that run different purges do not keep each other from them: a
-// leader without --retain does not stop an instance with --retain from
-// purging the published table (a rolling change of the flags).
+// leader without --retain (purging an inbox consumer) does not stop an
+// instance with --retain from purging the published table (a rolling change
+// of the flags).
 func TestMaintenanceLeadersPerPurgeSet(t *testing.T) {
 	t.Parallel()
 	s := testenv.NewSchema(t)
@@ -550,7 +551,7 @@ func TestMaintenanceLeadersPerPurgeSet(t *testing.T) {
 SELECT g, gen_random_uuid(), 'x', 'r', '\x7b7d', now() - interval '3 hours', 0, now() - interval '2 hours' FROM generate_series(1, 10) g`); err != nil {
 		t.Fatal(err)
 	}
-	a := startSidecar(t, s.URL, "--maintenance-interval", "100ms")
+	a := startSidecar(t, s.URL, "--maintenance-interval", "100ms", "--purge-inbox", "payments=1h")
 	testenv.Eventually(t, time.Minute, "the instance without --retain to lead", func() bool {
 		return a.metric("mailroom_relay_maintenance_leader") == 1
 	})

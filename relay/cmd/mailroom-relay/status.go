@@ -9,6 +9,7 @@ import (
 
 	"github.com/lib/pq"
 
+	"github.com/mailroom-go/mailroom/internal/redact"
 	"github.com/mailroom-go/mailroom/relay"
 )
 
@@ -58,7 +59,7 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 func (c *common) hint(err error) error {
 	var pe *pq.Error
 	if errors.As(err, &pe) && pe.Code == "42P01" { // undefined_table
-		return fmt.Errorf("%w (the mailroom tables are missing in %s: run `mailroom-relay migrate`, or check search_path and the table flags)", err, redactURL(c.databaseURL))
+		return fmt.Errorf("%w (the mailroom tables are missing in %s: run `mailroom-relay migrate`, or check search_path and the table flags)", err, redact.String(c.databaseURL))
 	}
 	return err
 }
