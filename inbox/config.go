@@ -149,9 +149,12 @@ type Config struct {
 	// Retention is how long message ids are remembered; it must be longer
 	// than any message can stay queued or retrying. Default 7 days.
 	Retention time.Duration
-	// PurgeInterval is how often Run purges ids older than Retention (every
-	// running consumer does; concurrent purges share the work). Default 1h;
-	// negative disables purging (run dedupe.Store.Purge yourself).
+	// PurgeInterval is how often Run purges this consumer's ids (scope
+	// Consumer) older than Retention; other consumers' ids on the table are
+	// theirs to purge (every running instance of this consumer does it;
+	// concurrent purges share the work). Default 1h; negative disables
+	// purging (then run dedupe.Store.Purge(ctx, db, Consumer, Retention)
+	// yourself, or name the consumer in mailroom-relay's --purge-inbox).
 	PurgeInterval time.Duration
 
 	// Logger receives warnings and errors (and Debug lines per message;

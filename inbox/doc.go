@@ -145,8 +145,9 @@
 // dead-letter a message past its delivery limit without a reason. Every
 // session waits until the database answers before it consumes.
 //
-// Message ids are remembered for Retention (7 days) and purged every
-// PurgeInterval; see package dedupe.
+// This consumer's message ids (scope Consumer) are remembered for
+// Retention (7 days) and purged every PurgeInterval; other consumers' ids
+// on the table are left to them. See package dedupe.
 //
 // # Observability
 //

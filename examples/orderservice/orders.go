@@ -154,7 +154,6 @@ func (s *OrderService) Place(ctx context.Context, key string, req PlaceOrder) (o
 	return o, false, nil
 }
 
-// Get returns one order.
 // keyRetention is how long an Idempotency-Key is remembered.
 const keyRetention = dedupe.DefaultRetention
 
@@ -165,6 +164,7 @@ func (s *OrderService) PurgeKeys(ctx context.Context) (int64, error) {
 	return s.keys.Purge(ctx, s.db, idempotencyScope, keyRetention)
 }
 
+// Get returns one order.
 func (s *OrderService) Get(ctx context.Context, id string) (Order, error) {
 	var o Order
 	err := s.db.GetContext(ctx, &o, `SELECT `+orderColumns+` FROM orders WHERE id = $1`, id)

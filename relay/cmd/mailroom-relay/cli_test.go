@@ -57,6 +57,9 @@ func TestBadInput(t *testing.T) {
 		{"flag overrides a bad env value", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp, "MAILROOM_BATCH_SIZE=lots"}, []string{"run", "--batch-size", "10", "--admin-token", "short"}, "--admin-token"},
 		{"run window below batch", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp, "MAILROOM_CONFIRM_WINDOW=100"}, []string{"run"}, "ConfirmWindow 100"},
 		{"run too many active relays", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp, "MAILROOM_ACTIVE_RELAYS=100"}, []string{"run"}, "ActiveRelays 100: must be between 1 and 64"},
+		{"run bad MAILROOM_MAX_MESSAGE_SIZE", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp, "MAILROOM_MAX_MESSAGE_SIZE=16MiB"}, []string{"run"}, "MAILROOM_MAX_MESSAGE_SIZE"},
+		{"run bad --max-message-size", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--max-message-size", "big"}, "-max-message-size"},
+		{"run max message size over RabbitMQ's limit", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--max-message-size", "1073741824"}, "MaxMessageSize 1073741824: must be between 1 and 536870912"},
 		{"run bad purge batch", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--purge-batch", "0"}, "--purge-batch"},
 		{"dead without subcommand", nil, []string{"dead"}, "missing subcommand"},
 		{"dead unknown subcommand", nil, []string{"dead", "resurrect"}, `unknown subcommand "resurrect"`},
@@ -118,8 +121,8 @@ func TestHelp(t *testing.T) {
 			t.Errorf("%v: exit %d, want 0 and %q in:\n%s", args, r.code, want, r.stderr)
 		}
 	}
-	if r := runBin(t, cleanEnv(), "run", "-h"); !strings.Contains(r.stderr, "-admin-token") || !strings.Contains(r.stderr, "/readyz") || !strings.Contains(r.stderr, "-purge-inbox") {
-		t.Errorf("run -h does not document --admin-token, /readyz and --purge-inbox:\n%s", r.stderr)
+	if r := runBin(t, cleanEnv(), "run", "-h"); !strings.Contains(r.stderr, "-admin-token") || !strings.Contains(r.stderr, "/readyz") || !strings.Contains(r.stderr, "-purge-inbox") || !strings.Contains(r.stderr, "-max-message-size") || !strings.Contains(r.stderr, "$MAILROOM_MAX_MESSAGE_SIZE") {
+		t.Errorf("run -h does not document --admin-token, /readyz, --purge-inbox and --max-message-size:\n%s", r.stderr)
 	}
 	if r := runBin(t, cleanEnv(), "dead", "replay", "-h"); !strings.Contains(r.stderr, "END of its key") {
 		t.Errorf("dead replay -h does not say what replay does to per-key order:\n%s", r.stderr)

@@ -74,6 +74,7 @@ func cmdRun(args []string, stderr io.Writer) error {
 	fs.IntVar(&cfg.BatchSize, "batch-size", envInt("MAILROOM_BATCH_SIZE"), "rows per claim (default 500) [$MAILROOM_BATCH_SIZE]")
 	fs.IntVar(&cfg.ConfirmWindow, "confirm-window", envInt("MAILROOM_CONFIRM_WINDOW"), "messages published but not yet confirmed, at most (at least --batch-size; default 1024 shared among the relays publishing on the table, e.g. 512 each for two) [$MAILROOM_CONFIRM_WINDOW]")
 	fs.IntVar(&cfg.ActiveRelays, "active-relays", envInt("MAILROOM_ACTIVE_RELAYS"), "how many relays of the table publish at once; the others stand by and take over within a second (default 1) [$MAILROOM_ACTIVE_RELAYS]")
+	fs.IntVar(&cfg.MaxMessageSize, "max-message-size", envInt("MAILROOM_MAX_MESSAGE_SIZE"), "largest payload published, in bytes; a larger row fails as an attempt and is dead-lettered after --max-attempts; keep it at or below the broker's max_message_size (default 16777216, 16 MiB; at most 536870912) [$MAILROOM_MAX_MESSAGE_SIZE]")
 	fs.IntVar(&cfg.MaxAttempts, "max-attempts", envInt("MAILROOM_MAX_ATTEMPTS"), "failed publishes before a row is dead-lettered (default 20) [$MAILROOM_MAX_ATTEMPTS]")
 	fs.DurationVar(&cfg.PollInterval, "poll-interval", envDuration("MAILROOM_POLL_INTERVAL"), "poll for due rows this often without a NOTIFY (default 500ms) [$MAILROOM_POLL_INTERVAL]")
 	fs.DurationVar(&cfg.Lease, "lease", envDuration("MAILROOM_LEASE"), "how long a claimed row belongs to this relay (default 60s) [$MAILROOM_LEASE]")
