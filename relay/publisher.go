@@ -24,6 +24,7 @@ type publisher struct {
 	r        *Relay
 	outcomes chan<- outcome
 	slots    chan struct{} // confirm window: one token per unconfirmed message
+	chains   *chains       // the rows of a key waiting for the one before them
 
 	conn    *amqp.Connection
 	wire    *amqpx.BatchConn // conn's socket: publishes of a batch are held and written at once
@@ -70,26 +71,62 @@ type pending struct {
 }
 
 func newPublisher(r *Relay, outcomes chan<- outcome) *publisher {
-	return &publisher{r: r, outcomes: outcomes, slots: make(chan struct{}, r.cfg.ConfirmWindow), known: map[string]bool{}, spanNames: map[string]string{}, refused: map[string]refusal{}}
+	return &publisher{r: r, outcomes: outcomes, chains: newChains(), slots: make(chan struct{}, r.cfg.ConfirmWindow), known: map[string]bool{}, spanNames: map[string]string{}, refused: map[string]refusal{}}
 }
 
-// run publishes every batch it receives until batches is closed, then waits
-// for the outstanding confirms (bounded by ConfirmTimeout) and closes the
-// connection. Rows it cannot publish because ctx ended are released.
+// run publishes every batch it receives until batches is closed or ctx
+// ends, each key's rows one at a time (chains.go), then hands back what it
+// did not publish, waits for the outstanding confirms (bounded by
+// ConfirmTimeout) and closes the connection.
 func (p *publisher) run(ctx context.Context, batches <-chan []*row) {
 	defer p.close()
-	for batch := range batches {
-		for i, w := range batch {
-			if ctx.Err() != nil {
-				p.settle(batch[i:], released, nil)
+	for batches != nil && ctx.Err() == nil {
+		in := batches
+		if p.chains.waiting() >= p.r.cfg.ConfirmWindow {
+			in = nil // enough rows wait behind their keys: claim no more
+		}
+		select {
+		case batch, ok := <-in:
+			if !ok {
+				batches = nil
 				break
+			}
+			p.chains.newBatch()
+			for i, w := range batch {
+				if ctx.Err() != nil {
+					p.settle(batch[i:], released, nil)
+					break
+				}
+				switch publish, handBack := p.chains.admit(w); {
+				case publish:
+					p.publish(ctx, w)
+				case handBack:
+					p.settle([]*row{w}, released, nil)
+				}
+			}
+		case <-p.chains.more:
+		case <-ctx.Done():
+		}
+		p.publishReady(ctx)
+		p.flush()
+	}
+	p.settle(p.chains.close(), released, nil)
+	if p.sess != nil {
+		p.awaitConfirms()
+	}
+}
+
+// publishReady publishes the rows whose previous row of their key was
+// confirmed meanwhile.
+func (p *publisher) publishReady(ctx context.Context) {
+	for ready := p.chains.next(); len(ready) > 0; ready = p.chains.next() {
+		for _, w := range ready {
+			if ctx.Err() != nil {
+				p.settle([]*row{w}, released, nil)
+				continue
 			}
 			p.publish(ctx, w)
 		}
-		p.flush()
-	}
-	if p.sess != nil {
-		p.awaitConfirms()
 	}
 }
 
@@ -182,7 +219,7 @@ func (p *publisher) publish(ctx context.Context, w *row) {
 	}
 }
 
-// message is the AMQP form of a row (CONTRACT.md). Its headers table is
+// message is the AMQP form of a row (docs/wire.md). Its headers table is
 // nil when there is nothing to put in it (and no span to inject).
 func message(w *row, traced bool) amqp.Publishing {
 	var h amqp.Table
@@ -533,10 +570,15 @@ func (p *publisher) settle(rows []*row, kind outcomeKind, err error) {
 	}
 }
 
-// emit hands an outcome to the finisher, after ending the row's span.
+// emit hands an outcome to the finisher, after ending the row's span, and
+// advances the row's key: its next row is published, or, if it was not
+// delivered, the rest of its run is handed back.
 func (p *publisher) emit(o outcome) {
 	p.r.settled(&o)
 	p.outcomes <- o
+	for _, w := range p.chains.settled(&o) {
+		p.emit(outcome{row: w, kind: released})
+	}
 }
 
 // check applies the wire contract to a row, as Add did (a row written by

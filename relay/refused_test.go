@@ -61,8 +61,12 @@ func TestRowOverMaxMessageSizeIsDeadLettered(t *testing.T) {
 	}
 	e.waitDrained()
 	stop()
-	if s := e.relays[0].Stats(); s.Released != 0 || s.Failed != 2 {
-		t.Errorf("stats %+v: want 2 failed attempts and nothing released (the row is never sent)", s)
+	// Released: at most the next row of its key, handed back unpublished
+	// behind it at each attempt when it came in the same claim (see
+	// chains.go); a row sent and refused by the broker would hand back
+	// every unconfirmed row of the channel too.
+	if s := e.relays[0].Stats(); s.Released > 2 || s.Failed != 2 {
+		t.Errorf("stats %+v: want 2 failed attempts, and at most the row behind it handed back at each", s)
 	}
 }
 

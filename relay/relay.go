@@ -73,6 +73,10 @@ type Relay struct {
 	leaving atomic.Bool
 	drained chan struct{}
 
+	// wake wakes the claim loop: a NOTIFY, or the last row of a key's run
+	// delivered (more of the key may be due; see finish).
+	wake chan struct{}
+
 	// The delete's prepared statement (not with DisableListen, which may
 	// mean PgBouncer in transaction mode): prepared on first use and closed
 	// when Run returns.
@@ -197,6 +201,7 @@ func New(db *sql.DB, cfg Config) (*Relay, error) {
 	}
 	r.window.Store(int64(cfg.ConfirmWindow))
 	r.drained = make(chan struct{}, 1)
+	r.wake = make(chan struct{}, 1)
 	r.standby.Store(!cfg.DisableListen) // until Run takes a publishing slot (share.go)
 	r.frozenAfter = frozenAfter
 	return r, nil
@@ -217,6 +222,13 @@ type row struct {
 	payload     []byte
 	createdAt   time.Time
 	attempts    int
+	// rn is the row's place in its key's run in this claim (0: the head,
+	// or an unkeyed row); see runs in sql.go and chains.go.
+	rn int
+	// wake: when this row is delivered, its key may have more rows due
+	// (its run was cut by the claim's room): the claim loop looks again at
+	// once instead of at its next poll.
+	wake bool
 
 	span  trace.Span  // the publish span while it is recording, else nil
 	batch *batchClock // times the batch the row was claimed in
@@ -249,7 +261,7 @@ func (r *Relay) Run(ctx context.Context) error {
 		return err
 	}
 	defer unregister()
-	wake := make(chan struct{}, 1)
+	wake := r.wake
 	batches := make(chan []*row)                          // unbuffered: at most one batch claimed ahead
 	outcomes := make(chan outcome, 4*r.cfg.ConfirmWindow) // confirms never wait on the database
 
@@ -592,7 +604,7 @@ func (r *Relay) claimRows(clock *batchClock, lease string, query func() (*sql.Ro
 	for rs.Next() {
 		w := &row{lease: lease, batch: clock}
 		var headers []byte
-		if err := rs.Scan(&w.seq, &w.id, &w.exchange, &w.routingKey, &w.key, &w.typ, &w.contentType, &headers, &w.payload, &w.createdAt, &w.attempts); err != nil {
+		if err := rs.Scan(&w.seq, &w.rn, &w.id, &w.exchange, &w.routingKey, &w.key, &w.typ, &w.contentType, &headers, &w.payload, &w.createdAt, &w.attempts); err != nil {
 			return nil, fmt.Errorf("claim from %s: %w", r.tables.Outbox, err)
 		}
 		// A row written by hand may hold anything there: the publish
@@ -604,8 +616,7 @@ func (r *Relay) claimRows(clock *batchClock, lease string, query func() (*sql.Ro
 		return nil, fmt.Errorf("claim from %s: %w", r.tables.Outbox, err)
 	}
 	clock.left.Store(int32(len(rows)))
-	// Claim order within a batch follows available_at; publish each key's
-	// rows (there is at most one per key) and the rest oldest first.
+	markRuns(rows)
 	return rows, nil
 }
 
@@ -693,6 +704,15 @@ func (r *Relay) finish(ctx context.Context, os []outcome) {
 		r.log.Error("could not record publish outcomes before stopping; the rows will be published again (once their lease expires, if they have one)", "rows", len(os), "error", err)
 	}
 	if err == nil {
+		for _, o := range done {
+			if o.row.wake {
+				select {
+				case r.wake <- struct{}{}:
+				default:
+				}
+				break
+			}
+		}
 		// Failures first: whoever sees an outcome counted sees the
 		// attempt's failure counted too.
 		c := &r.counters

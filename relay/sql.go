@@ -60,6 +60,39 @@ const columns = `id, exchange, routing_key, key, type, content_type, headers, pa
 func newQueries(t mailroom.Resolved) queries {
 	ob, dead, pub := t.Outbox.Quoted(), t.Dead.Quoted(), t.Published.Quoted()
 	obOID := `'` + strings.ReplaceAll(ob, `'`, `''`) + `'::regclass::oid::integer`
+	// due: a row that may be published now: due, no live lease of
+	// another relay, not held by this one ($4).
+	due := `o.available_at <= now()
+      AND (o.leased_until IS NULL OR o.leased_until <= now())
+      AND o.seq <> ALL($4)`
+	// runs follows the heads (first rows of their key, or unkeyed rows)
+	// of a claim with the rows after them of their key, in seq order, as
+	// long as each is due: a key's run, published one at a time by the
+	// publisher (each after the one before it is confirmed), so a key
+	// moves at confirm speed rather than one message per claim. The
+	// room the heads leave in the batch is shared among the keyed heads
+	// (run), and picked takes the heads first, then the second row of
+	// each key, and so on (rn), so keys advance side by side and one hot
+	// key does not fill a batch others wait behind. When the heads fill
+	// the batch (many keys), run is 0 and the runs are not read (a
+	// one-time filter). Index: key_idx (key, seq) for each run.
+	runs := `room AS (SELECT ($1 - count(*)) / greatest(count(*) FILTER (WHERE key <> ''), 1) AS run FROM heads),
+picked AS (
+    SELECT c.seq, c.rn FROM (
+        SELECT h.seq, 0 AS rn, h.available_at AS at FROM heads h
+        UNION ALL
+        SELECT q.seq, q.rn, h.available_at FROM heads h CROSS JOIN LATERAL (
+            SELECT p.seq, p.rn FROM (
+                SELECT p.seq, row_number() OVER w AS rn,
+                       bool_and(p.available_at <= now() AND (p.leased_until IS NULL OR p.leased_until <= now()) AND p.seq <> ALL($4)) OVER w AS ok
+                FROM (SELECT p.seq, p.available_at, p.leased_until FROM ` + ob + ` p
+                      WHERE p.key = h.key AND p.key <> '' AND p.seq > h.seq
+                      ORDER BY p.seq LIMIT (SELECT run FROM room)) p
+                WINDOW w AS (ORDER BY p.seq)) p
+            WHERE p.ok) q
+        WHERE h.key <> '' AND (SELECT run FROM room) > 0) c
+    ORDER BY c.rn, c.at
+    LIMIT $1)`
 	return queries{
 		turn: `SET LOCAL lock_timeout = ` + strconv.FormatInt(claimLockTimeout.Milliseconds(), 10) + `;
 SELECT pg_advisory_xact_lock(` + strconv.Itoa(claimLockKey) + `, ` + obOID + `);
@@ -74,11 +107,14 @@ SELECT pg_advisory_xact_lock(` + strconv.Itoa(claimLockKey) + `, ` + obOID + `);
 		// update (schema version 4) that writes no index entry. The
 		// scan steps over rows leased and still in flight, a few thousand
 		// at most (ConfirmWindow and a claim ahead, per relay).
-		// Ordering: a keyed row is a candidate only when no earlier row of its
-		// key exists (key_idx probe; "p.key <> ''" lets the planner use that
-		// partial index instead of a sequential scan per keyed candidate), so each key has at most one row in
-		// flight across all relays, and the next becomes claimable only once
-		// the previous was confirmed and deleted (or dead-lettered).
+		// Ordering: a keyed row heads a claim only when no earlier row of
+		// its key exists (key_idx probe; "p.key <> ''" lets the planner
+		// use that partial index instead of a sequential scan per keyed
+		// candidate), and the rows after it come with it (runs), leased
+		// together: so one relay holds a key's rows at a time, the next
+		// of a key becomes claimable by anyone only once those before it
+		// were confirmed and deleted (or dead-lettered), and the
+		// publisher sends a key's rows one at a time (chains.go).
 		// Relays publishing side by side claim in turn (claimText after
 		// turn). When they do not, SKIP LOCKED lets them claim side by
 		// side, and a row another relay leased after this statement's
@@ -101,18 +137,17 @@ SELECT pg_advisory_xact_lock(` + strconv.Itoa(claimLockKey) + `, ` + obOID + `);
 		// off the disk's latency.
 		claim: `WITH async AS (SELECT set_config('synchronous_commit', 'off', true)),
 free AS MATERIALIZED (SELECT pg_try_advisory_xact_lock_shared(` + strconv.Itoa(aloneKey) + `, ` + obOID + `) AS ok),
-cand AS (
-    SELECT o.seq FROM ` + ob + ` o
-    WHERE o.available_at <= now()
-      AND (o.leased_until IS NULL OR o.leased_until <= now())
-      AND o.seq <> ALL($4)
+heads AS (
+    SELECT o.seq, o.key, o.available_at FROM ` + ob + ` o
+    WHERE ` + due + `
       AND (o.key = '' OR NOT EXISTS (SELECT 1 FROM ` + ob + ` p WHERE p.key = o.key AND p.key <> '' AND p.seq < o.seq))
     ORDER BY o.available_at
     LIMIT $1
-    FOR UPDATE SKIP LOCKED)
+    FOR UPDATE SKIP LOCKED),
+` + runs + `
 UPDATE ` + ob + ` o SET leased_until = now() + $2 * interval '1 millisecond', lease = $3
-FROM cand WHERE o.seq = cand.seq AND (SELECT true FROM async) AND $5
-RETURNING o.seq, ` + prefixed("o.", columns),
+FROM picked WHERE o.seq = picked.seq AND (SELECT true FROM async) AND $5
+RETURNING o.seq, picked.rn, ` + prefixed("o.", columns),
 
 		// claimAlone is the claim of a relay publishing alone on its table
 		// (share.go): it reads the rows and writes nothing. The relay keeps
@@ -123,13 +158,15 @@ RETURNING o.seq, ` + prefixed("o.", columns),
 		// 0.5-0.6 s without (keyed rows: 1.6-1.9 s and 1.0 s). The same
 		// conditions as claim: due, no live lease of another relay (one
 		// that published before), first of its key.
-		claimAlone: `SELECT o.seq, ` + prefixed("o.", columns) + ` FROM ` + ob + ` o
-WHERE o.available_at <= now()
-  AND (o.leased_until IS NULL OR o.leased_until <= now())
-  AND o.seq <> ALL($4)
-  AND (o.key = '' OR NOT EXISTS (SELECT 1 FROM ` + ob + ` p WHERE p.key = o.key AND p.key <> '' AND p.seq < o.seq))
-ORDER BY o.available_at
-LIMIT $1`,
+		claimAlone: `WITH heads AS (
+    SELECT o.seq, o.key, o.available_at FROM ` + ob + ` o
+    WHERE ` + due + `
+      AND (o.key = '' OR NOT EXISTS (SELECT 1 FROM ` + ob + ` p WHERE p.key = o.key AND p.key <> '' AND p.seq < o.seq))
+    ORDER BY o.available_at
+    LIMIT $1),
+` + runs + `
+SELECT o.seq, picked.rn, ` + prefixed("o.", columns) + ` FROM picked JOIN ` + ob + ` o ON o.seq = picked.seq
+ORDER BY picked.rn, o.available_at`,
 
 		// deleteDone removes confirmed rows by primary key. No lease check: a
 		// confirmed message is delivered whoever holds the row now.

@@ -105,6 +105,11 @@ func paced(rate, k, total int, send func() error) (achieved float64, err error) 
 // percentiles are taken once the consumer has every message. cleanup runs
 // before the world stops.
 func measureLatency(rate int, prepare func(w *world, l *latencies) (send func(k int) error, cleanup func(), err error)) (f latencyFigure, err error) {
+	return measureLatencyOf(rate, perTx(rate), prepare)
+}
+
+// measureLatencyOf is measureLatency with k messages a transaction.
+func measureLatencyOf(rate, k int, prepare func(w *world, l *latencies) (send func(k int) error, cleanup func(), err error)) (f latencyFigure, err error) {
 	w, err := setup()
 	if err != nil {
 		return f, err
@@ -117,7 +122,6 @@ func measureLatency(rate int, prepare func(w *world, l *latencies) (send func(k 
 		return f, err
 	}
 	defer cleanup()
-	k := perTx(rate)
 	total := int(float64(rate)*duration.Seconds()) / k
 	before, start := readCPU(), time.Now()
 	if f.achieved, err = paced(rate, k, total, func() error { return send(k) }); err != nil {

@@ -36,7 +36,7 @@ import (
 )
 
 var (
-	runFlag      = flag.String("run", "broker,naive,drain,latency,relays,writecost", "figures to run, comma-separated: broker, naive, drain, latency, relays, scale, dedupe, writecost")
+	runFlag      = flag.String("run", "broker,naive,drain,latency,relays,writecost,keyed,keyedlatency", "figures to run, comma-separated: broker, naive, drain, latency, relays, keyed, keyedlatency, scale, dedupe, writecost")
 	events       = flag.Int("events", 100000, "backlog size for broker and drain")
 	rates        = flag.String("rates", "200,5000", "steady event rates (events/s) for latency, comma-separated")
 	duration     = flag.Duration("duration", 10*time.Second, "how long each latency rate runs")
@@ -138,6 +138,12 @@ func main() {
 			median(both), median(both)/median(one))
 		fmt.Printf("relays   the broker alone, same runs: one publishing connection %8.0f msg/s, two %8.0f msg/s  (%.2f×)\n",
 			median(b1), median(b2), median(b2)/median(b1))
+	}
+	if want["keyed"] {
+		runKeyed()
+	}
+	if want["keyedlatency"] {
+		runKeyedLatency()
 	}
 	if want["scale"] {
 		var small, large []float64

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"os"
 	"strconv"
@@ -10,8 +9,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
-	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/mailroom-go/mailroom/dedupe"
 	"github.com/mailroom-go/mailroom/relay"
@@ -76,31 +73,12 @@ func benchRelays(n, active int) (rate float64, cpu cpuUse, outOfOrder int64, err
 		return 0, cpu, 0, err
 	}
 	defer w.stop()
-	_, err = w.db.Exec(`INSERT INTO mailroom_outbox (id, exchange, routing_key, key, payload)
-SELECT gen_random_uuid(), $1, 'k', CASE WHEN $3 > 0 THEN 'key-' || (g % $3) ELSE '' END, convert_to('{"n":' || (g / greatest($3, 1)) || '}', 'UTF8')
-FROM generate_series(0, $2 - 1) g`, w.exchange, *events, *keys)
-	if err == nil {
-		_, err = w.db.Exec(`VACUUM ANALYZE mailroom_outbox`)
-	}
-	if err != nil {
+	if err := w.fillKeyed(*events, *keys); err != nil {
 		return 0, cpu, 0, err
 	}
-	last := map[string]int{}
-	var violations atomic.Int64
-	w.onMsg = func(d amqp.Delivery) { // the consumer goroutine: no lock needed
-		key, _ := d.Headers["x-mailroom-key"].(string)
-		var m struct{ N int }
-		json.Unmarshal(d.Body, &m)
-		if key == "" {
-			return // no order promised
-		}
-		if prev, ok := last[key]; ok && m.N < prev {
-			violations.Add(1)
-		}
-		last[key] = m.N
-	}
+	bad := w.countDisorder()
 	rate, cpu, err = w.drainWith(n, active, int64(*events))
-	return rate, cpu, violations.Load(), err
+	return rate, cpu, bad.Load(), err
 }
 
 // benchScale: the drain rate over the first measure events of a backlog.

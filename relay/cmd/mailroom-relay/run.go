@@ -64,6 +64,9 @@ type runOpts struct {
 	removedDedupeRetention string // refused unless empty or a zero duration
 }
 
+// runIdleConns is how many idle database connections run keeps.
+const runIdleConns = 4
+
 func cmdRun(args []string, stderr io.Writer) error {
 	fs := newFlagSet("run", runHelp, stderr)
 	var c common
@@ -136,6 +139,10 @@ func cmdRun(args []string, stderr io.Writer) error {
 		return err
 	}
 	defer db.Close()
+	// The claim loop, the finisher, the sampler and a scrape each hold a
+	// connection at times: with database/sql's default of 2 idle ones, the
+	// pool closed and reopened a PostgreSQL session for many of them.
+	db.SetMaxIdleConns(runIdleConns)
 	reg := prometheus.NewRegistry()
 	mp, err := relayMeterProvider(reg)
 	if err != nil {

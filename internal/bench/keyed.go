@@ -1,0 +1,248 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/mailroom-go/mailroom/internal/wire"
+	"github.com/mailroom-go/mailroom/outbox"
+	"github.com/mailroom-go/mailroom/relay"
+)
+
+var (
+	keyedEvents  = flag.Int("keyed-events", 100000, "keyed: backlog size for the unkeyed, 50-key and 10,000-key drains")
+	oneKeyEvents = flag.Int("one-key-events", 10000, "keyed: backlog size of the one-key drain (a key moves at one confirm round trip per message)")
+	keyedRate    = flag.Int("keyed-rate", 200, "keyedlatency: transactions per second, each writing -keyed-per-tx events of one key")
+	keyedPerTx   = flag.Int("keyed-per-tx", 10, "keyedlatency: events per transaction, all of one key")
+)
+
+// A relay setup the keyed figures compare: the relay in this process, two
+// in this process both publishing (ActiveRelays 2), and the sidecar binary
+// as users run it (a process of its own, every setting at its default).
+type relayMode struct {
+	name  string
+	start func(w *world) (stop func(), err error)
+}
+
+var relayModes = []relayMode{
+	{"one relay", func(w *world) (func(), error) { return w.startInProcess(1, 0) }},
+	{"two relays publishing", func(w *world) (func(), error) { return w.startInProcess(2, 2) }},
+	{"sidecar binary", func(w *world) (func(), error) { return w.startSidecar() }},
+}
+
+func (w *world) startInProcess(n, active int) (func(), error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	for i := range n {
+		r, err := newRelay(w, fmt.Sprintf("bench-%d", i), func(c *relay.Config) { c.ActiveRelays = active })
+		if err != nil {
+			cancel()
+			wg.Wait()
+			return nil, err
+		}
+		wg.Add(1)
+		go func() { defer wg.Done(); r.Run(ctx) }()
+	}
+	return func() { cancel(); wg.Wait() }, nil
+}
+
+var sidecarBin = sync.OnceValues(func() (string, error) {
+	dir, err := os.MkdirTemp("", "mailroom-bench")
+	if err != nil {
+		return "", err
+	}
+	bin := filepath.Join(dir, "mailroom-relay")
+	out, err := exec.Command("go", "build", "-o", bin, "github.com/mailroom-go/mailroom/relay/cmd/mailroom-relay").CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("build the sidecar: %v: %s", err, out)
+	}
+	return bin, nil
+})
+
+// startSidecar runs `mailroom-relay run` with its defaults on the world's
+// schema; stop sends SIGTERM and waits.
+func (w *world) startSidecar() (func(), error) {
+	bin, err := sidecarBin()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(bin, "run", "--name", "bench-sidecar", "--http", "127.0.0.1:0")
+	cmd.Env = append(os.Environ(), "DATABASE_URL="+w.dbURL, "AMQP_URL="+amqpURL())
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	return func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+	}, nil
+}
+
+// fillKeyed writes n rows over keys ordering keys (0: none) with one
+// INSERT … SELECT; each row carries its place in its key.
+func (w *world) fillKeyed(n, keys int) error {
+	_, err := w.db.Exec(`INSERT INTO mailroom_outbox (id, exchange, routing_key, key, payload)
+SELECT gen_random_uuid(), $1, 'k', CASE WHEN $3 > 0 THEN 'key-' || (g % $3) ELSE '' END, convert_to('{"n":' || (g / greatest($3, 1)) || '}', 'UTF8')
+FROM generate_series(0, $2 - 1) g`, w.exchange, n, keys)
+	if err == nil {
+		_, err = w.db.Exec(`VACUUM ANALYZE mailroom_outbox`)
+	}
+	return err
+}
+
+// countDisorder makes the consumer count deliveries that arrive after a
+// later event of their key.
+func (w *world) countDisorder() *atomic.Int64 {
+	last := map[string]int{}
+	var bad atomic.Int64
+	w.onMsg = func(d amqp.Delivery) { // the consumer goroutine: no lock needed
+		key, _ := d.Headers[wire.HeaderKey].(string)
+		if key == "" {
+			return // no order promised
+		}
+		var m struct{ N int }
+		json.Unmarshal(d.Body, &m)
+		if prev, ok := last[key]; ok && m.N < prev {
+			bad.Add(1)
+		}
+		last[key] = m.N
+	}
+	return &bad
+}
+
+// benchKeyedDrain: a backlog of n events over keys keys, drained by mode;
+// the rate from the first delivery on.
+func benchKeyedDrain(mode relayMode, n, keys int) (rate float64, disorder int64, err error) {
+	w, err := setup()
+	if err != nil {
+		return 0, 0, err
+	}
+	defer w.stop()
+	if err := w.fillKeyed(n, keys); err != nil {
+		return 0, 0, err
+	}
+	bad := w.countDisorder()
+	stop, err := mode.start(w)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer stop()
+	if err := w.waitReceived(1, time.Minute); err != nil {
+		return 0, 0, err
+	}
+	start := time.Now()
+	if err := w.waitReceived(int64(n), 10*time.Minute); err != nil {
+		return 0, 0, err
+	}
+	return float64(n-1) / time.Since(start).Seconds(), bad.Load(), nil
+}
+
+// runKeyed prints the keyed backlog figures: each mode drains a backlog
+// without keys, over 10,000, 50 and 1 key, -repeat times alternating with
+// RabbitMQ alone, and compares medians of one run.
+func runKeyed() {
+	type cell struct{ keys, n int }
+	cells := []cell{{0, *keyedEvents}, {10000, *keyedEvents}, {50, *keyedEvents}, {1, *oneKeyEvents}}
+	rates := map[string]map[int][]float64{}
+	var broker []float64
+	var disorder int64
+	saved := *events
+	for i := range *repeat {
+		*events = *keyedEvents
+		r, _, err := benchBroker(1, 0)
+		*events = saved
+		broker = append(broker, must(r, err))
+		fmt.Printf("keyed    RabbitMQ alone, %d msgs: %8.0f msg/s\n", *keyedEvents, r)
+		for j := range relayModes {
+			m := relayModes[(i+j)%len(relayModes)] // rotate the order: the machine drifts within a round
+			if rates[m.name] == nil {
+				rates[m.name] = map[int][]float64{}
+			}
+			for _, c := range cells {
+				r, bad, err := benchKeyedDrain(m, c.n, c.keys)
+				must(r, err)
+				disorder += bad
+				rates[m.name][c.keys] = append(rates[m.name][c.keys], r)
+				fmt.Printf("keyed    %-22s %7d events over %5d keys: %8.0f events/s\n", m.name, c.n, c.keys, r)
+			}
+		}
+	}
+	b := median(broker)
+	fmt.Printf("keyed    medians of %d runs; RabbitMQ alone %.0f msg/s; deliveries out of key order: %d\n", *repeat, b, disorder)
+	for _, m := range relayModes {
+		unkeyed := median(rates[m.name][0])
+		fmt.Printf("keyed    %-22s no key %8.0f (%.2f× RabbitMQ alone)", m.name, unkeyed, unkeyed/b)
+		for _, c := range cells[1:] {
+			r := median(rates[m.name][c.keys])
+			fmt.Printf(", %d keys %8.0f (%.2f× no key)", c.keys, r, r/unkeyed)
+		}
+		fmt.Println()
+	}
+}
+
+// benchKeyedLatency: transactions at -keyed-rate, each writing
+// -keyed-per-tx events of a key of its own, through mode; the latency from
+// each commit to the consumer's receipt of the transaction's last event.
+func benchKeyedLatency(mode relayMode) (latencyFigure, error) {
+	perTx := *keyedPerTx
+	return measureLatencyOf(*keyedRate*perTx, perTx, func(w *world, l *latencies) (func(int) error, func(), error) {
+		w.onMsg = func(d amqp.Delivery) {
+			var m struct{ N int }
+			if json.Unmarshal(d.Body, &m) == nil && m.N == perTx-1 {
+				key, _ := d.Headers[wire.HeaderKey].(string)
+				l.arrived(key, time.Now())
+			}
+		}
+		stop, err := mode.start(w)
+		if err != nil {
+			return nil, nil, err
+		}
+		ob, _ := outbox.New(outbox.Config{})
+		var seq atomic.Int64
+		send := func(k int) error {
+			key := "agg-" + strconv.FormatInt(seq.Add(1), 10)
+			msgs := make([]outbox.Message, k)
+			for i := range msgs {
+				msgs[i] = outbox.Message{Exchange: w.exchange, RoutingKey: "k", Key: key, Payload: []byte(`{"n":` + strconv.Itoa(i) + `}`)}
+			}
+			tx, err := w.db.Begin()
+			if err != nil {
+				return err
+			}
+			defer tx.Rollback()
+			if err := ob.Add(context.Background(), tx, msgs...); err != nil {
+				return err
+			}
+			if err := tx.Commit(); err != nil {
+				return err
+			}
+			l.started(key, time.Now())
+			return nil
+		}
+		return send, stop, nil
+	})
+}
+
+func runKeyedLatency() {
+	for _, m := range relayModes {
+		f, err := benchKeyedLatency(m)
+		if err != nil {
+			must(0, errors.Join(fmt.Errorf("keyed latency, %s", m.name), err))
+		}
+		fmt.Printf("keyedlat %d tx/s × %d events of one key, %s (%d tx): commit→last event  p50 %6.2f ms  p99 %6.2f ms\n",
+			*keyedRate, *keyedPerTx, m.name, f.n, ms(f.p50), ms(f.p99))
+	}
+}
