@@ -77,6 +77,10 @@ type Relay struct {
 	// delivered (more of the key may be due; see finish).
 	wake chan struct{}
 
+	// keyCursor is the key the last claim's walk of keys ended at (see
+	// found in sql.go); the claim loop's alone.
+	keyCursor string
+
 	// The delete's prepared statement (not with DisableListen, which may
 	// mean PgBouncer in transaction mode): prepared on first use and closed
 	// when Run returns.
@@ -558,11 +562,11 @@ func (r *Relay) claim(ctx context.Context) ([]*row, error) {
 func (r *Relay) claimOnce(ctx context.Context, clock *batchClock, held []int64) ([]*row, error) {
 	if r.alone.Load() { // set by coordinate, which does not run with DisableListen
 		// Nobody to take turns with, nor to keep out by leases.
-		q := claimText(r.q.claimAlone, r.cfg.BatchSize, 0, "", held, false)
+		q := claimText(r.q.claimAlone, r.cfg.BatchSize, 0, "", held, false, r.keyCursor)
 		return r.claimRows(clock, "", func() (*sql.Rows, error) { return r.db.QueryContext(ctx, q) })
 	}
 	lease := uuid.NewString()
-	q := claimText(r.q.claim, r.cfg.BatchSize, r.cfg.Lease.Milliseconds(), lease, held, !r.leaving.Load())
+	q := claimText(r.q.claim, r.cfg.BatchSize, r.cfg.Lease.Milliseconds(), lease, held, !r.leaving.Load(), r.keyCursor)
 	if skipped := r.turnSkipped.Load(); skipped == 0 || time.Since(time.Unix(0, skipped)) > claimLockSkip {
 		rows, err := r.claimRows(clock, lease, func() (*sql.Rows, error) { return r.db.QueryContext(ctx, r.q.turn+q) })
 		var pqErr *pq.Error
@@ -601,10 +605,11 @@ func (r *Relay) claimRows(clock *batchClock, lease string, query func() (*sql.Ro
 		}
 	}
 	var rows []*row
+	var cursor sql.NullString
 	for rs.Next() {
 		w := &row{lease: lease, batch: clock}
 		var headers []byte
-		if err := rs.Scan(&w.seq, &w.rn, &w.id, &w.exchange, &w.routingKey, &w.key, &w.typ, &w.contentType, &headers, &w.payload, &w.createdAt, &w.attempts); err != nil {
+		if err := rs.Scan(&w.seq, &w.rn, &cursor, &w.id, &w.exchange, &w.routingKey, &w.key, &w.typ, &w.contentType, &headers, &w.payload, &w.createdAt, &w.attempts); err != nil {
 			return nil, fmt.Errorf("claim from %s: %w", r.tables.Outbox, err)
 		}
 		// A row written by hand may hold anything there: the publish
@@ -616,6 +621,7 @@ func (r *Relay) claimRows(clock *batchClock, lease string, query func() (*sql.Ro
 		return nil, fmt.Errorf("claim from %s: %w", r.tables.Outbox, err)
 	}
 	clock.left.Store(int32(len(rows)))
+	r.keyCursor = cursor.String // none claimed: the next walk starts over
 	markRuns(rows)
 	return rows, nil
 }
