@@ -3,9 +3,7 @@ package relay_test
 import (
 	"encoding/json"
 	"fmt"
-	"os"
 	"os/exec"
-	"strings"
 	"testing"
 	"time"
 
@@ -159,28 +157,11 @@ func TestNackMidRunHoldsTheRestOfItsKey(t *testing.T) {
 func TestRelayKilledMidKeyRun(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	bin := testenv.BuildBinary(t, "github.com/mailroom-go/mailroom/relay/cmd/mailroom-relay")
 	const keys, perKey = 4, 1000
 	for k := range keys {
 		e.add(keyed(e.ex, "k", fmt.Sprintf("key-%d", k), perKey)...)
 	}
-	start := func(name string) *exec.Cmd {
-		cmd := exec.Command(bin, "run", "--name", name, "--lease", "2s", "--confirm-timeout", "1s", "--http", "127.0.0.1:0")
-		cmd.Env = append(os.Environ(), "DATABASE_URL="+e.s.URL, "AMQP_URL="+e.b.URL)
-		var stderr strings.Builder
-		cmd.Stderr = &stderr
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			cmd.Process.Kill()
-			cmd.Wait()
-			if t.Failed() {
-				t.Logf("%s stderr:\n%s", name, stderr.String())
-			}
-		})
-		return cmd
-	}
+	start := func(name string) *exec.Cmd { return e.startSidecar(name, "--lease", "2s", "--confirm-timeout", "1s") }
 	first := start(e.appTag + "-a")
 	testenv.Eventually(t, 30*time.Second, "first relay mid-run", func() bool { return e.pending() < keys*perKey*3/4 })
 	if err := first.Process.Kill(); err != nil {

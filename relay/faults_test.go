@@ -398,31 +398,38 @@ func TestCleanStopLeavesNoLease(t *testing.T) {
 	}
 }
 
+// startSidecar runs `mailroom-relay run` on the test's schema and broker
+// with flags, until the test ends; its stderr is logged if the test fails.
+func (e *env) startSidecar(name string, flags ...string) *exec.Cmd {
+	e.t.Helper()
+	bin := testenv.BuildBinary(e.t, "github.com/mailroom-go/mailroom/relay/cmd/mailroom-relay")
+	cmd := exec.Command(bin, append([]string{"run", "--name", name, "--http", "127.0.0.1:0"}, flags...)...)
+	cmd.Env = append(os.Environ(), "DATABASE_URL="+e.s.URL, "AMQP_URL="+e.b.URL)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		if e.t.Failed() {
+			e.t.Logf("%s stderr:\n%s", name, stderr.String())
+		}
+	})
+	return cmd
+}
+
 // TestRelayProcessKilled runs the sidecar binary, SIGKILLs it mid-batch and
 // lets a second process finish: nothing is lost. The first published
 // alone, so it claimed without leases and left none to wait for.
 func TestRelayProcessKilled(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	bin := testenv.BuildBinary(t, "github.com/mailroom-go/mailroom/relay/cmd/mailroom-relay")
 	msgs, ids := batch(e.ex, 5000)
 	e.add(msgs...)
 	start := func(name string) *exec.Cmd {
-		cmd := exec.Command(bin, "run", "--name", name, "--batch-size", "100", "--lease", "2s", "--confirm-timeout", "1s", "--poll-interval", "50ms", "--http", "127.0.0.1:0")
-		cmd.Env = append(os.Environ(), "DATABASE_URL="+e.s.URL, "AMQP_URL="+e.b.URL)
-		var stderr strings.Builder
-		cmd.Stderr = &stderr
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			cmd.Process.Kill()
-			cmd.Wait()
-			if t.Failed() {
-				t.Logf("%s stderr:\n%s", name, stderr.String())
-			}
-		})
-		return cmd
+		return e.startSidecar(name, "--batch-size", "100", "--lease", "2s", "--confirm-timeout", "1s", "--poll-interval", "50ms")
 	}
 	first := start(e.appTag + "-a")
 	testenv.Eventually(t, 30*time.Second, "first relay mid-run", func() bool { return e.pending() < 4500 })
