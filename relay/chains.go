@@ -12,6 +12,13 @@ import (
 // waiting for the next claim, and its order holds: when a row of a run
 // fails or is handed back, the rest of the run is handed back unpublished,
 // and they come again in a later claim only after it.
+//
+// A claim also continues runs: the first row of a key that this relay
+// does not hold heads a claim when every row of its key before it is held
+// here (prev, the last of them). It joins the key's run behind that row
+// if the run goes on (not cut, prev its last row); otherwise it is handed
+// back. So a key's run never stops to wait for its rows to be deleted and
+// claimed again.
 
 // markRuns puts the heads of a claim first, then the second rows of their
 // keys, and so on (the claim's order, which an UPDATE's RETURNING does not
@@ -43,8 +50,10 @@ type chains struct {
 
 // chain is one key's run in progress.
 type chain struct {
-	batch   *batchClock // the claim the run came in
-	rn      int         // the last row admitted
+	batch   *batchClock // the claim the run's last row came in
+	rn      int         // the last row admitted: its place in its claim
+	last    int64       // and its seq
+	idle    int         // batches since the run had nothing in flight or waiting
 	current *row        // published and not yet settled (or ready); nil: none
 	waiting []*row      // admitted, behind current, in order
 	cut     bool        // a row failed or was handed back: the rest of the run is too
@@ -54,14 +63,22 @@ func newChains() *chains {
 	return &chains{keys: map[string]*chain{}, more: make(chan struct{}, 1)}
 }
 
-// newBatch forgets the runs that are over: every row of the previous
-// claims has been admitted by now.
+// idleBatches is how many claims a run with nothing in flight is kept for:
+// its last row may still be held (confirmed, its delete not yet done), and
+// a claim may bring a row that continues it. Forgetting it sooner only
+// hands such a row back.
+const idleBatches = 16
+
+// newBatch forgets the runs that have been over for a while (every row of
+// the previous claims has been admitted by now).
 func (c *chains) newBatch() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for k, ch := range c.keys {
 		if ch.current == nil && len(ch.waiting) == 0 {
-			delete(c.keys, k)
+			if ch.idle++; ch.idle > idleBatches || ch.cut {
+				delete(c.keys, k)
+			}
 		}
 	}
 }
@@ -76,16 +93,21 @@ func (c *chains) admit(w *row) (publish, handBack bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	ch := c.keys[w.key]
-	if w.rn == 0 {
+	switch {
+	case w.rn == 0 && w.prev == 0:
 		// The first row of its key in the outbox: any run of the key
 		// before it is over.
-		c.keys[w.key] = &chain{batch: w.batch, current: w}
+		c.keys[w.key] = &chain{batch: w.batch, last: w.seq, current: w}
 		return true, false
-	}
-	if ch == nil || ch.batch != w.batch || ch.rn != w.rn-1 || ch.cut {
+	case w.rn == 0: // continues the run whose last row is prev
+		if ch == nil || ch.cut || ch.last != w.prev {
+			return false, true
+		}
+		ch.batch = w.batch
+	case ch == nil || ch.batch != w.batch || ch.rn != w.rn-1 || ch.cut:
 		return false, true
 	}
-	ch.rn = w.rn
+	ch.rn, ch.last, ch.idle = w.rn, w.seq, 0
 	if ch.current == nil {
 		ch.current = w
 		return true, false

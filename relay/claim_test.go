@@ -3,6 +3,7 @@ package relay
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -166,7 +167,14 @@ func TestLoneRelayClaimsWithoutLeases(t *testing.T) {
 	// Of the rows now held: one is leased by another relay meanwhile, and
 	// every one fails. The two without a first failure are scheduled
 	// again, the other two buried, and the leased one left alone.
+	// Rows of equal available_at come in any order: the test sets which
+	// of them are at their last attempt.
 	taken := again[0]
+	for i, w := range again {
+		w.attempts = i % 2
+		s.DB.MustExec(`UPDATE mailroom_outbox SET attempts = $2 WHERE seq = $1`, w.seq, w.attempts)
+	}
+	const buried = 2 // again[1] and again[3]
 	s.DB.MustExec(`UPDATE mailroom_outbox SET lease = gen_random_uuid(), leased_until = now() + interval '1 minute' WHERE seq = $1`, taken.seq)
 	r.finish(ctx, outcomes(again, failed, ErrUnroutable))
 	if n := r.held.leaseless(); n != 0 {
@@ -194,8 +202,8 @@ func TestLoneRelayClaimsWithoutLeases(t *testing.T) {
 		}
 	}
 	var left int
-	if err := s.DB.Get(&left, `SELECT count(*) FROM mailroom_outbox`); err != nil || left != 12-4-2 {
-		t.Fatalf("%d rows left in the outbox (%v), want 6: 12, less 4 delivered and 2 buried", left, err)
+	if err := s.DB.Get(&left, `SELECT count(*) FROM mailroom_outbox`); err != nil || left != 12-4-buried {
+		t.Fatalf("%d rows left in the outbox (%v), want %d: 12, less 4 delivered and %d buried", left, err, 12-4-buried, buried)
 	}
 }
 
@@ -372,5 +380,84 @@ func TestBuryAfterTheLeaseWasTakenLeavesTheRow(t *testing.T) {
 	}
 	if err := s.DB.Get(&lease, `SELECT lease::text FROM mailroom_outbox WHERE seq = $1`, seq); err != nil || lease != theirs {
 		t.Errorf("the row's lease %q (%v), want the other relay's", lease, err)
+	}
+}
+
+// A claim continues the runs this relay holds: with a key's first rows
+// held (claimed, not yet finished), the next claim takes the rows after
+// them, headed by one that names the last held row (prev). The publisher
+// puts it behind that row while the run goes on, and hands it back once
+// the run was cut; another relay takes none of the key's rows meanwhile.
+func TestClaimContinuesHeldRuns(t *testing.T) {
+	t.Parallel()
+	for _, alone := range []bool{true, false} {
+		t.Run(fmt.Sprintf("alone=%v", alone), func(t *testing.T) {
+			t.Parallel()
+			s := testenv.NewSchema(t)
+			fillOutbox(t, s, "mailroom_outbox", 12, 1) // one key
+			relay := func(name string) *Relay {
+				r, err := New(s.DB.DB, Config{Name: name, URL: testenv.AMQPURL(), DatabaseURL: s.URL, BatchSize: 2, ConfirmWindow: 4})
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(r.closeStatements)
+				return r
+			}
+			r := relay("a")
+			r.alone.Store(alone)
+			ctx := context.Background()
+			claim := func(what string, prev int64) []*row {
+				t.Helper()
+				rows, err := r.claim(ctx)
+				if err != nil || len(rows) != 4 {
+					t.Fatalf("%s: claimed %d rows, %v; want 4 (the confirm window)", what, len(rows), err)
+				}
+				for i, w := range rows {
+					if w.rn != i || (i == 0 && w.prev != prev) || (i > 0 && w.seq != rows[i-1].seq+1) {
+						t.Fatalf("%s: row %d is seq %d, place %d, after %d; want a run of consecutive seqs after %d", what, i, w.seq, w.rn, w.prev, prev)
+					}
+				}
+				return rows
+			}
+			first := claim("first claim", 0)
+			second := claim("second claim, the first held", first[3].seq)
+			if !alone {
+				other := relay("b")
+				if rows, err := other.claim(ctx); err != nil || len(rows) != 0 {
+					t.Fatalf("another relay claimed %d rows (%v) of a key this one holds, want none", len(rows), err)
+				}
+			}
+
+			// The run goes on: the second claim's rows queue behind the
+			// first's, and a cut hands them all back.
+			c := newChains()
+			admit := func(w *row) (publish, handBack bool) { c.newBatch(); return c.admit(w) }
+			for i, w := range append(slices.Clone(first), second...) {
+				if publish, handBack := admit(w); publish != (i == 0) || handBack {
+					t.Fatalf("row %d admitted: publish %v, hand back %v; want only the first published, the rest waiting", i, publish, handBack)
+				}
+			}
+			c.settled(&outcome{row: first[0], kind: delivered})
+			if ready := c.next(); len(ready) != 1 || ready[0] != first[1] {
+				t.Fatalf("after the first delivery %d rows ready, want the second row", len(ready))
+			}
+			if back := c.settled(&outcome{row: first[1], kind: failed}); len(back) != 6 {
+				t.Fatalf("a failure handed back %d rows, want the 6 behind it (2 of the first claim, 4 of the second)", len(back))
+			}
+
+			// A run cut before the continuing row comes: it is handed back.
+			c = newChains()
+			admit(first[0])
+			c.settled(&outcome{row: first[0], kind: failed})
+			if publish, handBack := admit(second[0]); publish || !handBack {
+				t.Fatalf("a row continuing a cut run: publish %v, hand back %v; want it handed back", publish, handBack)
+			}
+			// Nor does a row continue a run whose last row is not its prev.
+			c = newChains()
+			admit(first[0])
+			if publish, handBack := admit(second[0]); publish || !handBack {
+				t.Fatalf("a row continuing another row than the run's last: publish %v, hand back %v; want it handed back", publish, handBack)
+			}
+		})
 	}
 }

@@ -35,7 +35,9 @@ type Config struct {
 	// name ("mailroom-relay <Name>"). Default: hostname and pid.
 	Name string
 
-	// BatchSize is how many rows one claim takes. Default 500.
+	// BatchSize is how many rows one claim takes, besides the later rows
+	// of the keys it takes (their runs, up to ConfirmWindow rows in all).
+	// Default 500.
 	BatchSize int
 	// ConfirmWindow bounds the messages published but not yet confirmed by
 	// the broker; at least BatchSize. Left at 0, it is 1024 (or BatchSize,

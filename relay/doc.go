@@ -32,11 +32,12 @@
 // A was added earlier in the same transaction or by a transaction that
 // committed before B's transaction called Add, A reaches the broker before
 // B is published — across any number of relays. A claim takes the first
-// row of a key only when no earlier row of it remains in the outbox, with
-// the rows after it (its run), and the relay publishes them one at a time:
-// each only after the broker confirmed the one before it and did not
-// return it. A row that fails or is handed back hands back the rest of its
-// run unpublished. Messages of concurrent
+// row of a key only when no earlier row of it remains in the outbox, or
+// when every earlier one is held by this relay (it then continues their
+// run), with the rows after it (its run), and the relay publishes them one
+// at a time: each only after the broker confirmed the one before it and
+// did not return it. A row that fails or is handed back hands back the
+// rest of its run unpublished. Messages of concurrent
 // transactions are ordered by the sequence their INSERTs drew, which is not
 // promised to follow commit order. Different keys, and messages without a
 // key, are published in parallel and in no promised order. A failing

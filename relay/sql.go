@@ -41,8 +41,9 @@ const claimLockTimeout = time.Second
 // ended at (quoted as a literal: it is the users' data).
 //
 // Each claim looks at windowRows × BatchSize rows in time order and walks
-// BatchSize keys (see found in newQueries).
-func claimText(query string, limit int, leaseMS int64, lease string, held []int64, checkAlone bool, cursor string) string {
+// BatchSize keys (see found in newQueries); it takes up to limit heads and,
+// with their runs, up to runRows rows in all ($9; see runs).
+func claimText(query string, limit, runRows int, leaseMS int64, lease string, held []int64, checkAlone bool, cursor string) string {
 	var b strings.Builder
 	b.WriteString("'{")
 	for i, seq := range held {
@@ -58,13 +59,13 @@ func claimText(query string, limit int, leaseMS int64, lease string, held []int6
 	}
 	return strings.NewReplacer(
 		"$1", strconv.Itoa(limit), "$2", strconv.FormatInt(leaseMS, 10), "$3", "'"+lease+"'::uuid", "$4", b.String(), "$5", check,
-		"$6", pq.QuoteLiteral(cursor), "$7", strconv.Itoa(limit), "$8", strconv.Itoa(windowRows*limit),
+		"$6", pq.QuoteLiteral(cursor), "$7", strconv.Itoa(limit), "$8", strconv.Itoa(windowRows*limit), "$9", strconv.Itoa(max(limit, runRows)),
 	).Replace(query)
 }
 
 // windowRows is how many due rows, per row of a batch, a claim looks at
 // in time order (see found).
-const windowRows = 2
+const windowRows = 1
 
 const columns = `id, exchange, routing_key, key, type, content_type, headers, payload, created_at, attempts`
 
@@ -72,10 +73,10 @@ func newQueries(t mailroom.Resolved) queries {
 	ob, dead, pub := t.Outbox.Quoted(), t.Dead.Quoted(), t.Published.Quoted()
 	obOID := `'` + strings.ReplaceAll(ob, `'`, `''`) + `'::regclass::oid::integer`
 	// due: a row that may be published now: due, no live lease of
-	// another relay, not held by this one ($4).
+	// another relay, not held by this one (held).
 	due := `o.available_at <= now()
       AND (o.leased_until IS NULL OR o.leased_until <= now())
-      AND o.seq <> ALL($4)`
+      AND ` + notHeld("o")
 	// found are the candidate heads of a claim, the rows that may go
 	// first: those among the first $8 due rows (by available_at) that
 	// are unkeyed or first of their key, and the first rows of $7 keys
@@ -89,7 +90,17 @@ func newQueries(t mailroom.Resolved) queries {
 	// walk ended. Rows after the window behind more than $8 due rows
 	// of keys wait until the window reaches them (unkeyed rows, or keys
 	// the walk has not come round to).
-	found := `windowed AS (SELECT o.seq, o.key FROM ` + ob + ` o WHERE ` + due + ` ORDER BY o.available_at LIMIT $8),
+	//
+	// "First of its key" leaves out the rows this relay holds: a row
+	// whose key's earlier rows are all held here continues their run
+	// (prev in runs, and chains.go).
+	//
+	// held is the seqs this relay holds ($4), hashed once for the
+	// statement (NOT IN a subquery): the literal appears once, which
+	// keeps the planning short (a literal array in each place cost the
+	// planner more than running the claim).
+	found := `windowed AS (SELECT o.seq, o.key, o.available_at FROM ` + ob + ` o WHERE ` + due + ` ORDER BY o.available_at LIMIT $8),
+held AS MATERIALIZED (SELECT unnest($4) AS seq),
 walk1(key, seq, n) AS (
     SELECT f.key, f.seq, 1 FROM (SELECT p.key, p.seq FROM ` + ob + ` p WHERE p.key <> '' AND p.key > $6 ORDER BY p.key, p.seq LIMIT 1) f
     UNION ALL
@@ -104,30 +115,38 @@ walk2(key, seq, n) AS (
 walked AS (SELECT * FROM walk1 UNION ALL SELECT * FROM walk2),
 last AS (SELECT key FROM walked ORDER BY n DESC LIMIT 1),
 found AS (
-    SELECT w.seq FROM windowed w
-    WHERE w.key = '' OR NOT EXISTS (SELECT 1 FROM ` + ob + ` p WHERE p.key = w.key AND p.key <> '' AND p.seq < w.seq)
+    SELECT w.seq, w.key, w.available_at FROM windowed w WHERE w.key = ''
     UNION
-    SELECT seq FROM walked)`
+    SELECT f.seq, f.key, f.available_at FROM (SELECT DISTINCT ON (w.key) w.seq, w.key, w.available_at FROM windowed w WHERE w.key <> '' ORDER BY w.key, w.seq) f
+    WHERE f.seq = (SELECT p.seq FROM ` + ob + ` p WHERE p.key = f.key AND p.key <> '' AND ` + notHeld("p") + ` ORDER BY p.seq LIMIT 1)
+    UNION
+    SELECT o.seq, o.key, o.available_at FROM walked w JOIN ` + ob + ` o ON o.seq = CASE WHEN ` + notHeld("w") + ` THEN w.seq
+        ELSE (SELECT p.seq FROM ` + ob + ` p WHERE p.key = w.key AND p.key <> '' AND ` + notHeld("p") + ` ORDER BY p.seq LIMIT 1) END
+    WHERE ` + due + `)`
 	// runs follows the heads (first rows of their key, or unkeyed rows)
 	// of a claim with the rows after them of their key, in seq order, as
 	// long as each is due: a key's run, published one at a time by the
 	// publisher (each after the one before it is confirmed), so a key
 	// moves at confirm speed rather than one message per claim. The
-	// room the heads leave in the batch is shared among the keyed heads
+	// room the heads leave in $9 rows (the confirm window: the rows a
+	// publisher holds back are bounded by it anyway) is shared among the
+	// keyed heads
 	// (run), and picked takes the heads first, then the second row of
 	// each key, and so on (rn), so keys advance side by side and one hot
 	// key does not fill a batch others wait behind. When the heads fill
 	// the batch (many keys), run is 0 and the runs are not read (a
 	// one-time filter). Index: key_idx (key, seq) for each run.
-	runs := `room AS (SELECT ($1 - count(*)) / greatest(count(*) FILTER (WHERE key <> ''), 1) AS run FROM heads),
+	runs := `room AS (SELECT ($9 - count(*)) / greatest(count(*) FILTER (WHERE key <> ''), 1) AS run FROM heads),
 picked AS (
-    SELECT c.seq, c.rn FROM (
-        SELECT h.seq, 0 AS rn, h.available_at AS at FROM heads h
+    SELECT c.seq, c.rn, c.prev FROM (
+        SELECT h.seq, 0 AS rn, h.available_at AS at,
+               CASE WHEN h.key <> '' THEN (SELECT max(p.seq) FROM ` + ob + ` p WHERE p.key = h.key AND p.key <> '' AND p.seq < h.seq) END AS prev
+        FROM heads h
         UNION ALL
-        SELECT q.seq, q.rn, h.available_at FROM heads h CROSS JOIN LATERAL (
+        SELECT q.seq, q.rn, h.available_at, NULL FROM heads h CROSS JOIN LATERAL (
             SELECT p.seq, p.rn FROM (
                 SELECT p.seq, row_number() OVER w AS rn,
-                       bool_and(p.available_at <= now() AND (p.leased_until IS NULL OR p.leased_until <= now()) AND p.seq <> ALL($4)) OVER w AS ok
+                       bool_and(p.available_at <= now() AND (p.leased_until IS NULL OR p.leased_until <= now()) AND ` + notHeld("p") + `) OVER w AS ok
                 FROM (SELECT p.seq, p.available_at, p.leased_until FROM ` + ob + ` p
                       WHERE p.key = h.key AND p.key <> '' AND p.seq > h.seq
                       ORDER BY p.seq LIMIT (SELECT run FROM room)) p
@@ -135,7 +154,7 @@ picked AS (
             WHERE p.ok) q
         WHERE h.key <> '' AND (SELECT run FROM room) > 0) c
     ORDER BY c.rn, c.at
-    LIMIT $1)`
+    LIMIT $9)`
 	return queries{
 		turn: `SET LOCAL lock_timeout = ` + strconv.FormatInt(claimLockTimeout.Milliseconds(), 10) + `;
 SELECT pg_advisory_xact_lock(` + strconv.Itoa(claimLockKey) + `, ` + obOID + `);
@@ -190,7 +209,7 @@ heads AS (
 ` + runs + `
 UPDATE ` + ob + ` o SET leased_until = now() + $2 * interval '1 millisecond', lease = $3
 FROM picked WHERE o.seq = picked.seq AND (SELECT true FROM async) AND $5
-RETURNING o.seq, picked.rn, (SELECT key FROM last), ` + prefixed("o.", columns),
+RETURNING o.seq, picked.rn, picked.prev, (SELECT key FROM last), ` + prefixed("o.", columns),
 
 		// claimAlone is the claim of a relay publishing alone on its table
 		// (share.go): it reads the rows and writes nothing. The relay keeps
@@ -202,13 +221,9 @@ RETURNING o.seq, picked.rn, (SELECT key FROM last), ` + prefixed("o.", columns),
 		// conditions as claim: due, no live lease of another relay (one
 		// that published before), first of its key.
 		claimAlone: `WITH RECURSIVE ` + found + `,
-heads AS (
-    SELECT o.seq, o.key, o.available_at FROM ` + ob + ` o
-    WHERE o.seq IN (SELECT seq FROM found) AND ` + due + `
-    ORDER BY o.available_at, o.seq
-    LIMIT $1),
+heads AS (SELECT * FROM found ORDER BY available_at, seq LIMIT $1),
 ` + runs + `
-SELECT o.seq, picked.rn, (SELECT key FROM last), ` + prefixed("o.", columns) + ` FROM picked JOIN ` + ob + ` o ON o.seq = picked.seq
+SELECT o.seq, picked.rn, picked.prev, (SELECT key FROM last), ` + prefixed("o.", columns) + ` FROM picked JOIN ` + ob + ` o ON o.seq = picked.seq
 ORDER BY picked.rn, o.available_at, o.seq`,
 
 		// deleteDone removes confirmed rows by primary key. No lease check: a
@@ -266,6 +281,10 @@ WHERE o.seq = f.seq AND o.lease = f.lease`,
 // claimed without one (f.lease is ”), no other relay holds a live lease
 // on it.
 const owned = `CASE WHEN f.lease = '' THEN o.leased_until IS NULL OR o.leased_until <= now() ELSE o.lease = f.lease::uuid END`
+
+// notHeld is the condition that row a is not held by this relay (the
+// held CTE of a claim).
+func notHeld(a string) string { return a + `.seq NOT IN (SELECT seq FROM held)` }
 
 func prefixed(p, cols string) string {
 	parts := strings.Split(cols, ", ")

@@ -9,7 +9,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -27,20 +29,33 @@ var (
 	oneKeyEvents = flag.Int("one-key-events", 10000, "keyed: backlog size of the one-key drain (a key moves at one confirm round trip per message)")
 	keyedRate    = flag.Int("keyed-rate", 200, "keyedlatency: transactions per second, each writing -keyed-per-tx events of one key")
 	keyedPerTx   = flag.Int("keyed-per-tx", 10, "keyedlatency: events per transaction, all of one key")
+	keyedKeys    = flag.String("keyed-keys", "0,10000,50,1", "keyed: the backlogs' key counts, comma-separated (0: no key; 1 drains -one-key-events)")
+	keyedModes   = flag.String("keyed-modes", "one,two,sidecar", "keyed, keyedlatency: the relay setups, comma-separated: one (relay in process), two (two publishing), sidecar (the binary)")
 )
 
 // A relay setup the keyed figures compare: the relay in this process, two
 // in this process both publishing (ActiveRelays 2), and the sidecar binary
 // as users run it (a process of its own, every setting at its default).
 type relayMode struct {
-	name  string
-	start func(w *world) (stop func(), err error)
+	flag, name string
+	start      func(w *world) (stop func(), err error)
 }
 
-var relayModes = []relayMode{
-	{"one relay", func(w *world) (func(), error) { return w.startInProcess(1, 0) }},
-	{"two relays publishing", func(w *world) (func(), error) { return w.startInProcess(2, 2) }},
-	{"sidecar binary", func(w *world) (func(), error) { return w.startSidecar() }},
+var allRelayModes = []relayMode{
+	{"one", "one relay", func(w *world) (func(), error) { return w.startInProcess(1, 0) }},
+	{"two", "two relays publishing", func(w *world) (func(), error) { return w.startInProcess(2, 2) }},
+	{"sidecar", "sidecar binary", func(w *world) (func(), error) { return w.startSidecar() }},
+}
+
+// relayModes are the setups -keyed-modes names.
+func relayModes() []relayMode {
+	var modes []relayMode
+	for _, m := range allRelayModes {
+		if slices.Contains(strings.Split(*keyedModes, ","), m.flag) {
+			modes = append(modes, m)
+		}
+	}
+	return modes
 }
 
 func (w *world) startInProcess(n, active int) (func(), error) {
@@ -125,29 +140,29 @@ func (w *world) countDisorder() *atomic.Int64 {
 
 // benchKeyedDrain: a backlog of n events over keys keys, drained by mode;
 // the rate from the first delivery on.
-func benchKeyedDrain(mode relayMode, n, keys int) (rate float64, disorder int64, err error) {
+func benchKeyedDrain(mode relayMode, n, keys int) (rate float64, cpu cpuUse, disorder int64, err error) {
 	w, err := setup()
 	if err != nil {
-		return 0, 0, err
+		return 0, cpu, 0, err
 	}
 	defer w.stop()
 	if err := w.fillKeyed(n, keys); err != nil {
-		return 0, 0, err
+		return 0, cpu, 0, err
 	}
 	bad := w.countDisorder()
 	stop, err := mode.start(w)
 	if err != nil {
-		return 0, 0, err
+		return 0, cpu, 0, err
 	}
 	defer stop()
 	if err := w.waitReceived(1, time.Minute); err != nil {
-		return 0, 0, err
+		return 0, cpu, 0, err
 	}
-	start := time.Now()
+	start, before := time.Now(), readCPU()
 	if err := w.waitReceived(int64(n), 10*time.Minute); err != nil {
-		return 0, 0, err
+		return 0, cpu, 0, err
 	}
-	return float64(n-1) / time.Since(start).Seconds(), bad.Load(), nil
+	return float64(n-1) / time.Since(start).Seconds(), readCPU().since(before), bad.Load(), nil
 }
 
 // runKeyed prints the keyed backlog figures: each mode drains a backlog
@@ -155,7 +170,17 @@ func benchKeyedDrain(mode relayMode, n, keys int) (rate float64, disorder int64,
 // RabbitMQ alone, and compares medians of one run.
 func runKeyed() {
 	type cell struct{ keys, n int }
-	cells := []cell{{0, *keyedEvents}, {10000, *keyedEvents}, {50, *keyedEvents}, {1, *oneKeyEvents}}
+	var cells []cell
+	for _, f := range strings.Split(*keyedKeys, ",") {
+		k, err := strconv.Atoi(f)
+		must(0, err)
+		n := *keyedEvents
+		if k == 1 {
+			n = *oneKeyEvents
+		}
+		cells = append(cells, cell{k, n})
+	}
+	modes := relayModes()
 	rates := map[string]map[int][]float64{}
 	var broker []float64
 	var disorder int64
@@ -166,28 +191,39 @@ func runKeyed() {
 		*events = saved
 		broker = append(broker, must(r, err))
 		fmt.Printf("keyed    RabbitMQ alone, %d msgs: %8.0f msg/s\n", *keyedEvents, r)
-		for j := range relayModes {
-			m := relayModes[(i+j)%len(relayModes)] // rotate the order: the machine drifts within a round
+		for j := range modes {
+			m := modes[(i+j)%len(modes)] // rotate the order: the machine drifts within a round
 			if rates[m.name] == nil {
 				rates[m.name] = map[int][]float64{}
 			}
 			for _, c := range cells {
-				r, bad, err := benchKeyedDrain(m, c.n, c.keys)
+				r, cpu, bad, err := benchKeyedDrain(m, c.n, c.keys)
 				must(r, err)
 				disorder += bad
 				rates[m.name][c.keys] = append(rates[m.name][c.keys], r)
-				fmt.Printf("keyed    %-22s %7d events over %5d keys: %8.0f events/s\n", m.name, c.n, c.keys, r)
+				fmt.Printf("keyed    %-22s %7d events over %5d keys: %8.0f events/s  (CPU per 100,000: %s)\n", m.name, c.n, c.keys, r, cpu.per100k(int64(c.n)))
 			}
 		}
 	}
 	b := median(broker)
 	fmt.Printf("keyed    medians of %d runs; RabbitMQ alone %.0f msg/s; deliveries out of key order: %d\n", *repeat, b, disorder)
-	for _, m := range relayModes {
-		unkeyed := median(rates[m.name][0])
-		fmt.Printf("keyed    %-22s no key %8.0f (%.2f× RabbitMQ alone)", m.name, unkeyed, unkeyed/b)
-		for _, c := range cells[1:] {
+	for _, m := range modes {
+		fmt.Printf("keyed    %-22s", m.name)
+		unkeyed := 0.0
+		for i, c := range cells {
 			r := median(rates[m.name][c.keys])
-			fmt.Printf(", %d keys %8.0f (%.2f× no key)", c.keys, r, r/unkeyed)
+			if i > 0 {
+				fmt.Print(",")
+			}
+			switch {
+			case c.keys == 0:
+				unkeyed = r
+				fmt.Printf(" no key %.0f (%.2f× RabbitMQ alone)", r, r/b)
+			case unkeyed > 0:
+				fmt.Printf(" %d keys %.0f (%.2f× no key)", c.keys, r, r/unkeyed)
+			default:
+				fmt.Printf(" %d keys %.0f", c.keys, r)
+			}
 		}
 		fmt.Println()
 	}
@@ -237,7 +273,7 @@ func benchKeyedLatency(mode relayMode) (latencyFigure, error) {
 }
 
 func runKeyedLatency() {
-	for _, m := range relayModes {
+	for _, m := range relayModes() {
 		f, err := benchKeyedLatency(m)
 		if err != nil {
 			must(0, errors.Join(fmt.Errorf("keyed latency, %s", m.name), err))
