@@ -272,7 +272,73 @@ func benchKeyedLatency(mode relayMode) (latencyFigure, error) {
 	})
 }
 
+// benchKeyedBrokerLatency is the yardstick for benchKeyedLatency: RabbitMQ
+// alone under the same rule, each transaction's events published one at a
+// time on one confirm channel, the next once the previous is confirmed
+// (transactions side by side); from the send to the consumer's receipt of
+// the last event.
+func benchKeyedBrokerLatency() (latencyFigure, error) {
+	perTx := *keyedPerTx
+	return measureLatencyOf(*keyedRate*perTx, perTx, func(w *world, l *latencies) (func(int) error, func(), error) {
+		w.onMsg = func(d amqp.Delivery) {
+			var m struct{ N int }
+			if json.Unmarshal(d.Body, &m) == nil && m.N == perTx-1 {
+				key, _ := d.Headers[wire.HeaderKey].(string)
+				l.arrived(key, time.Now())
+			}
+		}
+		ch, err := w.conn.Channel()
+		if err != nil {
+			return nil, nil, err
+		}
+		if err := ch.Confirm(false); err != nil {
+			return nil, nil, err
+		}
+		var mu sync.Mutex
+		waiting := map[uint64]chan bool{}
+		confirms := ch.NotifyPublish(make(chan amqp.Confirmation, 1024))
+		go func() {
+			for c := range confirms {
+				mu.Lock()
+				done := waiting[c.DeliveryTag]
+				delete(waiting, c.DeliveryTag)
+				mu.Unlock()
+				done <- c.Ack
+			}
+		}()
+		var seq atomic.Int64
+		var wg sync.WaitGroup
+		send := func(k int) error {
+			key := "agg-" + strconv.FormatInt(seq.Add(1), 10)
+			l.started(key, time.Now())
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				done := make(chan bool, 1)
+				for i := range k {
+					mu.Lock()
+					waiting[ch.GetNextPublishSeqNo()] = done
+					err := ch.Publish(w.exchange, "k", false, false, amqp.Publishing{DeliveryMode: amqp.Persistent,
+						Headers: amqp.Table{wire.HeaderKey: key}, Body: []byte(`{"n":` + strconv.Itoa(i) + `}`)})
+					mu.Unlock()
+					if err != nil || !<-done {
+						return
+					}
+				}
+			}()
+			return nil
+		}
+		return send, func() { wg.Wait(); ch.Close() }, nil
+	})
+}
+
 func runKeyedLatency() {
+	f, err := benchKeyedBrokerLatency()
+	if err != nil {
+		must(0, fmt.Errorf("keyed latency, RabbitMQ alone: %w", err))
+	}
+	fmt.Printf("keyedlat %d tx/s × %d events of one key, RabbitMQ alone, one at a time (%d tx): send→last event  p50 %6.2f ms  p99 %6.2f ms\n",
+		*keyedRate, *keyedPerTx, f.n, ms(f.p50), ms(f.p99))
 	for _, m := range relayModes() {
 		f, err := benchKeyedLatency(m)
 		if err != nil {
