@@ -44,7 +44,7 @@ type chains struct {
 	mu    sync.Mutex
 	keys  map[string]*chain
 	ready []*row        // next rows of runs whose previous row was confirmed
-	more  chan struct{} // signalled when ready gains a row
+	more  chan struct{} // signalled when ready has rows (wake)
 	held  int           // rows admitted and not yet published (waiting and ready)
 }
 
@@ -140,12 +140,23 @@ func (c *chains) settled(o *outcome) (handBack []*row) {
 	if len(ch.waiting) > 0 {
 		ch.current, ch.waiting = ch.waiting[0], ch.waiting[1:]
 		c.ready = append(c.ready, ch.current)
+	}
+	return nil
+}
+
+// wake signals more if rows are ready. The confirm loop calls it once it
+// has settled the confirms that came together (a multiple ack), so the
+// publisher sends their next rows in one write rather than one each.
+func (c *chains) wake() {
+	c.mu.Lock()
+	n := len(c.ready)
+	c.mu.Unlock()
+	if n > 0 {
 		select {
 		case c.more <- struct{}{}:
 		default:
 		}
 	}
-	return nil
 }
 
 // next takes the ready rows.

@@ -401,6 +401,7 @@ func (p *publisher) confirmLoop(s *session, confirms <-chan amqp.Confirmation, r
 	}
 	tick := time.NewTicker(p.r.cfg.ConfirmTimeout / 4)
 	defer tick.Stop()
+	unwoken := 0
 	for {
 		select {
 		case c, ok := <-confirms:
@@ -428,6 +429,13 @@ func (p *publisher) confirmLoop(s *session, confirms <-chan amqp.Confirmation, r
 			default:
 				p.emit(outcome{row: e.row, kind: failed, err: ErrNacked, reason: reasonNack})
 			}
+			// Wake the publisher for the next rows of the keys settled
+			// once no confirm is waiting, or every wakeEvery confirms in
+			// a steady stream.
+			if unwoken++; len(confirms) == 0 || unwoken >= wakeEvery {
+				p.chains.wake()
+				unwoken = 0
+			}
 		case r, ok := <-returns:
 			if !ok {
 				returns = nil
@@ -448,6 +456,10 @@ func (p *publisher) confirmLoop(s *session, confirms <-chan amqp.Confirmation, r
 		}
 	}
 }
+
+// wakeEvery bounds the confirms the confirm loop settles before it wakes
+// the publisher for the keys' next rows (see chains.wake).
+const wakeEvery = 64
 
 func closeReason(closed <-chan *amqp.Error) error {
 	select {

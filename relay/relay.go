@@ -81,11 +81,13 @@ type Relay struct {
 	// found in sql.go); the claim loop's alone.
 	keyCursor string
 
-	// The delete's prepared statement (not with DisableListen, which may
-	// mean PgBouncer in transaction mode): prepared on first use and closed
+	// The delete's and the lone claim's prepared statements (not with
+	// DisableListen, which may mean PgBouncer in transaction mode; a relay
+	// claims alone only with LISTEN on): prepared on first use and closed
 	// when Run returns.
-	stmtMu     sync.Mutex
-	deleteStmt *sql.Stmt
+	stmtMu         sync.Mutex
+	deleteStmt     *sql.Stmt
+	claimAloneStmt *sql.Stmt
 }
 
 // holding is the set of rows a relay has claimed and not finished. Its
@@ -303,13 +305,15 @@ func (r *Relay) Run(ctx context.Context) error {
 	return nil
 }
 
-// closeStatements closes the prepared statement (see prepared).
+// closeStatements closes the prepared statements (see prepared).
 func (r *Relay) closeStatements() {
 	r.stmtMu.Lock()
 	defer r.stmtMu.Unlock()
-	if r.deleteStmt != nil {
-		r.deleteStmt.Close()
-		r.deleteStmt = nil
+	for _, st := range []**sql.Stmt{&r.deleteStmt, &r.claimAloneStmt} {
+		if *st != nil {
+			(*st).Close()
+			*st = nil
+		}
 	}
 }
 
@@ -566,8 +570,14 @@ func (r *Relay) claim(ctx context.Context) ([]*row, error) {
 func (r *Relay) claimOnce(ctx context.Context, clock *batchClock, held []int64) ([]*row, error) {
 	if r.alone.Load() { // set by coordinate, which does not run with DisableListen
 		// Nobody to take turns with, nor to keep out by leases.
-		q := claimText(r.q.claimAlone, r.cfg.BatchSize, r.cfg.ConfirmWindow, 0, "", held, false, r.keyCursor)
-		return r.claimRows(clock, "", func() (*sql.Rows, error) { return r.db.QueryContext(ctx, q) })
+		return r.claimRows(clock, "", func() (*sql.Rows, error) {
+			st, err := r.prepared(ctx, &r.claimAloneStmt, r.q.claimAlone)
+			if err != nil {
+				return nil, err
+			}
+			n := r.cfg.BatchSize
+			return st.QueryContext(ctx, n, pq.Array(held), r.keyCursor, n, windowRows*n, max(n, r.cfg.ConfirmWindow))
+		})
 	}
 	lease := uuid.NewString()
 	q := claimText(r.q.claim, r.cfg.BatchSize, r.cfg.ConfirmWindow, r.cfg.Lease.Milliseconds(), lease, held, !r.leaving.Load(), r.keyCursor)

@@ -29,16 +29,13 @@ const claimLockKey = 1953853038
 // is stalled, and the relay claims without the lock for a while.
 const claimLockTimeout = time.Second
 
-// claimText renders a claim statement (claim or claimAlone) with its
-// values as literals: limit, the lease's length and token, the seqs this
-// relay holds (claimed, not yet finished), which the claim skips, and
-// whether the claim checks that no relay publishes alone (claim). A
-// literal array is a constant to the planner, which looks seqs up in it by
-// hash; as a parameter of a prepared statement it could be planned once,
-// generically, and scanned from the start for every row the claim visits
-// (3-5× slower here with a few thousand held). The values are ours: two
-// integers, a UUID and integers, and the key the last claim's walk of keys
-// ended at (quoted as a literal: it is the users' data).
+// claimText renders the claim statement of relays that lease (claim) with
+// its values as literals: it goes in one message after turn, which a
+// prepared statement cannot (claimAlone is prepared; see aloneParams). The
+// values: limit, the lease's length and token, the seqs this relay holds
+// (claimed, not yet finished), which the claim skips, whether the claim
+// checks that no relay publishes alone, and the key the last claim's walk
+// of keys ended at (quoted as a literal: it is the users' data).
 //
 // Each claim looks at windowRows × BatchSize rows in time order and walks
 // BatchSize keys (see found in newQueries); it takes up to limit heads and,
@@ -220,11 +217,11 @@ RETURNING o.seq, picked.rn, picked.prev, (SELECT key FROM last), ` + prefixed("o
 		// 0.5-0.6 s without (keyed rows: 1.6-1.9 s and 1.0 s). The same
 		// conditions as claim: due, no live lease of another relay (one
 		// that published before), first of its key.
-		claimAlone: `WITH RECURSIVE ` + found + `,
+		claimAlone: aloneParams.Replace(`WITH RECURSIVE ` + found + `,
 heads AS (SELECT * FROM found ORDER BY available_at, seq LIMIT $1),
 ` + runs + `
 SELECT o.seq, picked.rn, picked.prev, (SELECT key FROM last), ` + prefixed("o.", columns) + ` FROM picked JOIN ` + ob + ` o ON o.seq = picked.seq
-ORDER BY picked.rn, o.available_at, o.seq`,
+ORDER BY picked.rn, o.available_at, o.seq`),
 
 		// deleteDone removes confirmed rows by primary key. No lease check: a
 		// confirmed message is delivered whoever holds the row now.
@@ -281,6 +278,14 @@ WHERE o.seq = f.seq AND o.lease = f.lease`,
 // claimed without one (f.lease is ”), no other relay holds a live lease
 // on it.
 const owned = `CASE WHEN f.lease = '' THEN o.leased_until IS NULL OR o.leased_until <= now() ELSE o.lease = f.lease::uuid END`
+
+// aloneParams numbers the values of claimAlone, a prepared statement (the
+// claim a relay publishing alone runs at every turn, so its planning is
+// saved): $1 limit, $2 the held seqs, $3 the walk's cursor, $4 the keys to
+// walk, $5 the window's rows, $6 the rows with runs (see claimText). The
+// held seqs are hashed once (held), so a generic plan costs them nothing
+// more than a literal would.
+var aloneParams = strings.NewReplacer("$1", "$1::int", "$4", "$2::bigint[]", "$6", "$3::text", "$7", "$4::int", "$8", "$5::int", "$9", "$6::int")
 
 // notHeld is the condition that row a is not held by this relay (the
 // held CTE of a claim).
