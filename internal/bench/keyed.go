@@ -229,19 +229,25 @@ func runKeyed() {
 	}
 }
 
+// lastOfTx notes the arrival of each transaction's last event (place
+// perTx-1) under its key.
+func lastOfTx(l *latencies, perTx int) func(amqp.Delivery) {
+	return func(d amqp.Delivery) {
+		var m struct{ N int }
+		if json.Unmarshal(d.Body, &m) == nil && m.N == perTx-1 {
+			key, _ := d.Headers[wire.HeaderKey].(string)
+			l.arrived(key, time.Now())
+		}
+	}
+}
+
 // benchKeyedLatency: transactions at -keyed-rate, each writing
 // -keyed-per-tx events of a key of its own, through mode; the latency from
 // each commit to the consumer's receipt of the transaction's last event.
 func benchKeyedLatency(mode relayMode) (latencyFigure, error) {
 	perTx := *keyedPerTx
 	return measureLatencyOf(*keyedRate*perTx, perTx, func(w *world, l *latencies) (func(int) error, func(), error) {
-		w.onMsg = func(d amqp.Delivery) {
-			var m struct{ N int }
-			if json.Unmarshal(d.Body, &m) == nil && m.N == perTx-1 {
-				key, _ := d.Headers[wire.HeaderKey].(string)
-				l.arrived(key, time.Now())
-			}
-		}
+		w.onMsg = lastOfTx(l, perTx)
 		stop, err := mode.start(w)
 		if err != nil {
 			return nil, nil, err
@@ -280,13 +286,7 @@ func benchKeyedLatency(mode relayMode) (latencyFigure, error) {
 func benchKeyedBrokerLatency() (latencyFigure, error) {
 	perTx := *keyedPerTx
 	return measureLatencyOf(*keyedRate*perTx, perTx, func(w *world, l *latencies) (func(int) error, func(), error) {
-		w.onMsg = func(d amqp.Delivery) {
-			var m struct{ N int }
-			if json.Unmarshal(d.Body, &m) == nil && m.N == perTx-1 {
-				key, _ := d.Headers[wire.HeaderKey].(string)
-				l.arrived(key, time.Now())
-			}
-		}
+		w.onMsg = lastOfTx(l, perTx)
 		ch, err := w.conn.Channel()
 		if err != nil {
 			return nil, nil, err
