@@ -402,7 +402,7 @@ func TestCleanStopLeavesNoLease(t *testing.T) {
 // with flags, until the test ends; its stderr is logged if the test fails.
 func (e *env) startSidecar(name string, flags ...string) *exec.Cmd {
 	e.t.Helper()
-	bin := testenv.BuildBinary(e.t, "github.com/mailroom-go/mailroom/relay/cmd/mailroom-relay")
+	bin := testenv.BuildBinary(e.t, "github.com/mailroom-go/mailroom/cmd/mailroom-relay")
 	cmd := exec.Command(bin, append([]string{"run", "--name", name, "--http", "127.0.0.1:0"}, flags...)...)
 	cmd.Env = append(os.Environ(), "DATABASE_URL="+e.s.URL, "AMQP_URL="+e.b.URL)
 	var stderr strings.Builder

@@ -80,7 +80,7 @@ var sidecarBin = sync.OnceValues(func() (string, error) {
 		return "", err
 	}
 	bin := filepath.Join(dir, "mailroom-relay")
-	out, err := exec.Command("go", "build", "-o", bin, "github.com/mailroom-go/mailroom/relay/cmd/mailroom-relay").CombinedOutput()
+	out, err := exec.Command("go", "build", "-o", bin, "github.com/mailroom-go/mailroom/cmd/mailroom-relay").CombinedOutput()
 	if err != nil {
 		return "", fmt.Errorf("build the sidecar: %v: %s", err, out)
 	}

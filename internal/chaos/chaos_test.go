@@ -192,7 +192,7 @@ func TestChaos(t *testing.T) {
 		return u
 	}
 	tag := testenv.Unique("chaos")
-	relayBin := testenv.BuildBinary(t, "github.com/mailroom-go/mailroom/relay/cmd/mailroom-relay")
+	relayBin := testenv.BuildBinary(t, "github.com/mailroom-go/mailroom/cmd/mailroom-relay")
 	consumerBin := testenv.BuildBinary(t, "github.com/mailroom-go/mailroom/internal/chaos/consumer")
 	var procs []*proc
 	for i := 0; i < relays; i++ {

@@ -1,6 +1,6 @@
 //go:build browser
 
-// The status page in a real browser: go test -tags browser ./relay/cmd/mailroom-relay/
+// The status page in a real browser: go test -tags browser ./cmd/mailroom-relay/
 // Needs the Debian chromium package (apt-get install -y chromium). Kept out
 // of `make test` so CI stays fast; without chromium the test skips, or
 // fails under CI=true.
