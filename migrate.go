@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/mailroom-go/mailroom/internal/locks"
 	"github.com/mailroom-go/mailroom/internal/sqlident"
 )
 
@@ -20,10 +21,6 @@ import (
 //
 //go:embed migrations/*.sql
 var Migrations embed.FS
-
-// migrateLockKey serialises concurrent Migrate calls on one database
-// (pg_advisory_xact_lock key; the value is arbitrary but fixed: "mailroom").
-const migrateLockKey = 0x6d61696c726f6f6d
 
 type migration struct {
 	version int
@@ -55,7 +52,7 @@ func migrate(ctx context.Context, db *sql.DB, tables Tables, upTo int) error {
 		return fmt.Errorf("mailroom: migrate: begin: %w", err)
 	}
 	defer tx.Rollback() //nolint:errcheck // after Commit this is a no-op
-	if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock($1)`, int64(migrateLockKey)); err != nil {
+	if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock($1)`, int64(locks.Migrate)); err != nil {
 		return fmt.Errorf("mailroom: migrate: lock: %w", err)
 	}
 	if _, err := tx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS `+r.Migrations.Quoted()+` (

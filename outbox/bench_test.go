@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mailroom-go/mailroom/internal/locks"
 	"github.com/mailroom-go/mailroom/internal/testenv"
-	"github.com/mailroom-go/mailroom/internal/wakeup"
 	"github.com/mailroom-go/mailroom/outbox"
 )
 
@@ -62,11 +62,11 @@ func BenchmarkWriteCost(b *testing.B) {
 						b.Fatal(err)
 					}
 					lock := `SELECT pg_advisory_lock($1, to_regclass('mailroom_outbox')::oid::integer)`
-					if _, err := relay.ExecContext(ctx, lock, wakeup.LockKey); err != nil {
+					if _, err := relay.ExecContext(ctx, lock, locks.Wake); err != nil {
 						b.Fatal(err)
 					}
 					defer func() {
-						relay.ExecContext(ctx, `SELECT pg_advisory_unlock($1, to_regclass('mailroom_outbox')::oid::integer)`, wakeup.LockKey)
+						relay.ExecContext(ctx, `SELECT pg_advisory_unlock($1, to_regclass('mailroom_outbox')::oid::integer)`, locks.Wake)
 						relay.Close()
 					}()
 				}

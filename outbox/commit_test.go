@@ -12,6 +12,7 @@ import (
 	"github.com/jmoiron/sqlx"
 	"github.com/lib/pq"
 
+	"github.com/mailroom-go/mailroom/internal/locks"
 	"github.com/mailroom-go/mailroom/internal/testenv"
 	"github.com/mailroom-go/mailroom/internal/wakeup"
 	"github.com/mailroom-go/mailroom/outbox"
@@ -325,7 +326,7 @@ func TestAtCommitNotifiesASleepingRelay(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer relay.Close()
-	if _, err := relay.ExecContext(ctx, `SELECT pg_advisory_lock($1, $2)`, wakeup.LockKey, int32(oid)); err != nil {
+	if _, err := relay.ExecContext(ctx, `SELECT pg_advisory_lock($1, $2)`, locks.Wake, int32(oid)); err != nil {
 		t.Fatal(err)
 	}
 	if err := addInTx(db, ob, msg(1)); err != nil {

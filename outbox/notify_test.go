@@ -9,6 +9,7 @@ import (
 
 	"github.com/lib/pq"
 
+	"github.com/mailroom-go/mailroom/internal/locks"
 	"github.com/mailroom-go/mailroom/internal/testenv"
 	"github.com/mailroom-go/mailroom/internal/wakeup"
 	"github.com/mailroom-go/mailroom/outbox"
@@ -66,7 +67,7 @@ func TestAddNotifiesOnlyWhileARelaySleeps(t *testing.T) {
 	defer relay.Close()
 	lock := func(sql string) {
 		t.Helper()
-		if _, err := relay.ExecContext(ctx, sql, wakeup.LockKey, int32(oid)); err != nil {
+		if _, err := relay.ExecContext(ctx, sql, locks.Wake, int32(oid)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -162,7 +163,7 @@ func TestWakeLockWaitsForOpenWriters(t *testing.T) {
 	if _, err := relay.ExecContext(ctx, `SET lock_timeout = '50ms'`); err != nil {
 		t.Fatal(err)
 	}
-	_, err = relay.ExecContext(ctx, `SELECT pg_advisory_lock($1, $2)`, wakeup.LockKey, int32(oid))
+	_, err = relay.ExecContext(ctx, `SELECT pg_advisory_lock($1, $2)`, locks.Wake, int32(oid))
 	var pqErr *pq.Error
 	if !errors.As(err, &pqErr) || pqErr.Code != "55P03" {
 		t.Fatalf("lock with a writer open: %v, want a lock timeout (55P03)", err)
@@ -170,10 +171,10 @@ func TestWakeLockWaitsForOpenWriters(t *testing.T) {
 	if err := tx.Commit(); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := relay.ExecContext(ctx, `SELECT pg_advisory_lock($1, $2)`, wakeup.LockKey, int32(oid)); err != nil {
+	if _, err := relay.ExecContext(ctx, `SELECT pg_advisory_lock($1, $2)`, locks.Wake, int32(oid)); err != nil {
 		t.Fatalf("lock after the writer committed: %v", err)
 	}
-	if _, err := relay.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2)`, wakeup.LockKey, int32(oid)); err != nil {
+	if _, err := relay.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2)`, locks.Wake, int32(oid)); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := relay.ExecContext(ctx, `RESET lock_timeout`); err != nil {

@@ -11,6 +11,7 @@ import (
 
 	"github.com/lib/pq"
 
+	"github.com/mailroom-go/mailroom/internal/locks"
 	"github.com/mailroom-go/mailroom/internal/testenv"
 )
 
@@ -19,7 +20,7 @@ func claimLockWaiters(t *testing.T, s *testenv.Schema) int {
 	t.Helper()
 	var n int
 	err := s.DB.Get(&n, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
-AND classid::text::bigint = $1 AND objid::text::bigint = 'mailroom_outbox'::regclass::oid::integer::bigint & 4294967295`, claimLockKey)
+AND classid::text::bigint = $1 AND objid::text::bigint = 'mailroom_outbox'::regclass::oid::integer::bigint & 4294967295`, locks.Claim)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -35,11 +36,11 @@ func holdClaimLock(t *testing.T, s *testenv.Schema) (release func()) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := conn.ExecContext(ctx, `SELECT pg_advisory_lock($1, 'mailroom_outbox'::regclass::oid::integer)`, claimLockKey); err != nil {
+	if _, err := conn.ExecContext(ctx, `SELECT pg_advisory_lock($1, 'mailroom_outbox'::regclass::oid::integer)`, locks.Claim); err != nil {
 		t.Fatal(err)
 	}
 	return func() {
-		if _, err := conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1, 'mailroom_outbox'::regclass::oid::integer)`, claimLockKey); err != nil {
+		if _, err := conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1, 'mailroom_outbox'::regclass::oid::integer)`, locks.Claim); err != nil {
 			t.Error(err)
 		}
 		conn.Close()
@@ -126,8 +127,8 @@ func TestLoneRelayClaimsWithoutLeases(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r.alone.Store(true)
-	defer r.closeStatements()
+	r.coord.alone.Store(true)
+	defer r.stmts.close()
 	defer holdClaimLock(t, s)()
 	ctx := context.Background()
 	claim := func(what string) []*row {
@@ -155,7 +156,7 @@ func TestLoneRelayClaimsWithoutLeases(t *testing.T) {
 	if after := versions(); after != before {
 		t.Fatalf("the claims wrote to the outbox: rows (xmin:lease:leased_until) were %s, now %s", before, after)
 	}
-	if n := r.held.leaseless(); n != 8 {
+	if n := r.coord.held.leaseless(); n != 8 {
 		t.Fatalf("%d rows held without a lease, want 8", n)
 	}
 	r.finish(ctx, outcomes(first, delivered, nil))
@@ -177,7 +178,7 @@ func TestLoneRelayClaimsWithoutLeases(t *testing.T) {
 	const buried = 2 // again[1] and again[3]
 	s.DB.MustExec(`UPDATE mailroom_outbox SET lease = gen_random_uuid(), leased_until = now() + interval '1 minute' WHERE seq = $1`, taken.seq)
 	r.finish(ctx, outcomes(again, failed, ErrUnroutable))
-	if n := r.held.leaseless(); n != 0 {
+	if n := r.coord.held.leaseless(); n != 0 {
 		t.Fatalf("%d rows held after every outcome was recorded, want 0", n)
 	}
 	for _, w := range again {
@@ -400,11 +401,11 @@ func TestClaimContinuesHeldRuns(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				t.Cleanup(r.closeStatements)
+				t.Cleanup(r.stmts.close)
 				return r
 			}
 			r := relay("a")
-			r.alone.Store(alone)
+			r.coord.alone.Store(alone)
 			ctx := context.Background()
 			claim := func(what string, prev int64) []*row {
 				t.Helper()

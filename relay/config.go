@@ -14,6 +14,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/internal/locks"
 	"github.com/mailroom-go/mailroom/internal/redact"
 	"github.com/mailroom-go/mailroom/internal/wire"
 )
@@ -52,7 +53,7 @@ type Config struct {
 	// ActiveRelays is how many relays of the table publish at once; the
 	// others stand by, and one takes over within about a second when a
 	// publishing relay stops, dies or cannot reach the broker, and within
-	// about 10 s when it freezes with its session open (see share.go; run
+	// about 10 s when it freezes with its session open (see coordinate.go; run
 	// the relays of a table as one database role). Default 1:
 	// one relay already keeps RabbitMQ near its limit, and a second
 	// publishing beside it only adds work for the broker and the database
@@ -179,8 +180,8 @@ func (c *Config) validate() error {
 		return fmt.Errorf("relay: Config.BatchSize %d: must be between 1 and 10000", c.BatchSize)
 	case c.ConfirmWindow < c.BatchSize:
 		return fmt.Errorf("relay: Config.ConfirmWindow %d cannot be smaller than BatchSize (%d)", c.ConfirmWindow, c.BatchSize)
-	case c.ActiveRelays < 1 || c.ActiveRelays > maxActiveRelays:
-		return fmt.Errorf("relay: Config.ActiveRelays %d: must be between 1 and %d", c.ActiveRelays, maxActiveRelays)
+	case c.ActiveRelays < 1 || c.ActiveRelays > locks.MaxActive:
+		return fmt.Errorf("relay: Config.ActiveRelays %d: must be between 1 and %d", c.ActiveRelays, locks.MaxActive)
 	case c.ConfirmTimeout < 100*time.Millisecond:
 		return fmt.Errorf("relay: Config.ConfirmTimeout %s: must be at least 100ms", c.ConfirmTimeout)
 	case c.Lease/2 < c.ConfirmTimeout: // Lease < 2 × ConfirmTimeout, without overflow

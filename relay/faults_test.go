@@ -15,8 +15,8 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/internal/locks"
 	"github.com/mailroom-go/mailroom/internal/testenv"
-	"github.com/mailroom-go/mailroom/internal/wakeup"
 	"github.com/mailroom-go/mailroom/outbox"
 	"github.com/mailroom-go/mailroom/relay"
 )
@@ -230,7 +230,7 @@ func TestNotifyWakesRelayOfCustomTable(t *testing.T) {
 	testenv.Eventually(t, 30*time.Second, "the relay asleep holding the events table's wake lock", func() bool {
 		var n int
 		e.s.DB.Get(&n, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1
-  AND objid = to_regclass($2)::oid AND objsubid = 2 AND mode = 'ExclusiveLock' AND granted`, wakeup.LockKey, table)
+  AND objid = to_regclass($2)::oid AND objsubid = 2 AND mode = 'ExclusiveLock' AND granted`, locks.Wake, table)
 		return n == 1
 	})
 	for i := 0; i < 3; i++ {
@@ -250,7 +250,7 @@ func (e *env) wakeLockHolders() []int {
 	var pids []int
 	if err := e.s.DB.Select(&pids, `SELECT pid FROM pg_locks
 WHERE locktype = 'advisory' AND classid = $1 AND objid = to_regclass('mailroom_outbox')::oid
-  AND objsubid = 2 AND mode = 'ExclusiveLock' AND granted`, wakeup.LockKey); err != nil {
+  AND objsubid = 2 AND mode = 'ExclusiveLock' AND granted`, locks.Wake); err != nil {
 		e.t.Fatal(err)
 	}
 	return pids
@@ -697,7 +697,7 @@ func TestWakeLockHeldByALeftoverSession(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ghost.Close()
-	if _, err := ghost.ExecContext(ctx, `SELECT pg_advisory_lock($1, 'mailroom_outbox'::regclass::oid::integer)`, wakeup.LockKey); err != nil {
+	if _, err := ghost.ExecContext(ctx, `SELECT pg_advisory_lock($1, 'mailroom_outbox'::regclass::oid::integer)`, locks.Wake); err != nil {
 		t.Fatal(err)
 	}
 	tap := &logTap{t: t}
@@ -707,7 +707,7 @@ func TestWakeLockHeldByALeftoverSession(t *testing.T) {
 	e.start(cfg)
 	const elsewhere = "another session holds the wake lock"
 	testenv.Eventually(t, 30*time.Second, "the relay to find the wake lock held", func() bool { return tap.count(elsewhere) > 0 })
-	if _, err := ghost.ExecContext(ctx, `SELECT pg_advisory_unlock($1, 'mailroom_outbox'::regclass::oid::integer)`, wakeup.LockKey); err != nil {
+	if _, err := ghost.ExecContext(ctx, `SELECT pg_advisory_unlock($1, 'mailroom_outbox'::regclass::oid::integer)`, locks.Wake); err != nil {
 		t.Fatal(err)
 	}
 	e.waitAsleep(1) // the relay took the lock: writers notify it

@@ -50,7 +50,7 @@ func claimAndDelete(ctx context.Context, r *Relay) (int, error) {
 	if _, _, err := r.apply(done, nil, nil, nil); err != nil {
 		return 0, err
 	}
-	r.held.drop(done)
+	r.coord.held.drop(done)
 	return len(rows), nil
 }
 
@@ -147,8 +147,8 @@ func BenchmarkClaimCycle(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				r.alone.Store(alone)
-				defer r.closeStatements()
+				r.coord.alone.Store(alone)
+				defer r.stmts.close()
 				claimCycles(b, r, batch)
 			})
 		}

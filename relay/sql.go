@@ -1,13 +1,17 @@
 package relay
 
 import (
+	"context"
+	"database/sql"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/lib/pq"
 
 	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/internal/locks"
 )
 
 // queries holds every statement of the relay, rendered once for the
@@ -19,10 +23,6 @@ type queries struct {
 	// message (see claimOnce).
 	turn string
 }
-
-// claimLockKey is the first key of the advisory claim lock ("turn" in
-// ASCII); the second is the outbox table's OID, as for the wake lock.
-const claimLockKey = 1953853038
 
 // claimLockTimeout bounds the wait for the claim lock. It is held for one
 // claim statement (milliseconds); a longer wait means the holder's server
@@ -154,7 +154,7 @@ picked AS (
     LIMIT $9)`
 	return queries{
 		turn: `SET LOCAL lock_timeout = ` + strconv.FormatInt(claimLockTimeout.Milliseconds(), 10) + `;
-SELECT pg_advisory_xact_lock(` + strconv.Itoa(claimLockKey) + `, ` + obOID + `);
+SELECT pg_advisory_xact_lock(` + strconv.Itoa(locks.Claim) + `, ` + obOID + `);
 `,
 		// claim takes up to $1 due rows, oldest first, and leases them for
 		// $2 ms under token $3, in one short autocommit statement: no
@@ -181,7 +181,7 @@ SELECT pg_advisory_xact_lock(` + strconv.Itoa(claimLockKey) + `, ` + obOID + `);
 		// claimed twice. $4: the seqs this relay holds (claimText).
 		//
 		// While a relay publishes alone (it holds the alone lock, see
-		// share.go) this claim takes nothing: that relay's rows carry no
+		// coordinate.go) this claim takes nothing: that relay's rows carry no
 		// lease. Relays that coordinate wait for it anyway; this keeps
 		// out those that cannot (DisableListen), and any relay whose
 		// coordination fails. The lock is tried in shared mode for the
@@ -195,7 +195,7 @@ SELECT pg_advisory_xact_lock(` + strconv.Itoa(claimLockKey) + `, ` + obOID + `);
 		// inbox absorbs — and not waiting for the WAL flush keeps the claim
 		// off the disk's latency.
 		claim: `WITH RECURSIVE async AS (SELECT set_config('synchronous_commit', 'off', true)),
-free AS MATERIALIZED (SELECT pg_try_advisory_xact_lock_shared(` + strconv.Itoa(aloneKey) + `, ` + obOID + `) AS ok),
+free AS MATERIALIZED (SELECT pg_try_advisory_xact_lock_shared(` + strconv.Itoa(locks.Alone) + `, ` + obOID + `) AS ok),
 ` + found + `,
 heads AS (
     SELECT o.seq, o.key, o.available_at FROM ` + ob + ` o
@@ -209,7 +209,7 @@ FROM picked WHERE o.seq = picked.seq AND (SELECT true FROM async) AND $5
 RETURNING o.seq, picked.rn, picked.prev, (SELECT key FROM last), ` + prefixed("o.", columns),
 
 		// claimAlone is the claim of a relay publishing alone on its table
-		// (share.go): it reads the rows and writes nothing. The relay keeps
+		// (coordinate.go): it reads the rows and writes nothing. The relay keeps
 		// what it holds in memory instead of in leases, and skips it ($4);
 		// nobody else claims meanwhile. The row lock and the lease update
 		// were half the database's work per row: draining 100,000 rows
@@ -297,4 +297,40 @@ func prefixed(p, cols string) string {
 		parts[i] = p + parts[i]
 	}
 	return strings.Join(parts, ", ")
+}
+
+// statements are the relay's prepared statements, by query text: prepared
+// on first use, closed by close (when Run returns). database/sql prepares
+// each again on every pooled connection it runs on; the server then parses
+// it once per connection instead of at every run.
+type statements struct {
+	db *sql.DB
+	mu sync.Mutex
+	by map[string]*sql.Stmt
+}
+
+func (s *statements) get(ctx context.Context, query string) (*sql.Stmt, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if st := s.by[query]; st != nil {
+		return st, nil
+	}
+	st, err := s.db.PrepareContext(ctx, query)
+	if err != nil {
+		return nil, err
+	}
+	if s.by == nil {
+		s.by = map[string]*sql.Stmt{}
+	}
+	s.by[query] = st
+	return st, nil
+}
+
+func (s *statements) close() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for q, st := range s.by {
+		st.Close()
+		delete(s.by, q)
+	}
 }

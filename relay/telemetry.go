@@ -162,11 +162,11 @@ func (r *Relay) register() (unregister func(), err error) {
 		o.ObserveInt64(released, c.released.Load(), attrs)
 		o.ObserveInt64(window, r.window.Load(), attrs)
 		var sb int64
-		if r.standby.Load() {
+		if r.coord.standingBy() {
 			sb = 1
 		}
 		o.ObserveInt64(standby, sb, attrs)
-		o.ObserveInt64(held, int64(r.held.size()), attrs)
+		o.ObserveInt64(held, int64(r.coord.held.size()), attrs)
 		for i := reason(1); i < numReasons; i++ {
 			o.ObserveInt64(failures, c.failures[i].Load(), reasonAttrs[i])
 		}

@@ -5,12 +5,15 @@ import (
 	"database/sql"
 	"database/sql/driver"
 	"errors"
+	"fmt"
 	"strconv"
 	"sync/atomic"
 	"time"
 
+	"github.com/cenkalti/backoff/v4"
 	"github.com/lib/pq"
 
+	"github.com/mailroom-go/mailroom/internal/locks"
 	"github.com/mailroom-go/mailroom/internal/redact"
 	"github.com/mailroom-go/mailroom/internal/wakeup"
 )
@@ -91,7 +94,7 @@ func (w *wakeLock) acquire(ctx context.Context) (lockResult, error) {
 		return lockFailed, err
 	}
 	_, err = c.ExecContext(ctx, `WITH t AS MATERIALIZED (SELECT set_config('lock_timeout', $3, false))
-SELECT pg_advisory_lock($1, $2) FROM t`, wakeup.LockKey, int32(oid), strconv.FormatInt(lockWait.Milliseconds(), 10))
+SELECT pg_advisory_lock($1, $2) FROM t`, locks.Wake, int32(oid), strconv.FormatInt(lockWait.Milliseconds(), 10))
 	if err == nil {
 		w.conn = c
 		return lockHeld, nil
@@ -103,7 +106,7 @@ SELECT pg_advisory_lock($1, $2) FROM t`, wakeup.LockKey, int32(oid), strconv.For
 	}
 	// Held exclusively by a sleeping relay, or shared by writers?
 	var relay bool
-	err = c.QueryRowContext(ctx, `SELECT EXISTS (SELECT FROM `+heldAdvisoryLocks(wakeup.LockKey, wakeup.LockKey, "$1")+`
+	err = c.QueryRowContext(ctx, `SELECT EXISTS (SELECT FROM `+heldAdvisoryLocks(locks.Wake, locks.Wake, "$1")+`
   AND mode = 'ExclusiveLock')`, oid).Scan(&relay)
 	c.Close()
 	switch {
@@ -124,7 +127,7 @@ func (w *wakeLock) release() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if _, err := w.conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2)`, wakeup.LockKey, int32(w.oid.Load())); err != nil {
+	if _, err := w.conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2)`, locks.Wake, int32(w.oid.Load())); err != nil {
 		discard(w.conn)
 	} else {
 		w.conn.Close()
@@ -161,4 +164,84 @@ func (w *wakeLock) close() {
 func discard(c *sql.Conn) {
 	_ = c.Raw(func(any) error { return driver.ErrBadConn })
 	c.Close()
+}
+
+// listen wakes the claimer on every NOTIFY, and on every listener
+// reconnect (notifications may have been missed meanwhile). The channel is
+// named after the outbox table's OID (see internal/wakeup), resolved once
+// the database answers; until then the relay polls, and does not take the
+// wake lock.
+func (r *Relay) listen(wake chan<- struct{}, lock *wakeLock) (stop func()) {
+	l := pq.NewListener(r.cfg.DatabaseURL, 100*time.Millisecond, 10*time.Second, func(ev pq.ListenerEventType, err error) {
+		if err != nil {
+			r.log.Warn("listen connection", "event", ev, "error", err)
+		}
+	})
+	done := make(chan struct{})
+	exited := make(chan struct{})
+	go func() {
+		defer close(exited)
+		bo := backoff.NewExponentialBackOff()
+		bo.InitialInterval, bo.MaxInterval, bo.MaxElapsedTime = 100*time.Millisecond, 10*time.Second, 0
+		for {
+			oid, err := r.outboxOID()
+			if err == nil {
+				err = l.Listen(wakeup.Channel(oid))
+			}
+			if err == nil || errors.Is(err, pq.ErrChannelAlreadyOpen) {
+				lock.setTable(oid)
+				select { // the claimer may go to sleep now: tell it
+				case wake <- struct{}{}:
+				default:
+				}
+				break
+			}
+			select {
+			case <-done: // stopping: the listener was closed under Listen
+				return
+			default:
+			}
+			d := bo.NextBackOff()
+			r.log.Warn("LISTEN failed; polling meanwhile", "error", err, "retry_in", d.String())
+			select {
+			case <-done:
+				return
+			case <-time.After(d):
+			}
+		}
+		for {
+			select {
+			case <-done:
+				return
+			case n := <-l.Notify: // nil on reconnect: wake too
+				if n == nil {
+					// The sessions may all have dropped (a database
+					// restart), the wake lock's with them: the claim loop
+					// checks it at once rather than at its next poll.
+					lock.suspect()
+				}
+				select {
+				case wake <- struct{}{}:
+				default:
+				}
+			}
+		}
+	}()
+	// Close before waiting: Listen blocks until the listener has a
+	// connection (one it may never get: a connection limit, a wrong
+	// DatabaseURL), and Close is what ends that wait.
+	return func() { close(done); l.Close(); <-exited }
+}
+
+func (r *Relay) outboxOID() (uint32, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var oid sql.NullInt64
+	if err := r.db.QueryRowContext(ctx, wakeup.OIDQuery, r.tables.Outbox.Quoted()).Scan(&oid); err != nil {
+		return 0, err
+	}
+	if !oid.Valid {
+		return 0, fmt.Errorf("table %s does not exist (run `mailroom-relay migrate`)", r.tables.Outbox)
+	}
+	return uint32(oid.Int64), nil
 }

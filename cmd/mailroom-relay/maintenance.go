@@ -15,6 +15,7 @@ import (
 
 	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/dedupe"
+	"github.com/mailroom-go/mailroom/internal/locks"
 	"github.com/mailroom-go/mailroom/internal/sqlident"
 	"github.com/mailroom-go/mailroom/relay"
 )
@@ -30,13 +31,9 @@ type maintConfig struct {
 // idle reports whether there is nothing for maintenance to purge.
 func (c maintConfig) idle() bool { return len(c.inbox.items) == 0 && c.retain <= 0 }
 
-// maintLockClass seeds the first key of the maintenance advisory lock
-// ("mrmn"); the second is the outbox table's OID, so each mailroom
-// installation (schema) has its own leader. The two-key form lives apart
-// from Migrate's one-key lock.
-const maintLockClass = 0x6d726d6e
-
-// lockClass is the maintenance lock's first key for this instance's
+// lockClass is the maintenance lock's first key (seeded by
+// locks.Maintenance; the second is the outbox table's OID, so each
+// installation has its own leader) for this instance's
 // purges, a hash of them: instances that run the same purges take turns on
 // one lock, and an instance that runs a purge the leader does not (another
 // --purge-inbox list or --retain, say during a rolling change of the flags)
@@ -44,7 +41,7 @@ const maintLockClass = 0x6d726d6e
 // time, which is correct (they skip each other's rows), only repeated work.
 func (c maintConfig) lockClass() int32 {
 	h := fnv.New32a()
-	fmt.Fprintf(h, "%d retain=%d", maintLockClass, c.retain)
+	fmt.Fprintf(h, "%d retain=%d", locks.Maintenance, c.retain)
 	for _, p := range c.inbox.items { // sorted by consumer
 		fmt.Fprintf(h, " inbox %q=%d", p.consumer, p.retention)
 	}

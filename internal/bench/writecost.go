@@ -8,7 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/mailroom-go/mailroom/internal/wakeup"
+	"github.com/mailroom-go/mailroom/internal/locks"
 	"github.com/mailroom-go/mailroom/outbox"
 )
 
@@ -80,7 +80,7 @@ func benchWriteCost(rounds int, each time.Duration) ([]*writeVariant, error) {
 	}
 	defer sleeper.Close()
 	lock := func(fn string) error {
-		_, err := sleeper.ExecContext(ctx, `SELECT `+fn+`($1, to_regclass('mailroom_outbox')::oid::integer)`, wakeup.LockKey)
+		_, err := sleeper.ExecContext(ctx, `SELECT `+fn+`($1, to_regclass('mailroom_outbox')::oid::integer)`, locks.Wake)
 		return err
 	}
 	variants := []*writeVariant{

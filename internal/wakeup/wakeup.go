@@ -5,7 +5,7 @@
 // A NOTIFY serialises committing transactions on a database-wide lock; paid
 // on every commit it costs writers more than the outbox insert itself. So
 // writers notify only while a relay sleeps. A relay about to sleep takes the
-// wake lock (LockKey, outbox table OID) exclusively, looks for rows once
+// wake lock (locks.Wake, outbox table OID) exclusively, looks for rows once
 // more, and holds the lock while it sleeps. The default of the outbox's
 // notified column takes the lock shared for the writer's transaction and
 // notifies when it cannot. The relay's exclusive request waits for every writer holding the
@@ -17,10 +17,6 @@
 package wakeup
 
 import "strconv"
-
-// LockKey is the first key of the two-key advisory wake lock ("mail" in
-// ASCII); the second is the outbox table's OID as an integer.
-const LockKey = 1835100524
 
 // Channel is the NOTIFY channel of the outbox table with the given OID. The
 // OID, unlike the name, is unique in the database, so relays of one schema

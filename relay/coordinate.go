@@ -5,17 +5,21 @@ import (
 	"database/sql"
 	"errors"
 	"strconv"
+	"sync"
+	"sync/atomic"
 	"time"
+
+	"github.com/mailroom-go/mailroom/internal/locks"
 )
 
 // Relays on one outbox table coordinate through advisory locks keyed by
 // the table's OID, held on a session of each relay's own and looked at
 // every second:
 //
-//   - Presence (shared, presenceKey): every running relay holds it; Status
+//   - Presence (shared, locks.Presence): every running relay holds it; Status
 //     counts them. It ends with the session, so a relay that dies stops
 //     counting.
-//   - Publishing slots (exclusive, activeKey+i for i < ActiveRelays): a
+//   - Publishing slots (exclusive, locks.Active+i for i < ActiveRelays): a
 //     relay claims and publishes only while it holds one; the others stand
 //     by and try for one every second. On this machine RabbitMQ is the
 //     limit, and a second publishing connection only adds work for it and
@@ -25,7 +29,7 @@ import (
 //     dies (its session ends) or cannot reach the broker (it gives its slot
 //     up while it reconnects, when a relay stands by), and within about
 //     frozenAfter when it freezes with its session open (see endFrozen).
-//   - Alone (exclusive, aloneKey): a relay publishing alone takes it and
+//   - Alone (exclusive, locks.Alone): a relay publishing alone takes it and
 //     claims without the claim lock and without leases (claimAlone in
 //     sql.go), skipping the rows it holds. A relay taking a slot while
 //     another holds it waits: the holder, seeing a second relay publish,
@@ -48,13 +52,7 @@ import (
 // and deleted, so any copy of the earlier one is a duplicate the inbox
 // drops.
 
-const (
-	presenceKey      = 1919249505 // "rela" in ASCII
-	aloneKey         = 1634496366 // "alon" in ASCII
-	activeKey        = 1633907830 // "actv" in ASCII; slot i is activeKey+i
-	maxActiveRelays  = 64
-	presenceInterval = time.Second
-)
+const presenceInterval = time.Second
 
 // heldAdvisoryLocks is the FROM and WHERE of a query over the granted
 // entries of the two-key advisory locks (first…last, the outbox OID the SQL
@@ -70,11 +68,11 @@ WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE da
 // relays running on, and publishing to, the outbox whose OID the SQL
 // expression oid gives.
 func presentRelays(oid string) string {
-	return `(SELECT count(*) FROM ` + heldAdvisoryLocks(presenceKey, presenceKey, oid) + `)`
+	return `(SELECT count(*) FROM ` + heldAdvisoryLocks(locks.Presence, locks.Presence, oid) + `)`
 }
 
 func publishingRelays(oid string) string {
-	return `(SELECT count(*) FROM ` + heldAdvisoryLocks(activeKey, activeKey+maxActiveRelays-1, oid) + `)`
+	return `(SELECT count(*) FROM ` + heldAdvisoryLocks(locks.Active, locks.Active+locks.MaxActive-1, oid) + `)`
 }
 
 // coordinator holds this relay's presence lock and publishing slot.
@@ -99,7 +97,7 @@ func (c *coordinator) tick(ctx context.Context, brokerDown bool) (publishing boo
 		if err != nil && c.conn != nil {
 			discard(c.conn)
 			c.conn, c.slot, c.alone = nil, -1, false
-			c.r.leaving.Store(false)
+			c.r.coord.leftAlone()
 		}
 	}()
 	if c.conn == nil {
@@ -112,7 +110,7 @@ func (c *coordinator) tick(ctx context.Context, brokerDown bool) (publishing boo
 			return false, 0, err
 		}
 		c.conn, c.oid, c.slot = conn, oid, -1
-		if _, err := conn.ExecContext(ctx, `SELECT pg_advisory_lock_shared($1, $2)`, presenceKey, int32(oid)); err != nil {
+		if _, err := conn.ExecContext(ctx, `SELECT pg_advisory_lock_shared($1, $2)`, locks.Presence, int32(oid)); err != nil {
 			return false, 0, err
 		}
 	}
@@ -122,7 +120,7 @@ func (c *coordinator) tick(ctx context.Context, brokerDown bool) (publishing boo
 			return false, 0, err
 		}
 		if standing > 0 {
-			if _, err := c.conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2)`, activeKey+c.slot, int32(c.oid)); err != nil {
+			if _, err := c.conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2)`, locks.Active+c.slot, int32(c.oid)); err != nil {
 				return false, 0, err
 			}
 			c.slot = -1
@@ -131,7 +129,7 @@ func (c *coordinator) tick(ctx context.Context, brokerDown bool) (publishing boo
 	}
 	for i := 0; c.slot < 0 && !brokerDown && i < c.r.cfg.ActiveRelays; i++ {
 		var got bool
-		if err := c.conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1, $2)`, activeKey+i, int32(c.oid)).Scan(&got); err != nil {
+		if err := c.conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1, $2)`, locks.Active+i, int32(c.oid)).Scan(&got); err != nil {
 			return false, 0, err
 		}
 		if got {
@@ -154,7 +152,7 @@ func (c *coordinator) tick(ctx context.Context, brokerDown bool) (publishing boo
 	}
 	if c.slot >= 0 && !c.alone {
 		var others int
-		if err := c.conn.QueryRowContext(ctx, `SELECT count(*) FROM `+heldAdvisoryLocks(aloneKey, aloneKey, "$1")+` AND mode = 'ExclusiveLock' AND pid <> pg_backend_pid()`, c.oid).Scan(&others); err != nil {
+		if err := c.conn.QueryRowContext(ctx, `SELECT count(*) FROM `+heldAdvisoryLocks(locks.Alone, locks.Alone, "$1")+` AND mode = 'ExclusiveLock' AND pid <> pg_backend_pid()`, c.oid).Scan(&others); err != nil {
 			return false, 0, err
 		}
 		if others > 0 { // it has not seen this relay yet: wait (claims hold the lock shared: not counted)
@@ -178,11 +176,11 @@ func (c *coordinator) claimAlone(ctx context.Context, n int, brokerDown bool) er
 			// free, and publishes. (It takes its slot, then looks; this
 			// relay takes the lock, then looks: one of them sees the other.)
 			var got bool
-			if err := c.conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1, $2)`, aloneKey, int32(c.oid)).Scan(&got); err != nil {
+			if err := c.conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1, $2)`, locks.Alone, int32(c.oid)).Scan(&got); err != nil {
 				return err
 			}
 			if !got { // another relay has it: this one waits (tick)
-				c.r.alone.Store(false)
+				c.r.coord.notAlone()
 				return nil
 			}
 			c.alone = true
@@ -191,18 +189,16 @@ func (c *coordinator) claimAlone(ctx context.Context, n int, brokerDown bool) er
 			}
 		}
 		if n == 1 {
-			c.r.alone.Store(true)
+			c.r.coord.claimAlone()
 			return nil
 		}
 	}
-	c.r.leaving.Store(c.alone) // first: a claim seeing neither would take nothing
-	c.r.alone.Store(false)
-	if c.alone && (brokerDown || c.r.claiming.Load() == 0 && c.r.held.leaseless() == 0) {
-		if _, err := c.conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2)`, aloneKey, int32(c.oid)); err != nil {
+	if c.r.coord.leaveAlone(c.alone, brokerDown) {
+		if _, err := c.conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2)`, locks.Alone, int32(c.oid)); err != nil {
 			return err
 		}
 		c.alone = false
-		c.r.leaving.Store(false)
+		c.r.coord.leftAlone()
 	}
 	return nil
 }
@@ -219,7 +215,7 @@ const frozenAfter = 10 * time.Second
 // endFrozen ends the sessions of slot holders idle for r.frozenAfter.
 func (c *coordinator) endFrozen(ctx context.Context) error {
 	rows, err := c.conn.QueryContext(ctx, `SELECT pid, pg_terminate_backend(pid) FROM `+
-		heldAdvisoryLocks(activeKey, activeKey+maxActiveRelays-1, "$1")+`
+		heldAdvisoryLocks(locks.Active, locks.Active+locks.MaxActive-1, "$1")+`
   AND pid IN (SELECT pid FROM pg_stat_activity WHERE state = 'idle' AND state_change < now() - $2 * interval '1 millisecond')`,
 		c.oid, c.r.frozenAfter.Milliseconds())
 	if err != nil {
@@ -238,7 +234,7 @@ func (c *coordinator) endFrozen(ctx context.Context) error {
 }
 
 // coordinate shows this relay to the others of its table until ctx ends,
-// sets r.standby while another relay publishes in its place, and, when
+// records in r.coord whether it stands by while another relay publishes in its place, and, when
 // share is set, keeps the slots of p's window it leaves to the other
 // publishing relays out of reach: it holds them as tokens in p.slots, taken
 // as confirms free them and handed back when fewer relays publish. wake
@@ -272,7 +268,7 @@ func (r *Relay) coordinate(ctx context.Context, p *publisher, share bool, wake c
 			return
 		case err != nil:
 			r.log.Debug("coordinating with the relays of the table", "error", err)
-			r.alone.Store(false)
+			r.coord.notAlone()
 			r.setStandby(false, wake) // publish rather than leave the table to no one
 		case !publishing:
 			r.setStandby(true, wake)
@@ -307,7 +303,7 @@ func (r *Relay) coordinate(ctx context.Context, p *publisher, share bool, wake c
 		case <-ctx.Done():
 			return
 		case <-time.After(presenceInterval):
-		case <-r.drained: // leaving alone: its last row without a lease is finished
+		case <-r.coord.drained: // leaving alone: its last row without a lease is finished
 		}
 	}
 }
@@ -315,7 +311,7 @@ func (r *Relay) coordinate(ctx context.Context, p *publisher, share bool, wake c
 // setStandby records whether this relay stands by, and wakes the claim
 // loop on a change: to claim, or to give the wake lock up.
 func (r *Relay) setStandby(v bool, wake chan<- struct{}) {
-	if r.standby.Swap(v) == v {
+	if !r.coord.setStandby(v) {
 		return
 	}
 	if v {
@@ -327,4 +323,143 @@ func (r *Relay) setStandby(v bool, wake chan<- struct{}) {
 	case wake <- struct{}{}:
 	default:
 	}
+}
+
+// coordination is what the claim loop, the finish loop and the coordinator
+// share about this relay's place among the relays of its table: whether it
+// stands by, whether it claims alone, and the rows it holds. Its methods
+// keep the ordering rules that make claiming without a lease safe:
+//
+//   - A claim counts itself in claiming before it reads alone, and stays
+//     counted until its rows are held (claim); the coordinator clears alone
+//     before it reads claiming (leaveAlone). Once the coordinator has
+//     cleared alone and seen no claim counted, none without a lease is
+//     running or can start.
+//   - The coordinator sets leaving before it clears alone, and a claim
+//     reads alone before leaving: a claim that sees neither would take
+//     nothing, so it never does.
+//   - While leaving, the coordinator waits for the rows claimed without a
+//     lease to be finished before it gives the alone lock up; finished
+//     tells it on drained when the last one is.
+type coordination struct {
+	standby  atomic.Bool // another relay publishes in this one's place
+	alone    atomic.Bool // the relay holds the alone lock: claims without turn or lease
+	leaving  atomic.Bool // giving the alone lock up: claims check it is still free
+	claiming atomic.Int32
+	held     holding // rows claimed and not finished
+	drained  chan struct{}
+}
+
+// standingBy reports whether another relay publishes in this one's place.
+func (c *coordination) standingBy() bool { return c.standby.Load() }
+
+// setStandby records whether the relay stands by, reporting a change.
+func (c *coordination) setStandby(v bool) (changed bool) { return c.standby.Swap(v) != v }
+
+// claim runs one claim: fn gets whether to claim alone (no turn, no lease),
+// whether a leased claim must check the alone lock is free (the relay is
+// not giving it up), and the seqs held, which it must skip. The rows it
+// returns are held.
+func (c *coordination) claim(fn func(alone, checkAlone bool, held []int64) ([]*row, error)) ([]*row, error) {
+	c.claiming.Add(1)
+	defer c.claiming.Add(-1) // after the rows are held
+	held := c.held.list()
+	alone := c.alone.Load()
+	checkAlone := !c.leaving.Load()
+	rows, err := fn(alone, checkAlone, held)
+	c.held.add(rows)
+	return rows, err
+}
+
+// finished forgets rows whose outcome is recorded (or given up on), and
+// tells a coordinator leaving the alone lock when the last row claimed
+// without a lease is.
+func (c *coordination) finished(os []outcome) {
+	c.held.drop(os)
+	if c.leaving.Load() && c.held.leaseless() == 0 {
+		select {
+		case c.drained <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// claimAlone lets claims go without turn or lease (the relay holds the
+// alone lock and is the only one publishing); notAlone stops that.
+func (c *coordination) claimAlone() { c.alone.Store(true) }
+func (c *coordination) notAlone()   { c.alone.Store(false) }
+
+// leaveAlone makes claims take leases again. holding says whether the
+// relay holds the alone lock; it may give it up (unlock) when it does and
+// no row claimed without a lease is left to finish, or at once when the
+// broker is down (those rows wait for it; the relay taking over may
+// publish them too). Until leftAlone, claims check the lock is free.
+func (c *coordination) leaveAlone(holding, brokerDown bool) (unlock bool) {
+	c.leaving.Store(holding) // first: a claim seeing neither would take nothing
+	c.alone.Store(false)
+	return holding && (brokerDown || c.claiming.Load() == 0 && c.held.leaseless() == 0)
+}
+
+// leftAlone records that the alone lock is given up (or lost with its
+// session).
+func (c *coordination) leftAlone() { c.leaving.Store(false) }
+
+// holding is the set of rows a relay has claimed and not finished. Its
+// claims skip them: a relay publishing alone claims without leases, and
+// only this set keeps it from claiming its own rows again.
+type holding struct {
+	mu       sync.Mutex
+	seqs     map[int64]bool // seq → claimed without a lease
+	unleased int
+}
+
+func (h *holding) add(rows []*row) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.seqs == nil {
+		h.seqs = map[int64]bool{}
+	}
+	for _, w := range rows {
+		h.seqs[w.seq] = w.lease == ""
+		if w.lease == "" {
+			h.unleased++
+		}
+	}
+}
+
+// leaseless counts the rows held that were claimed without a lease.
+func (h *holding) leaseless() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.unleased
+}
+
+// drop forgets rows once their outcome is recorded (or given up on).
+func (h *holding) drop(os []outcome) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, o := range os {
+		if unleased, ok := h.seqs[o.row.seq]; ok {
+			delete(h.seqs, o.row.seq)
+			if unleased {
+				h.unleased--
+			}
+		}
+	}
+}
+
+func (h *holding) size() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.seqs)
+}
+
+func (h *holding) list() []int64 {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	seqs := make([]int64, 0, len(h.seqs))
+	for seq := range h.seqs {
+		seqs = append(seqs, seq)
+	}
+	return seqs
 }

@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mailroom-go/mailroom/internal/locks"
 	"github.com/mailroom-go/mailroom/internal/testenv"
 	"github.com/mailroom-go/mailroom/outbox"
 )
@@ -73,7 +74,7 @@ func TestStandbyEndsTheSessionOfAFrozenPublisher(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer frozen.Close()
-	if _, err := frozen.ExecContext(ctx, `SELECT pg_advisory_lock($1, 'mailroom_outbox'::regclass::oid::integer)`, activeKey); err != nil {
+	if _, err := frozen.ExecContext(ctx, `SELECT pg_advisory_lock($1, 'mailroom_outbox'::regclass::oid::integer)`, locks.Active); err != nil {
 		t.Fatal(err)
 	}
 	start := func() *Relay {
