@@ -17,10 +17,26 @@ import (
 	"github.com/mailroom-go/mailroom/outbox"
 )
 
-// The operator's side of the relay: what is waiting, what died, and putting
-// dead letters back or throwing them away. mailroom-relay's status and dead
-// commands call these; a service that runs the relay in-process can call
-// them from its own admin endpoints.
+// Admin is the operator's side of one outbox: what is waiting, what died,
+// and putting dead letters back or throwing them away. mailroom-relay's
+// status and dead commands use it; a service that runs the relay
+// in-process can call it from its own admin endpoints. Its statements are
+// built once, by NewAdmin; it is safe for concurrent use.
+type Admin struct {
+	db     *sql.DB
+	tables mailroom.Resolved
+	q      adminQueries
+}
+
+// NewAdmin returns the Admin of the outbox named by tables (zero fields take
+// their defaults). db must reach the tables (same search_path as the relay).
+func NewAdmin(db *sql.DB, tables mailroom.Tables) (*Admin, error) {
+	t, err := tables.Resolve()
+	if err != nil {
+		return nil, fmt.Errorf("relay: %w", err)
+	}
+	return &Admin{db: db, tables: t, q: newAdminQueries(t)}, nil
+}
 
 // ErrDeadLetterNotFound is returned (wrapped, naming the ids) by ReplayDead
 // and DiscardDead when an id is not in the dead-letter table. Nothing is
@@ -90,80 +106,12 @@ type DeadLetter struct {
 	DeadAt      time.Time `json:"dead_at"`
 }
 
-type adminQueries struct {
-	status, listDead, lockDead, lastDead, replay, replayAll, discard, purgePublished string
-}
-
-func newAdminQueries(tables mailroom.Tables) (adminQueries, error) {
-	t, err := tables.Resolve()
-	if err != nil {
-		return adminQueries{}, fmt.Errorf("relay: %w", err)
-	}
-	ob, dead, pub := t.Outbox.Quoted(), t.Dead.Quoted(), t.Published.Quoted()
-	// scheduled: never attempted, not leased, not yet due.
-	const scheduled = `(attempts = 0 AND lease IS NULL AND available_at > now())`
-	// waitingSince: when a row began to count as lag. A row never
-	// attempted waits from when it was due (written, its AvailableAt, or
-	// its replay); a row that failed, from when it was written, so a
-	// message that keeps failing keeps the lag growing.
-	const waitingSince = `CASE WHEN attempts = 0 THEN greatest(created_at, available_at) ELSE created_at END`
-	obOID := `'` + strings.ReplaceAll(ob, `'`, `''`) + `'::regclass::oid`
-	const deadCols = `seq, id, exchange, routing_key, key, type, content_type, headers, payload, created_at`
-	return adminQueries{
-		// A sequential scan of the outbox: it holds only what is not yet
-		// published, so it is small when the relay keeps up (and when it
-		// does not, this is the query that says so). The dead-letter count
-		// scans that table, which only grows by failures.
-		status: `SELECT count(*),
-    count(*) FILTER (WHERE ` + scheduled + `),
-    count(*) FILTER (WHERE attempts > 0),
-    count(*) FILTER (WHERE leased_until > now()),
-    coalesce(greatest(extract(epoch FROM now() - min(` + waitingSince + `) FILTER (WHERE NOT ` + scheduled + `)), 0), 0)::float8,
-    (SELECT count(*) FROM ` + dead + `),
-    ` + presentRelays(obOID) + `,
-    ` + publishingRelays(obOID) + `
-FROM ` + ob,
-		// Write order (seq), oldest first.
-		listDead: `SELECT seq, id, exchange, routing_key, key, type, content_type, length(payload), attempts, last_error, created_at, dead_at
-FROM ` + dead + ` ORDER BY seq LIMIT $1`,
-		// Lock the rows first, so a concurrent replay or discard of the same
-		// id waits and then finds it gone (reported, not silently counted).
-		// In seq order, as replayAll locks them: two of these cannot
-		// deadlock. Index: dead_id_idx.
-		lockDead: `SELECT id::text FROM ` + dead + ` WHERE id = ANY($1::uuid[]) ORDER BY seq FOR UPDATE`,
-		lastDead: `SELECT max(seq) FROM ` + dead,
-		// Back into the outbox in write order with a new seq (so at the end
-		// of its key), attempts 0, due now; the id and created_at are kept.
-		replay: `WITH d AS (DELETE FROM ` + dead + ` WHERE id = ANY($1::uuid[]) RETURNING ` + deadCols + `)
-INSERT INTO ` + ob + ` (id, exchange, routing_key, key, type, content_type, headers, payload, created_at)
-SELECT id, exchange, routing_key, key, type, content_type, headers, payload, created_at FROM d ORDER BY seq`,
-		// The oldest $2 up to seq $1 (the last when the replay began).
-		// A concurrent replay of one of them makes this one wait, then
-		// skip it.
-		replayAll: `WITH d AS (DELETE FROM ` + dead + ` WHERE seq IN (
-    SELECT seq FROM ` + dead + ` WHERE seq <= $1 ORDER BY seq LIMIT $2 FOR UPDATE) RETURNING ` + deadCols + `)
-INSERT INTO ` + ob + ` (id, exchange, routing_key, key, type, content_type, headers, payload, created_at)
-SELECT id, exchange, routing_key, key, type, content_type, headers, payload, created_at FROM d ORDER BY seq`,
-		discard: `DELETE FROM ` + dead + ` WHERE id = ANY($1::uuid[])`,
-		// Oldest first along published_at_idx, at most $2 rows, skipping rows
-		// another purger holds.
-		purgePublished: `DELETE FROM ` + pub + ` WHERE seq IN (
-    SELECT seq FROM ` + pub + ` WHERE published_at < now() - $1 * interval '1 microsecond'
-    ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)`,
-	}, nil
-}
-
-// Status reports what is waiting in the outbox named by tables and how many
-// dead letters there are. db must reach the tables (same search_path as the
-// relay).
-func Status(ctx context.Context, db *sql.DB, tables mailroom.Tables) (StatusReport, error) {
-	q, err := newAdminQueries(tables)
-	if err != nil {
-		return StatusReport{}, err
-	}
+// Status reports what is waiting in the outbox and how many dead letters
+// there are.
+func (a *Admin) Status(ctx context.Context) (StatusReport, error) {
 	var s StatusReport
 	var age float64
-	if err := db.QueryRowContext(ctx, q.status).Scan(&s.Pending, &s.Scheduled, &s.Retrying, &s.InFlight, &age, &s.Dead, &s.Relays, &s.Publishing); err != nil {
+	if err := a.db.QueryRowContext(ctx, a.q.status).Scan(&s.Pending, &s.Scheduled, &s.Retrying, &s.InFlight, &age, &s.Dead, &s.Relays, &s.Publishing); err != nil {
 		return StatusReport{}, fmt.Errorf("relay: status: %w", err)
 	}
 	s.OldestPendingAge = time.Duration(age * float64(time.Second))
@@ -172,18 +120,14 @@ func Status(ctx context.Context, db *sql.DB, tables mailroom.Tables) (StatusRepo
 
 // ListDead returns up to limit dead letters in the order they were written
 // (0 means DefaultDeadListLimit). Status reports how many there are in all.
-func ListDead(ctx context.Context, db *sql.DB, tables mailroom.Tables, limit int) ([]DeadLetter, error) {
-	q, err := newAdminQueries(tables)
-	if err != nil {
-		return nil, err
-	}
+func (a *Admin) ListDead(ctx context.Context, limit int) ([]DeadLetter, error) {
 	if limit < 0 {
 		return nil, fmt.Errorf("relay: ListDead limit %d: must be 0 (default %d) or positive", limit, DefaultDeadListLimit)
 	}
 	if limit == 0 {
 		limit = DefaultDeadListLimit
 	}
-	rs, err := db.QueryContext(ctx, q.listDead, limit)
+	rs, err := a.db.QueryContext(ctx, a.q.listDead, limit)
 	if err != nil {
 		return nil, fmt.Errorf("relay: list dead letters: %w", err)
 	}
@@ -213,8 +157,8 @@ func ListDead(ctx context.Context, db *sql.DB, tables mailroom.Tables, limit int
 // pending are published first, and consumers see it after everything of its
 // key already published. Replayed rows keep their original order among
 // themselves.
-func ReplayDead(ctx context.Context, db *sql.DB, tables mailroom.Tables, ids []string) (replayed int64, err error) {
-	return moveDead(ctx, db, tables, ids, true)
+func (a *Admin) ReplayDead(ctx context.Context, ids []string) (replayed int64, err error) {
+	return a.moveDead(ctx, ids, true)
 }
 
 // ReplayAllDead is ReplayDead for every dead letter up to the newest one
@@ -224,17 +168,13 @@ func ReplayDead(ctx context.Context, db *sql.DB, tables mailroom.Tables, ids []s
 // again meanwhile (with the new, higher seq of their replay) are not
 // replayed twice. If it stops early (ctx ends, an error), the rows it
 // moved stay moved and the error says how many; run it again for the rest.
-func ReplayAllDead(ctx context.Context, db *sql.DB, tables mailroom.Tables) (replayed int64, err error) {
-	q, err := newAdminQueries(tables)
-	if err != nil {
-		return 0, err
-	}
+func (a *Admin) ReplayAllDead(ctx context.Context) (replayed int64, err error) {
 	var last sql.NullInt64
-	if err := db.QueryRowContext(ctx, q.lastDead).Scan(&last); err != nil {
+	if err := a.db.QueryRowContext(ctx, a.q.lastDead).Scan(&last); err != nil {
 		return 0, fmt.Errorf("relay: replay dead letters: %w", err)
 	}
 	for last.Valid {
-		res, err := db.ExecContext(ctx, q.replayAll, last.Int64, replayBatch)
+		res, err := a.db.ExecContext(ctx, a.q.replayAll, last.Int64, replayBatch)
 		var n int64
 		if err == nil {
 			n, err = res.RowsAffected()
@@ -256,29 +196,26 @@ const replayBatch = 1000
 // DiscardDead deletes the dead letters with the given message ids, in one
 // transaction; if any id is not a dead letter, nothing is deleted and the
 // error (ErrDeadLetterNotFound) names the missing ids.
-func DiscardDead(ctx context.Context, db *sql.DB, tables mailroom.Tables, ids []string) (discarded int64, err error) {
-	return moveDead(ctx, db, tables, ids, false)
+func (a *Admin) DiscardDead(ctx context.Context, ids []string) (discarded int64, err error) {
+	return a.moveDead(ctx, ids, false)
 }
 
-func moveDead(ctx context.Context, db *sql.DB, tables mailroom.Tables, ids []string, replay bool) (int64, error) {
+func (a *Admin) moveDead(ctx context.Context, ids []string, replay bool) (int64, error) {
 	what := "discard"
 	if replay {
 		what = "replay"
 	}
-	q, err := newAdminQueries(tables)
+	ids, err := checkIDs(ids)
 	if err != nil {
 		return 0, err
 	}
-	if ids, err = checkIDs(ids); err != nil {
-		return 0, err
-	}
-	tx, err := db.BeginTx(ctx, nil)
+	tx, err := a.db.BeginTx(ctx, nil)
 	if err != nil {
 		return 0, fmt.Errorf("relay: %s dead letters: %w", what, err)
 	}
 	defer tx.Rollback() //nolint:errcheck // after Commit this is a no-op
 
-	rs, err := tx.QueryContext(ctx, q.lockDead, pq.StringArray(ids))
+	rs, err := tx.QueryContext(ctx, a.q.lockDead, pq.StringArray(ids))
 	if err != nil {
 		return 0, fmt.Errorf("relay: %s dead letters: %w", what, err)
 	}
@@ -305,9 +242,9 @@ func moveDead(ctx context.Context, db *sql.DB, tables mailroom.Tables, ids []str
 		return 0, fmt.Errorf("%w: %s (nothing was %sed; `mailroom-relay dead list` shows the ids)", ErrDeadLetterNotFound, strings.Join(missing, ", "), what)
 	}
 
-	stmt := q.discard
+	stmt := a.q.discard
 	if replay {
-		stmt = q.replay
+		stmt = a.q.replay
 	}
 	res, err := tx.ExecContext(ctx, stmt, pq.StringArray(ids))
 	if err != nil {
@@ -353,13 +290,14 @@ const DefaultPurgeBatch = 1000
 // published table (filled when Config.Retain is set), batch rows per
 // statement (0 means DefaultPurgeBatch), each statement committing on its
 // own, until none are left or ctx ends; it returns how many it deleted.
-// Pass a *sql.DB or *sql.Conn, not a transaction. Several purgers may run at
-// once: they skip each other's rows.
-func PurgePublished(ctx context.Context, db outbox.Execer, tables mailroom.Tables, olderThan time.Duration, batch int) (deleted int64, err error) {
-	q, err := newAdminQueries(tables)
-	if err != nil {
-		return 0, err
-	}
+// Several purgers may run at once: they skip each other's rows.
+func (a *Admin) PurgePublished(ctx context.Context, olderThan time.Duration, batch int) (deleted int64, err error) {
+	return a.PurgePublishedOn(ctx, a.db, olderThan, batch)
+}
+
+// PurgePublishedOn is PurgePublished on conn, a *sql.DB or *sql.Conn (say
+// the session of a lock the purge runs under), not a transaction.
+func (a *Admin) PurgePublishedOn(ctx context.Context, conn outbox.Execer, olderThan time.Duration, batch int) (deleted int64, err error) {
 	switch {
 	case olderThan <= 0:
 		return 0, fmt.Errorf("relay: PurgePublished olderThan %s: must be positive", olderThan)
@@ -369,7 +307,7 @@ func PurgePublished(ctx context.Context, db outbox.Execer, tables mailroom.Table
 		batch = DefaultPurgeBatch
 	}
 	for { // the cutoff is the database's clock, which stamped the rows
-		res, err := db.ExecContext(ctx, q.purgePublished, olderThan.Microseconds(), batch)
+		res, err := conn.ExecContext(ctx, a.q.purgePublished, olderThan.Microseconds(), batch)
 		if err != nil {
 			return deleted, fmt.Errorf("relay: purge published rows: %w", err)
 		}
@@ -385,4 +323,73 @@ func PurgePublished(ctx context.Context, db outbox.Execer, tables mailroom.Table
 			return deleted, err
 		}
 	}
+}
+
+// The free functions of earlier releases build an Admin per call; they go
+// in the next release.
+
+// Status is NewAdmin(db, tables).Status.
+//
+// Deprecated: use Admin.Status.
+func Status(ctx context.Context, db *sql.DB, tables mailroom.Tables) (StatusReport, error) {
+	a, err := NewAdmin(db, tables)
+	if err != nil {
+		return StatusReport{}, err
+	}
+	return a.Status(ctx)
+}
+
+// ListDead is NewAdmin(db, tables).ListDead.
+//
+// Deprecated: use Admin.ListDead.
+func ListDead(ctx context.Context, db *sql.DB, tables mailroom.Tables, limit int) ([]DeadLetter, error) {
+	a, err := NewAdmin(db, tables)
+	if err != nil {
+		return nil, err
+	}
+	return a.ListDead(ctx, limit)
+}
+
+// ReplayDead is NewAdmin(db, tables).ReplayDead.
+//
+// Deprecated: use Admin.ReplayDead.
+func ReplayDead(ctx context.Context, db *sql.DB, tables mailroom.Tables, ids []string) (int64, error) {
+	a, err := NewAdmin(db, tables)
+	if err != nil {
+		return 0, err
+	}
+	return a.ReplayDead(ctx, ids)
+}
+
+// ReplayAllDead is NewAdmin(db, tables).ReplayAllDead.
+//
+// Deprecated: use Admin.ReplayAllDead.
+func ReplayAllDead(ctx context.Context, db *sql.DB, tables mailroom.Tables) (int64, error) {
+	a, err := NewAdmin(db, tables)
+	if err != nil {
+		return 0, err
+	}
+	return a.ReplayAllDead(ctx)
+}
+
+// DiscardDead is NewAdmin(db, tables).DiscardDead.
+//
+// Deprecated: use Admin.DiscardDead.
+func DiscardDead(ctx context.Context, db *sql.DB, tables mailroom.Tables, ids []string) (int64, error) {
+	a, err := NewAdmin(db, tables)
+	if err != nil {
+		return 0, err
+	}
+	return a.DiscardDead(ctx, ids)
+}
+
+// PurgePublished is NewAdmin(db, tables).PurgePublishedOn(ctx, db, …).
+//
+// Deprecated: use Admin.PurgePublished or Admin.PurgePublishedOn.
+func PurgePublished(ctx context.Context, db outbox.Execer, tables mailroom.Tables, olderThan time.Duration, batch int) (int64, error) {
+	a, err := NewAdmin(nil, tables)
+	if err != nil {
+		return 0, err
+	}
+	return a.PurgePublishedOn(ctx, db, olderThan, batch)
 }

@@ -2,9 +2,11 @@ package relay_test
 
 import (
 	"context"
+	"database/sql"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -55,7 +57,7 @@ SELECT seq, id, exchange, routing_key, key, type, content_type, headers, payload
 func TestStatusEmptyIsZeroNotNull(t *testing.T) {
 	t.Parallel()
 	s := testenv.NewSchema(t)
-	st, err := relay.Status(context.Background(), s.DB.DB, mailroom.Tables{})
+	st, err := adminOf(t, s.DB.DB, mailroom.Tables{}).Status(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,7 +95,7 @@ func TestStatusCountsAndLag(t *testing.T) {
 	}
 	admBury(t, s, "unroutable", due[2])
 
-	st, err := relay.Status(ctx, s.DB.DB, mailroom.Tables{})
+	st, err := adminOf(t, s.DB.DB, mailroom.Tables{}).Status(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -115,7 +117,7 @@ func TestStatusLagCountsFromDue(t *testing.T) {
 	ctx := context.Background()
 	lag := func() time.Duration {
 		t.Helper()
-		st, err := relay.Status(ctx, s.DB.DB, mailroom.Tables{})
+		st, err := adminOf(t, s.DB.DB, mailroom.Tables{}).Status(ctx)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -133,7 +135,7 @@ func TestStatusLagCountsFromDue(t *testing.T) {
 		t.Fatal(err)
 	}
 	admBury(t, s, "unroutable", replayed...)
-	if _, err := relay.ReplayDead(ctx, s.DB.DB, mailroom.Tables{}, replayed); err != nil {
+	if _, err := adminOf(t, s.DB.DB, mailroom.Tables{}).ReplayDead(ctx, replayed); err != nil {
 		t.Fatal(err)
 	}
 	if got := lag(); got < time.Second || got > time.Minute {
@@ -151,11 +153,14 @@ func TestStatusLagCountsFromDue(t *testing.T) {
 func TestStatusBadTableName(t *testing.T) {
 	t.Parallel()
 	s := testenv.NewSchema(t)
-	_, err := relay.Status(context.Background(), s.DB.DB, mailroom.Tables{Outbox: "no such"})
-	if err == nil {
-		t.Fatal("want an error for an invalid table name")
+	_, err := relay.NewAdmin(s.DB.DB, mailroom.Tables{Outbox: "no such"})
+	if err == nil || !strings.Contains(err.Error(), `"no such" is not a plain identifier`) {
+		t.Fatalf("NewAdmin: %v, want the invalid table name named", err)
 	}
-	t.Log(err)
+	// The free function of earlier releases says the same.
+	if _, err := relay.Status(context.Background(), s.DB.DB, mailroom.Tables{Outbox: "no such"}); err == nil {
+		t.Fatal("Status: want an error for an invalid table name")
+	}
 }
 
 func TestListReplayDiscardDead(t *testing.T) {
@@ -174,7 +179,7 @@ func TestListReplayDiscardDead(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	dead, err := relay.ListDead(ctx, db, mailroom.Tables{}, 0)
+	dead, err := adminOf(t, db, mailroom.Tables{}).ListDead(ctx, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -186,29 +191,29 @@ func TestListReplayDiscardDead(t *testing.T) {
 		d.LastError != "NOT_FOUND - no exchange 'x'" || d.PayloadSize != 2 || d.DeadAt.IsZero() || d.CreatedAt.IsZero() {
 		t.Fatalf("ListDead row: %+v", d)
 	}
-	if one, err := relay.ListDead(ctx, db, mailroom.Tables{}, 1); err != nil || len(one) != 1 {
+	if one, err := adminOf(t, db, mailroom.Tables{}).ListDead(ctx, 1); err != nil || len(one) != 1 {
 		t.Fatalf("ListDead limit 1: %v, %v", one, err)
 	}
 
 	// One unknown id: nothing is replayed.
 	unknown := outbox.NewID()
-	_, err = relay.ReplayDead(ctx, db, mailroom.Tables{}, []string{ids[0], unknown})
+	_, err = adminOf(t, db, mailroom.Tables{}).ReplayDead(ctx, []string{ids[0], unknown})
 	if !errors.Is(err, relay.ErrDeadLetterNotFound) {
 		t.Fatalf("replay with an unknown id: %v, want ErrDeadLetterNotFound", err)
 	}
-	if st, _ := relay.Status(ctx, db, mailroom.Tables{}); st.Dead != 2 || st.Pending != 1 {
+	if st, _ := adminOf(t, db, mailroom.Tables{}).Status(ctx); st.Dead != 2 || st.Pending != 1 {
 		t.Fatalf("after a failed replay: %+v, want nothing moved", st)
 	}
-	if _, err := relay.ReplayDead(ctx, db, mailroom.Tables{}, []string{"not-a-uuid"}); !errors.Is(err, relay.ErrInvalidID) {
+	if _, err := adminOf(t, db, mailroom.Tables{}).ReplayDead(ctx, []string{"not-a-uuid"}); !errors.Is(err, relay.ErrInvalidID) {
 		t.Fatalf("replay not-a-uuid: %v, want ErrInvalidID", err)
 	}
-	if _, err := relay.DiscardDead(ctx, db, mailroom.Tables{}, nil); !errors.Is(err, relay.ErrInvalidID) {
+	if _, err := adminOf(t, db, mailroom.Tables{}).DiscardDead(ctx, nil); !errors.Is(err, relay.ErrInvalidID) {
 		t.Fatalf("discard nothing: %v, want ErrInvalidID", err)
 	}
 
 	// Replay ids[0] (given twice): back in the outbox with attempts 0, a new
 	// seq after the later row of its key, same id and created_at.
-	n, err := relay.ReplayDead(ctx, db, mailroom.Tables{}, []string{ids[0], ids[0]})
+	n, err := adminOf(t, db, mailroom.Tables{}).ReplayDead(ctx, []string{ids[0], ids[0]})
 	if err != nil || n != 1 {
 		t.Fatalf("replay: %d, %v", n, err)
 	}
@@ -230,13 +235,13 @@ func TestListReplayDiscardDead(t *testing.T) {
 	}
 
 	// Discard the other one.
-	if _, err := relay.DiscardDead(ctx, db, mailroom.Tables{}, []string{ids[0]}); !errors.Is(err, relay.ErrDeadLetterNotFound) {
+	if _, err := adminOf(t, db, mailroom.Tables{}).DiscardDead(ctx, []string{ids[0]}); !errors.Is(err, relay.ErrDeadLetterNotFound) {
 		t.Fatalf("discard of a replayed id: %v, want ErrDeadLetterNotFound", err)
 	}
-	if n, err := relay.DiscardDead(ctx, db, mailroom.Tables{}, []string{ids[2]}); err != nil || n != 1 {
+	if n, err := adminOf(t, db, mailroom.Tables{}).DiscardDead(ctx, []string{ids[2]}); err != nil || n != 1 {
 		t.Fatalf("discard: %d, %v", n, err)
 	}
-	st, err := relay.Status(ctx, db, mailroom.Tables{})
+	st, err := adminOf(t, db, mailroom.Tables{}).Status(ctx)
 	if err != nil || st.Dead != 0 || st.Pending != 2 {
 		t.Fatalf("end: %+v, %v; want 0 dead, 2 pending", st, err)
 	}
@@ -252,7 +257,7 @@ func TestReplayAllDeadKeepsWriteOrder(t *testing.T) {
 	}
 	ids := admAdd(t, s, msgs...)
 	admBury(t, s, "nack", ids...)
-	n, err := relay.ReplayAllDead(ctx, s.DB.DB, mailroom.Tables{})
+	n, err := adminOf(t, s.DB.DB, mailroom.Tables{}).ReplayAllDead(ctx)
 	if err != nil || n != 5 {
 		t.Fatalf("replay all: %d, %v", n, err)
 	}
@@ -265,7 +270,7 @@ func TestReplayAllDeadKeepsWriteOrder(t *testing.T) {
 			t.Fatalf("replayed order %v, want %v", got, ids)
 		}
 	}
-	if n, err := relay.ReplayAllDead(ctx, s.DB.DB, mailroom.Tables{}); err != nil || n != 0 {
+	if n, err := adminOf(t, s.DB.DB, mailroom.Tables{}).ReplayAllDead(ctx); err != nil || n != 0 {
 		t.Fatalf("replay all of nothing: %d, %v; want 0, nil", n, err)
 	}
 }
@@ -283,7 +288,7 @@ FROM generate_series(1, $1) i`, n)
 	if err := s.DB.Select(&want, `SELECT id::text FROM mailroom_outbox_dead ORDER BY seq`); err != nil {
 		t.Fatal(err)
 	}
-	got, err := relay.ReplayAllDead(context.Background(), s.DB.DB, mailroom.Tables{})
+	got, err := adminOf(t, s.DB.DB, mailroom.Tables{}).ReplayAllDead(context.Background())
 	if err != nil || got != n {
 		t.Fatalf("replay all: %d, %v; want %d", got, err, n)
 	}
@@ -313,10 +318,10 @@ FROM generate_series(1, 30) g`)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := relay.PurgePublished(ctx, s.DB, mailroom.Tables{}, 0, 0); err == nil {
+	if _, err := adminOf(t, s.DB.DB, mailroom.Tables{}).PurgePublished(ctx, 0, 0); err == nil {
 		t.Fatal("olderThan 0: want an error")
 	}
-	n, err := relay.PurgePublished(ctx, s.DB, mailroom.Tables{}, time.Hour, 10) // three batches
+	n, err := adminOf(t, s.DB.DB, mailroom.Tables{}).PurgePublished(ctx, time.Hour, 10) // three batches
 	if err != nil || n != 25 {
 		t.Fatalf("purge: %d, %v; want 25", n, err)
 	}
@@ -324,4 +329,14 @@ FROM generate_series(1, 30) g`)
 	if err := s.DB.Get(&left, `SELECT count(*) FROM mailroom_outbox_published`); err != nil || left != 5 {
 		t.Fatalf("left %d, %v; want the 5 recent rows", left, err)
 	}
+}
+
+// adminOf is the Admin of tables in db.
+func adminOf(t *testing.T, db *sql.DB, tables mailroom.Tables) *relay.Admin {
+	t.Helper()
+	a, err := relay.NewAdmin(db, tables)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/cenkalti/backoff/v4"
 	"github.com/google/uuid"
 	"github.com/lib/pq"
+
 	"github.com/mailroom-go/mailroom/internal/wire"
 )
 

@@ -4,7 +4,6 @@ import (
 	"context"
 	"database/sql"
 	"errors"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -54,27 +53,6 @@ import (
 
 const presenceInterval = time.Second
 
-// heldAdvisoryLocks is the FROM and WHERE of a query over the granted
-// entries of the two-key advisory locks (first…last, the outbox OID the SQL
-// expression oid gives) in this database, as the wake, claim, presence and
-// publishing locks are keyed.
-func heldAdvisoryLocks(first, last int, oid string) string {
-	return `pg_locks
-WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND classid BETWEEN ` + strconv.Itoa(first) + ` AND ` + strconv.Itoa(last) + ` AND objid = ` + oid + ` AND objsubid = 2 AND granted`
-}
-
-// presentRelays and publishingRelays are scalar subqueries counting the
-// relays running on, and publishing to, the outbox whose OID the SQL
-// expression oid gives.
-func presentRelays(oid string) string {
-	return `(SELECT count(*) FROM ` + heldAdvisoryLocks(locks.Presence, locks.Presence, oid) + `)`
-}
-
-func publishingRelays(oid string) string {
-	return `(SELECT count(*) FROM ` + heldAdvisoryLocks(locks.Active, locks.Active+locks.MaxActive-1, oid) + `)`
-}
-
 // coordinator holds this relay's presence lock and publishing slot.
 type coordinator struct {
 	r     *Relay
@@ -110,17 +88,17 @@ func (c *coordinator) tick(ctx context.Context, brokerDown bool) (publishing boo
 			return false, 0, err
 		}
 		c.conn, c.oid, c.slot = conn, oid, -1
-		if _, err := conn.ExecContext(ctx, `SELECT pg_advisory_lock_shared($1, $2)`, locks.Presence, int32(oid)); err != nil {
+		if _, err := conn.ExecContext(ctx, lockSharedSQL, locks.Presence, int32(oid)); err != nil {
 			return false, 0, err
 		}
 	}
 	if c.slot >= 0 && brokerDown {
 		var standing int
-		if err := c.conn.QueryRowContext(ctx, `SELECT `+presentRelays("$1")+` - `+publishingRelays("$1"), c.oid).Scan(&standing); err != nil {
+		if err := c.conn.QueryRowContext(ctx, standingRelaysSQL, c.oid).Scan(&standing); err != nil {
 			return false, 0, err
 		}
 		if standing > 0 {
-			if _, err := c.conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2)`, locks.Active+c.slot, int32(c.oid)); err != nil {
+			if _, err := c.conn.ExecContext(ctx, unlockSQL, locks.Active+c.slot, int32(c.oid)); err != nil {
 				return false, 0, err
 			}
 			c.slot = -1
@@ -129,7 +107,7 @@ func (c *coordinator) tick(ctx context.Context, brokerDown bool) (publishing boo
 	}
 	for i := 0; c.slot < 0 && !brokerDown && i < c.r.cfg.ActiveRelays; i++ {
 		var got bool
-		if err := c.conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1, $2)`, locks.Active+i, int32(c.oid)).Scan(&got); err != nil {
+		if err := c.conn.QueryRowContext(ctx, tryLockSQL, locks.Active+i, int32(c.oid)).Scan(&got); err != nil {
 			return false, 0, err
 		}
 		if got {
@@ -141,7 +119,7 @@ func (c *coordinator) tick(ctx context.Context, brokerDown bool) (publishing boo
 			return false, 0, err
 		}
 	}
-	if err := c.conn.QueryRowContext(ctx, `SELECT `+publishingRelays("$1"), c.oid).Scan(&n); err != nil {
+	if err := c.conn.QueryRowContext(ctx, publishingRelaysSQL, c.oid).Scan(&n); err != nil {
 		return false, 0, err
 	}
 	if c.slot >= 0 && n < 1 {
@@ -152,7 +130,7 @@ func (c *coordinator) tick(ctx context.Context, brokerDown bool) (publishing boo
 	}
 	if c.slot >= 0 && !c.alone {
 		var others int
-		if err := c.conn.QueryRowContext(ctx, `SELECT count(*) FROM `+heldAdvisoryLocks(locks.Alone, locks.Alone, "$1")+` AND mode = 'ExclusiveLock' AND pid <> pg_backend_pid()`, c.oid).Scan(&others); err != nil {
+		if err := c.conn.QueryRowContext(ctx, othersAloneSQL, c.oid).Scan(&others); err != nil {
 			return false, 0, err
 		}
 		if others > 0 { // it has not seen this relay yet: wait (claims hold the lock shared: not counted)
@@ -176,7 +154,7 @@ func (c *coordinator) claimAlone(ctx context.Context, n int, brokerDown bool) er
 			// free, and publishes. (It takes its slot, then looks; this
 			// relay takes the lock, then looks: one of them sees the other.)
 			var got bool
-			if err := c.conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1, $2)`, locks.Alone, int32(c.oid)).Scan(&got); err != nil {
+			if err := c.conn.QueryRowContext(ctx, tryLockSQL, locks.Alone, int32(c.oid)).Scan(&got); err != nil {
 				return err
 			}
 			if !got { // another relay has it: this one waits (tick)
@@ -184,7 +162,7 @@ func (c *coordinator) claimAlone(ctx context.Context, n int, brokerDown bool) er
 				return nil
 			}
 			c.alone = true
-			if err := c.conn.QueryRowContext(ctx, `SELECT `+publishingRelays("$1"), c.oid).Scan(&n); err != nil {
+			if err := c.conn.QueryRowContext(ctx, publishingRelaysSQL, c.oid).Scan(&n); err != nil {
 				return err
 			}
 		}
@@ -194,7 +172,7 @@ func (c *coordinator) claimAlone(ctx context.Context, n int, brokerDown bool) er
 		}
 	}
 	if c.r.coord.leaveAlone(c.alone, brokerDown) {
-		if _, err := c.conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2)`, locks.Alone, int32(c.oid)); err != nil {
+		if _, err := c.conn.ExecContext(ctx, unlockSQL, locks.Alone, int32(c.oid)); err != nil {
 			return err
 		}
 		c.alone = false
@@ -214,10 +192,7 @@ const frozenAfter = 10 * time.Second
 
 // endFrozen ends the sessions of slot holders idle for r.frozenAfter.
 func (c *coordinator) endFrozen(ctx context.Context) error {
-	rows, err := c.conn.QueryContext(ctx, `SELECT pid, pg_terminate_backend(pid) FROM `+
-		heldAdvisoryLocks(locks.Active, locks.Active+locks.MaxActive-1, "$1")+`
-  AND pid IN (SELECT pid FROM pg_stat_activity WHERE state = 'idle' AND state_change < now() - $2 * interval '1 millisecond')`,
-		c.oid, c.r.frozenAfter.Milliseconds())
+	rows, err := c.conn.QueryContext(ctx, endFrozenSQL, c.oid, c.r.frozenAfter.Milliseconds())
 	if err != nil {
 		return err
 	}

@@ -163,7 +163,7 @@ func (r *Relay) apply(done, retry, bury, release []outcome) (buried, stuck []out
 	// rows are published again (a duplicate the inbox absorbs) and failed
 	// ones keep their lease until it expires. Nothing is lost, and the
 	// relay does not wait for the WAL flush.
-	if _, err := tx.ExecContext(ctx, `SET LOCAL synchronous_commit = off`); err != nil {
+	if _, err := tx.ExecContext(ctx, asyncCommitSQL); err != nil {
 		return nil, nil, err
 	}
 	if len(done) > 0 {
@@ -228,7 +228,7 @@ func (r *Relay) buryRows(ctx context.Context, tx *sql.Tx, bury []outcome) (burie
 	// Not moved: the seq is in the dead-letter table, or the lease was lost
 	// meanwhile (another relay has the row). The retry, which checks the
 	// lease, schedules only the first kind, and says which.
-	scheduled, err := seqSet(tx.QueryContext(ctx, r.q.retry+` RETURNING o.seq`, pq.Int64Array(leftSeqs), pq.StringArray(leftLeases), pq.StringArray(leftErrs), pq.Float64Array(delays)))
+	scheduled, err := seqSet(tx.QueryContext(ctx, r.q.retryReturning, pq.Int64Array(leftSeqs), pq.StringArray(leftLeases), pq.StringArray(leftErrs), pq.Float64Array(delays)))
 	if err != nil {
 		return nil, nil, fmt.Errorf("schedule rows %s refused: %w", r.tables.Dead, err)
 	}

@@ -17,7 +17,7 @@ import (
 // queries holds every statement of the relay, rendered once for the
 // configured table names.
 type queries struct {
-	claim, claimAlone, deleteDone, deleteDoneAsync, archiveDone, retry, bury, release string
+	claim, claimAlone, deleteDone, deleteDoneAsync, archiveDone, retry, retryReturning, bury, release string
 
 	// turn takes the claim lock for the claim that follows it in the same
 	// message (see claimOnce).
@@ -152,7 +152,7 @@ picked AS (
         WHERE h.key <> '' AND (SELECT run FROM room) > 0) c
     ORDER BY c.rn, c.at
     LIMIT $9)`
-	return queries{
+	q := queries{
 		turn: `SET LOCAL lock_timeout = ` + strconv.FormatInt(claimLockTimeout.Milliseconds(), 10) + `;
 SELECT pg_advisory_xact_lock(` + strconv.Itoa(locks.Claim) + `, ` + obOID + `);
 `,
@@ -271,6 +271,9 @@ RETURNING o.seq`,
 FROM unnest($1::bigint[], $2::uuid[]) AS f(seq, lease)
 WHERE o.seq = f.seq AND o.lease = f.lease`,
 	}
+	// retryReturning is retry returning the seqs it scheduled (buryRows).
+	q.retryReturning = q.retry + ` RETURNING o.seq`
+	return q
 }
 
 // owned is the condition under which this relay may still record an
@@ -332,5 +335,121 @@ func (s *statements) close() {
 	for q, st := range s.by {
 		st.Close()
 		delete(s.by, q)
+	}
+}
+
+// heldAdvisoryLocks is the FROM and WHERE of a query over the granted
+// entries of the two-key advisory locks (first…last, the outbox OID the SQL
+// expression oid gives) in this database, as the wake, claim, presence and
+// publishing locks are keyed.
+func heldAdvisoryLocks(first, last int, oid string) string {
+	return `pg_locks
+WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND classid BETWEEN ` + strconv.Itoa(first) + ` AND ` + strconv.Itoa(last) + ` AND objid = ` + oid + ` AND objsubid = 2 AND granted`
+}
+
+// presentRelays and publishingRelays are scalar subqueries counting the
+// relays running on, and publishing to, the outbox whose OID the SQL
+// expression oid gives.
+func presentRelays(oid string) string {
+	return `(SELECT count(*) FROM ` + heldAdvisoryLocks(locks.Presence, locks.Presence, oid) + `)`
+}
+
+func publishingRelays(oid string) string {
+	return `(SELECT count(*) FROM ` + heldAdvisoryLocks(locks.Active, locks.Active+locks.MaxActive-1, oid) + `)`
+}
+
+// The advisory-lock statements of the wake lock and the coordinator: $1 is
+// the lock's first key (internal/locks), $2 the outbox table's OID as an
+// integer.
+const (
+	lockSharedSQL = `SELECT pg_advisory_lock_shared($1, $2)`
+	tryLockSQL    = `SELECT pg_try_advisory_lock($1, $2)`
+	unlockSQL     = `SELECT pg_advisory_unlock($1, $2)`
+	// lockWithTimeoutSQL waits at most $3 milliseconds (the session's
+	// lock_timeout, set for the wake lock's connection only).
+	lockWithTimeoutSQL = `WITH t AS MATERIALIZED (SELECT set_config('lock_timeout', $3, false))
+SELECT pg_advisory_lock($1, $2) FROM t`
+)
+
+// The coordinator's and the wake lock's looks at pg_locks; $1 is the
+// outbox table's OID.
+var (
+	standingRelaysSQL   = `SELECT ` + presentRelays("$1") + ` - ` + publishingRelays("$1")
+	publishingRelaysSQL = `SELECT ` + publishingRelays("$1")
+	// othersAloneSQL counts the other sessions holding the alone lock
+	// exclusively (claims hold it shared: not counted).
+	othersAloneSQL = `SELECT count(*) FROM ` + heldAdvisoryLocks(locks.Alone, locks.Alone, "$1") + ` AND mode = 'ExclusiveLock' AND pid <> pg_backend_pid()`
+	// endFrozenSQL ends the sessions of slot holders idle for more than $2
+	// milliseconds (see frozenAfter), returning their pids.
+	endFrozenSQL = `SELECT pid, pg_terminate_backend(pid) FROM ` + heldAdvisoryLocks(locks.Active, locks.Active+locks.MaxActive-1, "$1") + `
+  AND pid IN (SELECT pid FROM pg_stat_activity WHERE state = 'idle' AND state_change < now() - $2 * interval '1 millisecond')`
+	// wakeLockHeldSQL: is the wake lock held exclusively (by a sleeping
+	// relay), rather than shared by writers?
+	wakeLockHeldSQL = `SELECT EXISTS (SELECT FROM ` + heldAdvisoryLocks(locks.Wake, locks.Wake, "$1") + ` AND mode = 'ExclusiveLock')`
+)
+
+// asyncCommitSQL: the finisher's transactions do not wait for the WAL
+// flush (see apply).
+const asyncCommitSQL = `SET LOCAL synchronous_commit = off`
+
+// adminQueries are the statements of Admin (admin.go).
+type adminQueries struct {
+	status, listDead, lockDead, lastDead, replay, replayAll, discard, purgePublished string
+}
+
+// newAdminQueries builds the statements of Admin.
+func newAdminQueries(t mailroom.Resolved) adminQueries {
+	ob, dead, pub := t.Outbox.Quoted(), t.Dead.Quoted(), t.Published.Quoted()
+	// scheduled: never attempted, not leased, not yet due.
+	const scheduled = `(attempts = 0 AND lease IS NULL AND available_at > now())`
+	// waitingSince: when a row began to count as lag. A row never
+	// attempted waits from when it was due (written, its AvailableAt, or
+	// its replay); a row that failed, from when it was written, so a
+	// message that keeps failing keeps the lag growing.
+	const waitingSince = `CASE WHEN attempts = 0 THEN greatest(created_at, available_at) ELSE created_at END`
+	obOID := `'` + strings.ReplaceAll(ob, `'`, `''`) + `'::regclass::oid`
+	const deadCols = `seq, id, exchange, routing_key, key, type, content_type, headers, payload, created_at`
+	return adminQueries{
+		// A sequential scan of the outbox: it holds only what is not yet
+		// published, so it is small when the relay keeps up (and when it
+		// does not, this is the query that says so). The dead-letter count
+		// scans that table, which only grows by failures.
+		status: `SELECT count(*),
+    count(*) FILTER (WHERE ` + scheduled + `),
+    count(*) FILTER (WHERE attempts > 0),
+    count(*) FILTER (WHERE leased_until > now()),
+    coalesce(greatest(extract(epoch FROM now() - min(` + waitingSince + `) FILTER (WHERE NOT ` + scheduled + `)), 0), 0)::float8,
+    (SELECT count(*) FROM ` + dead + `),
+    ` + presentRelays(obOID) + `,
+    ` + publishingRelays(obOID) + `
+FROM ` + ob,
+		// Write order (seq), oldest first.
+		listDead: `SELECT seq, id, exchange, routing_key, key, type, content_type, length(payload), attempts, last_error, created_at, dead_at
+FROM ` + dead + ` ORDER BY seq LIMIT $1`,
+		// Lock the rows first, so a concurrent replay or discard of the same
+		// id waits and then finds it gone (reported, not silently counted).
+		// In seq order, as replayAll locks them: two of these cannot
+		// deadlock. Index: dead_id_idx.
+		lockDead: `SELECT id::text FROM ` + dead + ` WHERE id = ANY($1::uuid[]) ORDER BY seq FOR UPDATE`,
+		lastDead: `SELECT max(seq) FROM ` + dead,
+		// Back into the outbox in write order with a new seq (so at the end
+		// of its key), attempts 0, due now; the id and created_at are kept.
+		replay: `WITH d AS (DELETE FROM ` + dead + ` WHERE id = ANY($1::uuid[]) RETURNING ` + deadCols + `)
+INSERT INTO ` + ob + ` (id, exchange, routing_key, key, type, content_type, headers, payload, created_at)
+SELECT id, exchange, routing_key, key, type, content_type, headers, payload, created_at FROM d ORDER BY seq`,
+		// The oldest $2 up to seq $1 (the last when the replay began).
+		// A concurrent replay of one of them makes this one wait, then
+		// skip it.
+		replayAll: `WITH d AS (DELETE FROM ` + dead + ` WHERE seq IN (
+    SELECT seq FROM ` + dead + ` WHERE seq <= $1 ORDER BY seq LIMIT $2 FOR UPDATE) RETURNING ` + deadCols + `)
+INSERT INTO ` + ob + ` (id, exchange, routing_key, key, type, content_type, headers, payload, created_at)
+SELECT id, exchange, routing_key, key, type, content_type, headers, payload, created_at FROM d ORDER BY seq`,
+		discard: `DELETE FROM ` + dead + ` WHERE id = ANY($1::uuid[])`,
+		// Oldest first along published_at_idx, at most $2 rows, skipping rows
+		// another purger holds.
+		purgePublished: `DELETE FROM ` + pub + ` WHERE seq IN (
+    SELECT seq FROM ` + pub + ` WHERE published_at < now() - $1 * interval '1 microsecond'
+    ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)`,
 	}
 }

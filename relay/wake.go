@@ -93,8 +93,7 @@ func (w *wakeLock) acquire(ctx context.Context) (lockResult, error) {
 	if err != nil {
 		return lockFailed, err
 	}
-	_, err = c.ExecContext(ctx, `WITH t AS MATERIALIZED (SELECT set_config('lock_timeout', $3, false))
-SELECT pg_advisory_lock($1, $2) FROM t`, locks.Wake, int32(oid), strconv.FormatInt(lockWait.Milliseconds(), 10))
+	_, err = c.ExecContext(ctx, lockWithTimeoutSQL, locks.Wake, int32(oid), strconv.FormatInt(lockWait.Milliseconds(), 10))
 	if err == nil {
 		w.conn = c
 		return lockHeld, nil
@@ -106,8 +105,7 @@ SELECT pg_advisory_lock($1, $2) FROM t`, locks.Wake, int32(oid), strconv.FormatI
 	}
 	// Held exclusively by a sleeping relay, or shared by writers?
 	var relay bool
-	err = c.QueryRowContext(ctx, `SELECT EXISTS (SELECT FROM `+heldAdvisoryLocks(locks.Wake, locks.Wake, "$1")+`
-  AND mode = 'ExclusiveLock')`, oid).Scan(&relay)
+	err = c.QueryRowContext(ctx, wakeLockHeldSQL, oid).Scan(&relay)
 	c.Close()
 	switch {
 	case err != nil:
@@ -127,7 +125,7 @@ func (w *wakeLock) release() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if _, err := w.conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2)`, locks.Wake, int32(w.oid.Load())); err != nil {
+	if _, err := w.conn.ExecContext(ctx, unlockSQL, locks.Wake, int32(w.oid.Load())); err != nil {
 		discard(w.conn)
 	} else {
 		w.conn.Close()

@@ -93,12 +93,12 @@ func cmdDeadList(args []string, stdout, stderr io.Writer) error {
 	if *limit < 1 {
 		return usageErr("dead list: --limit %d: must be at least 1", *limit)
 	}
-	ctx, db, done, err := c.connect(30 * time.Second)
+	ctx, admin, done, err := c.connectAdmin(30 * time.Second)
 	if err != nil {
 		return err
 	}
 	defer done()
-	dead, err := relay.ListDead(ctx, db, c.tables, *limit)
+	dead, err := admin.ListDead(ctx, *limit)
 	if err != nil {
 		return c.hint(err)
 	}
@@ -122,7 +122,7 @@ func cmdDeadList(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	if len(dead) == *limit {
-		if st, err := relay.Status(ctx, db, c.tables); err == nil && st.Dead > int64(len(dead)) {
+		if st, err := admin.Status(ctx); err == nil && st.Dead > int64(len(dead)) {
 			fmt.Fprintf(stdout, "(%d of %d shown; raise --limit to see more)\n", len(dead), st.Dead)
 		}
 	}
@@ -158,7 +158,7 @@ func cmdDeadMove(args []string, replay bool, stdout, stderr io.Writer) error {
 			return usageErr("%s: %q is not a message id (a UUID; copy it from `mailroom-relay dead list`)", name, id)
 		}
 	}
-	ctx, db, done, err := c.connect(5 * time.Minute)
+	ctx, admin, done, err := c.connectAdmin(5 * time.Minute)
 	if err != nil {
 		return err
 	}
@@ -166,11 +166,11 @@ func cmdDeadMove(args []string, replay bool, stdout, stderr io.Writer) error {
 	var n int64
 	switch {
 	case *all:
-		n, err = relay.ReplayAllDead(ctx, db, c.tables)
+		n, err = admin.ReplayAllDead(ctx)
 	case replay:
-		n, err = relay.ReplayDead(ctx, db, c.tables, ids)
+		n, err = admin.ReplayDead(ctx, ids)
 	default:
-		n, err = relay.DiscardDead(ctx, db, c.tables, ids)
+		n, err = admin.DiscardDead(ctx, ids)
 	}
 	if errors.Is(err, relay.ErrInvalidID) {
 		return usageErr("%s: %v", name, err)

@@ -38,6 +38,7 @@ import (
 
 	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/internal/redact"
+	"github.com/mailroom-go/mailroom/relay"
 )
 
 const usage = `mailroom-relay moves transactional-outbox rows to RabbitMQ.
@@ -175,6 +176,21 @@ func (c *common) connect(timeout time.Duration) (ctx context.Context, db *sql.DB
 		return nil, nil, nil, err
 	}
 	return ctx, db, func() { db.Close(); cancel(); stop() }, nil
+}
+
+// connectAdmin is connect for the commands that read or change the outbox
+// and its dead letters.
+func (c *common) connectAdmin(timeout time.Duration) (context.Context, *relay.Admin, func(), error) {
+	ctx, db, done, err := c.connect(timeout)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	a, err := relay.NewAdmin(db, c.tables)
+	if err != nil { // validated by check
+		done()
+		return nil, nil, nil, usageErr("%v", err)
+	}
+	return ctx, a, done, nil
 }
 
 func (c *common) open(ctx context.Context) (*sql.DB, error) {

@@ -64,7 +64,7 @@ const (
 type maintainer struct {
 	cfg    maintConfig
 	db     *sql.DB
-	tables mailroom.Tables
+	admin  *relay.Admin
 	store  *dedupe.Store
 	m      *metrics
 	log    *slog.Logger
@@ -75,9 +75,9 @@ type maintainer struct {
 	noInbox bool // the inbox table is missing: said once, purge skipped
 }
 
-func newMaintainer(cfg maintConfig, db *sql.DB, tables mailroom.Tables, store *dedupe.Store, m *metrics, log *slog.Logger) *maintainer {
+func newMaintainer(cfg maintConfig, db *sql.DB, admin *relay.Admin, tables mailroom.Tables, store *dedupe.Store, m *metrics, log *slog.Logger) *maintainer {
 	r, _ := tables.Resolve() // validated by common.check
-	return &maintainer{cfg: cfg, db: db, tables: tables, store: store, m: m, log: log.With("component", "maintenance"), outbox: r.Outbox.Quoted()}
+	return &maintainer{cfg: cfg, db: db, admin: admin, store: store, m: m, log: log.With("component", "maintenance"), outbox: r.Outbox.Quoted()}
 }
 
 func (mt *maintainer) run(ctx context.Context) {
@@ -128,7 +128,7 @@ func (mt *maintainer) once(ctx context.Context) {
 		}
 	}
 	if mt.cfg.retain > 0 && rctx.Err() == nil {
-		n, err := relay.PurgePublished(rctx, mt.conn, mt.tables, mt.cfg.retain, mt.cfg.batch)
+		n, err := mt.admin.PurgePublishedOn(rctx, mt.conn, mt.cfg.retain, mt.cfg.batch)
 		published = n
 		if err != nil && !bounded(err) {
 			errs = append(errs, err)

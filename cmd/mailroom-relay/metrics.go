@@ -28,7 +28,7 @@ type metrics struct {
 	maintDuration prometheus.Histogram
 }
 
-func newMetrics(reg *prometheus.Registry, db *sql.DB, tables mailroom.Tables, log *slog.Logger) *metrics {
+func newMetrics(reg *prometheus.Registry, db *sql.DB, admin *relay.Admin, tables mailroom.Tables, log *slog.Logger) *metrics {
 	r, _ := tables.Resolve() // validated by common.check
 	m := &metrics{
 		maintRuns: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -57,7 +57,7 @@ func newMetrics(reg *prometheus.Registry, db *sql.DB, tables mailroom.Tables, lo
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		collectors.NewDBStatsCollector(db, "mailroom_relay"),
-		newOutboxCollector(db, tables, log),
+		newOutboxCollector(admin, r.Outbox.String(), log),
 		m.maintRuns, m.maintPurged, m.maintLeader, m.maintDuration,
 	)
 	return m
@@ -115,20 +115,18 @@ func registerRelayProgress(reg *prometheus.Registry, r *relay.Relay, table strin
 // staler than the scrape. A failed read is counted and the gauges are left
 // out of that scrape (alert on absent(mailroom_outbox_pending_rows)).
 type outboxCollector struct {
-	db     *sql.DB
-	tables mailroom.Tables
+	admin  *relay.Admin
 	log    *slog.Logger
 	errors prometheus.Counter
 
 	pending, scheduled, retrying, inFlight, age, dead *prometheus.Desc
 }
 
-func newOutboxCollector(db *sql.DB, tables mailroom.Tables, log *slog.Logger) *outboxCollector {
-	r, _ := tables.Resolve() // validated by common.check
-	labels := prometheus.Labels{"table": r.Outbox.String()}
+func newOutboxCollector(admin *relay.Admin, outbox string, log *slog.Logger) *outboxCollector {
+	labels := prometheus.Labels{"table": outbox}
 	d := func(name, help string) *prometheus.Desc { return prometheus.NewDesc(name, help, nil, labels) }
 	return &outboxCollector{
-		db: db, tables: tables, log: log,
+		admin: admin, log: log,
 		errors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name:        "mailroom_outbox_status_errors_total",
 			Help:        "Scrapes whose outbox status query failed (the outbox gauges are missing from those scrapes).",
@@ -153,7 +151,7 @@ func (c *outboxCollector) Describe(ch chan<- *prometheus.Desc) {
 func (c *outboxCollector) Collect(ch chan<- prometheus.Metric) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	st, err := relay.Status(ctx, c.db, c.tables)
+	st, err := c.admin.Status(ctx)
 	if err != nil {
 		c.errors.Inc()
 		c.log.Warn("metrics: reading the outbox status failed", "error", err)

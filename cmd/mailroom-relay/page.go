@@ -62,10 +62,10 @@ func (s *server) page(w http.ResponseWriter, r *http.Request) {
 	}
 	d.Ready, d.Checks = s.readiness(ctx)
 	var err error
-	if d.Status, err = relay.Status(ctx, s.db, s.tables); err != nil {
+	if d.Status, err = s.admin.Status(ctx); err != nil {
 		d.StatusErr = err.Error()
 	}
-	if d.Dead, err = relay.ListDead(ctx, s.db, s.tables, pageDeadLimit); err != nil {
+	if d.Dead, err = s.admin.ListDead(ctx, pageDeadLimit); err != nil {
 		d.DeadErr = err.Error()
 	}
 	d.DeadMore = max(0, d.Status.Dead-int64(len(d.Dead)))

@@ -174,15 +174,19 @@ func cmdRun(args []string, stderr io.Writer) error {
 		return fmt.Errorf("cannot listen on --http %s: %v (pick another address with --http or MAILROOM_HTTP)", o.httpAddr, err)
 	}
 
-	m := newMetrics(reg, db, c.tables, log)
+	admin, err := relay.NewAdmin(db, c.tables)
+	if err != nil { // validated by check
+		return usageErr("%v", err)
+	}
+	m := newMetrics(reg, db, admin, c.tables, log)
 	resolved, _ := c.tables.Resolve()
 	registerRelayProgress(reg, r, resolved.Outbox.String())
 	watch := newBrokerWatch(cfg.URL, "mailroom-relay "+cfg.Name, log)
 	m.registerBroker(reg, watch)
-	samp := newSampler(db, c.tables, r, o.sampleEvery, log)
-	maint := newMaintainer(o.maint, db, c.tables, store, m, log)
+	samp := newSampler(admin, r, o.sampleEvery, log)
+	maint := newMaintainer(o.maint, db, admin, c.tables, store, m, log)
 	srv := &server{
-		db: db, tables: c.tables, relay: r, watch: watch, samp: samp, reg: reg,
+		db: db, admin: admin, relay: r, watch: watch, samp: samp, reg: reg,
 		stall: o.stall, token: o.adminToken, name: cfg.Name, log: log, started: time.Now(),
 	}
 	context.AfterFunc(ctx, func() { srv.stopping.Store(true) }) // /readyz fails at once on SIGTERM

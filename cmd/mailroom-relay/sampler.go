@@ -2,12 +2,10 @@ package main
 
 import (
 	"context"
-	"database/sql"
 	"log/slog"
 	"sync"
 	"time"
 
-	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/relay"
 )
 
@@ -25,12 +23,11 @@ type sample struct {
 // sampler records throughput and lag in memory, every interval, for the
 // last sampleWindow.
 type sampler struct {
-	db     *sql.DB
-	tables mailroom.Tables
-	relay  *relay.Relay
-	every  time.Duration
-	keep   int
-	log    *slog.Logger
+	admin *relay.Admin
+	relay *relay.Relay
+	every time.Duration
+	keep  int
+	log   *slog.Logger
 
 	mu      sync.Mutex
 	samples []sample
@@ -38,10 +35,10 @@ type sampler struct {
 	lastAt  time.Time
 }
 
-func newSampler(db *sql.DB, tables mailroom.Tables, r *relay.Relay, every time.Duration, log *slog.Logger) *sampler {
+func newSampler(admin *relay.Admin, r *relay.Relay, every time.Duration, log *slog.Logger) *sampler {
 	keep := int(sampleWindow / every)
 	keep = max(2, min(keep, 1000))
-	return &sampler{db: db, tables: tables, relay: r, every: every, keep: keep, log: log}
+	return &sampler{admin: admin, relay: r, every: every, keep: keep, log: log}
 }
 
 func (s *sampler) run(ctx context.Context) {
@@ -61,7 +58,7 @@ func (s *sampler) run(ctx context.Context) {
 func (s *sampler) take(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, max(s.every, time.Second))
 	defer cancel()
-	st, err := relay.Status(ctx, s.db, s.tables)
+	st, err := s.admin.Status(ctx)
 	if err != nil {
 		if ctx.Err() == nil {
 			s.log.Warn("status page: sampling the outbox failed", "error", err)

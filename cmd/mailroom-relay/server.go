@@ -18,7 +18,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
-	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/relay"
 )
 
@@ -26,7 +25,7 @@ import (
 // its admin actions.
 type server struct {
 	db       *sql.DB
-	tables   mailroom.Tables
+	admin    *relay.Admin
 	relay    *relay.Relay
 	watch    *brokerWatch
 	samp     *sampler
@@ -155,13 +154,13 @@ func (s *server) action(replay bool) http.HandlerFunc {
 		var err error
 		switch {
 		case all:
-			n, err = relay.ReplayAllDead(ctx, s.db, s.tables)
+			n, err = s.admin.ReplayAllDead(ctx)
 		case len(ids) == 0:
 			err = errors.New("select at least one dead letter")
 		case replay:
-			n, err = relay.ReplayDead(ctx, s.db, s.tables, ids)
+			n, err = s.admin.ReplayDead(ctx, ids)
 		default:
-			n, err = relay.DiscardDead(ctx, s.db, s.tables, ids)
+			n, err = s.admin.DiscardDead(ctx, ids)
 		}
 		status := http.StatusOK
 		switch {

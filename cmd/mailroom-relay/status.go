@@ -10,7 +10,6 @@ import (
 	"github.com/lib/pq"
 
 	"github.com/mailroom-go/mailroom/internal/redact"
-	"github.com/mailroom-go/mailroom/relay"
 )
 
 const statusHelp = `Usage: mailroom-relay status [--json] [flags]
@@ -36,12 +35,12 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 	if err := parse(fs, args, stderr); err != nil {
 		return err
 	}
-	ctx, db, done, err := c.connect(30 * time.Second)
+	ctx, admin, done, err := c.connectAdmin(30 * time.Second)
 	if err != nil {
 		return err
 	}
 	defer done()
-	st, err := relay.Status(ctx, db, c.tables)
+	st, err := admin.Status(ctx)
 	if err != nil {
 		return c.hint(err)
 	}
