@@ -13,6 +13,7 @@ import (
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 
+	"github.com/mailroom-go/mailroom/atcommit"
 	"github.com/mailroom-go/mailroom/inbox"
 	"github.com/mailroom-go/mailroom/outbox"
 )
@@ -140,20 +141,20 @@ func TestBatchStatementFailureSwallowedByHandler(t *testing.T) {
 	}
 }
 
-// On a database of outbox.OpenDB the insert of a handler's Add is sent
+// On a database of atcommit.OpenDB the insert of a handler's Add is sent
 // with the transaction's next statement (another message's handler, or a
 // savepoint) or with the COMMIT. When it fails, the batch is redone one
 // message at a time and only the message whose handler added it fails:
 // the next message's handler, whose statement reported it, and the batch
 // whose commit carried it are not charged with it.
-// atCommitEnv is an env whose database is opened by outbox.OpenDB (Add's
+// atCommitEnv is an env whose database is opened by atcommit.OpenDB (Add's
 // insert sent with the next statement or the COMMIT) and whose outbox
 // refuses messages of type "bad" (a CHECK), with an Outbox on it.
 func atCommitEnv(t *testing.T) (*env, *outbox.Outbox) {
 	t.Helper()
 	e := newEnv(t, inbox.Topology{})
 	e.db.MustExec(`ALTER TABLE mailroom_outbox ADD CONSTRAINT no_bad_type CHECK (type <> 'bad')`)
-	db, err := outbox.OpenDB(e.url)
+	db, err := atcommit.OpenDB(e.url)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -273,7 +274,7 @@ func handlerRuns(t *testing.T, r *sdkmetric.ManualReader) (ok, failed uint64) {
 	return ok, failed
 }
 
-// A handler that adds a message whose insert will fail (outbox.OpenDB
+// A handler that adds a message whose insert will fail (atcommit.OpenDB
 // sends it later) and then returns an error: its savepoint's rollback
 // undoes the insert without sending it, and only that message is charged.
 // The messages are retries (attempt 2), so every batch goes straight to

@@ -19,7 +19,7 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
 
-	"github.com/mailroom-go/mailroom/outbox"
+	"github.com/mailroom-go/mailroom/atcommit"
 )
 
 // session holds what the workers of one connection share.
@@ -353,7 +353,7 @@ func (s *session) fast(bctx context.Context, bspan trace.Span, items []item, ber
 		if errors.Is(err, pq.ErrInFailedTransaction) || refused(err) {
 			// A handler returned nil after a failed statement, or PostgreSQL
 			// refused the commit (nothing committed): maybe the insert of
-			// an Add sent with the COMMIT (outbox.OpenDB), which careful
+			// an Add sent with the COMMIT (atcommit.OpenDB), which careful
 			// sends after each handler, in its savepoint.
 			return nil, noFailure, false
 		}
@@ -375,12 +375,12 @@ func (s *session) fast(bctx context.Context, bspan trace.Span, items []item, ber
 
 // aborted reports whether err says the transaction had already failed
 // before the statement that returned it: PostgreSQL refusing it, or (on a
-// database of outbox.OpenDB) the insert of an Add that an earlier
+// database of atcommit.OpenDB) the insert of an Add that an earlier
 // handler may have made, sent ahead of it.
 func aborted(err error) bool {
 	var pqErr *pq.Error
 	return errors.As(err, &pqErr) && pqErr.Code == "25P02" || // in_failed_sql_transaction
-		errors.Is(err, outbox.ErrEarlierAdd)
+		errors.Is(err, atcommit.ErrEarlierDeferred)
 }
 
 // careful applies items in one transaction with a savepoint per message,

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mailroom-go/mailroom/atcommit"
 	"github.com/mailroom-go/mailroom/internal/locks"
 	"github.com/mailroom-go/mailroom/internal/testenv"
 	"github.com/mailroom-go/mailroom/outbox"
@@ -33,7 +34,7 @@ func BenchmarkWriteCost(b *testing.B) {
 	}
 	literals, _ := outbox.New(outbox.Config{})
 	prepared, _ := outbox.New(outbox.Config{DB: s.DB.DB})
-	atDB, err := outbox.OpenDB(s.URL)
+	atDB, err := atcommit.OpenDB(s.URL)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -2,7 +2,7 @@
 // outbox table inside the caller's own database transaction, so an event
 // exists if and only if the business change that produced it committed.
 //
-//	db, err := outbox.OpenDB(dsn) // lib/pq; Add's insert travels with the COMMIT
+//	db, err := atcommit.OpenDB(dsn) // lib/pq; Add's insert travels with the COMMIT
 //	ob, err := outbox.New(outbox.Config{DB: db}) // table "mailroom_outbox"
 //	…
 //	tx, _ := db.BeginTx(ctx, nil)
@@ -17,8 +17,8 @@
 // Add validates every message before it touches the database (errors wrap
 // ErrInvalidMessage and name the message index and field), writes all of
 // them with one INSERT in one round trip — or, on a database opened with
-// OpenDB (or NewConnector) and given as Config.DB, in no round trip of its
-// own: the connection sends the inserts in the same message as the
+// atcommit.OpenDB (or atcommit.NewConnector) and given as Config.DB, in no
+// round trip of its own: the connection sends the inserts in the same message as the
 // transaction's COMMIT, and an insert that fails then fails Commit, with
 // the whole transaction rolled back. The default of the outbox's
 // notified column (migration 0005) sends a NOTIFY with it, so a sleeping relay publishes

@@ -17,6 +17,7 @@ import (
 	"go.opentelemetry.io/otel/propagation"
 
 	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/atcommit"
 	"github.com/mailroom-go/mailroom/internal/sqlident"
 	"github.com/mailroom-go/mailroom/internal/telemetry"
 	"github.com/mailroom-go/mailroom/internal/wire"
@@ -103,11 +104,12 @@ type Outbox struct {
 	insert     string                        // the statement up to its VALUES list
 	propagator propagation.TextMapPropagator // nil: the global one, looked up at each Add
 
-	db        *sql.DB
-	atCommit  bool                     // db was opened with NewConnector
-	insertOne string                   // the statement prepared on db
-	prepared  atomic.Pointer[sql.Stmt] // nil until the first Add that uses it
-	prepareMu sync.Mutex               // one Prepare at a time
+	db             *sql.DB
+	atCommit       bool                     // db was opened with atcommit.NewConnector
+	insertOne      string                   // the statement prepared on db
+	insertDeferred string                   // insertOne marked for the connections of atcommit
+	prepared       atomic.Pointer[sql.Stmt] // nil until the first Add that uses it
+	prepareMu      sync.Mutex               // one Prepare at a time
 }
 
 // stmtTx is satisfied by *sql.Tx and *sqlx.Tx: transactions that can run
@@ -133,14 +135,16 @@ func New(cfg Config) (*Outbox, error) {
 		return nil, fmt.Errorf("outbox: Config.MaxPayloadBytes %d: must be between 1 and %d (512 MiB, RabbitMQ's hard limit); 0 means the 1 MiB default", cfg.MaxPayloadBytes, wire.MaxMessageSizeLimit)
 	}
 	insert := `INSERT INTO ` + table.Quoted() + ` (id, exchange, routing_key, key, type, content_type, headers, payload, available_at) VALUES `
+	insertOne := insert + `($1, $2, $3, $4, $5, $6, $7, $8, coalesce($9, now()))`
 	return &Outbox{
-		table:      table,
-		maxPayload: cfg.MaxPayloadBytes,
-		insert:     insert,
-		propagator: cfg.Propagator,
-		db:         cfg.DB,
-		atCommit:   cfg.DB != nil && sendsAtCommit(cfg.DB),
-		insertOne:  insert + `($1, $2, $3, $4, $5, $6, $7, $8, coalesce($9, now()))`,
+		table:          table,
+		maxPayload:     cfg.MaxPayloadBytes,
+		insert:         insert,
+		propagator:     cfg.Propagator,
+		db:             cfg.DB,
+		atCommit:       cfg.DB != nil && atcommit.Enabled(cfg.DB),
+		insertOne:      insertOne,
+		insertDeferred: atcommit.Deferred(insertOne),
 	}, nil
 }
 
@@ -274,7 +278,7 @@ func (o *Outbox) addAtCommit(ctx context.Context, tx Execer, vals []values) erro
 	for i := range vals {
 		args = append(args, vals[i].args()...)
 	}
-	_, err := tx.ExecContext(ctx, atCommit+o.insertOne, args...)
+	_, err := tx.ExecContext(ctx, o.insertDeferred, args...)
 	if err != nil && strings.Contains(err.Error(), "parameters but the statement requires") {
 		return otherDatabase(err) // a connection of another database ran the statement as it is
 	}

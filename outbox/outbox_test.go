@@ -63,7 +63,7 @@ func TestRollbackLeavesNoRow(t *testing.T) {
 
 // Add's paths, each checked here: one statement with literal values; with
 // Config.DB set, a prepared statement (one message per Add); and with
-// Config.DB opened by outbox.OpenDB, the inserts sent with the COMMIT.
+// Config.DB opened by atcommit.OpenDB, the inserts sent with the COMMIT.
 const (
 	literals = "literals"
 	prepared = "prepared"
@@ -78,7 +78,7 @@ func addPaths(t *testing.T, test func(t *testing.T, path string)) {
 }
 
 // pathSchema returns a new schema, with its database opened by
-// outbox.OpenDB for the at-commit path, and an Outbox for path.
+// atcommit.OpenDB for the at-commit path, and an Outbox for path.
 func pathSchema(t *testing.T, path string) (*testenv.Schema, *outbox.Outbox) {
 	s := testenv.NewSchema(t)
 	cfg := outbox.Config{}

@@ -16,6 +16,7 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/atcommit"
 	"github.com/mailroom-go/mailroom/dedupe"
 	"github.com/mailroom-go/mailroom/inbox"
 	"github.com/mailroom-go/mailroom/internal/redact"
@@ -94,10 +95,10 @@ func NewApp(cfg Config) (*App, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	// Opened through outbox.OpenDB, and given to the outboxes as
+	// Opened through atcommit.OpenDB, and given to the outboxes as
 	// Config.DB: Add then costs no round trip of its own, its insert
 	// travels with the COMMIT.
-	sqlDB, err := outbox.OpenDB(cfg.DatabaseURL)
+	sqlDB, err := atcommit.OpenDB(cfg.DatabaseURL)
 	if err != nil {
 		return nil, fmt.Errorf("DATABASE_URL: %w", redact.Error(err, cfg.DatabaseURL))
 	}

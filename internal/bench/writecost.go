@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/mailroom-go/mailroom/atcommit"
 	"github.com/mailroom-go/mailroom/internal/locks"
 	"github.com/mailroom-go/mailroom/outbox"
 )
@@ -46,11 +47,11 @@ func (v *writeVariant) perTx() (postgres, client time.Duration) {
 
 // benchWriteCost: business transactions per second at 8 clients — BEGIN,
 // INSERT one order row, COMMIT — alone and with outbox.Add of one message:
-// with Config.DB opened by outbox.OpenDB (the insert sent with the
+// with Config.DB opened by atcommit.OpenDB (the insert sent with the
 // COMMIT), with Config.DB (a prepared statement) and without (literals),
 // with no relay asleep (under load the relay is awake: the outbox insert
 // takes the wake lock shared and sends nothing); the order alone on the
-// database of outbox.OpenDB (what its connector costs other statements);
+// database of atcommit.OpenDB (what its connector costs other statements);
 // and with Config.DB while a relay sleeps holding the wake lock (every
 // commit sends a NOTIFY). The variants take turns, rounds times, so drift
 // on this shared machine hits them alike; medians are compared. The
@@ -85,10 +86,10 @@ func benchWriteCost(rounds int, each time.Duration) ([]*writeVariant, error) {
 	}
 	variants := []*writeVariant{
 		{name: "order only", db: w.db},
-		{name: "+ Add, outbox.OpenDB", db: atDB, ob: atCommit},
+		{name: "+ Add, atcommit.OpenDB", db: atDB, ob: atCommit},
 		{name: "+ Add, Config.DB (prepared)", db: w.db, ob: prepared},
 		{name: "+ Add, literals", db: w.db, ob: literals},
-		{name: "order only, outbox.OpenDB", db: atDB},
+		{name: "order only, atcommit.OpenDB", db: atDB},
 		{name: "+ Add, a relay asleep", db: w.db, ob: prepared, asleep: true},
 	}
 	for r := 0; r < rounds; r++ {
@@ -121,10 +122,10 @@ func benchWriteCost(rounds int, each time.Duration) ([]*writeVariant, error) {
 	return variants, nil
 }
 
-// openAtCommit opens the database of url as outbox.OpenDB does, with the
+// openAtCommit opens the database of url as atcommit.OpenDB does, with the
 // pool of setup.
 func openAtCommit(url string) (*sql.DB, error) {
-	db, err := outbox.OpenDB(url)
+	db, err := atcommit.OpenDB(url)
 	if err != nil {
 		return nil, err
 	}

@@ -21,6 +21,7 @@ import (
 	toxiproxy "github.com/Shopify/toxiproxy/v2"
 	"github.com/rs/zerolog"
 
+	"github.com/mailroom-go/mailroom/atcommit"
 	"github.com/mailroom-go/mailroom/inbox"
 	"github.com/mailroom-go/mailroom/internal/testenv"
 	"github.com/mailroom-go/mailroom/outbox"
@@ -228,12 +229,12 @@ func TestChaos(t *testing.T) {
 	// Writers: each key belongs to one writer, which writes its events in
 	// consecutive transactions — the condition under which per-key order
 	// is promised. Odd writers add in a transaction of a database of
-	// outbox.OpenDB (the insert sent with the COMMIT), even ones directly.
+	// atcommit.OpenDB (the insert sent with the COMMIT), even ones directly.
 	ob, err := outbox.New(outbox.Config{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	atDB, err := outbox.OpenDB(s.URL)
+	atDB, err := atcommit.OpenDB(s.URL)
 	if err != nil {
 		t.Fatal(err)
 	}

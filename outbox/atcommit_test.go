@@ -12,6 +12,7 @@ import (
 	"github.com/jmoiron/sqlx"
 	"github.com/lib/pq"
 
+	"github.com/mailroom-go/mailroom/atcommit"
 	"github.com/mailroom-go/mailroom/internal/locks"
 	"github.com/mailroom-go/mailroom/internal/testenv"
 	"github.com/mailroom-go/mailroom/internal/wakeup"
@@ -20,7 +21,7 @@ import (
 
 // atCommitEnv returns a new schema whose outbox refuses messages of type
 // "bad" (a CHECK: an insert that fails in the database, after Add's own
-// checks), its database opened through outbox.OpenDB with
+// checks), its database opened through atcommit.OpenDB with
 // application_name app (when not empty) and at most conns connections
 // (0: no limit), and an Outbox on that database.
 func atCommitEnv(t *testing.T, app string, conns int) (*testenv.Schema, *sqlx.DB, *outbox.Outbox) {
@@ -72,7 +73,7 @@ func payloads(t *testing.T, s *testenv.Schema, offset int) string {
 	return strings.Join(ps, " ")
 }
 
-// atCommitDB opens the schema's database through outbox.OpenDB, with
+// atCommitDB opens the schema's database through atcommit.OpenDB, with
 // application_name app when it is not empty.
 func atCommitDB(t *testing.T, s *testenv.Schema, app string) *sqlx.DB {
 	t.Helper()
@@ -80,7 +81,7 @@ func atCommitDB(t *testing.T, s *testenv.Schema, app string) *sqlx.DB {
 	if app != "" {
 		u = testenv.WithAppName(u, app)
 	}
-	db, err := outbox.OpenDB(u)
+	db, err := atcommit.OpenDB(u)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -498,7 +499,7 @@ func TestAtCommitAfterDeallocateOfOne(t *testing.T) {
 // NewConnector names what it needs when given another driver's connector.
 func TestAtCommitNeedsLibPQ(t *testing.T) {
 	t.Parallel()
-	db := sql.OpenDB(outbox.NewConnector(otherConnector{}))
+	db := sql.OpenDB(atcommit.NewConnector(otherConnector{}))
 	defer db.Close()
 	err := db.Ping()
 	if err == nil || !strings.Contains(err.Error(), "needs a lib/pq connector") {
@@ -534,7 +535,7 @@ func TestAtCommitStatementWhileRowsOpen(t *testing.T) {
 	if err := ob.Add(ctx, tx, msg(1)); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := tx.Exec(`INSERT INTO orders VALUES (1)`); err == nil || errors.Is(err, outbox.ErrEarlierAdd) {
+	if _, err := tx.Exec(`INSERT INTO orders VALUES (1)`); err == nil || errors.Is(err, atcommit.ErrEarlierDeferred) {
 		t.Fatalf("a statement while rows are open: %v, want lib/pq's query in progress", err)
 	}
 	rows.Close()

@@ -1,4 +1,11 @@
-package outbox
+// Package atcommit is a database/sql connector for lib/pq whose
+// connections keep the statements marked by Deferred and send them in the
+// same message as the transaction's COMMIT (or before its next statement),
+// saving their round trip. outbox.Add marks its insert so: a database
+// opened with OpenDB and given to the Outbox as Config.DB adds a message at
+// no round trip of its own. Everything else on the database works as with
+// lib/pq.
+package atcommit
 
 import (
 	"context"
@@ -13,43 +20,50 @@ import (
 	"time"
 
 	"github.com/lib/pq"
+
+	"github.com/mailroom-go/mailroom/internal/redact"
 )
 
-// Add's insert costs one round trip to the database: in a short business
-// transaction (BEGIN, a statement, COMMIT) that is a quarter or more of
-// the transaction. On a database opened with NewConnector and given to
-// the Outbox as Config.DB, Add sends nothing: the connection keeps the insert and sends it in the same
-// message as the transaction's COMMIT (or before the transaction's next
-// statement), as one simple query:
+// Why: Add's insert costs one round trip to the database, and in a short
+// business transaction (BEGIN, a statement, COMMIT) that is a quarter or
+// more of the transaction. Here the connection keeps the insert and sends
+// it with the COMMIT, as one simple query:
 //
 //	EXECUTE mailroom_add_1('0190…', 'orders', …); COMMIT
 //
-// The insert is a statement prepared once per connection (its first Add
-// prepares it, and so finds a missing table or column at once), so the
-// database neither parses nor plans it again. The business change and the
-// message still commit together or not at all: if the insert fails, the
-// COMMIT is not run, the transaction is rolled back and Commit returns the
-// error.
+// The statement is prepared once per connection (its first use prepares
+// it, and so finds a missing table or column at once), so the database
+// neither parses nor plans it again. The transaction's statements still
+// commit together or not at all: if a kept statement fails, the COMMIT is
+// not run, the transaction is rolled back and Commit returns the error.
 
-// atCommit marks the statement Add gives a connection of NewConnector to
-// keep until the transaction's next statement or its COMMIT. Elsewhere
-// (another database, or Add outside a transaction) it is an ordinary
-// comment.
-const atCommit = "/* mailroom: at commit */ "
+// marker is the comment Deferred puts before a statement. Elsewhere
+// (another database) it is an ordinary comment.
+const marker = "/* mailroom: at commit */ "
+
+// Deferred marks query, one statement with parameters $1…$n, for a
+// connection of NewConnector to keep. Executed in a transaction with k×n
+// arguments, it is kept as k executions (all or none) until the
+// transaction's next statement or its COMMIT, and reports k rows affected;
+// outside a transaction the k executions run at once, in one message. On
+// any other database the mark is a comment and query runs as it is (with
+// k > 1 it then fails: too many arguments). Only Exec takes the mark, and
+// query must hold no '$' but its placeholders (in a literal or comment).
+func Deferred(query string) string { return marker + query }
 
 // NewConnector wraps a lib/pq connector (pq.NewConnector, pq.NewConnectorConfig)
 // so that Add of an Outbox whose Config.DB is the database opened with it,
-// sql.OpenDB(outbox.NewConnector(c)), sends its insert with the
+// sql.OpenDB(atcommit.NewConnector(c)), sends its insert with the
 // transaction's COMMIT instead of in a round trip of its own. Everything
 // else on the database works as with c. With sqlx:
-// sqlx.NewDb(sql.OpenDB(outbox.NewConnector(c)), "postgres").
+// sqlx.NewDb(sql.OpenDB(atcommit.NewConnector(c)), "postgres").
 //
 // What changes for the caller: an insert that fails (a constraint, a lost
 // connection) makes Commit fail, with the transaction rolled back, rather
 // than Add; Add still validates its messages, and the first Add on each
 // connection prepares the insert, so a missing table or column fails Add
 // itself. A statement of the transaction after the Add runs after the
-// insert; if the insert fails, that statement returns ErrEarlierAdd
+// insert; if the insert fails, that statement returns ErrEarlierDeferred
 // without running. (An inbox handler's insert that fails is charged to
 // that handler: the inbox redoes a batch message by message.) A
 // DEALLOCATE or DISCARD ALL on these connections fails the next
@@ -64,7 +78,7 @@ func NewConnector(c driver.Connector) driver.Connector { return &connector{c} }
 func OpenDB(dsn string) (*sql.DB, error) {
 	c, err := pq.NewConnector(dsn)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("atcommit: the database URL %s: %w (a postgres:// URL or key=value list, as lib/pq takes)", redact.String(dsn), redact.Error(err, dsn))
 	}
 	return sql.OpenDB(NewConnector(c)), nil
 }
@@ -75,8 +89,8 @@ type atCommitDriver struct{ driver.Driver }
 
 func (c *connector) Driver() driver.Driver { return atCommitDriver{c.Connector.Driver()} }
 
-// sendsAtCommit reports whether db was opened with NewConnector.
-func sendsAtCommit(db *sql.DB) bool {
+// Enabled reports whether db was opened with NewConnector.
+func Enabled(db *sql.DB) bool {
 	_, ok := db.Driver().(atCommitDriver)
 	return ok
 }
@@ -102,7 +116,7 @@ func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
 	pc, ok := dc.(pqConn)
 	if !ok {
 		dc.Close()
-		return nil, fmt.Errorf("outbox: NewConnector needs a lib/pq connector (pq.NewConnector); its connections are %T", dc)
+		return nil, fmt.Errorf("atcommit: NewConnector needs a lib/pq connector (pq.NewConnector); its connections are %T", dc)
 	}
 	return &conn{pqConn: pc, prepared: map[string]preparedStmt{}}, nil
 }
@@ -130,14 +144,14 @@ type preparedStmt struct {
 	params int // placeholders ($1…$params); Add passes a multiple: one set per message
 }
 
-// ExecContext keeps Add's inserts (one per set of the statement's
+// ExecContext keeps Deferred statements (one execution per set of the statement's
 // parameters in args, all or none) while in a transaction, and runs them
 // at once (as one simple query) outside one. Any other statement first
 // sends what is pending, so it runs after the inserts, as written.
 func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
-	if strings.HasPrefix(query, atCommit) {
+	if strings.HasPrefix(query, marker) {
 		if c.copying > 0 {
-			return nil, errors.New("outbox: Add during a COPY on this connection: finish the COPY (its statement's final Exec, or Close) first")
+			return nil, errors.New("atcommit: Add during a COPY on this connection: finish the COPY (its statement's final Exec, or Close) first")
 		}
 		execs, err := c.execute(ctx, query, args)
 		if err != nil {
@@ -267,7 +281,7 @@ func (c *conn) execute(ctx context.Context, query string, args []driver.NamedVal
 		c.prepared[query] = st
 	}
 	if st.params == 0 || len(args)%st.params != 0 {
-		return nil, fmt.Errorf("outbox: %d arguments for a statement with %d parameters per message", len(args), st.params)
+		return nil, fmt.Errorf("atcommit: %d arguments for a statement with %d parameters per message", len(args), st.params)
 	}
 	var execs []string
 	for len(args) > 0 {
@@ -278,7 +292,7 @@ func (c *conn) execute(ctx context.Context, query string, args []driver.NamedVal
 				b.WriteString(", ")
 			}
 			if err := writeLiteral(&b, a.Value); err != nil {
-				return nil, fmt.Errorf("outbox: argument %d: %w", a.Ordinal, err)
+				return nil, fmt.Errorf("atcommit: argument %d: %w", a.Ordinal, err)
 			}
 		}
 		b.WriteString(")")
@@ -288,8 +302,7 @@ func (c *conn) execute(ctx context.Context, query string, args []driver.NamedVal
 	return execs, nil
 }
 
-// placeholders is the highest $n in query: Add's statements have no
-// string literals or comments holding a '$' after the marker.
+// placeholders is the highest $n in query (see Deferred: no other '$').
 func placeholders(query string) int {
 	most := 0
 	for i := 0; i < len(query); i++ {
@@ -328,12 +341,12 @@ func writeLiteral(b *strings.Builder, v driver.Value) error {
 	return nil
 }
 
-// ErrEarlierAdd is wrapped by the error of a statement before which a
-// connection of NewConnector sent the inserts of earlier Adds in its
-// transaction, and one failed: the statement did not run, and the
-// transaction is aborted. (The inbox redoes a batch one message at a time
-// on it, to find whose handler added the message.)
-var ErrEarlierAdd = errors.New("outbox: the insert of an earlier Add in this transaction failed")
+// ErrEarlierDeferred is wrapped by the error of a statement before which a
+// connection of NewConnector sent the Deferred statements (an outbox Add's
+// insert) kept in its transaction, and one failed: the statement did not
+// run, and the transaction is aborted. (The inbox redoes a batch one
+// message at a time on it, to find whose handler added the message.)
+var ErrEarlierDeferred = errors.New("atcommit: the insert of an earlier Add in this transaction failed")
 
 // flush sends the pending inserts on their own, before another statement of
 // the transaction.
@@ -361,7 +374,7 @@ func (c *conn) flush(ctx context.Context) error {
 		return nil
 	}
 	c.forgetIfDeallocated(err)
-	return fmt.Errorf("%w (this statement did not run): %w", ErrEarlierAdd, err)
+	return fmt.Errorf("%w (this statement did not run): %w", ErrEarlierDeferred, err)
 }
 
 // takePending returns the pending inserts as one simple query, followed by
@@ -410,15 +423,15 @@ func (t *atCommitTx) Commit() error {
 		c.bad = true
 		var pqErr *pq.Error
 		if !errors.As(err, &pqErr) && !c.pqConn.IsValid() {
-			return fmt.Errorf("outbox: commit with the inserts of Add: the connection failed, so whether the transaction committed is unknown: %w", errors.Join(err, rbErr))
+			return fmt.Errorf("atcommit: commit with the inserts of Add: the connection failed, so whether the transaction committed is unknown: %w", errors.Join(err, rbErr))
 		}
-		return fmt.Errorf("outbox: commit with the inserts of Add failed, and so did the rollback; the connection is closed, which rolls the transaction back: %w", errors.Join(err, rbErr))
+		return fmt.Errorf("atcommit: commit with the inserts of Add failed, and so did the rollback; the connection is closed, which rolls the transaction back: %w", errors.Join(err, rbErr))
 	}
 	var pqErr *pq.Error
 	if errors.As(err, &pqErr) && pqErr.Code == "25P02" { // an earlier statement failed
 		return pq.ErrInFailedTransaction
 	}
-	return fmt.Errorf("outbox: commit with the inserts of Add (the transaction was rolled back): %w", err)
+	return fmt.Errorf("atcommit: commit with the inserts of Add (the transaction was rolled back): %w", err)
 }
 
 func (t *atCommitTx) Rollback() error {
@@ -477,3 +490,7 @@ func plain(args []driver.NamedValue) []driver.Value {
 	}
 	return vs
 }
+
+// timeLiteral is t as an SQL literal, as lib/pq sends a time parameter
+// (outbox has the same, for its own literals).
+func timeLiteral(t time.Time) string { return "'" + string(pq.FormatTimestamp(t)) + "'" }
