@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"net/url"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -15,6 +14,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/internal/amqpx"
 	"github.com/mailroom-go/mailroom/internal/sqlident"
 )
 
@@ -184,7 +184,7 @@ func (cfg Config) withDefaults() (Config, error) {
 	if cfg.URL == "" {
 		return bad("URL", "required, e.g. amqp://guest:guest@127.0.0.1:5672/")
 	}
-	if u, err := url.Parse(cfg.URL); err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") {
+	if !amqpx.IsURL(cfg.URL) {
 		return bad("URL", "not an amqp:// or amqps:// URL")
 	}
 	if cfg.Queue == "" {

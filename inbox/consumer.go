@@ -19,6 +19,7 @@ import (
 
 	"github.com/mailroom-go/mailroom/dedupe"
 	"github.com/mailroom-go/mailroom/internal/amqpx"
+	"github.com/mailroom-go/mailroom/internal/wait"
 )
 
 // Consumer applies the deliveries of one queue exactly once each (see the
@@ -110,8 +111,8 @@ func (c *Consumer) Run(ctx context.Context) error {
 	b := backoff.NewExponentialBackOff()
 	b.InitialInterval, b.MaxInterval, b.MaxElapsedTime = 100*time.Millisecond, c.cfg.ReconnectMaxWait, 0
 	for {
-		conn, err := amqpx.DialRetry(ctx, c.cfg.URL, c.cfg.ConnectionName, c.cfg.ReconnectMaxWait, func(err error, wait time.Duration) {
-			log.Warn("inbox: cannot connect; retrying", "queue", c.cfg.Queue, "error", err, "retry_in", wait.String())
+		conn, err := amqpx.DialRetry(ctx, c.cfg.URL, c.cfg.ConnectionName, c.cfg.ReconnectMaxWait, func(err error, d time.Duration) {
+			log.Warn("inbox: cannot connect; retrying", "queue", c.cfg.Queue, "error", err, "retry_in", d.String())
 		})
 		if err != nil {
 			if ctx.Err() != nil {
@@ -131,23 +132,11 @@ func (c *Consumer) Run(ctx context.Context) error {
 		if time.Since(started) > time.Minute {
 			b.Reset()
 		}
-		wait := b.NextBackOff()
-		log.Warn("inbox: consumer stopped; reconnecting", "queue", c.cfg.Queue, "error", err, "retry_in", wait.String())
-		if !sleep(ctx, wait) {
+		d := b.NextBackOff()
+		log.Warn("inbox: consumer stopped; reconnecting", "queue", c.cfg.Queue, "error", err, "retry_in", d.String())
+		if !wait.Sleep(ctx, d) {
 			return nil
 		}
-	}
-}
-
-// sleep waits d or until ctx ends; it reports whether d passed.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
 	}
 }
 

@@ -12,7 +12,6 @@ import (
 	"time"
 	"unicode/utf8"
 
-	"github.com/cenkalti/backoff/v4"
 	"github.com/jmoiron/sqlx"
 	"github.com/lib/pq"
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -20,6 +19,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/mailroom-go/mailroom/atcommit"
+	"github.com/mailroom-go/mailroom/internal/wait"
 )
 
 // session holds what the workers of one connection share.
@@ -727,13 +727,5 @@ func (s *session) pause(d time.Duration) bool {
 // delay is the backoff before retry number attempt (1-based): exponential
 // from MinBackoff, capped at MaxBackoff, with ±20% jitter.
 func (c *Consumer) delay(attempt int) time.Duration {
-	b := backoff.NewExponentialBackOff()
-	b.InitialInterval, b.MaxInterval, b.RandomizationFactor, b.Multiplier = c.cfg.MinBackoff, c.cfg.MaxBackoff, 0.2, 2
-	b.MaxElapsedTime = 0
-	b.Reset()
-	d := b.NextBackOff()
-	for i := 1; i < attempt && i < 64; i++ {
-		d = b.NextBackOff()
-	}
-	return min(d, c.cfg.MaxBackoff)
+	return min(wait.Backoff(c.cfg.MinBackoff, c.cfg.MaxBackoff, 0.2, attempt), c.cfg.MaxBackoff)
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/lib/pq"
 
+	"github.com/mailroom-go/mailroom/internal/wait"
 	"github.com/mailroom-go/mailroom/internal/wire"
 )
 
@@ -76,14 +77,14 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 			}
 			d := bo.NextBackOff()
 			r.log.Warn("claim failed; retrying", "error", err, "retry_in", d.String())
-			if !sleepCtx(ctx, d) {
+			if !wait.Sleep(ctx, d) {
 				return
 			}
 			continue
 		}
 		bo.Reset()
 		r.counters.lastProgress.Store(time.Now().UnixNano())
-		wait := r.cfg.PollInterval
+		idle := r.cfg.PollInterval
 		if len(rows) > 0 {
 			select {
 			case batches <- rows:
@@ -102,7 +103,7 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 				continue // more may be due: claim again at once
 			}
 			if lock.ready() && !lock.held() { // nobody notifies us: look again shortly
-				if !sleepCtx(ctx, awakePause(len(rows))) {
+				if !wait.Sleep(ctx, awakePause(len(rows))) {
 					return
 				}
 				continue
@@ -115,14 +116,14 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 				case lockHeld:
 					continue // look once more: every writer before the lock has committed
 				case lockBusy:
-					wait = lockRetry
+					idle = lockRetry
 				case lockElsewhere:
 					// A relay asleep (writers notify it, and this relay
 					// too), or the session of one that is gone and still
 					// ending (terminated, or discarded by this relay):
 					// then nobody is notified. Look again soon.
-					wait = min(wait, lockElsewhereRetry)
-					r.log.Debug("another session holds the wake lock; trying again", "in", wait.String())
+					idle = min(idle, lockElsewhereRetry)
+					r.log.Debug("another session holds the wake lock; trying again", "in", idle.String())
 				case lockFailed:
 					r.log.Warn("could not take the wake lock; relying on polling", "error", err)
 				}
@@ -134,7 +135,7 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 			default:
 			}
 		}
-		poll.Reset(wait)
+		poll.Reset(idle)
 		waitStart := time.Now()
 		select {
 		case <-ctx.Done():

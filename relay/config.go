@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net/url"
 	"os"
 	"time"
 
@@ -14,6 +13,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/internal/amqpx"
 	"github.com/mailroom-go/mailroom/internal/locks"
 	"github.com/mailroom-go/mailroom/internal/redact"
 	"github.com/mailroom-go/mailroom/internal/wire"
@@ -172,7 +172,7 @@ func (c *Config) validate() error {
 	switch {
 	case c.URL == "":
 		return fmt.Errorf("relay: Config.URL is empty: set the AMQP URL, e.g. amqp://guest:guest@127.0.0.1:5672/")
-	case !amqpURL(c.URL):
+	case !amqpx.IsURL(c.URL):
 		return fmt.Errorf("relay: Config.URL is not an amqp:// or amqps:// URL")
 	case c.DatabaseURL == "" && !c.DisableListen:
 		return fmt.Errorf("relay: Config.DatabaseURL is empty: set it (the relay LISTENs for wake-ups) or set DisableListen to rely on polling")
@@ -207,10 +207,4 @@ func (c *Config) validate() error {
 		}
 	}
 	return nil
-}
-
-// amqpURL reports whether s parses as an amqp:// or amqps:// URL.
-func amqpURL(s string) bool {
-	u, err := url.Parse(s)
-	return err == nil && (u.Scheme == "amqp" || u.Scheme == "amqps")
 }

@@ -8,6 +8,8 @@ import (
 
 	"github.com/cenkalti/backoff/v4"
 	"github.com/lib/pq"
+
+	"github.com/mailroom-go/mailroom/internal/wait"
 )
 
 // finishLoop applies outcomes to the database in bulk: it blocks for one,
@@ -281,13 +283,5 @@ func columnsOf(os []outcome) (seqs []int64, leases, errs []string) {
 // backoffFor is the delay before attempt n+1 after n failures: exponential
 // from MinBackoff, doubled each time, capped at MaxBackoff, ±50% jitter.
 func (r *Relay) backoffFor(n int) time.Duration {
-	b := backoff.NewExponentialBackOff()
-	b.InitialInterval, b.MaxInterval, b.MaxElapsedTime = r.cfg.MinBackoff, r.cfg.MaxBackoff, 0
-	b.Multiplier, b.RandomizationFactor = 2, 0.5
-	b.Reset()
-	d := b.NextBackOff()
-	for i := 1; i < n; i++ {
-		d = b.NextBackOff()
-	}
-	return d
+	return wait.Backoff(r.cfg.MinBackoff, r.cfg.MaxBackoff, 0.5, n)
 }

@@ -12,6 +12,7 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/mailroom-go/mailroom/internal/amqpx"
+	"github.com/mailroom-go/mailroom/internal/wait"
 	"github.com/mailroom-go/mailroom/internal/wire"
 )
 
@@ -328,7 +329,7 @@ func (p *publisher) connect(ctx context.Context) error {
 			p.down.Store(true)
 			p.r.log.Warn("opening broker channels failed; reconnecting", "error", err)
 			amqpx.Close(p.conn)
-			if !sleepCtx(ctx, 100*time.Millisecond) {
+			if !wait.Sleep(ctx, 100*time.Millisecond) {
 				return ctx.Err()
 			}
 		} else {

@@ -222,14 +222,3 @@ func (r *Relay) Run(ctx context.Context) error {
 	r.stmts.close()
 	return nil
 }
-
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
-}

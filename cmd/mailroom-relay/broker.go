@@ -9,6 +9,7 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/mailroom-go/mailroom/internal/amqpx"
+	"github.com/mailroom-go/mailroom/internal/wait"
 )
 
 // brokerRedialDelay is how long the watch waits after losing its connection
@@ -73,19 +74,8 @@ func (w *brokerWatch) run(ctx context.Context) {
 			w.set(false, msg)
 			w.log.Warn("broker connection lost; not ready until it is back", "error", msg)
 		}
-		if !sleepCtx(ctx, brokerRedialDelay) {
+		if !wait.Sleep(ctx, brokerRedialDelay) {
 			return
 		}
-	}
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
 	}
 }

@@ -18,6 +18,7 @@ import (
 
 	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/dedupe"
+	"github.com/mailroom-go/mailroom/internal/amqpx"
 	"github.com/mailroom-go/mailroom/internal/redact"
 	"github.com/mailroom-go/mailroom/relay"
 )
@@ -113,7 +114,7 @@ func cmdRun(args []string, stderr io.Writer) error {
 	if cfg.URL == "" {
 		return usageErr("AMQP_URL is not set: pass --amqp-url or set AMQP_URL, e.g. amqp://guest:guest@127.0.0.1:5672/")
 	}
-	if u, err := url.Parse(cfg.URL); err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") {
+	if !amqpx.IsURL(cfg.URL) {
 		return usageErr("AMQP_URL is not an amqp:// URL (got %s)", redact.String(cfg.URL))
 	}
 	hide(cfg.URL)

@@ -6,6 +6,7 @@ package amqpx
 import (
 	"context"
 	"fmt"
+	"net/url"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -52,6 +53,13 @@ func retry(ctx context.Context, maxWait time.Duration, onError func(error, time.
 	b.MaxInterval = maxWait
 	b.MaxElapsedTime = 0 // until ctx ends
 	return backoff.RetryNotifyWithData(dial, backoff.WithContext(b, ctx), onError)
+}
+
+// IsURL reports whether s parses as an amqp:// or amqps:// URL: what the
+// relay, the inbox and the sidecar check their configured URL against.
+func IsURL(s string) bool {
+	u, err := url.Parse(s)
+	return err == nil && (u.Scheme == "amqp" || u.Scheme == "amqps")
 }
 
 // CloseTimeout bounds the close of a connection (see Close).
