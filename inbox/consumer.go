@@ -166,47 +166,17 @@ func (c *Consumer) purgeLoop(ctx context.Context) {
 // a tag can never be acked on a newer channel; after a reconnect, whatever
 // was unacked is redelivered and deduplicated. session closes conn.
 func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
-	var bg sync.WaitGroup
-	defer bg.Wait() // notification drainers end once conn is closed
-	closeConn := sync.OnceFunc(func() { amqpx.Close(conn) })
-	defer closeConn() // runs first
 	log := c.cfg.Logger.With("consumer", c.cfg.Consumer, "queue", c.cfg.Queue, "connection", c.cfg.ConnectionName)
-
-	broken := make(chan struct{}) // closed when a notification means the session is over
-	var once sync.Once
-	brk := func() { once.Do(func() { close(broken) }) }
-	connClosed := conn.NotifyClose(make(chan *amqp.Error, 1))
-	blocked := conn.NotifyBlocked(make(chan amqp.Blocking, 1))
-	bg.Add(1)
-	go func() {
-		defer bg.Done()
-		for connClosed != nil || blocked != nil {
-			select {
-			case err, ok := <-connClosed:
-				if !ok {
-					connClosed = nil
-					continue
-				}
-				log.Warn("inbox: connection closed", "error", err)
-				brk()
-			case b, ok := <-blocked:
-				if !ok {
-					blocked = nil
-					continue
-				}
-				if b.Active {
-					log.Warn("inbox: broker blocked the connection (resource alarm); retries and dead letters wait", "reason", b.Reason)
-				} else {
-					log.Info("inbox: broker unblocked the connection")
-				}
-			}
-		}
-	}()
+	var bg sync.WaitGroup
+	defer bg.Wait() // the returns drainer and watchHolds end once the session is
+	w := amqpx.NewWatch(conn, log, "inbox: ")
+	defer w.Close() // runs first: closes the connection, ends the session
+	broken := w.Broken()
 
 	if err := c.ensureQueues(conn, log); err != nil {
 		return err
 	}
-	pub, err := newPublisher(conn, &bg, log, brk)
+	pub, err := newPublisher(conn, &bg, w)
 	if err != nil {
 		return err
 	}
@@ -217,30 +187,7 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 	if err := ch.Qos(c.cfg.Prefetch, 0, false); err != nil {
 		return fmt.Errorf("set prefetch %d: %w", c.cfg.Prefetch, err)
 	}
-	chClosed := ch.NotifyClose(make(chan *amqp.Error, 1))
-	cancels := ch.NotifyCancel(make(chan string, 1))
-	bg.Add(1)
-	go func() {
-		defer bg.Done()
-		for chClosed != nil || cancels != nil {
-			select {
-			case err, ok := <-chClosed:
-				if !ok {
-					chClosed = nil
-					continue
-				}
-				log.Warn("inbox: consuming channel closed", "error", err)
-				brk()
-			case tag, ok := <-cancels:
-				if !ok {
-					cancels = nil
-					continue
-				}
-				log.Warn("inbox: broker cancelled the consumer (queue deleted or moved); re-consuming", "tag", tag)
-				brk()
-			}
-		}
-	}()
+	w.Channel(ch, "consuming channel")
 	if err := c.waitDB(ctx, broken, log); err != nil {
 		return err
 	}
@@ -260,8 +207,7 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 	// queue at once, in order, by closing the connection.
 	handBack := func(why error) {
 		log.Warn("inbox: handing every delivery back to the queue, in order, by closing the connection; consuming again once the database answers", "error", why)
-		brk()
-		closeConn()
+		w.Close()
 	}
 	s := &session{c: c, ctx: hctx, stop: stop, finish: new(atomic.Bool), broken: broken, pub: pub, handBack: handBack, log: log, acks: newAcker(c.cfg.Prefetch)}
 	if c.cfg.HoldLimit > 0 {

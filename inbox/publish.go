@@ -3,11 +3,12 @@ package inbox
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"sync"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/mailroom-go/mailroom/internal/amqpx"
 )
 
 // publishTimeout bounds the wait for a confirm (a blocked connection never
@@ -32,7 +33,7 @@ type returnedAsk struct {
 	reply chan string
 }
 
-func newPublisher(conn *amqp.Connection, bg *sync.WaitGroup, log *slog.Logger, brk func()) (*publisher, error) {
+func newPublisher(conn *amqp.Connection, bg *sync.WaitGroup, w *amqpx.Watch) (*publisher, error) {
 	ch, err := conn.Channel()
 	if err != nil {
 		return nil, fmt.Errorf("open publishing channel: %w", err)
@@ -42,16 +43,9 @@ func newPublisher(conn *amqp.Connection, bg *sync.WaitGroup, log *slog.Logger, b
 	}
 	p := &publisher{ch: ch, asks: make(chan returnedAsk), drained: make(chan struct{})}
 	returns := ch.NotifyReturn(make(chan amqp.Return, 16))
-	closed := ch.NotifyClose(make(chan *amqp.Error, 1))
-	bg.Add(2)
+	w.Channel(ch, "publishing channel")
+	bg.Add(1)
 	go func() { defer bg.Done(); p.drain(returns) }()
-	go func() {
-		defer bg.Done()
-		for err := range closed {
-			log.Warn("inbox: publishing channel closed", "error", err)
-			brk()
-		}
-	}()
 	return p, nil
 }
 

@@ -9,6 +9,7 @@ import (
 
 	amqp "github.com/rabbitmq/amqp091-go"
 
+	"github.com/mailroom-go/mailroom/internal/amqpx"
 	"github.com/mailroom-go/mailroom/internal/testenv"
 )
 
@@ -26,8 +27,9 @@ func TestPublishUnroutableAfterUnreadReturns(t *testing.T) {
 	}
 	var bg sync.WaitGroup
 	defer bg.Wait()
-	defer conn.Close()
-	p, err := newPublisher(conn, &bg, slog.New(slog.DiscardHandler), func() {})
+	w := amqpx.NewWatch(conn, slog.New(slog.DiscardHandler), "test: ")
+	defer w.Close()
+	p, err := newPublisher(conn, &bg, w)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -26,13 +26,13 @@ type publisher struct {
 	slots    chan struct{} // confirm window: one token per unconfirmed message
 	chains   *chains       // the rows of a key waiting for the one before them
 
-	conn    *amqp.Connection
-	wire    *amqpx.BatchConn // conn's socket: publishes of a batch are held and written at once
-	blocked atomic.Bool      // connection.blocked: the broker is under a resource alarm
-	down    atomic.Bool      // connecting fails: the relay leaves publishing to others (coordinate.go)
-	sess    *session
-	probe   *amqp.Channel   // checks exchanges exist (a failed check closes only this channel)
-	known   map[string]bool // exchanges seen to exist on this connection
+	conn  *amqp.Connection
+	watch *amqpx.Watch     // conn's supervisor: closes, connection.blocked (a resource alarm)
+	wire  *amqpx.BatchConn // conn's socket: publishes of a batch are held and written at once
+	down  atomic.Bool      // connecting fails: the relay leaves publishing to others (coordinate.go)
+	sess  *session
+	probe *amqp.Channel   // checks exchanges exist (a failed check closes only this channel)
+	known map[string]bool // exchanges seen to exist on this connection
 
 	spanNames map[string]string // "publish <exchange>" by exchange, built once
 
@@ -272,14 +272,13 @@ func (p *publisher) flush() {
 // disk alarm): a publish then would block forever. It gives up when ctx
 // ends or at due.
 func (p *publisher) waitUnblocked(ctx context.Context, due time.Time) bool {
-	if !p.blocked.Load() {
+	if !p.watch.Blocked() { // the watch logs the block and the unblock
 		return true
 	}
 	p.flush()
-	p.r.log.Warn("broker blocked the connection (resource alarm); publishing paused")
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
-	for p.blocked.Load() {
+	for p.watch.Blocked() {
 		select {
 		case <-ctx.Done():
 			return false
@@ -289,7 +288,6 @@ func (p *publisher) waitUnblocked(ctx context.Context, due time.Time) bool {
 			}
 		}
 	}
-	p.r.log.Info("broker unblocked the connection; publishing resumed")
 	return true
 }
 
@@ -311,24 +309,17 @@ func (p *publisher) connect(ctx context.Context) error {
 			if err != nil {
 				return err
 			}
-			p.conn, p.wire = conn, wire
+			p.conn, p.wire, p.watch = conn, wire, amqpx.NewWatch(conn, p.r.log, "")
 			p.known = map[string]bool{}
 			p.refusedMu.Lock()
 			clear(p.refused)
 			p.brokerMax = 0
 			p.refusedMu.Unlock()
-			p.blocked.Store(false)
-			blocked := conn.NotifyBlocked(make(chan amqp.Blocking, 4))
-			go func() { // ends when the connection closes the channel
-				for b := range blocked {
-					p.blocked.Store(b.Active)
-				}
-			}()
 		}
 		if err := p.openChannels(ctx); err != nil {
 			p.down.Store(true)
 			p.r.log.Warn("opening broker channels failed; reconnecting", "error", err)
-			amqpx.Close(p.conn)
+			p.watch.Close()
 			if !wait.Sleep(ctx, 100*time.Millisecond) {
 				return ctx.Err()
 			}
@@ -423,8 +414,8 @@ func (p *publisher) awaitConfirms() {
 // would each wait for a broker that may not read them: amqpx.Close).
 func (p *publisher) close() {
 	p.flush()
-	if p.conn != nil {
-		amqpx.Close(p.conn)
+	if p.watch != nil {
+		p.watch.Close()
 	}
 	if p.sess != nil {
 		<-p.sess.done

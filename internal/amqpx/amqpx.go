@@ -1,6 +1,8 @@
 // Package amqpx holds the AMQP plumbing the relay and the inbox share:
 // dialing with a connection name and retrying with backoff until the
-// context ends.
+// context ends, the connection's supervisor (Watch: one "broken" signal
+// from connection and channel closes and consumer cancels, the blocked
+// flag, a bounded close), the URL check, and the relay's batched socket.
 package amqpx
 
 import (
