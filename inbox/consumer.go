@@ -171,24 +171,12 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 	defer bg.Wait() // the returns drainer and watchHolds end once the session is
 	w := amqpx.NewWatch(conn, log, "inbox: ")
 	defer w.Close() // runs first: closes the connection, ends the session
-	broken := w.Broken()
 
-	if err := c.ensureQueues(conn, log); err != nil {
-		return err
-	}
-	pub, err := newPublisher(conn, &bg, w)
+	pub, ch, err := c.openChannels(w, &bg, log)
 	if err != nil {
 		return err
 	}
-	ch, err := conn.Channel()
-	if err != nil {
-		return fmt.Errorf("open channel: %w", err)
-	}
-	if err := ch.Qos(c.cfg.Prefetch, 0, false); err != nil {
-		return fmt.Errorf("set prefetch %d: %w", c.cfg.Prefetch, err)
-	}
-	w.Channel(ch, "consuming channel")
-	if err := c.waitDB(ctx, broken, log); err != nil {
+	if err := c.waitDB(ctx, w.Broken(), log); err != nil {
 		return err
 	}
 	tag := consumerTag(c.cfg.ConnectionName)
@@ -209,75 +197,13 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 		log.Warn("inbox: handing every delivery back to the queue, in order, by closing the connection; consuming again once the database answers", "error", why)
 		w.Close()
 	}
-	s := &session{c: c, ctx: hctx, stop: stop, finish: new(atomic.Bool), broken: broken, pub: pub, handBack: handBack, log: log, acks: newAcker(c.cfg.Prefetch)}
+	wk := &worker{c: c, ctx: hctx, stop: stop, finish: new(atomic.Bool), broken: w.Broken(), pub: pub, handBack: handBack, log: log, acks: newAcker(c.cfg.Prefetch)}
 	if c.cfg.HoldLimit > 0 {
 		bg.Add(1)
-		go func() { defer bg.Done(); s.watchHolds(c.cfg.HoldLimit) }()
+		go func() { defer bg.Done(); wk.watchHolds(c.cfg.HoldLimit) }()
 	}
-
-	var workers sync.WaitGroup
-	inputs := make([]chan amqp.Delivery, c.cfg.Concurrency)
-	shared := make(chan amqp.Delivery, c.cfg.Prefetch) // buffered so a worker finds a batch waiting
-	for i := range inputs {
-		inputs[i] = shared
-		if c.cfg.OrderedByKey {
-			inputs[i] = make(chan amqp.Delivery, max(1, c.cfg.Prefetch/c.cfg.Concurrency))
-		}
-		workers.Add(1)
-		go func(in <-chan amqp.Delivery) { defer workers.Done(); s.work(in) }(inputs[i])
-	}
-	var next uint32 // round robin for deliveries without a key
-	// stamp records since when a delivery may have been held: the broker's
-	// consumer_timeout counts from when it sent it (see watchHolds). One
-	// that was already waiting in amqp091-go's buffer (the loop was busy
-	// handing an earlier one to a full worker) may have come long before
-	// it is read, but not before the previous delivery, nor before the one
-	// Prefetch tags earlier was read: until that was settled, the prefetch
-	// was full.
-	read := make([]time.Time, c.cfg.Prefetch) // by tag % Prefetch
-	stamp := func(d *amqp.Delivery, waited bool) {
-		now, slot := time.Now(), &read[d.DeliveryTag%uint64(len(read))]
-		if waited {
-			since = now
-		} else if slot.After(since) {
-			since = *slot
-		}
-		*slot = now
-		s.acks.received(d.DeliveryTag, since)
-	}
-	result := func() error {
-		for {
-			var d amqp.Delivery
-			ok, waited := false, false
-			select {
-			case d, ok = <-deliveries: // it was waiting (see stamp)
-			default:
-				waited = true
-				select {
-				case d, ok = <-deliveries:
-				case <-ctx.Done():
-					return nil
-				case <-broken:
-					return errors.New("session broken")
-				}
-			}
-			if !ok {
-				return errors.New("delivery channel closed (connection lost or consumer cancelled)")
-			}
-			stamp(&d, waited)
-			in := shared
-			if c.cfg.OrderedByKey {
-				in = inputs[c.shard(&d, &next)]
-			}
-			select {
-			case in <- d:
-			case <-ctx.Done():
-				return nil
-			case <-broken:
-				return errors.New("session broken")
-			}
-		}
-	}()
+	d := startWorkers(wk, since)
+	result := d.run(ctx, deliveries, w.Broken())
 	// Stop. Running handlers finish (bounded), then the connection closes
 	// and the broker requeues what was not acked. When Run stops (not a
 	// broken session) the consumer is cancelled first and the workers
@@ -288,27 +214,37 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 	// deliveries returned.
 	if result == nil && !c.cfg.OrderedByKey {
 		_ = ch.Cancel(tag, true) // no wait: a blocked connection is not read (see amqpx.Close)
-		s.finish.Store(true)
-	pass: // what amqp091 holds, while it fits (only this goroutine sends to shared)
-		for {
-			select {
-			case d, ok := <-deliveries:
-				if !ok || len(shared) == cap(shared) {
-					break pass
-				}
-				s.acks.received(d.DeliveryTag, time.Now())
-				shared <- d
-			default:
-				break pass
-			}
-		}
+		wk.finish.Store(true)
+		d.passOn(deliveries)
 	}
 	close(stop)
 	timer := time.AfterFunc(c.cfg.ShutdownTimeout, hcancel)
-	workers.Wait()
+	d.workers.Wait()
 	timer.Stop()
-	s.flushAcks()
+	wk.flushAcks()
 	return result
+}
+
+// openChannels makes sure the queues exist and opens the session's two
+// channels, both watched by w: the confirm channel of retries and dead
+// letters, and the consuming channel (with its prefetch).
+func (c *Consumer) openChannels(w *amqpx.Watch, bg *sync.WaitGroup, log *slog.Logger) (*publisher, *amqp.Channel, error) {
+	if err := c.ensureQueues(w.Conn, log); err != nil {
+		return nil, nil, err
+	}
+	pub, err := newPublisher(w.Conn, bg, w)
+	if err != nil {
+		return nil, nil, err
+	}
+	ch, err := w.Conn.Channel()
+	if err != nil {
+		return nil, nil, fmt.Errorf("open channel: %w", err)
+	}
+	if err := ch.Qos(c.cfg.Prefetch, 0, false); err != nil {
+		return nil, nil, fmt.Errorf("set prefetch %d: %w", c.cfg.Prefetch, err)
+	}
+	w.Channel(ch, "consuming channel")
+	return pub, ch, nil
 }
 
 // pingTimeout bounds one check of the database in waitDB.
@@ -345,7 +281,7 @@ func (c *Consumer) waitDB(ctx context.Context, broken <-chan struct{}, log *slog
 // watchHolds hands every delivery back once one has been held unacked
 // for limit, until the session stops: the broker would close the channel
 // at its consumer_timeout (see Config.HoldLimit).
-func (s *session) watchHolds(limit time.Duration) {
+func (s *worker) watchHolds(limit time.Duration) {
 	t := time.NewTicker(limit / 10)
 	defer t.Stop()
 	for {
