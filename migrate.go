@@ -13,6 +13,7 @@ import (
 
 	"github.com/mailroom-go/mailroom/internal/locks"
 	"github.com/mailroom-go/mailroom/internal/sqlident"
+	"github.com/mailroom-go/mailroom/internal/tablenames"
 )
 
 // Migrations holds the versioned SQL files (NNNN_name.sql) that Migrate
@@ -39,7 +40,7 @@ func Migrate(ctx context.Context, db *sql.DB, tables Tables) error {
 
 // migrate applies the pending versions up to upTo (0: all).
 func migrate(ctx context.Context, db *sql.DB, tables Tables, upTo int) error {
-	r, err := tables.Resolve()
+	r, err := tables.resolve()
 	if err != nil {
 		return err
 	}
@@ -111,7 +112,7 @@ func migrate(ctx context.Context, db *sql.DB, tables Tables, upTo int) error {
 // SchemaVersion reports the latest applied migration version for the table
 // set (0 when none) and the latest version this build knows.
 func SchemaVersion(ctx context.Context, db *sql.DB, tables Tables) (applied, latest int, err error) {
-	r, err := tables.Resolve()
+	r, err := tables.resolve()
 	if err != nil {
 		return 0, 0, err
 	}
@@ -158,7 +159,7 @@ var defaultIdent = regexp.MustCompile(`\bmailroom_[a-z_]+\b`)
 // schema-qualified name; a name derived from it (an index) keeps its suffix
 // on the configured table name, so two table sets in one schema never share
 // an index name.
-func render(src string, r Resolved) (string, error) {
+func render(src string, r tablenames.Resolved) (string, error) {
 	known := []struct {
 		def  string
 		name sqlident.Name

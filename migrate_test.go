@@ -135,7 +135,7 @@ func TestTablesRejectHostileNames(t *testing.T) {
 		{Migrations: "1x"},
 		{Outbox: strings.Repeat("o", 60)}, // the derived _dead name would be truncated by PostgreSQL
 	} {
-		if _, err := tb.Resolve(); err == nil {
+		if err := tb.Validate(); err == nil {
 			t.Errorf("%+v accepted", tb)
 		}
 	}

@@ -1,6 +1,7 @@
 package dedupe
 
 import (
+	"cmp"
 	"context"
 	"database/sql"
 	"errors"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/internal/sqlident"
+	"github.com/mailroom-go/mailroom/internal/tablenames"
 )
 
 // DefaultRetention is how long Purge keeps a scope's entries when given 0:
@@ -39,6 +41,10 @@ type Config struct {
 	// Default "mailroom_inbox" (resolved through search_path), created by
 	// mailroom.Migrate.
 	Table string
+	// Tables names the installation's tables, as the relay and
+	// mailroom.Migrate take them; the dedupe table is Tables.Inbox. Set
+	// Table or Tables.
+	Tables mailroom.Tables
 	// PurgeBatch is how many rows one purge statement deletes (each in its
 	// own short transaction). Default DefaultPurgeBatch (1000); at most 100000.
 	PurgeBatch int
@@ -58,13 +64,17 @@ type Store struct {
 
 // New validates cfg and prepares the statements.
 func New(cfg Config) (*Store, error) {
-	t := cfg.Table
-	if t == "" {
-		t = mailroom.DefaultInboxTable
-	}
-	table, err := sqlident.Parse(t)
+	t, err := tablenames.One(cfg.Table, "Inbox", cfg.Tables.Inbox)
 	if err != nil {
-		return nil, fmt.Errorf("dedupe: Config.Table: %w", err)
+		return nil, fmt.Errorf("dedupe: Config.%w", err)
+	}
+	field := "Table"
+	if cfg.Table == "" && t != "" {
+		field = "Tables.Inbox"
+	}
+	table, err := sqlident.Parse(cmp.Or(t, mailroom.DefaultInboxTable))
+	if err != nil {
+		return nil, fmt.Errorf("dedupe: Config.%s: %w", field, err)
 	}
 	switch {
 	case cfg.PurgeBatch == 0:

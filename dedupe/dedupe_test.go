@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/dedupe"
 	"github.com/mailroom-go/mailroom/internal/testenv"
 )
@@ -32,6 +33,8 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 		{dedupe.Config{Table: `inbox"; drop`}, "Config.Table"},
 		{dedupe.Config{Table: "a.b.c"}, "Config.Table"},
 		{dedupe.Config{PurgeBatch: -1}, "Config.PurgeBatch"},
+		{dedupe.Config{Tables: mailroom.Tables{Inbox: "a.b.c"}}, "Config.Tables.Inbox"},
+		{dedupe.Config{Table: "a", Tables: mailroom.Tables{Inbox: "b"}}, `Table "a" and Tables.Inbox "b" differ`},
 	} {
 		_, err := dedupe.New(tc.cfg)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

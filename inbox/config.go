@@ -1,6 +1,7 @@
 package inbox
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
@@ -16,6 +17,7 @@ import (
 	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/internal/amqpx"
 	"github.com/mailroom-go/mailroom/internal/sqlident"
+	"github.com/mailroom-go/mailroom/internal/tablenames"
 )
 
 // Handler applies one message inside tx, the transaction that also records
@@ -146,6 +148,10 @@ type Config struct {
 	// Table is the deduplication table (see package dedupe).
 	// Default "mailroom_inbox".
 	Table string
+	// Tables names the installation's tables, as the relay and
+	// mailroom.Migrate take them; the deduplication table is Tables.Inbox.
+	// Set Table or Tables.
+	Tables mailroom.Tables
 	// Retention is how long message ids are remembered; it must be longer
 	// than any message can stay queued or retrying. Default 7 days.
 	Retention time.Duration
@@ -199,11 +205,17 @@ func (cfg Config) withDefaults() (Config, error) {
 	if cfg.Handler == nil {
 		return bad("Handler", "required")
 	}
-	if cfg.Table == "" {
-		cfg.Table = mailroom.DefaultInboxTable
+	t, err := tablenames.One(cfg.Table, "Inbox", cfg.Tables.Inbox)
+	if err != nil {
+		return cfg, fmt.Errorf("inbox: Config.%w", err)
 	}
+	field := "Table"
+	if cfg.Table == "" && t != "" {
+		field = "Tables.Inbox"
+	}
+	cfg.Table = cmp.Or(t, mailroom.DefaultInboxTable)
 	if _, err := sqlident.Parse(cfg.Table); err != nil {
-		return bad("Table", "%v", err)
+		return bad(field, "%v", err)
 	}
 	if cfg.ConnectionName == "" {
 		cfg.ConnectionName = "mailroom-inbox " + cfg.Consumer

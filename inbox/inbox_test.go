@@ -46,6 +46,8 @@ func TestNewValidatesConfig(t *testing.T) {
 		{"MaxBackoff", func(c *inbox.Config) { c.MinBackoff, c.MaxBackoff = 2e9, 1e9 }},
 		{"Retention", func(c *inbox.Config) { c.Retention = 1e9 }},
 		{"Table", func(c *inbox.Config) { c.Table = "no-dashes" }},
+		{"Tables.Inbox", func(c *inbox.Config) { c.Tables.Inbox = "no-dashes" }},
+		{"Table", func(c *inbox.Config) { c.Table, c.Tables.Inbox = "a", "b" }}, // both, differing
 		{"HoldLimit", func(c *inbox.Config) { c.HoldLimit = time.Millisecond }},
 		{"Queue", func(c *inbox.Config) { c.Queue = strings.Repeat("q", 256) }},
 		{"RetryQueue", func(c *inbox.Config) { c.Queue = strings.Repeat("q", 250) }}, // its default retry queue is 256 bytes

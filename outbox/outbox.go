@@ -1,6 +1,7 @@
 package outbox
 
 import (
+	"cmp"
 	"context"
 	"database/sql"
 	"encoding/hex"
@@ -19,6 +20,7 @@ import (
 	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/atcommit"
 	"github.com/mailroom-go/mailroom/internal/sqlident"
+	"github.com/mailroom-go/mailroom/internal/tablenames"
 	"github.com/mailroom-go/mailroom/internal/telemetry"
 	"github.com/mailroom-go/mailroom/internal/wire"
 )
@@ -68,6 +70,10 @@ type Config struct {
 	// Table is the outbox table, "table" or "schema.table".
 	// Default "mailroom_outbox" (resolved through search_path).
 	Table string
+	// Tables names the installation's tables, as the relay and
+	// mailroom.Migrate take them; the outbox is Tables.Outbox. Set Table
+	// or Tables (one value then names the tables everywhere).
+	Tables mailroom.Tables
 	// MaxPayloadBytes rejects larger payloads. Default DefaultMaxPayloadBytes;
 	// at most 512 MiB (RabbitMQ's hard limit). The relay publishes at most
 	// its own MaxMessageSize (default 16 MiB) and dead-letters larger rows.
@@ -120,13 +126,17 @@ type stmtTx interface {
 
 // New validates cfg and prepares the insert statement.
 func New(cfg Config) (*Outbox, error) {
-	t := cfg.Table
-	if t == "" {
-		t = mailroom.DefaultOutboxTable
-	}
-	table, err := sqlident.Parse(t)
+	t, err := tablenames.One(cfg.Table, "Outbox", cfg.Tables.Outbox)
 	if err != nil {
-		return nil, fmt.Errorf("outbox: Config.Table: %w", err)
+		return nil, fmt.Errorf("outbox: Config.%w", err)
+	}
+	field := "Table"
+	if cfg.Table == "" && t != "" {
+		field = "Tables.Outbox"
+	}
+	table, err := sqlident.Parse(cmp.Or(t, mailroom.DefaultOutboxTable))
+	if err != nil {
+		return nil, fmt.Errorf("outbox: Config.%s: %w", field, err)
 	}
 	switch {
 	case cfg.MaxPayloadBytes == 0:

@@ -15,6 +15,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/internal/testenv"
 	"github.com/mailroom-go/mailroom/outbox"
 )
@@ -383,6 +384,17 @@ func TestConfigErrors(t *testing.T) {
 		if _, err := outbox.New(outbox.Config{Table: table}); err == nil || !strings.Contains(err.Error(), "Config.Table") {
 			t.Errorf("Table %q: err = %v, want a Config.Table error", table, err)
 		}
+	}
+	// One way to name tables: Table, or Tables.Outbox (as the relay takes
+	// them); both, differing, is an error naming both.
+	if _, err := outbox.New(outbox.Config{Tables: mailroom.Tables{Outbox: "bad name"}}); err == nil || !strings.Contains(err.Error(), "Config.Tables.Outbox") {
+		t.Errorf("bad Tables.Outbox: %v, want an error naming Config.Tables.Outbox", err)
+	}
+	if _, err := outbox.New(outbox.Config{Table: "a", Tables: mailroom.Tables{Outbox: "b"}}); err == nil || !strings.Contains(err.Error(), `Table "a" and Tables.Outbox "b" differ`) {
+		t.Errorf("Table and Tables.Outbox differing: %v, want an error naming both", err)
+	}
+	if _, err := outbox.New(outbox.Config{Table: "a", Tables: mailroom.Tables{Outbox: "a"}}); err != nil {
+		t.Errorf("Table and Tables.Outbox the same: %v", err)
 	}
 	if _, err := outbox.New(outbox.Config{MaxPayloadBytes: -1}); err == nil || !strings.Contains(err.Error(), "MaxPayloadBytes") {
 		t.Errorf("negative MaxPayloadBytes: %v", err)

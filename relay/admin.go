@@ -14,6 +14,7 @@ import (
 	"github.com/lib/pq"
 
 	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/internal/tablenames"
 	"github.com/mailroom-go/mailroom/outbox"
 )
 
@@ -24,14 +25,14 @@ import (
 // built once, by NewAdmin; it is safe for concurrent use.
 type Admin struct {
 	db     *sql.DB
-	tables mailroom.Resolved
+	tables tablenames.Resolved
 	q      adminQueries
 }
 
 // NewAdmin returns the Admin of the outbox named by tables (zero fields take
 // their defaults). db must reach the tables (same search_path as the relay).
 func NewAdmin(db *sql.DB, tables mailroom.Tables) (*Admin, error) {
-	t, err := tables.Resolve()
+	t, err := tablenames.Resolve(tablenames.Names(tables))
 	if err != nil {
 		return nil, fmt.Errorf("relay: %w", err)
 	}
@@ -105,6 +106,32 @@ type DeadLetter struct {
 	CreatedAt   time.Time `json:"created_at"`
 	DeadAt      time.Time `json:"dead_at"`
 }
+
+// Err is LastError as an error that wraps the failure it began with
+// (ErrUnroutable, ErrNacked, ErrUnpublishable, ErrNoExchange), so
+// errors.Is tells dead letters apart: a missing binding, a broker refusal,
+// a message that can never be published as it is. nil when LastError is
+// empty.
+func (d DeadLetter) Err() error {
+	if d.LastError == "" {
+		return nil
+	}
+	for _, kind := range []error{ErrUnroutable, ErrNacked, ErrUnpublishable, ErrNoExchange} {
+		if strings.HasPrefix(d.LastError, kind.Error()) {
+			return &lastError{msg: d.LastError, kind: kind}
+		}
+	}
+	return errors.New(d.LastError)
+}
+
+// lastError is a dead letter's recorded error, wrapping its kind.
+type lastError struct {
+	msg  string
+	kind error
+}
+
+func (e *lastError) Error() string { return e.msg }
+func (e *lastError) Unwrap() error { return e.kind }
 
 // Status reports what is waiting in the outbox and how many dead letters
 // there are.

@@ -38,7 +38,7 @@ type Config struct {
 
 	// BatchSize is how many rows one claim takes, besides the later rows
 	// of the keys it takes (their runs, up to ConfirmWindow rows in all).
-	// Default 500.
+	// Default DefaultBatchSize (500).
 	BatchSize int
 	// ConfirmWindow bounds the messages published but not yet confirmed by
 	// the broker; at least BatchSize. Left at 0, it is 1024 (or BatchSize,
@@ -101,7 +101,7 @@ type Config struct {
 	// MaxAttempts is how many failed publishes (nack, unroutable, missing
 	// exchange, refused by the broker, too large) move a row to the
 	// dead-letter table. A lost connection is not the message's fault and
-	// does not count. Default 20.
+	// does not count. Default DefaultMaxAttempts (20).
 	MaxAttempts int
 	// MinBackoff and MaxBackoff bound the exponential backoff (with jitter)
 	// between attempts of one row. Defaults 1s and 5m.
@@ -133,9 +133,22 @@ type Config struct {
 	BacklogInterval time.Duration
 }
 
-// DefaultMaxMessageSize is Config.MaxMessageSize's default: 16 MiB,
-// RabbitMQ 4's default max_message_size.
-const DefaultMaxMessageSize = wire.DefaultMaxMessageSize
+// The defaults of Config's zero values.
+const (
+	DefaultBatchSize       = 500
+	DefaultConfirmWindow   = 1024 // shared among the relays publishing (see ConfirmWindow)
+	DefaultActiveRelays    = 1
+	DefaultMaxAttempts     = 20
+	DefaultConfirmTimeout  = 15 * time.Second
+	DefaultLease           = 60 * time.Second
+	DefaultPollInterval    = 500 * time.Millisecond
+	DefaultMinBackoff      = time.Second
+	DefaultMaxBackoff      = 5 * time.Minute
+	DefaultBacklogInterval = 5 * time.Second
+	// DefaultMaxMessageSize is 16 MiB, RabbitMQ 4's default
+	// max_message_size.
+	DefaultMaxMessageSize = wire.DefaultMaxMessageSize
+)
 
 func (c *Config) setDefaults() {
 	if c.Name == "" {
@@ -152,17 +165,17 @@ func (c *Config) setDefaults() {
 			*v = d
 		}
 	}
-	def(&c.BatchSize, 500)
-	def(&c.ConfirmWindow, max(1024, c.BatchSize))
-	def(&c.ActiveRelays, 1)
-	def(&c.MaxAttempts, 20)
+	def(&c.BatchSize, DefaultBatchSize)
+	def(&c.ConfirmWindow, max(DefaultConfirmWindow, c.BatchSize))
+	def(&c.ActiveRelays, DefaultActiveRelays)
+	def(&c.MaxAttempts, DefaultMaxAttempts)
 	def(&c.MaxMessageSize, DefaultMaxMessageSize)
-	defDur(&c.ConfirmTimeout, 15*time.Second)
-	defDur(&c.Lease, 60*time.Second)
-	defDur(&c.PollInterval, 500*time.Millisecond)
-	defDur(&c.MinBackoff, time.Second)
-	defDur(&c.MaxBackoff, 5*time.Minute)
-	defDur(&c.BacklogInterval, 5*time.Second)
+	defDur(&c.ConfirmTimeout, DefaultConfirmTimeout)
+	defDur(&c.Lease, DefaultLease)
+	defDur(&c.PollInterval, DefaultPollInterval)
+	defDur(&c.MinBackoff, DefaultMinBackoff)
+	defDur(&c.MaxBackoff, DefaultMaxBackoff)
+	defDur(&c.BacklogInterval, DefaultBacklogInterval)
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}

@@ -3,6 +3,7 @@ package relay_test
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -562,6 +563,15 @@ func TestUnpublishableRowsAreDeadLettered(t *testing.T) {
 	}
 	if len(errs) != 2 || !strings.Contains(errs[0], "RoutingKey: 300 bytes is over the 255-byte limit") || !strings.Contains(errs[1], "frame") {
 		t.Fatalf("dead letters %q, want the two rows, failed for their routing key and their headers", errs)
+	}
+	letters, err := relay.ListDead(context.Background(), e.s.DB.DB, mailroom.Tables{}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range letters {
+		if !errors.Is(d.Err(), relay.ErrUnpublishable) {
+			t.Errorf("DeadLetter.Err() = %v, want ErrUnpublishable", d.Err())
+		}
 	}
 	stop() // the counters are bumped just after the commit waitDrained saw
 	if s := e.relays[0].Stats(); s.Failed != 4 || s.Released != 0 {

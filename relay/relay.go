@@ -12,8 +12,12 @@ import (
 
 	"go.opentelemetry.io/otel/trace"
 
-	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/internal/tablenames"
 )
+
+// The kinds of publish failure. A failed attempt is recorded in the row's
+// last_error, logged, and on the dead letter the row becomes:
+// DeadLetter.Err wraps the kind (errors.Is).
 
 // ErrUnroutable is the failure of a message the broker returned (mandatory
 // flag): no queue is bound for its exchange and routing key. The row is
@@ -40,7 +44,7 @@ type Relay struct {
 	db     *sql.DB
 	cfg    Config
 	q      queries
-	tables mailroom.Resolved
+	tables tablenames.Resolved
 	log    *slog.Logger
 
 	counters    counters
@@ -110,7 +114,7 @@ func New(db *sql.DB, cfg Config) (*Relay, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	t, err := cfg.Tables.Resolve()
+	t, err := tablenames.Resolve(tablenames.Names(cfg.Tables))
 	if err != nil {
 		return nil, fmt.Errorf("relay: Config.%w", err)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
@@ -245,6 +246,18 @@ func TestUnroutableIsRetriedThenDeadLettered(t *testing.T) {
 	})
 	if dead.Attempts != 3 || !strings.Contains(dead.LastError, "unroutable") || !strings.Contains(dead.LastError, lonely) {
 		t.Fatalf("dead letter = %+v", dead)
+	}
+	// The failure's kind is reachable from the public dead-letter API.
+	a, err := relay.NewAdmin(e.s.DB.DB, mailroom.Tables{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	letters, err := a.ListDead(context.Background(), 0)
+	if err != nil || len(letters) != 1 {
+		t.Fatalf("ListDead: %v, %v; want the one dead letter", letters, err)
+	}
+	if err := letters[0].Err(); !errors.Is(err, relay.ErrUnroutable) || errors.Is(err, relay.ErrNacked) || err.Error() != letters[0].LastError {
+		t.Fatalf("DeadLetter.Err() = %v, want ErrUnroutable reading as LastError", err)
 	}
 	e.waitDrained()
 }

@@ -10,8 +10,8 @@ import (
 
 	"github.com/lib/pq"
 
-	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/internal/locks"
+	"github.com/mailroom-go/mailroom/internal/tablenames"
 )
 
 // queries holds every statement of the relay, rendered once for the
@@ -66,7 +66,7 @@ const windowRows = 1
 
 const columns = `id, exchange, routing_key, key, type, content_type, headers, payload, created_at, attempts`
 
-func newQueries(t mailroom.Resolved) queries {
+func newQueries(t tablenames.Resolved) queries {
 	ob, dead, pub := t.Outbox.Quoted(), t.Dead.Quoted(), t.Published.Quoted()
 	obOID := `'` + strings.ReplaceAll(ob, `'`, `''`) + `'::regclass::oid::integer`
 	// due: a row that may be published now: due, no live lease of
@@ -399,7 +399,7 @@ type adminQueries struct {
 }
 
 // newAdminQueries builds the statements of Admin.
-func newAdminQueries(t mailroom.Resolved) adminQueries {
+func newAdminQueries(t tablenames.Resolved) adminQueries {
 	ob, dead, pub := t.Outbox.Quoted(), t.Dead.Quoted(), t.Published.Quoted()
 	// scheduled: never attempted, not leased, not yet due.
 	const scheduled = `(attempts = 0 AND lease IS NULL AND available_at > now())`

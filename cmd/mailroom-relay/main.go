@@ -38,6 +38,7 @@ import (
 
 	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/internal/redact"
+	"github.com/mailroom-go/mailroom/internal/tablenames"
 	"github.com/mailroom-go/mailroom/relay"
 )
 
@@ -150,7 +151,7 @@ func (c *common) check() (*slog.Logger, error) {
 		return nil, usageErr("DATABASE_URL is not a postgres:// URL (got %s)", redact.String(c.databaseURL))
 	}
 	hide(c.databaseURL)
-	if _, err := c.tables.Resolve(); err != nil {
+	if _, err := tablenames.Resolve(tablenames.Names(c.tables)); err != nil {
 		return nil, usageErr("%v", err)
 	}
 	return slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: lvl})), nil

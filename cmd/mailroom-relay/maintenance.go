@@ -17,6 +17,7 @@ import (
 	"github.com/mailroom-go/mailroom/dedupe"
 	"github.com/mailroom-go/mailroom/internal/locks"
 	"github.com/mailroom-go/mailroom/internal/sqlident"
+	"github.com/mailroom-go/mailroom/internal/tablenames"
 	"github.com/mailroom-go/mailroom/relay"
 )
 
@@ -76,7 +77,7 @@ type maintainer struct {
 }
 
 func newMaintainer(cfg maintConfig, db *sql.DB, admin *relay.Admin, tables mailroom.Tables, store *dedupe.Store, m *metrics, log *slog.Logger) *maintainer {
-	r, _ := tables.Resolve() // validated by common.check
+	r, _ := tablenames.Resolve(tablenames.Names(tables)) // validated by common.check
 	return &maintainer{cfg: cfg, db: db, admin: admin, store: store, m: m, log: log.With("component", "maintenance"), outbox: r.Outbox.Quoted()}
 }
 

@@ -14,6 +14,7 @@ import (
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 
 	"github.com/mailroom-go/mailroom"
+	"github.com/mailroom-go/mailroom/internal/tablenames"
 	"github.com/mailroom-go/mailroom/relay"
 )
 
@@ -29,7 +30,7 @@ type metrics struct {
 }
 
 func newMetrics(reg *prometheus.Registry, db *sql.DB, admin *relay.Admin, tables mailroom.Tables, log *slog.Logger) *metrics {
-	r, _ := tables.Resolve() // validated by common.check
+	r, _ := tablenames.Resolve(tablenames.Names(tables)) // validated by common.check
 	m := &metrics{
 		maintRuns: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "mailroom_relay_maintenance_runs_total",

@@ -20,6 +20,7 @@ import (
 	"github.com/mailroom-go/mailroom/dedupe"
 	"github.com/mailroom-go/mailroom/internal/amqpx"
 	"github.com/mailroom-go/mailroom/internal/redact"
+	"github.com/mailroom-go/mailroom/internal/tablenames"
 	"github.com/mailroom-go/mailroom/relay"
 )
 
@@ -180,7 +181,7 @@ func cmdRun(args []string, stderr io.Writer) error {
 		return usageErr("%v", err)
 	}
 	m := newMetrics(reg, db, admin, c.tables, log)
-	resolved, _ := c.tables.Resolve()
+	resolved, _ := tablenames.Resolve(tablenames.Names(c.tables))
 	registerRelayProgress(reg, r, resolved.Outbox.String())
 	watch := newBrokerWatch(cfg.URL, "mailroom-relay "+cfg.Name, log)
 	m.registerBroker(reg, watch)

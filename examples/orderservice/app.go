@@ -113,15 +113,15 @@ func NewApp(cfg Config) (*App, error) {
 
 func (a *App) build() error {
 	cfg := a.cfg
-	ordersOutbox, err := outbox.New(outbox.Config{Table: ordersTables.Outbox, DB: a.db.DB})
+	ordersOutbox, err := outbox.New(outbox.Config{Tables: ordersTables, DB: a.db.DB})
 	if err != nil {
 		return err
 	}
-	paymentsOutbox, err := outbox.New(outbox.Config{Table: paymentsTables.Outbox, DB: a.db.DB})
+	paymentsOutbox, err := outbox.New(outbox.Config{Tables: paymentsTables, DB: a.db.DB})
 	if err != nil {
 		return err
 	}
-	keys, err := dedupe.New(dedupe.Config{Table: ordersTables.Inbox})
+	keys, err := dedupe.New(dedupe.Config{Tables: ordersTables})
 	if err != nil {
 		return err
 	}
@@ -142,8 +142,8 @@ func (a *App) build() error {
 		}
 	}
 	for _, c := range []inbox.Config{
-		{Queue: cfg.PaymentsQueue, Consumer: "payments", Table: paymentsTables.Inbox, Handler: a.Payments.HandleOrderPlaced},
-		{Queue: cfg.OrdersQueue, Consumer: "orders", Table: ordersTables.Inbox, Handler: a.Orders.HandlePaymentCaptured},
+		{Queue: cfg.PaymentsQueue, Consumer: "payments", Tables: paymentsTables, Handler: a.Payments.HandleOrderPlaced},
+		{Queue: cfg.OrdersQueue, Consumer: "orders", Tables: ordersTables, Handler: a.Orders.HandlePaymentCaptured},
 	} {
 		c.URL, c.Logger, c.Concurrency = cfg.AMQPURL, cfg.Logger, 8
 		c.ConnectionName = cfg.Name + " inbox " + c.Consumer
