@@ -7,16 +7,16 @@ SHELL := /bin/bash
 # broker app, so nothing else may run beside them).
 test:
 	go test -race -count=1 ./...
-	go test -race -count=1 -p 1 -tags brokerfaults ./internal/brokerfaults/
-	go test -count=1 -p 1 -tags chaos -v -run TestChaos ./internal/chaos/ | grep -v '^=== '; test $${PIPESTATUS[0]} -eq 0
+	go test -race -count=1 -p 1 -tags brokerfaults ./test/brokerfaults/
+	go test -count=1 -p 1 -tags chaos -v -run TestChaos ./test/chaos/ | grep -v '^=== '; test $${PIPESTATUS[0]} -eq 0
 
 # The long fault-injection profile (20 minutes); replay a seed with
 # CHAOS_FLAGS='-chaos.seed N'.
 chaos:
-	go test -count=1 -timeout 40m -tags chaos -v -run TestChaos ./internal/chaos/ -chaos.duration 20m $(CHAOS_FLAGS)
+	go test -count=1 -timeout 40m -tags chaos -v -run TestChaos ./test/chaos/ -chaos.duration 20m $(CHAOS_FLAGS)
 
 demo:
 	go run ./examples/orderservice demo --orders 100
 
 bench:
-	go run ./internal/bench
+	go run ./bench

@@ -21,7 +21,7 @@ import (
 // statement) and without (literals), while no relay sleeps (the usual
 // case under load: writers only take the wake lock shared) and while one
 // does (every commit sends a NOTIFY). The variants run one after another,
-// so the machine's drift shows between them; `go run ./internal/bench -run
+// so the machine's drift shows between them; `go run ./bench -run
 // writecost` alternates them and compares medians:
 //
 //	go test ./outbox -run '^$' -bench WriteCost -benchtime 5s

@@ -1,4 +1,4 @@
-package telemetry_test
+package pipeline_test
 
 import (
 	"context"

@@ -6,9 +6,9 @@
 // cut connections. When the run drains, the invariants are checked from the
 // database and the broker, never from the processes' own counters.
 //
-//	go test -tags chaos -count=1 -v ./internal/chaos/                       # short profile (~2 min)
-//	go test -tags chaos -count=1 -v ./internal/chaos/ -chaos.duration 20m    # long profile
-//	go test -tags chaos -count=1 -v ./internal/chaos/ -chaos.seed 1234       # replay a seed
+//	go test -tags chaos -count=1 -v ./test/chaos/                       # short profile (~2 min)
+//	go test -tags chaos -count=1 -v ./test/chaos/ -chaos.duration 20m    # long profile
+//	go test -tags chaos -count=1 -v ./test/chaos/ -chaos.seed 1234       # replay a seed
 //
 // It faults the whole broker, so it runs alone (`make test` runs it last).
 package chaos

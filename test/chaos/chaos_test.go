@@ -194,7 +194,7 @@ func TestChaos(t *testing.T) {
 	}
 	tag := testenv.Unique("chaos")
 	relayBin := testenv.BuildBinary(t, "github.com/mailroom-go/mailroom/cmd/mailroom-relay")
-	consumerBin := testenv.BuildBinary(t, "github.com/mailroom-go/mailroom/internal/chaos/consumer")
+	consumerBin := testenv.BuildBinary(t, "github.com/mailroom-go/mailroom/test/chaos/consumer")
 	var procs []*proc
 	for i := 0; i < relays; i++ {
 		name := fmt.Sprintf("%s-relay-%d", tag, i)

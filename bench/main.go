@@ -1,9 +1,9 @@
 // Command bench measures the relay against the raw broker, side by side in
 // one run, on the local services (DATABASE_URL, AMQP_URL override):
 //
-//	go run ./internal/bench                 # the default figures (see -run)
-//	go run ./internal/bench -run scale,dedupe  # the slow ones: millions of rows
-//	go run ./internal/bench -run drain -events 100000
+//	go run ./bench                 # the default figures (see -run)
+//	go run ./bench -run scale,dedupe  # the slow ones: millions of rows
+//	go run ./bench -run drain -events 100000
 //
 // Each figure sets up its own schema, exchange and queue (a consumer
 // attached: prefetch 1000, multiple acks), prints one line, and cleans up.

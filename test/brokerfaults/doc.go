@@ -3,7 +3,7 @@
 // every other test running at the same time, so they live behind the
 // brokerfaults build tag and `make test` runs them alone, after the rest:
 //
-//	go test -race -count=1 -p 1 -tags brokerfaults ./internal/brokerfaults/
+//	go test -race -count=1 -p 1 -tags brokerfaults ./test/brokerfaults/
 //
 // Every test restores the broker in its cleanup, even when it fails.
 package brokerfaults
