@@ -209,11 +209,11 @@ func (c *coordinator) endFrozen(ctx context.Context) error {
 }
 
 // coordinate shows this relay to the others of its table until ctx ends,
-// records in r.coord whether it stands by while another relay publishes in its place, and, when
-// share is set, keeps the slots of p's window it leaves to the other
-// publishing relays out of reach: it holds them as tokens in p.slots, taken
-// as confirms free them and handed back when fewer relays publish. wake
-// tells the claim loop when this relay takes over.
+// records in r.coord whether it stands by while another relay publishes
+// in its place, and, when share is set, keeps the part of p's confirm
+// window it leaves to the other publishing relays out of use (reserved as
+// confirms free it, handed back when fewer relays publish). wake tells the
+// claim loop when this relay takes over.
 func (r *Relay) coordinate(ctx context.Context, p *publisher, share bool, wake chan<- struct{}) {
 	db, err := sql.Open("postgres", r.cfg.DatabaseURL)
 	if err != nil {
@@ -231,13 +231,11 @@ func (r *Relay) coordinate(ctx context.Context, p *publisher, share bool, wake c
 	}()
 	held, last := 0, 1
 	defer func() {
-		for ; held > 0; held-- {
-			<-p.slots
-		}
+		p.unreserve(held)
 		r.window.Store(int64(r.cfg.ConfirmWindow))
 	}()
 	for {
-		publishing, n, err := me.tick(ctx, p.down.Load())
+		publishing, n, err := me.tick(ctx, p.brokerDown())
 		switch {
 		case ctx.Err() != nil:
 			return
@@ -257,16 +255,11 @@ func (r *Relay) coordinate(ctx context.Context, p *publisher, share bool, wake c
 			// ticks, as confirms free them: the tick never waits (it is
 			// this relay's heartbeat, see frozenAfter).
 			want := r.cfg.ConfirmWindow - max(r.cfg.ConfirmWindow/n, r.cfg.BatchSize)
-		take:
-			for ; held < want; held++ {
-				select {
-				case p.slots <- struct{}{}:
-				default:
-					break take
-				}
-			}
-			for ; held > want; held-- {
-				<-p.slots
+			if held < want {
+				held += p.reserve(want - held)
+			} else if held > want {
+				p.unreserve(held - want)
+				held = want
 			}
 			r.window.Store(int64(r.cfg.ConfirmWindow - held))
 			if n != last {

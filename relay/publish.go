@@ -268,6 +268,31 @@ func (p *publisher) flush() {
 	}
 }
 
+// brokerDown reports whether connecting to the broker fails now: the
+// coordinator then leaves the publishing slot to a relay standing by.
+func (p *publisher) brokerDown() bool { return p.down.Load() }
+
+// reserve takes up to n slots of the confirm window out of use without
+// waiting (those in use by unconfirmed messages are left for a later call,
+// as confirms free them) and returns how many it took; unreserve hands n
+// back. The coordinator shares the window among publishing relays so.
+func (p *publisher) reserve(n int) (took int) {
+	for ; took < n; took++ {
+		select {
+		case p.slots <- struct{}{}:
+		default:
+			return took
+		}
+	}
+	return took
+}
+
+func (p *publisher) unreserve(n int) {
+	for range n {
+		<-p.slots
+	}
+}
+
 // waitUnblocked pauses while the broker blocks the connection (memory or
 // disk alarm): a publish then would block forever. It gives up when ctx
 // ends or at due.
