@@ -15,9 +15,12 @@ import (
 	"github.com/mailroom-go/mailroom/internal/testenv"
 )
 
-// TestMain fails the package if any goroutine (Run's workers, notification
-// drainers, purger, amqp091 readers) outlives the tests.
+// TestMain skips the package when a service is down (fails it with
+// CI=true: a runnable example cannot skip itself), and fails it if any
+// goroutine (Run's workers, notification drainers, purger, amqp091
+// readers) outlives the tests.
 func TestMain(m *testing.M) {
+	testenv.SkipWithoutServices(true)
 	goleak.VerifyTestMain(m,
 		// database/sql's opener goroutine ends asynchronously after Close.
 		goleak.IgnoreTopFunction("database/sql.(*DB).connectionOpener"),

@@ -21,7 +21,11 @@ import (
 	"github.com/mailroom-go/mailroom/relay"
 )
 
+// TestMain skips the package when a service is down (fails it with
+// CI=true: a runnable example cannot skip itself), and fails it if a
+// goroutine outlives the tests.
 func TestMain(m *testing.M) {
+	testenv.SkipWithoutServices(true)
 	goleak.VerifyTestMain(m,
 		// lib/pq's Listener and database/sql keep helper goroutines that
 		// end asynchronously after Close.
