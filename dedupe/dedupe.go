@@ -1,7 +1,6 @@
 package dedupe
 
 import (
-	"cmp"
 	"context"
 	"database/sql"
 	"errors"
@@ -64,17 +63,9 @@ type Store struct {
 
 // New validates cfg and prepares the statements.
 func New(cfg Config) (*Store, error) {
-	t, err := tablenames.One(cfg.Table, "Inbox", cfg.Tables.Inbox)
+	table, err := tablenames.Parse(cfg.Table, "Inbox", cfg.Tables.Inbox, mailroom.DefaultInboxTable)
 	if err != nil {
 		return nil, fmt.Errorf("dedupe: Config.%w", err)
-	}
-	field := "Table"
-	if cfg.Table == "" && t != "" {
-		field = "Tables.Inbox"
-	}
-	table, err := sqlident.Parse(cmp.Or(t, mailroom.DefaultInboxTable))
-	if err != nil {
-		return nil, fmt.Errorf("dedupe: Config.%s: %w", field, err)
 	}
 	switch {
 	case cfg.PurgeBatch == 0:

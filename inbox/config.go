@@ -1,7 +1,6 @@
 package inbox
 
 import (
-	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
@@ -16,7 +15,6 @@ import (
 
 	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/internal/amqpx"
-	"github.com/mailroom-go/mailroom/internal/sqlident"
 	"github.com/mailroom-go/mailroom/internal/tablenames"
 )
 
@@ -205,18 +203,11 @@ func (cfg Config) withDefaults() (Config, error) {
 	if cfg.Handler == nil {
 		return bad("Handler", "required")
 	}
-	t, err := tablenames.One(cfg.Table, "Inbox", cfg.Tables.Inbox)
+	table, err := tablenames.Parse(cfg.Table, "Inbox", cfg.Tables.Inbox, mailroom.DefaultInboxTable)
 	if err != nil {
 		return cfg, fmt.Errorf("inbox: Config.%w", err)
 	}
-	field := "Table"
-	if cfg.Table == "" && t != "" {
-		field = "Tables.Inbox"
-	}
-	cfg.Table = cmp.Or(t, mailroom.DefaultInboxTable)
-	if _, err := sqlident.Parse(cfg.Table); err != nil {
-		return bad(field, "%v", err)
-	}
+	cfg.Table = table.String()
 	if cfg.ConnectionName == "" {
 		cfg.ConnectionName = "mailroom-inbox " + cfg.Consumer
 	}

@@ -1,7 +1,6 @@
 package outbox
 
 import (
-	"cmp"
 	"context"
 	"database/sql"
 	"encoding/hex"
@@ -126,17 +125,9 @@ type stmtTx interface {
 
 // New validates cfg and prepares the insert statement.
 func New(cfg Config) (*Outbox, error) {
-	t, err := tablenames.One(cfg.Table, "Outbox", cfg.Tables.Outbox)
+	table, err := tablenames.Parse(cfg.Table, "Outbox", cfg.Tables.Outbox, mailroom.DefaultOutboxTable)
 	if err != nil {
 		return nil, fmt.Errorf("outbox: Config.%w", err)
-	}
-	field := "Table"
-	if cfg.Table == "" && t != "" {
-		field = "Tables.Outbox"
-	}
-	table, err := sqlident.Parse(cmp.Or(t, mailroom.DefaultOutboxTable))
-	if err != nil {
-		return nil, fmt.Errorf("outbox: Config.%s: %w", field, err)
 	}
 	switch {
 	case cfg.MaxPayloadBytes == 0:

@@ -96,6 +96,28 @@ func Resolve(t Names) (Resolved, error) {
 	return r, nil
 }
 
+// Parse parses the one table a Config gives as Table or as Tables.<field>
+// (see One), def when neither is set. Its errors begin with the Config
+// field to fix ("Table: …", "Tables.Inbox: …").
+func Parse(table, field, fromTables, def string) (sqlident.Name, error) {
+	t, err := One(table, field, fromTables)
+	if err != nil {
+		return sqlident.Name{}, err
+	}
+	from := "Table"
+	if table == "" && t != "" {
+		from = "Tables." + field
+	}
+	if t == "" {
+		t = def
+	}
+	n, err := sqlident.Parse(t)
+	if err != nil {
+		return n, fmt.Errorf("%s: %w", from, err)
+	}
+	return n, nil
+}
+
 // One is the name of one table that a Config may give in two ways: Table
 // (its short form, one name) or a field of Tables (field names it; the
 // form the relay and Migrate take too, so one value names the installation
