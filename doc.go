@@ -9,5 +9,7 @@
 //	}
 //
 // The SQL lives in migrations/ with the default table names, ready to copy
-// into golang-migrate or goose.
+// into golang-migrate or goose. Upgrading between schema versions, and the
+// rest of running mailroom: docs/operations.md in the repository; the
+// README has the guarantees, the API and the current figures.
 package mailroom

@@ -4,7 +4,8 @@
 // saving their round trip. outbox.Add marks its insert so: a database
 // opened with OpenDB and given to the Outbox as Config.DB adds a message at
 // no round trip of its own. Everything else on the database works as with
-// lib/pq.
+// lib/pq. Not behind PgBouncer in transaction mode (see NewConnector);
+// docs/outbox.md in the repository has the detail.
 package atcommit
 
 import (

@@ -183,14 +183,27 @@ func runKeyed() {
 	modes := relayModes()
 	rates := map[string]map[int][]float64{}
 	var broker []float64
+	perKey := map[int][]float64{} // keys: RabbitMQ alone, one in flight per key
 	var disorder int64
 	saved := *events
 	for i := range *repeat {
 		*events = *keyedEvents
-		r, _, err := benchBroker(1, 0)
+		r, _, err := benchBroker(1, 0, brokerWindow)
 		*events = saved
 		broker = append(broker, must(r, err))
 		fmt.Printf("keyed    RabbitMQ alone, %d msgs: %8.0f msg/s\n", *keyedEvents, r)
+		// The bound of a keyed drain: RabbitMQ alone with one message of
+		// each key in flight (a window of as many messages as keys).
+		for _, c := range cells {
+			if c.keys == 0 || c.keys > brokerWindow {
+				continue
+			}
+			*events = c.n
+			r, cpu, err := benchBroker(1, c.keys, c.keys)
+			*events = saved
+			perKey[c.keys] = append(perKey[c.keys], must(r, err))
+			fmt.Printf("keyed    RabbitMQ alone, one in flight per key, %7d msgs over %5d keys: %8.0f msg/s  (CPU per 100,000: %s)\n", c.n, c.keys, r, cpu.per100k(int64(c.n)))
+		}
 		for j := range modes {
 			m := modes[(i+j)%len(modes)] // rotate the order: the machine drifts within a round
 			if rates[m.name] == nil {
@@ -207,6 +220,11 @@ func runKeyed() {
 	}
 	b := median(broker)
 	fmt.Printf("keyed    medians of %d runs; RabbitMQ alone %.0f msg/s; deliveries out of key order: %d\n", *repeat, b, disorder)
+	for _, c := range cells {
+		if v := perKey[c.keys]; len(v) > 0 {
+			fmt.Printf("keyed    RabbitMQ alone, one in flight per key, over %d keys: %.0f msg/s (%.2f× RabbitMQ alone pipelined)\n", c.keys, median(v), median(v)/b)
+		}
+	}
 	for _, m := range modes {
 		fmt.Printf("keyed    %-22s", m.name)
 		unkeyed := 0.0
@@ -219,6 +237,8 @@ func runKeyed() {
 			case c.keys == 0:
 				unkeyed = r
 				fmt.Printf(" no key %.0f (%.2f× RabbitMQ alone)", r, r/b)
+			case unkeyed > 0 && len(perKey[c.keys]) > 0:
+				fmt.Printf(" %d keys %.0f (%.2f× no key, %.2f× RabbitMQ alone one in flight per key)", c.keys, r, r/unkeyed, r/median(perKey[c.keys]))
 			case unkeyed > 0:
 				fmt.Printf(" %d keys %.0f (%.2f× no key)", c.keys, r, r/unkeyed)
 			default:

@@ -71,7 +71,7 @@ func main() {
 	var brokerRates, drainRates, naiveRates []float64
 	for i := 0; i < *repeat; i++ {
 		if want["broker"] {
-			r, cpu, err := benchBroker(1, 0)
+			r, cpu, err := benchBroker(1, 0, brokerWindow)
 			must(r, err)
 			brokerRates = append(brokerRates, r)
 			fmt.Printf("broker   %7d persistent msgs, pipelined confirms (window 512): %8.0f msg/s  (CPU per 100,000: %s)\n", *events, r, cpu.per100k(int64(*events)))
@@ -111,7 +111,7 @@ func main() {
 			// connections, with the relays' messages' key header: what a
 			// second relay can add at most.
 			for n, rates := range map[int]*[]float64{1: &b1, 2: &b2} {
-				r, cpu, err := benchBroker(n, *keys)
+				r, cpu, err := benchBroker(n, *keys, brokerWindow)
 				*rates = append(*rates, must(r, err))
 				fmt.Printf("relays   the broker alone, %d publishing connection(s): CPU per 100,000 messages: %s\n", n, cpu.per100k(int64(*events)))
 			}
@@ -330,7 +330,7 @@ func (w *world) waitReceived(n int64, timeout time.Duration) error {
 
 // benchBroker: the ceiling — RabbitMQ alone with pipelined confirms, from
 // publishers connections at once (each its share of the messages).
-func benchBroker(publishers, keys int) (float64, cpuUse, error) {
+func benchBroker(publishers, keys, window int) (float64, cpuUse, error) {
 	w, err := setup()
 	if err != nil {
 		return 0, cpuUse{}, err
@@ -351,7 +351,7 @@ func benchBroker(publishers, keys int) (float64, cpuUse, error) {
 		if p == 0 {
 			n += *events % publishers
 		}
-		go func() { errs <- publishConfirmed(conn, w.exchange, body, n, keys) }()
+		go func() { errs <- publishConfirmed(conn, w.exchange, body, n, keys, window) }()
 	}
 	for p := 0; p < publishers; p++ {
 		if err := <-errs; err != nil {
@@ -364,11 +364,17 @@ func benchBroker(publishers, keys int) (float64, cpuUse, error) {
 	return float64(*events) / time.Since(start).Seconds(), readCPU().since(cpu), nil
 }
 
-// publishConfirmed publishes n persistent messages with up to 512
+// brokerWindow is how many messages the broker-alone yardstick keeps
+// unconfirmed.
+const brokerWindow = 512
+
+// publishConfirmed publishes n persistent messages with up to window
 // unconfirmed, and returns once all are confirmed. With keys > 0 each
 // message carries an x-mailroom-key header, round-robin over keys values,
-// as the relay publishes keyed rows.
-func publishConfirmed(conn *amqp.Connection, exchange string, body []byte, n, keys int) error {
+// as the relay publishes keyed rows; with window = keys, one message of
+// each key is in flight at a time (confirms come in publish order), as the
+// relay's ordering allows.
+func publishConfirmed(conn *amqp.Connection, exchange string, body []byte, n, keys, window int) error {
 	ch, err := conn.Channel()
 	if err != nil {
 		return err
@@ -377,7 +383,7 @@ func publishConfirmed(conn *amqp.Connection, exchange string, body []byte, n, ke
 		return err
 	}
 	confirms := ch.NotifyPublish(make(chan amqp.Confirmation, 1024))
-	slots := make(chan struct{}, 512)
+	slots := make(chan struct{}, window)
 	acked := make(chan error, 1)
 	go func() {
 		for i := 0; i < n; i++ {

@@ -37,14 +37,7 @@
 // batch, concurrent purgers never wait on each other or on claims, and
 // autovacuum reclaims the space as it goes.
 //
-// Why batched deletes and not time partitions (DROP PARTITION is cheaper
-// still): the primary key (scope, id) must be unique across the whole
-// window, and a partitioned table can only enforce a unique key that
-// includes the partition column, i.e. (scope, id, recorded_at) — which
-// would no longer detect a duplicate arriving a day later. Partitioning by
-// a hash of the id keeps uniqueness but does not make deletion cheaper.
-// Deduplication tables are small (one short row per message for a week), so
-// bounded deletes keep them steady without that loss of correctness.
-//
 // Run mailroom.Migrate (or `mailroom-relay migrate`) to create the table.
+// Who purges what, and why batched deletes rather than time partitions:
+// docs/operations.md in the repository.
 package dedupe

@@ -34,14 +34,13 @@
 // empty. Ids must be unique: consumers deduplicate by id, so a reused id
 // is treated as a duplicate delivery.
 //
-// # Tracing
-//
 // Add writes the trace context of its ctx into each message's headers
 // through Config.Propagator (default: the global OpenTelemetry propagator;
-// set it to propagation.TraceContext{} for W3C traceparent/tracestate).
-// Headers the caller set explicitly are kept as they are. The relay
-// publishes the message in a producer span that continues that trace and
-// the inbox runs the handler in a consumer span below it, so one request
-// can be followed from the writer to every consumer. With no propagator
-// configured, nothing is added.
+// set it to propagation.TraceContext{} for W3C traceparent/tracestate),
+// keeping headers the caller set; the relay's publish span and the inbox's
+// handler span continue that trace.
+//
+// The detail is in the repository's docs: docs/outbox.md (Add's limits,
+// atcommit, the wake-up, idempotency keys with package dedupe) and
+// docs/wire.md (the columns for rows written with plain SQL or COPY).
 package outbox

@@ -45,6 +45,7 @@ type Relay struct {
 	cfg    Config
 	q      queries
 	tables tablenames.Resolved
+	admin  *Admin // the backlog gauges' Status
 	log    *slog.Logger
 
 	counters    counters
@@ -124,8 +125,9 @@ func New(db *sql.DB, cfg Config) (*Relay, error) {
 	}
 	r := &Relay{
 		db: db, cfg: cfg, q: newQueries(t), tables: t, stmts: statements{db: db},
-		log: cfg.Logger.With("relay", cfg.Name),
-		tel: tel, shareDefault: shareDefault,
+		admin: &Admin{db: db, tables: t, q: newAdminQueries(t)},
+		log:   cfg.Logger.With("relay", cfg.Name),
+		tel:   tel, shareDefault: shareDefault,
 	}
 	r.window.Store(int64(cfg.ConfirmWindow))
 	r.coord.drained = make(chan struct{}, 1)

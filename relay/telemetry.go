@@ -202,7 +202,7 @@ func (c *backlogCache) read(ctx context.Context, r *Relay) (StatusReport, bool) 
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	b, err := Status(ctx, r.db, r.cfg.Tables)
+	b, err := r.admin.Status(ctx)
 	c.at, c.last, c.ok = time.Now(), b, err == nil
 	if err != nil {
 		r.log.Warn("backlog metrics: query failed; the pending and lag gauges are not reported until it succeeds", "error", err)
