@@ -23,12 +23,16 @@
 // a key is in flight at a time, so a key moves at one publisher-confirm
 // round trip per message, and a backlog over K keys drains at most K
 // messages per round trip: choose keys for the order you need (an
-// aggregate, not a tenant).
+// aggregate, not a tenant). Measured (docs/performance.md, 2026-12-06): one
+// key moves at 0.98× RabbitMQ alone publishing one message at a time
+// (about 1,300/s here), 50 keys at 0.90× RabbitMQ alone with one message of
+// each key in flight; the broker is the bound.
 //
 // Failures: a nack, a return, a missing exchange, a broker refusal, a row
 // over MaxMessageSize or one that breaks the wire contract counts an
-// attempt and reschedules the row with exponential backoff and jitter; after MaxAttempts it moves to the
-// dead-letter table with its last error (Admin.ListDead, ReplayDead). A
+// attempt and reschedules the row with exponential backoff and jitter;
+// after MaxAttempts it moves to the dead-letter table with its last error
+// (Admin.ListDead, ReplayDead; DeadLetter.Err tells the kinds apart). A
 // poison row holds back only the later rows of its own key. A lost channel
 // or a confirm timeout hands rows back without counting an attempt.
 //
