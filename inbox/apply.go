@@ -5,16 +5,15 @@ import (
 	"errors"
 	"fmt"
 	"runtime/debug"
-	"strings"
 	"time"
 
 	"github.com/jmoiron/sqlx"
-	"github.com/lib/pq"
 	amqp "github.com/rabbitmq/amqp091-go"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/mailroom-go/mailroom/atcommit"
+	"github.com/mailroom-go/mailroom/internal/pgerr"
 )
 
 // The transactions of a worker: a message or a batch of them, deduplicated
@@ -49,7 +48,7 @@ func (s *worker) apply(m Message) (dup bool, herr, ierr error) {
 	}
 	if err := tx.Commit(); err != nil {
 		switch {
-		case errors.Is(err, pq.ErrInFailedTransaction):
+		case pgerr.CommitRolledBack(err):
 			return false, errors.New("handler returned nil but a statement in its transaction failed"), nil
 		case refused(err):
 			return false, fmt.Errorf("commit refused: %w", err), nil
@@ -62,23 +61,9 @@ func (s *worker) apply(m Message) (dup bool, herr, ierr error) {
 // refused reports whether a failed COMMIT is PostgreSQL's answer that it
 // rolled the transaction back (a deferred constraint, a serialization
 // failure, a statement timeout in a deferred trigger, the insert of an Add
-// sent with it), not a lost connection or a session ended around it
-// (FATAL, SQLSTATE class 08, or 57P: shutdown), after which the outcome is
-// unknown. (lib/pq turns most FATAL errors into driver.ErrBadConn, which
-// is no *pq.Error either.)
-func refused(err error) bool {
-	var pqErr *pq.Error
-	if !errors.As(err, &pqErr) {
-		return false
-	}
-	switch {
-	case pqErr.Severity == "FATAL" || pqErr.Severity == "PANIC":
-		return false
-	case strings.HasPrefix(string(pqErr.Code), "08"), strings.HasPrefix(string(pqErr.Code), "57P"):
-		return false
-	}
-	return true
-}
+// sent with it), not a lost connection or a session ended around it, after
+// which the outcome is unknown (pgerr.Refused; lib/pq and pgx alike).
+func refused(err error) bool { return pgerr.Refused(err) }
 
 // batch applies items in one transaction and returns the items still to
 // do: none, or under OrderedByKey the ones after a failure (the failure
@@ -170,7 +155,7 @@ func (s *worker) fast(bctx context.Context, bspan trace.Span, items []item, berr
 		return nil, failure{i, herr}, false
 	}
 	if err := tx.Commit(); err != nil {
-		if errors.Is(err, pq.ErrInFailedTransaction) || refused(err) {
+		if pgerr.CommitRolledBack(err) || refused(err) {
 			// A handler returned nil after a failed statement, or PostgreSQL
 			// refused the commit (nothing committed): maybe the insert of
 			// an Add sent with the COMMIT (atcommit.OpenDB), which careful
@@ -198,8 +183,7 @@ func (s *worker) fast(bctx context.Context, bspan trace.Span, items []item, berr
 // database of atcommit.OpenDB) the insert of an Add that an earlier
 // handler may have made, sent ahead of it.
 func aborted(err error) bool {
-	var pqErr *pq.Error
-	return errors.As(err, &pqErr) && pqErr.Code == "25P02" || // in_failed_sql_transaction
+	return pgerr.Is(err, "25P02") || // in_failed_sql_transaction
 		errors.Is(err, atcommit.ErrEarlierDeferred)
 }
 
@@ -265,7 +249,7 @@ func (s *worker) careful(bctx context.Context, bspan trace.Span, items []item, f
 	}
 	if err := tx.Commit(); err != nil {
 		*berr = err
-		if errors.Is(err, pq.ErrInFailedTransaction) || refused(err) {
+		if pgerr.CommitRolledBack(err) || refused(err) {
 			// Savepoints do not check deferred constraints, nor see a
 			// serialization failure: one transaction per message finds
 			// whose commit PostgreSQL refuses, and charges only that one.

@@ -159,7 +159,7 @@ func atCommitEnv(t *testing.T) (*env, *outbox.Outbox) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { db.Close() })
-	e.db = sqlx.NewDb(db, "postgres")
+	e.db = sqlx.NewDb(db, "postgres") // atcommit wraps lib/pq only
 	ob, err := outbox.New(outbox.Config{DB: db})
 	if err != nil {
 		t.Fatal(err)

@@ -280,7 +280,8 @@ func (o *Outbox) addAtCommit(ctx context.Context, tx Execer, vals []values) erro
 		args = append(args, vals[i].args()...)
 	}
 	_, err := tx.ExecContext(ctx, o.insertDeferred, args...)
-	if err != nil && strings.Contains(err.Error(), "parameters but the statement requires") {
+	if err != nil && (strings.Contains(err.Error(), "parameters but the statement requires") || // lib/pq
+		strings.Contains(err.Error(), "mismatched param and argument count")) { // pgx
 		return otherDatabase(err) // a connection of another database ran the statement as it is
 	}
 	if err != nil {

@@ -6,12 +6,14 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
 	"github.com/google/uuid"
 	"github.com/lib/pq"
 
+	"github.com/mailroom-go/mailroom/internal/pgerr"
 	"github.com/mailroom-go/mailroom/internal/wait"
 	"github.com/mailroom-go/mailroom/internal/wire"
 )
@@ -183,15 +185,47 @@ func (r *Relay) claimOnce(ctx context.Context, clock *batchClock, alone, checkAl
 	lease := uuid.NewString()
 	q := claimText(r.q.claim, r.cfg.BatchSize, r.cfg.ConfirmWindow, r.cfg.Lease.Milliseconds(), lease, held, checkAlone, r.keyCursor)
 	if skipped := r.turnSkipped.Load(); skipped == 0 || time.Since(time.Unix(0, skipped)) > claimLockSkip {
-		rows, err := r.claimRows(clock, lease, func() (*sql.Rows, error) { return r.db.QueryContext(ctx, r.q.turn+q) })
-		var pqErr *pq.Error
-		if !errors.As(err, &pqErr) || pqErr.Code != "55P03" { // lock_not_available
+		rows, err := r.claimInTurn(ctx, clock, lease, q)
+		if !pgerr.Is(err, "55P03") { // lock_not_available
 			return rows, err
 		}
 		r.log.Warn("waited too long for the claim lock; claiming without it for a while", "wait", claimLockTimeout.String(), "for", claimLockSkip.String())
 		r.turnSkipped.Store(time.Now().UnixNano())
 	}
 	return r.claimRows(clock, lease, func() (*sql.Rows, error) { return r.db.QueryContext(ctx, q) })
+}
+
+// claimInTurn runs the leased claim q after taking the claim lock: in one
+// message, turn then q, one round trip, where the driver sends a statement
+// without arguments as a simple query (lib/pq); else (pgx, whose extended
+// protocol takes one command per statement: SQLSTATE 42601, noticed once)
+// in an explicit transaction of three statements.
+func (r *Relay) claimInTurn(ctx context.Context, clock *batchClock, lease, q string) ([]*row, error) {
+	if !r.turnInTx.Load() {
+		rows, err := r.claimRows(clock, lease, func() (*sql.Rows, error) { return r.db.QueryContext(ctx, r.q.turn+q) })
+		if !pgerr.Is(err, "42601") || !strings.Contains(err.Error(), "multiple commands") {
+			return rows, err
+		}
+		r.turnInTx.Store(true)
+	}
+	tx, err := r.db.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, fmt.Errorf("claim from %s: %w", r.tables.Outbox, err)
+	}
+	defer tx.Rollback() //nolint:errcheck // after Commit this is a no-op
+	for _, stmt := range []string{r.q.turnTimeout, r.q.turnLock} {
+		if _, err := tx.ExecContext(ctx, stmt); err != nil {
+			return nil, fmt.Errorf("claim from %s: the claim lock: %w", r.tables.Outbox, err)
+		}
+	}
+	rows, err := r.claimRows(clock, lease, func() (*sql.Rows, error) { return tx.QueryContext(ctx, q) })
+	if err != nil {
+		return nil, err
+	}
+	if err := tx.Commit(); err != nil { // the leases were not taken
+		return nil, fmt.Errorf("claim from %s: %w", r.tables.Outbox, err)
+	}
+	return rows, nil
 }
 
 // claimLockSkip is how long a relay claims without the claim lock after it
@@ -205,8 +239,7 @@ const claimLockSkip = 10 * time.Second
 func (r *Relay) claimRows(clock *batchClock, lease string, query func() (*sql.Rows, error)) ([]*row, error) {
 	rs, err := query()
 	if err != nil {
-		var pqErr *pq.Error
-		if errors.As(err, &pqErr) && pqErr.Code == "42703" { // undefined_column
+		if pgerr.Is(err, "42703") { // undefined_column
 			return nil, fmt.Errorf("claim from %s: the table is older than this relay (run mailroom.Migrate or `mailroom-relay migrate`): %w", r.tables.Outbox, err)
 		}
 		return nil, fmt.Errorf("claim from %s: %w", r.tables.Outbox, err)

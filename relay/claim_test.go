@@ -9,9 +9,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/lib/pq"
 
 	"github.com/mailroom-go/mailroom/internal/locks"
+	"github.com/mailroom-go/mailroom/internal/pgerr"
 	"github.com/mailroom-go/mailroom/internal/testenv"
 )
 
@@ -64,6 +66,7 @@ func TestClaimsTakeTurns(t *testing.T) {
 		t.Fatalf("no lock_timeout of 1000 ms in %q", r.q.turn)
 	}
 	r.q.turn = wait
+	r.q.turnTimeout = strings.Replace(r.q.turnTimeout, "lock_timeout = 1000", "lock_timeout = 60000", 1) // the same, one statement at a time (pgx)
 	release := holdClaimLock(t, s)
 	claimed := make(chan []*row, 1)
 	go func() {
@@ -319,8 +322,16 @@ func TestClaimOfAnOlderRelayIsRejected(t *testing.T) {
 	fillOutbox(t, s, "mailroom_outbox", 5, 0)
 	_, err := s.DB.Exec(`UPDATE mailroom_outbox o SET available_at = now() + interval '60 seconds', lease = gen_random_uuid()
 FROM (SELECT seq FROM mailroom_outbox WHERE available_at <= now() ORDER BY available_at LIMIT 5 FOR UPDATE SKIP LOCKED) c WHERE o.seq = c.seq`)
+	var hint string // the driver's error carries it: lib/pq or pgx (MAILROOM_TEST_DRIVER)
 	var pqErr *pq.Error
-	if !errors.As(err, &pqErr) || pqErr.Code != "23514" || !strings.Contains(pqErr.Message, "older than mailroom schema version 4") || !strings.Contains(pqErr.Hint, "Upgrade every relay") {
+	var pgxErr *pgconn.PgError
+	switch {
+	case errors.As(err, &pqErr):
+		hint = pqErr.Hint
+	case errors.As(err, &pgxErr):
+		hint = pgxErr.Hint
+	}
+	if !pgerr.Is(err, "23514") || !strings.Contains(err.Error(), "older than mailroom schema version 4") || !strings.Contains(hint, "Upgrade every relay") {
 		t.Fatalf("a claim of schema version 3: %v; want the lease guard's check_violation (23514) with its hint", err)
 	}
 	var leased int

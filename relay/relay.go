@@ -52,6 +52,7 @@ type Relay struct {
 	tel         *instruments
 	backlog     backlogCache
 	turnSkipped atomic.Int64 // unix nanos of the last claim lock timeout; 0: never
+	turnInTx    atomic.Bool  // the driver takes one command per statement (see claimInTurn)
 
 	shareDefault bool          // ConfirmWindow was left at its default: share it (coordinate.go)
 	window       atomic.Int64  // the confirm window in effect

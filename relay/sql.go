@@ -20,8 +20,9 @@ type queries struct {
 	claim, claimAlone, deleteDone, deleteDoneAsync, archiveDone, retry, retryReturning, bury, release string
 
 	// turn takes the claim lock for the claim that follows it in the same
-	// message (see claimOnce).
-	turn string
+	// message (see claimInTurn); turnTimeout and turnLock are its two
+	// statements, for a driver that takes one per call.
+	turn, turnTimeout, turnLock string
 }
 
 // claimLockTimeout bounds the wait for the claim lock. It is held for one
@@ -153,9 +154,8 @@ picked AS (
     ORDER BY c.rn, c.at
     LIMIT $9)`
 	q := queries{
-		turn: `SET LOCAL lock_timeout = ` + strconv.FormatInt(claimLockTimeout.Milliseconds(), 10) + `;
-SELECT pg_advisory_xact_lock(` + strconv.Itoa(locks.Claim) + `, ` + obOID + `);
-`,
+		turnTimeout: `SET LOCAL lock_timeout = ` + strconv.FormatInt(claimLockTimeout.Milliseconds(), 10),
+		turnLock:    `SELECT pg_advisory_xact_lock(` + strconv.Itoa(locks.Claim) + `, ` + obOID + `)`,
 		// claim takes up to $1 due rows, oldest first, and leases them for
 		// $2 ms under token $3, in one short autocommit statement: no
 		// transaction stays open while the broker is awaited.
@@ -271,6 +271,7 @@ RETURNING o.seq`,
 FROM unnest($1::bigint[], $2::uuid[]) AS f(seq, lease)
 WHERE o.seq = f.seq AND o.lease = f.lease`,
 	}
+	q.turn = q.turnTimeout + ";\n" + q.turnLock + ";\n"
 	// retryReturning is retry returning the seqs it scheduled (buryRows).
 	q.retryReturning = q.retry + ` RETURNING o.seq`
 	return q

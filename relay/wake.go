@@ -14,6 +14,7 @@ import (
 	"github.com/lib/pq"
 
 	"github.com/mailroom-go/mailroom/internal/locks"
+	"github.com/mailroom-go/mailroom/internal/pgerr"
 	"github.com/mailroom-go/mailroom/internal/redact"
 	"github.com/mailroom-go/mailroom/internal/wakeup"
 )
@@ -98,8 +99,7 @@ func (w *wakeLock) acquire(ctx context.Context) (lockResult, error) {
 		w.conn = c
 		return lockHeld, nil
 	}
-	var pqErr *pq.Error
-	if !errors.As(err, &pqErr) || pqErr.Code != "55P03" { // lock_not_available
+	if !pgerr.Is(err, "55P03") { // lock_not_available
 		discard(c)
 		return lockFailed, err
 	}

@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	_ "github.com/jackc/pgx/v5/stdlib" // the "pgx" driver (see Driver)
+
 	"github.com/jmoiron/sqlx"
 	_ "github.com/lib/pq" // the driver under test
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -36,6 +38,17 @@ const (
 	startPostgres = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 	startRabbit   = "rabbitmq-server -detached (or `rabbitmqctl start_app` if the node runs)"
 )
+
+// Driver is the database/sql driver the tests' schemas are opened with:
+// "postgres" (lib/pq, the default) or, with MAILROOM_TEST_DRIVER=pgx,
+// "pgx" (github.com/jackc/pgx/v5/stdlib). `make test` runs the outbox,
+// inbox and dedupe tests with both.
+func Driver() string {
+	if os.Getenv("MAILROOM_TEST_DRIVER") == "pgx" {
+		return "pgx"
+	}
+	return "postgres"
+}
 
 // DatabaseURL is $DATABASE_URL or the local default.
 func DatabaseURL() string { return envOr("DATABASE_URL", DefaultDatabaseURL) }
@@ -110,7 +123,7 @@ func NewEmptySchema(t testing.TB) *Schema {
 	if err != nil {
 		t.Fatal(err)
 	}
-	db, err := sqlx.Open("postgres", u)
+	db, err := sqlx.Open(Driver(), u)
 	if err != nil {
 		t.Fatal(err)
 	}
