@@ -94,38 +94,66 @@ func TestBadInput(t *testing.T) {
 	}
 }
 
+// Help asked for goes to stdout with exit 0 (so `mailroom-relay help | less`
+// works); help not asked for (no command) is an error: stderr, exit 2.
 func TestHelp(t *testing.T) {
 	t.Parallel()
-	if r := runBin(t, cleanEnv()); r.code != 2 || !strings.Contains(r.stderr, "Commands:") {
-		t.Fatalf("no arguments: exit %d, want 2 and the usage; stderr: %s", r.code, r.stderr)
+	if r := runBin(t, cleanEnv()); r.code != 2 || !strings.Contains(r.stderr, "Commands:") || r.stdout != "" {
+		t.Fatalf("no arguments: exit %d, want 2 and the usage on stderr; stdout: %q, stderr: %s", r.code, r.stdout, r.stderr)
 	}
-	r := runBin(t, cleanEnv(), "-h")
-	if r.code != 0 {
-		t.Fatalf("-h: exit %d", r.code)
-	}
-	for _, cmd := range []string{"migrate", "run", "status", "dead", "version"} {
-		if !strings.Contains(r.stderr, "\n  "+cmd) {
-			t.Errorf("usage does not list %s:\n%s", cmd, r.stderr)
+	for _, asked := range []string{"-h", "--help", "help"} {
+		r := runBin(t, cleanEnv(), asked)
+		if r.code != 0 || r.stderr != "" {
+			t.Fatalf("%s: exit %d, stderr %q; want 0 and nothing on stderr", asked, r.code, r.stderr)
+		}
+		for _, cmd := range []string{"migrate", "run", "status", "dead", "version", "healthcheck", "help"} {
+			if !strings.Contains(r.stdout, "\n  "+cmd) {
+				t.Errorf("%s: usage does not list %s:\n%s", asked, cmd, r.stdout)
+			}
 		}
 	}
 	for _, args := range [][]string{
 		{"migrate", "-h"}, {"run", "-h"}, {"status", "-h"}, {"dead", "-h"},
 		{"dead", "list", "-h"}, {"dead", "replay", "-h"}, {"dead", "discard", "--help"}, {"version", "-h"},
+		{"healthcheck", "-h"}, {"help", "run"}, {"help", "dead", "replay"}, {"help", "status"},
 	} {
 		r := runBin(t, cleanEnv(), args...)
-		want := "Usage: mailroom-relay " + args[0]
-		if args[0] == "dead" && args[1] != "-h" {
-			want += " " + args[1]
+		cmd := args
+		if cmd[0] == "help" {
+			cmd = cmd[1:]
 		}
-		if r.code != 0 || !strings.Contains(r.stderr, want) {
-			t.Errorf("%v: exit %d, want 0 and %q in:\n%s", args, r.code, want, r.stderr)
+		want := "Usage: mailroom-relay " + cmd[0]
+		if cmd[0] == "dead" && len(cmd) > 1 && cmd[1] != "-h" {
+			want += " " + cmd[1]
+		}
+		if r.code != 0 || !strings.Contains(r.stdout, want) {
+			t.Errorf("%v: exit %d, want 0 and %q on stdout:\n%s\nstderr: %s", args, r.code, want, r.stdout, r.stderr)
 		}
 	}
-	if r := runBin(t, cleanEnv(), "run", "-h"); !strings.Contains(r.stderr, "-admin-token") || !strings.Contains(r.stderr, "/readyz") || !strings.Contains(r.stderr, "-purge-inbox") || !strings.Contains(r.stderr, "-max-message-size") || !strings.Contains(r.stderr, "$MAILROOM_MAX_MESSAGE_SIZE") {
-		t.Errorf("run -h does not document --admin-token, /readyz, --purge-inbox and --max-message-size:\n%s", r.stderr)
+	if r := runBin(t, cleanEnv(), "help", "run"); !strings.Contains(r.stdout, "-admin-token") || !strings.Contains(r.stdout, "/readyz") || !strings.Contains(r.stdout, "-purge-inbox") || !strings.Contains(r.stdout, "-max-message-size") || !strings.Contains(r.stdout, "$MAILROOM_MAX_MESSAGE_SIZE") {
+		t.Errorf("help run does not document --admin-token, /readyz, --purge-inbox and --max-message-size:\n%s", r.stdout)
 	}
-	if r := runBin(t, cleanEnv(), "dead", "replay", "-h"); !strings.Contains(r.stderr, "END of its key") {
-		t.Errorf("dead replay -h does not say what replay does to per-key order:\n%s", r.stderr)
+	if r := runBin(t, cleanEnv(), "dead", "replay", "-h"); !strings.Contains(r.stdout, "END of its key") {
+		t.Errorf("dead replay -h does not say what replay does to per-key order:\n%s", r.stdout)
+	}
+	if r := runBin(t, cleanEnv(), "help", "nonsense"); r.code != 2 || !strings.Contains(r.stderr, `unknown command "nonsense"`) {
+		t.Errorf("help nonsense: exit %d, stderr %q; want 2 naming the command", r.code, r.stderr)
+	}
+}
+
+// A malformed database setting is a configuration error (exit 2) naming
+// the variable, not "is it running?", and never shows the password.
+func TestBadDatabaseSettingIsAConfigurationError(t *testing.T) {
+	t.Parallel()
+	const leak = "s3cret-pw"
+	for _, args := range [][]string{{"status"}, {"migrate"}, {"dead", "list"}} {
+		r := runBin(t, cleanEnv("DATABASE_URL=postgres://root:"+leak+"@127.0.0.1:5432/test?sslmode=bogus"), args...)
+		if r.code != 2 || !strings.Contains(r.stderr, "DATABASE_URL") || !strings.Contains(r.stderr, "sslmode") || strings.Contains(r.stderr, "is it running") {
+			t.Errorf("%v with sslmode=bogus: exit %d, stderr %q; want 2, naming DATABASE_URL and sslmode", args, r.code, r.stderr)
+		}
+		if strings.Contains(r.stderr+r.stdout, leak) {
+			t.Errorf("%v: the password is printed: %s", args, r.stderr)
+		}
 	}
 }
 

@@ -68,7 +68,7 @@ func cmdDead(args []string, stdout, stderr io.Writer) error {
 	}
 	switch args[0] {
 	case "-h", "--help", "help":
-		fmt.Fprint(stderr, deadHelp)
+		fmt.Fprint(stdout, deadHelp)
 		return nil
 	case "list":
 		return cmdDeadList(args[1:], stdout, stderr)
@@ -82,7 +82,7 @@ func cmdDead(args []string, stdout, stderr io.Writer) error {
 }
 
 func cmdDeadList(args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("dead list", deadListHelp, stderr)
+	fs := newFlagSet("dead list", deadListHelp, stdout)
 	var c common
 	c.register(fs)
 	asJSON := fs.Bool("json", false, "print a JSON array")
@@ -134,7 +134,7 @@ func cmdDeadMove(args []string, replay bool, stdout, stderr io.Writer) error {
 	if replay {
 		name, help = "dead replay", deadReplayHelp
 	}
-	fs := newFlagSet(name, help, stderr)
+	fs := newFlagSet(name, help, stdout)
 	var c common
 	c.register(fs)
 	all := new(bool)

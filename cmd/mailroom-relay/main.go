@@ -34,6 +34,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/lib/pq"
 	_ "github.com/lib/pq"
 
 	"github.com/mailroom-go/mailroom"
@@ -55,6 +56,8 @@ Commands:
   dead replay ID...      move dead letters back into the outbox (--all: every one)
   dead discard ID...     delete dead letters
   version                print the version
+  healthcheck            exit 0 if a running relay's /readyz answers 200, else 1 (for a container health check)
+  help [command]         this help, or a command's
 
 Environment (flags win): DATABASE_URL, AMQP_URL, MAILROOM_OUTBOX_TABLE,
 MAILROOM_DEAD_TABLE, MAILROOM_PUBLISHED_TABLE, MAILROOM_INBOX_TABLE,
@@ -65,7 +68,7 @@ mailroom-relay run -h).
 Exit status: 0 done, 1 failed (e.g. database unreachable, unknown dead-letter
 id), 2 bad command line or configuration.
 
-Run "mailroom-relay <command> -h" for the flags of a command.
+Run "mailroom-relay help <command>" (or "<command> -h") for a command's flags.
 `
 
 // errUsage marks configuration errors: exit status 2.
@@ -80,27 +83,32 @@ func main() {
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+	switch {
+	case len(args) == 0: // not asked for: an error, on stderr
 		fmt.Fprint(stderr, usage)
-		if len(args) == 0 {
-			return 2
-		}
+		return 2
+	case args[0] == "-h" || args[0] == "--help" || args[0] == "help" && len(args) == 1:
+		fmt.Fprint(stdout, usage) // asked for: on stdout
 		return 0
+	case args[0] == "help": // help run, help dead replay: the command's -h
+		args = append(append([]string{}, args[1:]...), "-h")
 	}
 	var err error
 	switch args[0] {
 	case "migrate":
 		err = cmdMigrate(args[1:], stdout, stderr)
 	case "run":
-		err = cmdRun(args[1:], stderr)
+		err = cmdRun(args[1:], stdout, stderr)
 	case "status":
 		err = cmdStatus(args[1:], stdout, stderr)
 	case "dead":
 		err = cmdDead(args[1:], stdout, stderr)
 	case "version", "-version", "--version":
 		err = cmdVersion(args[1:], stdout, stderr)
+	case "healthcheck":
+		err = cmdHealthcheck(args[1:], stdout, stderr)
 	default:
-		err = usageErr("unknown command %q; commands: migrate, run, status, dead, version (see mailroom-relay -h)", args[0])
+		err = usageErr("unknown command %q; commands: migrate, run, status, dead, version, healthcheck, help (see mailroom-relay -h)", args[0])
 	}
 	var ue errUsage
 	switch {
@@ -151,6 +159,9 @@ func (c *common) check() (*slog.Logger, error) {
 		return nil, usageErr("DATABASE_URL is not a postgres:// URL (got %s)", redact.String(c.databaseURL))
 	}
 	hide(c.databaseURL)
+	if _, err := pq.NewConnector(c.databaseURL); err != nil { // a bad sslmode, a malformed option
+		return nil, usageErr("DATABASE_URL (or --database-url): %v: fix the setting (lib/pq's URL or key=value options)", redact.Error(err, c.databaseURL))
+	}
 	if _, err := tablenames.Resolve(tablenames.Names(c.tables)); err != nil {
 		return nil, usageErr("%v", err)
 	}
@@ -215,7 +226,7 @@ Creates or upgrades every mailroom table (outbox, dead letters, published
 rows, inbox) in DATABASE_URL, in one transaction under an advisory lock:
 safe to run from several processes at once and again after an upgrade.
 Unqualified table names resolve through the URL's search_path.
-`, stderr)
+`, stdout)
 	var c common
 	c.register(fs)
 	if err := parse(fs, args, stderr); err != nil {
@@ -242,15 +253,16 @@ Unqualified table names resolve through the URL's search_path.
 // one-line error, so Usage is a no-op and parseArgs prints help for -h only.
 var helps sync.Map // *flag.FlagSet -> func()
 
-// newFlagSet makes a command's flag set; help is printed above the flags
-// for -h: a usage line and what the command does.
-func newFlagSet(name, help string, stderr io.Writer) *flag.FlagSet {
+// newFlagSet makes a command's flag set; help is printed to stdout above
+// the flags for -h (asked for, so not an error): a usage line and what the
+// command does.
+func newFlagSet(name, help string, stdout io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // errors are reported in one line by run
 	fs.Usage = func() {}
 	helps.Store(fs, func() {
-		fs.SetOutput(stderr)
-		fmt.Fprintf(stderr, "%s\nFlags:\n", help)
+		fs.SetOutput(stdout)
+		fmt.Fprintf(stdout, "%s\nFlags:\n", help)
 		fs.PrintDefaults()
 	})
 	return fs

@@ -69,8 +69,8 @@ type runOpts struct {
 // runIdleConns is how many idle database connections run keeps.
 const runIdleConns = 4
 
-func cmdRun(args []string, stderr io.Writer) error {
-	fs := newFlagSet("run", runHelp, stderr)
+func cmdRun(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("run", runHelp, stdout)
 	var c common
 	c.register(fs)
 	cfg := relay.Config{}

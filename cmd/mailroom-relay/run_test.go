@@ -561,3 +561,25 @@ SELECT g, gen_random_uuid(), 'x', 'r', '\x7b7d', now() - interval '3 hours', 0, 
 		return s.DB.Get(&n, `SELECT count(*) FROM mailroom_outbox_published`) == nil && n == 0
 	})
 }
+
+// healthcheck exits 0 against a ready relay and 1, saying why, against an
+// address nothing listens on: what the image's HEALTHCHECK runs.
+func TestHealthcheck(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	testenv.NewBroker(t)
+	sc := startSidecar(t, s.URL)
+	sc.waitReady()
+	if r := runBin(t, cleanEnv(), "healthcheck", "--http", sc.addr); r.code != 0 || !strings.HasPrefix(r.stdout, "ready") {
+		t.Fatalf("healthcheck of a ready relay: exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
+	}
+	if r := runBin(t, cleanEnv("MAILROOM_HTTP="+sc.addr), "healthcheck"); r.code != 0 {
+		t.Fatalf("healthcheck with MAILROOM_HTTP: exit %d, stderr %q", r.code, r.stderr)
+	}
+	if r := runBin(t, cleanEnv(), "healthcheck", "--http", "127.0.0.1:1", "--timeout", "2s"); r.code != 1 || !strings.Contains(r.stderr, "not ready") || !strings.Contains(r.stderr, "MAILROOM_HTTP") {
+		t.Fatalf("healthcheck of nothing: exit %d, stderr %q; want 1 and why", r.code, r.stderr)
+	}
+	if r := runBin(t, cleanEnv(), "healthcheck", "--timeout", "0s"); r.code != 2 {
+		t.Fatalf("healthcheck --timeout 0s: exit %d, want 2", r.code)
+	}
+}

@@ -28,7 +28,7 @@ The age is 0 when nothing is pending, never null.
 `
 
 func cmdStatus(args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("status", statusHelp, stderr)
+	fs := newFlagSet("status", statusHelp, stdout)
 	var c common
 	c.register(fs)
 	asJSON := fs.Bool("json", false, "print one JSON object")

@@ -24,7 +24,7 @@ schema version this build migrates to.
 `
 
 func cmdVersion(args []string, stdout, stderr io.Writer) error {
-	f := newFlagSet("version", versionHelp, stderr)
+	f := newFlagSet("version", versionHelp, stdout)
 	if err := parse(f, args, stderr); err != nil {
 		return err
 	}
