@@ -8,7 +8,7 @@ SHELL := /bin/bash
 # broker app, so nothing else may run beside them).
 test:
 	go test -race -count=1 ./...
-	MAILROOM_TEST_DRIVER=pgx go test -race -count=1 ./outbox/... ./inbox/ ./dedupe/ ./relay/
+	MAILROOM_TEST_DRIVER=pgx go test -race -count=1 ./outbox/... ./inbox/... ./dedupe/ ./relay/
 	go test -race -count=1 -p 1 -tags brokerfaults ./test/brokerfaults/
 	go test -count=1 -p 1 -tags chaos -v -run TestChaos ./test/chaos/ | grep -v '^=== '; test $${PIPESTATUS[0]} -eq 0
 
