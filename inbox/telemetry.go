@@ -37,9 +37,10 @@ func newInstruments(cfg *Config) (*instruments, error) {
 		tracer:     telemetry.NewTracing(cfg.TracerProvider, telemetry.ScopeInbox),
 		propagator: cfg.Propagator,
 		spanName:   "process " + cfg.Queue,
-		spanStart: []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindConsumer), trace.WithAttributes(
+		spanStart: []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindConsumer), trace.WithAttributes(append([]attribute.KeyValue{
 			semconv.MessagingSystemRabbitMQ, semconv.MessagingOperationTypeProcess, semconv.MessagingOperationName("process"),
-			semconv.MessagingConsumerGroupName(cfg.Consumer), semconv.MessagingDestinationSubscriptionName(cfg.Queue))},
+			semconv.MessagingConsumerGroupName(cfg.Consumer), semconv.MessagingDestinationSubscriptionName(cfg.Queue)},
+			telemetry.ServerAttrs(cfg.URL)...)...)},
 		meter: telemetry.MeterProvider(cfg.MeterProvider).Meter(telemetry.ScopeInbox),
 		attrs: attribute.NewSet(telemetry.AttrConsumer.String(cfg.Consumer), telemetry.AttrQueue.String(cfg.Queue)),
 	}
@@ -167,6 +168,7 @@ func endSpan(span trace.Span, dup bool, err error) {
 	case err != nil:
 		span.RecordError(err)
 		span.SetStatus(codes.Error, err.Error())
+		span.SetAttributes(semconv.ErrorType(err))
 	case dup:
 		span.SetAttributes(attribute.Bool("mailroom.duplicate", true))
 	}

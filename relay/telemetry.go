@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"sync"
@@ -66,8 +67,9 @@ func newInstruments(cfg *Config, table string) (*instruments, error) {
 	t := &instruments{
 		tracer:     telemetry.NewTracing(cfg.TracerProvider, telemetry.ScopeRelay),
 		propagator: cfg.Propagator,
-		spanStart: []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindProducer), trace.WithAttributes(
-			semconv.MessagingSystemRabbitMQ, semconv.MessagingOperationTypeSend, semconv.MessagingOperationName("publish"))},
+		spanStart: []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindProducer), trace.WithAttributes(append([]attribute.KeyValue{
+			semconv.MessagingSystemRabbitMQ, semconv.MessagingOperationTypeSend, semconv.MessagingOperationName("publish")},
+			telemetry.ServerAttrs(cfg.URL)...)...)},
 		meter: telemetry.MeterProvider(cfg.MeterProvider).Meter(telemetry.ScopeRelay),
 		attrs: attribute.NewSet(telemetry.AttrTable.String(table)),
 	}
@@ -258,12 +260,12 @@ func (p *publisher) injectSpan(span trace.Span, h map[string]any) {
 func (r *Relay) settled(o *outcome) {
 	w := o.row
 	if w.span != nil {
-		switch {
+		switch { // a delivery leaves the status unset, as the conventions ask
 		case o.kind == delivered:
-			w.span.SetStatus(codes.Ok, "")
 		case o.err != nil:
 			w.span.RecordError(o.err)
 			w.span.SetStatus(codes.Error, o.err.Error())
+			w.span.SetAttributes(semconv.ErrorTypeKey.String(cmp.Or(reasonNames[o.reason], "_OTHER")))
 		default:
 			w.span.SetAttributes(attribute.Bool("mailroom.released", true))
 		}

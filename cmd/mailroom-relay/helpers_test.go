@@ -105,11 +105,12 @@ type sidecar struct {
 	cmd  *exec.Cmd
 	addr string
 
-	mu    sync.Mutex
-	logs  []string
-	done  chan struct{} // closed when the process has exited
-	code  int
-	ready chan string // the "http listening" address
+	mu     sync.Mutex
+	logs   []string
+	stdout bytes.Buffer  // under mu
+	done   chan struct{} // closed when the process has exited
+	code   int
+	ready  chan string // the "http listening" address
 }
 
 // startSidecar runs `mailroom-relay run` against dbURL (a schema's URL) on
@@ -133,7 +134,7 @@ func startSidecarEnv(t *testing.T, env []string, dbURL string, extra ...string) 
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.cmd.Stdout = io.Discard
+	s.cmd.Stdout = lockedWriter{&s.mu, &s.stdout}
 	if err := s.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -181,6 +182,25 @@ func startSidecarEnv(t *testing.T, env []string, dbURL string, extra ...string) 
 		t.Fatalf("sidecar did not log \"http listening\" within a minute:\n%s", strings.Join(s.lines(), "\n"))
 	}
 	return s
+}
+
+// lockedWriter writes to w under mu.
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}
+
+// output is what the sidecar wrote to stdout so far.
+func (s *sidecar) output() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.stdout.String()
 }
 
 func (s *sidecar) lines() []string {

@@ -152,6 +152,21 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 	}
 	defer mp.Shutdown(context.Background()) //nolint:errcheck // nothing is pushed: the exporter is pulled
 	cfg.MeterProvider = mp
+	tp, prop, stopTracing, err := tracing(ctx)
+	if err != nil {
+		return err
+	}
+	defer func() { // flush the batched spans, bounded
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := stopTracing(sctx); err != nil {
+			log.Warn("flushing spans at stop failed", "error", err)
+		}
+	}()
+	if tp != nil {
+		cfg.TracerProvider, cfg.Propagator = tp, prop
+		log.Info("tracing on: publish spans are exported (OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_*)")
+	}
 	cfg.BacklogInterval = -1 // outboxCollector exports pending and lag, read at scrape time
 	// A bad setting is reported before a missing schema.
 	r, err := relay.New(db, cfg)

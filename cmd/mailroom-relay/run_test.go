@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -10,6 +11,9 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/mailroom-go/mailroom/internal/testenv"
 	"github.com/mailroom-go/mailroom/outbox"
@@ -581,5 +585,99 @@ func TestHealthcheck(t *testing.T) {
 	}
 	if r := runBin(t, cleanEnv(), "healthcheck", "--timeout", "0s"); r.code != 2 {
 		t.Fatalf("healthcheck --timeout 0s: exit %d, want 2", r.code)
+	}
+}
+
+// With the standard OpenTelemetry environment set (here the console
+// exporter) the sidecar exports each publish as a producer span, a child
+// of the trace outbox.Add stored with the message, with the messaging
+// attributes and no status on success; without it, it exports nothing.
+func TestSidecarExportsPublishSpans(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	b := testenv.NewBroker(t)
+	ex := b.Exchange()
+	q := b.Queue(ex, "#", nil)
+
+	traceID, _ := trace.TraceIDFromHex("4bf92f3577b34da6a3ce929d0e0e4736")
+	spanID, _ := trace.SpanIDFromHex("00f067aa0ba902b7")
+	ctx := trace.ContextWithSpanContext(context.Background(), trace.NewSpanContext(trace.SpanContextConfig{TraceID: traceID, SpanID: spanID, TraceFlags: trace.FlagsSampled}))
+	ob, err := outbox.New(outbox.Config{Propagator: propagation.TraceContext{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := outbox.NewID()
+	if err := ob.Add(ctx, s.DB, outbox.Message{ID: id, Exchange: ex, RoutingKey: "order.placed", Payload: []byte(`{}`)}); err != nil {
+		t.Fatal(err)
+	}
+
+	sc := startSidecarEnv(t, []string{"OTEL_TRACES_EXPORTER=console", "OTEL_SERVICE_NAME=relay-under-test"}, s.URL)
+	receiveIDs(t, b, q, []string{id}, time.Minute)
+	if code := sc.stop(); code != 0 { // flushes the batched spans
+		t.Fatalf("exit %d", code)
+	}
+	var found bool
+	dec := json.NewDecoder(strings.NewReader(sc.output()))
+	for dec.More() {
+		var span struct {
+			Name        string
+			SpanContext struct{ TraceID string }
+			Parent      struct{ SpanID string }
+			SpanKind    int
+			Status      struct{ Code string }
+			Attributes  []struct {
+				Key   string
+				Value struct{ Value any }
+			}
+			Resource []struct {
+				Key   string
+				Value struct{ Value any }
+			}
+		}
+		if err := dec.Decode(&span); err != nil {
+			t.Fatalf("stdout is not the console exporter's JSON: %v\n%s", err, sc.output())
+		}
+		if span.Name != "publish "+ex {
+			continue
+		}
+		found = true
+		attrs := map[string]any{}
+		for _, a := range span.Attributes {
+			attrs[a.Key] = a.Value.Value
+		}
+		if span.SpanContext.TraceID != traceID.String() || span.Parent.SpanID != spanID.String() {
+			t.Errorf("publish span in trace %s under %s, want the writer's %s under %s", span.SpanContext.TraceID, span.Parent.SpanID, traceID, spanID)
+		}
+		if span.SpanKind != int(trace.SpanKindProducer) || span.Status.Code != "Unset" {
+			t.Errorf("span kind %d, status %q; want producer and an unset status on success", span.SpanKind, span.Status.Code)
+		}
+		for k, want := range map[string]any{"messaging.system": "rabbitmq", "messaging.message.id": id, "messaging.destination.name": ex, "server.address": "127.0.0.1"} {
+			if attrs[k] != want {
+				t.Errorf("attribute %s = %v, want %v (all: %v)", k, attrs[k], want, attrs)
+			}
+		}
+		if _, ok := attrs["server.port"]; !ok {
+			t.Errorf("no server.port attribute: %v", attrs)
+		}
+		var service any
+		for _, r := range span.Resource {
+			if r.Key == "service.name" {
+				service = r.Value.Value
+			}
+		}
+		if service != "relay-under-test" {
+			t.Errorf("service.name %v, want OTEL_SERVICE_NAME's", service)
+		}
+	}
+	if !found {
+		t.Fatalf("no span %q on stdout:\n%s", "publish "+ex, sc.output())
+	}
+
+	// Without the environment: no spans, nothing on stdout.
+	plain := startSidecar(t, s.URL)
+	id2 := addMessages(t, s, outbox.Message{Exchange: ex, RoutingKey: "order.placed"})
+	receiveIDs(t, b, q, id2, time.Minute)
+	if code := plain.stop(); code != 0 || plain.output() != "" {
+		t.Fatalf("without OTEL_*: exit %d, stdout %q; want nothing exported", code, plain.output())
 	}
 }

@@ -9,13 +9,15 @@
 package telemetry
 
 import (
-	"reflect"
+	"net/url"
+	"strconv"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/propagation"
+	semconv "go.opentelemetry.io/otel/semconv/v1.39.0"
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
 )
@@ -189,45 +191,48 @@ func (c AMQPCarrier) Keys() []string {
 
 // Tracing is a package's tracer plus a cheap test of whether spans can be
 // recorded at all, so the message path skips extracting contexts and
-// starting spans when no SDK is installed.
+// starting spans when tracing is configured off.
 type Tracing struct {
 	trace.Tracer
-	configured trace.TracerProvider // nil: the global provider, checked at each use
-	recording  bool                 // for configured
+	off bool // a no-op provider was configured
 }
 
 // NewTracing returns the tracer of scope from tp (nil: the global
-// provider, which may be replaced later; Enabled follows it).
+// provider, which may be replaced later).
 func NewTracing(tp trace.TracerProvider, scope string) Tracing {
-	return Tracing{Tracer: TracerProvider(tp).Tracer(scope), configured: tp, recording: tp != nil && !isNoop(tp)}
+	return Tracing{Tracer: TracerProvider(tp).Tracer(scope), off: isNoop(tp)}
 }
 
-// Enabled reports whether a span started now could record: false with the
-// no-op provider and with the global provider while the application has
-// not installed one (otel.SetTracerProvider). A recording-capable provider
-// may still sample a span out; callers check span.IsRecording for that.
-//
-// One consequence: zero-code eBPF auto-instrumentation, which hooks the
-// global provider without installing one, sees no mailroom spans.
-func (t Tracing) Enabled() bool {
-	if t.configured != nil {
-		return t.recording
-	}
-	return !isNoop(otel.GetTracerProvider())
-}
-
-// globalPkg is where the global delegating provider lives; the global
-// provider is that type exactly until otel.SetTracerProvider replaces it.
-const globalPkg = "go.opentelemetry.io/otel/internal/global"
+// Enabled reports whether a span started now might record: false only for
+// a configured no-op provider. With the global provider it cannot tell
+// (the API offers no test, and guessing from its type would read another
+// module's internals): spans are started, and callers check
+// span.IsRecording, which is false until an SDK is installed.
+func (t Tracing) Enabled() bool { return !t.off }
 
 func isNoop(tp trace.TracerProvider) bool {
 	switch tp.(type) {
 	case noop.TracerProvider, *noop.TracerProvider:
 		return true
 	}
-	t := reflect.TypeOf(tp)
-	if t.Kind() == reflect.Pointer {
-		t = t.Elem()
+	return false
+}
+
+// ServerAttrs are the server.address and server.port of the broker at
+// amqpURL, as the messaging semantic conventions put on every span (the
+// scheme's port when the URL names none: 5672, 5671 for amqps). None when
+// the URL does not parse (configs validate it first).
+func ServerAttrs(amqpURL string) []attribute.KeyValue {
+	u, err := url.Parse(amqpURL)
+	if err != nil || u.Hostname() == "" {
+		return nil
 	}
-	return t.PkgPath() == globalPkg
+	port, err := strconv.Atoi(u.Port())
+	if err != nil {
+		port = 5672
+		if u.Scheme == "amqps" {
+			port = 5671
+		}
+	}
+	return []attribute.KeyValue{semconv.ServerAddress(u.Hostname()), semconv.ServerPort(port)}
 }
