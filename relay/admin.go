@@ -145,16 +145,77 @@ func (a *Admin) Status(ctx context.Context) (StatusReport, error) {
 	return s, nil
 }
 
+// DeadFilter selects dead letters; its zero value selects every one. Set
+// fields must all match.
+type DeadFilter struct {
+	Exchange string        // exactly this exchange
+	Type     string        // exactly this message type
+	Error    string        // last_error contains this text
+	MinAge   time.Duration // dead for at least this long
+	MaxAge   time.Duration // dead for at most this long
+}
+
+func (f DeadFilter) args() []any {
+	return []any{f.Exchange, f.Type, f.Error, f.MinAge.Milliseconds(), f.MaxAge.Milliseconds()}
+}
+
+func (f DeadFilter) check() error {
+	if f.MinAge < 0 || f.MaxAge < 0 || f.MaxAge > 0 && f.MaxAge < f.MinAge {
+		return fmt.Errorf("relay: DeadFilter ages %s…%s: must be positive, MinAge ≤ MaxAge", f.MinAge, f.MaxAge)
+	}
+	return nil
+}
+
+// DeadLetterDetail is a dead letter with its payload and headers, as the
+// relay would publish it again.
+type DeadLetterDetail struct {
+	DeadLetter
+	Headers map[string]string `json:"headers"`
+	Payload []byte            `json:"payload"`
+}
+
 // ListDead returns up to limit dead letters in the order they were written
 // (0 means DefaultDeadListLimit). Status reports how many there are in all.
 func (a *Admin) ListDead(ctx context.Context, limit int) ([]DeadLetter, error) {
+	return a.ListDeadWhere(ctx, DeadFilter{}, limit)
+}
+
+// ShowDead returns the dead letter with message id id, payload and
+// headers included; ErrDeadLetterNotFound (wrapped) if there is none.
+func (a *Admin) ShowDead(ctx context.Context, id string) (DeadLetterDetail, error) {
+	ids, err := checkIDs([]string{id})
+	if err != nil {
+		return DeadLetterDetail{}, err
+	}
+	var d DeadLetterDetail
+	var headers sql.NullString
+	err = a.db.QueryRowContext(ctx, a.q.showDead, ids[0]).Scan(&d.Seq, &d.ID, &d.Exchange, &d.RoutingKey, &d.Key, &d.Type, &d.ContentType, &d.PayloadSize, &d.Attempts, &d.LastError, &d.CreatedAt, &d.DeadAt, &headers, &d.Payload)
+	if errors.Is(err, sql.ErrNoRows) {
+		return DeadLetterDetail{}, fmt.Errorf("%w: %s (`mailroom-relay dead list` shows the ids)", ErrDeadLetterNotFound, ids[0])
+	}
+	if err != nil {
+		return DeadLetterDetail{}, fmt.Errorf("relay: show dead letter: %w", err)
+	}
+	if headers.Valid && headers.String != "" && headers.String != "null" {
+		if err := json.Unmarshal([]byte(headers.String), &d.Headers); err != nil {
+			d.Headers = map[string]string{"(unreadable headers)": headers.String}
+		}
+	}
+	return d, nil
+}
+
+// ListDeadWhere is ListDead of the dead letters that match f.
+func (a *Admin) ListDeadWhere(ctx context.Context, f DeadFilter, limit int) ([]DeadLetter, error) {
 	if limit < 0 {
 		return nil, fmt.Errorf("relay: ListDead limit %d: must be 0 (default %d) or positive", limit, DefaultDeadListLimit)
+	}
+	if err := f.check(); err != nil {
+		return nil, err
 	}
 	if limit == 0 {
 		limit = DefaultDeadListLimit
 	}
-	rs, err := a.db.QueryContext(ctx, a.q.listDead, limit)
+	rs, err := a.db.QueryContext(ctx, a.q.listDead, append([]any{limit}, f.args()...)...)
 	if err != nil {
 		return nil, fmt.Errorf("relay: list dead letters: %w", err)
 	}
@@ -196,12 +257,21 @@ func (a *Admin) ReplayDead(ctx context.Context, ids []string) (replayed int64, e
 // replayed twice. If it stops early (ctx ends, an error), the rows it
 // moved stay moved and the error says how many; run it again for the rest.
 func (a *Admin) ReplayAllDead(ctx context.Context) (replayed int64, err error) {
+	return a.ReplayDeadWhere(ctx, DeadFilter{})
+}
+
+// ReplayDeadWhere is ReplayAllDead for the dead letters that match f (an
+// exchange fixed, a type, an error seen): the same batches, the same order.
+func (a *Admin) ReplayDeadWhere(ctx context.Context, f DeadFilter) (replayed int64, err error) {
+	if err := f.check(); err != nil {
+		return 0, err
+	}
 	var last sql.NullInt64
 	if err := a.db.QueryRowContext(ctx, a.q.lastDead).Scan(&last); err != nil {
 		return 0, fmt.Errorf("relay: replay dead letters: %w", err)
 	}
 	for last.Valid {
-		res, err := a.db.ExecContext(ctx, a.q.replayAll, last.Int64, replayBatch)
+		res, err := a.db.ExecContext(ctx, a.q.replayAll, append(append([]any{replayBatch}, f.args()...), last.Int64)...)
 		var n int64
 		if err == nil {
 			n, err = res.RowsAffected()

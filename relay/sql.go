@@ -396,8 +396,14 @@ const asyncCommitSQL = `SET LOCAL synchronous_commit = off`
 
 // adminQueries are the statements of Admin (admin.go).
 type adminQueries struct {
-	status, listDead, lockDead, lastDead, replay, replayAll, discard, purgePublished string
+	status, listDead, showDead, lockDead, lastDead, replay, replayAll, discard, purgePublished string
 }
+
+// deadWhere is DeadFilter as SQL: $2 exchange, $3 type, $4 a substring of
+// last_error (” for any), $5 dead for at least, $6 at most, that many
+// milliseconds (0 for any).
+const deadWhere = `($2 = '' OR exchange = $2) AND ($3 = '' OR type = $3) AND ($4 = '' OR strpos(last_error, $4) > 0)
+  AND ($5 <= 0 OR dead_at <= now() - $5 * interval '1 millisecond') AND ($6 <= 0 OR dead_at >= now() - $6 * interval '1 millisecond')`
 
 // newAdminQueries builds the statements of Admin.
 func newAdminQueries(t tablenames.Resolved) adminQueries {
@@ -425,9 +431,12 @@ func newAdminQueries(t tablenames.Resolved) adminQueries {
     ` + presentRelays(obOID) + `,
     ` + publishingRelays(obOID) + `
 FROM ` + ob,
-		// Write order (seq), oldest first.
+		// Write order (seq), oldest first, those matching the filter
+		// $2…$6 (deadWhere).
 		listDead: `SELECT seq, id, exchange, routing_key, key, type, content_type, length(payload), attempts, last_error, created_at, dead_at
-FROM ` + dead + ` ORDER BY seq LIMIT $1`,
+FROM ` + dead + ` WHERE ` + deadWhere + ` ORDER BY seq LIMIT $1`,
+		showDead: `SELECT seq, id, exchange, routing_key, key, type, content_type, length(payload), attempts, last_error, created_at, dead_at, headers::text, payload
+FROM ` + dead + ` WHERE id = $1::uuid`,
 		// Lock the rows first, so a concurrent replay or discard of the same
 		// id waits and then finds it gone (reported, not silently counted).
 		// In seq order, as replayAll locks them: two of these cannot
@@ -439,11 +448,11 @@ FROM ` + dead + ` ORDER BY seq LIMIT $1`,
 		replay: `WITH d AS (DELETE FROM ` + dead + ` WHERE id = ANY($1::uuid[]) RETURNING ` + deadCols + `)
 INSERT INTO ` + ob + ` (id, exchange, routing_key, key, type, content_type, headers, payload, created_at)
 SELECT id, exchange, routing_key, key, type, content_type, headers, payload, created_at FROM d ORDER BY seq`,
-		// The oldest $2 up to seq $1 (the last when the replay began).
-		// A concurrent replay of one of them makes this one wait, then
-		// skip it.
+		// The oldest $1 matching the filter $2…$6 (deadWhere) up to seq $7
+		// (the last when the replay began). A concurrent replay of one of
+		// them makes this one wait, then skip it.
 		replayAll: `WITH d AS (DELETE FROM ` + dead + ` WHERE seq IN (
-    SELECT seq FROM ` + dead + ` WHERE seq <= $1 ORDER BY seq LIMIT $2 FOR UPDATE) RETURNING ` + deadCols + `)
+    SELECT seq FROM ` + dead + ` WHERE seq <= $7 AND ` + deadWhere + ` ORDER BY seq LIMIT $1 FOR UPDATE) RETURNING ` + deadCols + `)
 INSERT INTO ` + ob + ` (id, exchange, routing_key, key, type, content_type, headers, payload, created_at)
 SELECT id, exchange, routing_key, key, type, content_type, headers, payload, created_at FROM d ORDER BY seq`,
 		discard: `DELETE FROM ` + dead + ` WHERE id = ANY($1::uuid[])`,

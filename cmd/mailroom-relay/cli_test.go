@@ -361,3 +361,59 @@ FROM generate_series(1, $1)`, n)
 		t.Fatalf("said %d replayed; %d rows back in the outbox and %d still dead (of %d)", moved, back, dead, n)
 	}
 }
+
+// dead show prints one dead letter whole; dead list and dead replay --all
+// take filters; filters without --all on replay are refused.
+func TestDeadShowAndFilters(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	ids := addMessages(t, s,
+		outbox.Message{Exchange: "orders", RoutingKey: "r", Type: "order.placed", Headers: map[string]string{"tenant": "acme"}, Payload: []byte(`{"amount":1299}`)},
+		outbox.Message{Exchange: "billing", RoutingKey: "r", Type: "invoice.sent"},
+	)
+	bury(t, s, "relay: exchange does not exist: \"orders\"", ids[0])
+	bury(t, s, "relay: nacked by the broker", ids[1])
+	env := cleanEnv("DATABASE_URL=" + s.URL)
+
+	r := runBin(t, env, "dead", "show", ids[0])
+	for _, want := range []string{ids[0], "orders", "order.placed", "header tenant", "acme", `{"amount":1299}`, "exchange does not exist"} {
+		if r.code != 0 || !strings.Contains(r.stdout, want) {
+			t.Errorf("dead show: exit %d, %q missing from:\n%s%s", r.code, want, r.stdout, r.stderr)
+		}
+	}
+	r = runBin(t, env, "dead", "show", "--json", ids[0])
+	var shown struct {
+		ID      string            `json:"id"`
+		Headers map[string]string `json:"headers"`
+		Payload []byte            `json:"payload"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &shown); err != nil || shown.ID != ids[0] || shown.Headers["tenant"] != "acme" || string(shown.Payload) != `{"amount":1299}` {
+		t.Errorf("dead show --json: %v, %s", err, r.stdout)
+	}
+	if r := runBin(t, env, "dead", "show", outbox.NewID()); r.code != 1 || !strings.Contains(r.stderr, "no dead letter") {
+		t.Errorf("dead show of an unknown id: exit %d, %s", r.code, r.stderr)
+	}
+
+	r = runBin(t, env, "dead", "list", "--exchange", "billing")
+	if r.code != 0 || !strings.Contains(r.stdout, ids[1]) || strings.Contains(r.stdout, ids[0]) {
+		t.Errorf("dead list --exchange billing: exit %d:\n%s", r.code, r.stdout)
+	}
+	r = runBin(t, env, "dead", "list", "--error", "nacked", "--newer-than", "1h", "--json")
+	if r.code != 0 || !strings.Contains(r.stdout, ids[1]) || strings.Contains(r.stdout, ids[0]) {
+		t.Errorf("dead list --error nacked: exit %d:\n%s", r.code, r.stdout)
+	}
+	if r := runBin(t, env, "dead", "list", "--older-than", "2h", "--newer-than", "1h"); r.code != 2 {
+		t.Errorf("dead list with an empty age range: exit %d, want 2", r.code)
+	}
+	if r := runBin(t, env, "dead", "replay", "--exchange", "orders"); r.code != 2 || !strings.Contains(r.stderr, "--all") {
+		t.Errorf("dead replay with a filter and no --all: exit %d, %s", r.code, r.stderr)
+	}
+	r = runBin(t, env, "dead", "replay", "--all", "--exchange", "orders")
+	if r.code != 0 || !strings.Contains(r.stdout, "replayed 1 dead letter") {
+		t.Fatalf("dead replay --all --exchange orders: exit %d, %s%s", r.code, r.stdout, r.stderr)
+	}
+	var left []string
+	if err := s.DB.Select(&left, `SELECT id::text FROM mailroom_outbox_dead`); err != nil || len(left) != 1 || left[0] != ids[1] {
+		t.Fatalf("left dead: %v (%v), want only %s", left, err, ids[1])
+	}
+}
