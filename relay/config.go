@@ -192,7 +192,7 @@ func (c *Config) validate() error {
 	case c.BatchSize < 1 || c.BatchSize > 10000:
 		return fmt.Errorf("relay: Config.BatchSize %d: must be between 1 and 10000", c.BatchSize)
 	case c.ConfirmWindow < c.BatchSize:
-		return fmt.Errorf("relay: Config.ConfirmWindow %d cannot be smaller than BatchSize (%d)", c.ConfirmWindow, c.BatchSize)
+		return fmt.Errorf("relay: Config.ConfirmWindow %d cannot be smaller than Config.BatchSize (%d)", c.ConfirmWindow, c.BatchSize)
 	case c.ActiveRelays < 1 || c.ActiveRelays > locks.MaxActive:
 		return fmt.Errorf("relay: Config.ActiveRelays %d: must be between 1 and %d", c.ActiveRelays, locks.MaxActive)
 	case c.ConfirmTimeout < 100*time.Millisecond:

@@ -54,11 +54,19 @@ func (w *brokerWatch) set(up bool, err string) {
 
 func (w *brokerWatch) run(ctx context.Context) {
 	for {
+		said := false // an outage is logged once, at its first failed dial
 		conn, err := amqpx.DialRetry(ctx, w.url, w.name, 5*time.Second, func(err error, d time.Duration) {
 			w.set(false, err.Error()) // amqpx errors carry the redacted URL only
+			if !said {
+				w.log.Warn("cannot connect to the broker; not ready until it answers (check AMQP_URL)", "error", err.Error(), "retry_in", d.String())
+				said = true
+			}
 		})
 		if err != nil {
 			return // ctx ended
+		}
+		if said {
+			w.log.Info("connected to the broker")
 		}
 		w.set(true, "")
 		closed := conn.NotifyClose(make(chan *amqp.Error, 1))

@@ -29,7 +29,6 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -321,18 +320,10 @@ type envError struct {
 }
 
 // checkEnv returns the first environment error whose variable no flag given
-// on the command line overrides. A flag documents its variable as [$KEY].
+// on the command line overrides (settings says which flag overrides which).
 func checkEnv(fs *flag.FlagSet) error {
-	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	for _, e := range envErrs {
-		overridden := false
-		fs.VisitAll(func(f *flag.Flag) {
-			if set[f.Name] && strings.Contains(f.Usage, "[$"+e.key+"]") {
-				overridden = true
-			}
-		})
-		if !overridden {
+		if !overridden(fs, e.key) {
 			return e.err
 		}
 	}

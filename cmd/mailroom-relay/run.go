@@ -171,7 +171,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 	// A bad setting is reported before a missing schema.
 	r, err := relay.New(db, cfg)
 	if err != nil {
-		return usageErr("%v", err)
+		return usageErr("%s", namedForUser(err.Error()))
 	}
 	applied, latest, err := mailroom.SchemaVersion(ctx, db, c.tables)
 	switch {

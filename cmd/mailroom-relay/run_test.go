@@ -681,3 +681,21 @@ func TestSidecarExportsPublishSpans(t *testing.T) {
 		t.Fatalf("without OTEL_*: exit %d, stdout %q; want nothing exported", code, plain.output())
 	}
 }
+
+// A wrong broker URL is said in the log at start, not only on /readyz.
+func TestWrongBrokerIsLoggedAtStart(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	sc := startSidecar(t, s.URL, "--amqp-url", "amqp://guest:guest@127.0.0.1:1/")
+	testenv.Eventually(t, 30*time.Second, "a log line saying the broker cannot be reached", func() bool {
+		for _, l := range sc.lines() {
+			if strings.Contains(l, "cannot connect to the broker") && strings.Contains(l, "AMQP_URL") && strings.Contains(l, "127.0.0.1:1") {
+				return true
+			}
+		}
+		return false
+	})
+	if code, _ := sc.get("/readyz"); code != http.StatusServiceUnavailable {
+		t.Fatalf("/readyz %d with the broker out of reach, want 503", code)
+	}
+}
