@@ -1,6 +1,7 @@
 package inbox
 
 import (
+	"cmp"
 	"fmt"
 	"strconv"
 	"strings"
@@ -50,6 +51,45 @@ type Message struct {
 	Headers map[string]string
 	Payload []byte
 	Attempt int // 1 on first delivery
+
+	// Source and Time are a CloudEvent's source and time attributes, when
+	// the message is one (binary mode: cloudEvents_*, cloudEvents:* or ce-*
+	// headers; structured mode: an application/cloudevents+json body).
+	// A CloudEvent also fills ID (when message_id is absent), Type and
+	// ContentType (when the AMQP properties are empty) and, in structured
+	// mode, Payload (its data) and ContentType (its datacontenttype).
+	Source string
+	Time   time.Time
+}
+
+// fromCloudEvent fills m from the CloudEvent d carries, if any: binary
+// mode (attribute headers) or structured mode (the whole event as the body).
+func fromCloudEvent(d *amqp.Delivery, m *Message) error {
+	var e wire.CloudEvent
+	if wire.IsStructuredCloudEvent(d.ContentType) {
+		var err error
+		if e, err = wire.CloudEventFromJSON(d.Body); err != nil {
+			return err
+		}
+		m.Payload, m.ContentType = e.Data, e.DataContentType
+	} else {
+		var ok bool
+		var err error
+		e, ok, err = wire.CloudEventFromHeaders(func(name string) (string, bool) {
+			v, found := d.Headers[name]
+			return headerString(v), found
+		})
+		if err != nil || !ok {
+			return err
+		}
+		if m.ContentType == "" {
+			m.ContentType = e.DataContentType
+		}
+	}
+	m.ID = cmp.Or(m.ID, e.ID)
+	m.Type = cmp.Or(m.Type, e.Type)
+	m.Source, m.Time = e.Source, e.Time
+	return nil
 }
 
 // poison is a delivery that never reaches a handler.
@@ -63,6 +103,9 @@ func decode(d *amqp.Delivery) (Message, error) {
 		ID: d.MessageId, Type: d.Type, ContentType: d.ContentType, Payload: d.Body, Attempt: 1,
 	}
 	m.Exchange, m.RoutingKey = origin(d)
+	if err := fromCloudEvent(d, &m); err != nil {
+		return m, poison{err.Error()}
+	}
 	if m.ID == "" {
 		return m, poison{"no message_id: mailroom deduplicates by message_id, so a delivery without one cannot be handled safely (publish through the outbox, or set message_id)"}
 	}

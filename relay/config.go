@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/lib/pq"
@@ -126,11 +127,31 @@ type Config struct {
 	// and writes the publish span's context into the AMQP headers. Default
 	// nil: the global propagator, looked up at each use.
 	Propagator propagation.TextMapPropagator
+	// CloudEvents, when set, publishes every message as a CloudEvent in
+	// binary mode (see CloudEvents).
+	CloudEvents *CloudEvents
+
 	// BacklogInterval is how often at most the pending-rows and lag gauges
 	// run Status, which scans the outbox and dead-letter tables; it runs
 	// only when a metric reader collects. Default 5s; negative turns the
 	// two gauges off (the sidecar, which exports its own, does that).
 	BacklogInterval time.Duration
+}
+
+// CloudEvents publishes messages as CloudEvents 1.0 in binary mode over
+// AMQP 0-9-1: the context attributes as headers named Prefix+attribute
+// (specversion 1.0; id the message id; source Source; type the message's
+// Type, or its routing key when it has none; time its creation time, RFC
+// 3339; subject its Key, when set), the payload as the body and
+// datacontenttype as the content_type property. The headers replace any of
+// the same names the row carries. The inbox reads them back (any prefix).
+type CloudEvents struct {
+	// Source is the events' source attribute, a URI reference naming the
+	// producer, e.g. "/orders" or "urn:acme:orders". Required.
+	Source string
+	// Prefix of the attribute headers: "cloudEvents_" (the default, as the
+	// AMQP binding says), "cloudEvents:" or "ce-" (what some SDKs expect).
+	Prefix string
 }
 
 // The defaults of Config's zero values.
@@ -195,6 +216,10 @@ func (c *Config) validate() error {
 		return fmt.Errorf("relay: Config.ConfirmWindow %d cannot be smaller than Config.BatchSize (%d)", c.ConfirmWindow, c.BatchSize)
 	case c.ActiveRelays < 1 || c.ActiveRelays > locks.MaxActive:
 		return fmt.Errorf("relay: Config.ActiveRelays %d: must be between 1 and %d", c.ActiveRelays, locks.MaxActive)
+	case c.CloudEvents != nil && c.CloudEvents.Source == "":
+		return fmt.Errorf("relay: Config.CloudEvents.Source is empty: set the events' source, a URI reference such as /orders")
+	case c.CloudEvents != nil && c.CloudEvents.Prefix != "" && !wire.ValidCloudEventsPrefix(c.CloudEvents.Prefix):
+		return fmt.Errorf("relay: Config.CloudEvents.Prefix %q: use %s", c.CloudEvents.Prefix, strings.Join(wire.CloudEventsPrefixes, ", "))
 	case c.ConfirmTimeout < 100*time.Millisecond:
 		return fmt.Errorf("relay: Config.ConfirmTimeout %s: must be at least 100ms", c.ConfirmTimeout)
 	case c.Lease/2 < c.ConfirmTimeout: // Lease < 2 × ConfirmTimeout, without overflow

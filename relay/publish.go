@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -137,7 +138,7 @@ func (p *publisher) publish(ctx context.Context, w *row) {
 		p.emit(outcome{row: w, kind: failed, reason: reasonUnpublishable, err: err})
 		return
 	}
-	msg := message(w, w.span != nil)
+	msg := message(w, w.span != nil, p.r.cfg.CloudEvents)
 	if w.span != nil {
 		p.injectSpan(w.span, msg.Headers)
 	}
@@ -221,9 +222,9 @@ func (p *publisher) publish(ctx context.Context, w *row) {
 
 // message is the AMQP form of a row (docs/wire.md). Its headers table is
 // nil when there is nothing to put in it (and no span to inject).
-func message(w *row, traced bool) amqp.Publishing {
+func message(w *row, traced bool, ce *CloudEvents) amqp.Publishing {
 	var h amqp.Table
-	if len(w.headers) > 0 || w.key != "" || traced {
+	if len(w.headers) > 0 || w.key != "" || traced || ce != nil {
 		h = make(amqp.Table, len(w.headers)+1)
 	}
 	for k, v := range w.headers {
@@ -231,6 +232,13 @@ func message(w *row, traced bool) amqp.Publishing {
 	}
 	if w.key != "" {
 		h[wire.HeaderKey] = w.key
+	}
+	if ce != nil {
+		for k, v := range wire.CloudEventHeaders(cmp.Or(ce.Prefix, wire.DefaultCloudEventsPrefix), wire.CloudEvent{
+			ID: w.id, Source: ce.Source, Type: cmp.Or(w.typ, w.routingKey), Subject: w.key, Time: w.createdAt,
+		}) {
+			h[k] = v
+		}
 	}
 	return amqp.Publishing{
 		MessageId:    w.id,

@@ -58,13 +58,13 @@ func BenchmarkPublishTelemetry(b *testing.B) {
 			for b.Loop() {
 				w := &row{id: "0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60", exchange: "orders", routingKey: "order.placed", headers: headers, payload: []byte(`{}`)}
 				if v.bare {
-					sink = message(w, false)
+					sink = message(w, false, nil)
 					outcomes <- outcome{row: w, kind: delivered}
 					<-outcomes
 					continue
 				}
 				w.span = p.startPublish(w)
-				msg := message(w, w.span != nil)
+				msg := message(w, w.span != nil, nil)
 				if w.span != nil {
 					p.injectSpan(w.span, msg.Headers)
 				}

@@ -59,6 +59,8 @@ func TestBadInput(t *testing.T) {
 		{"run too many active relays", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp, "MAILROOM_ACTIVE_RELAYS=100"}, []string{"run"}, "--active-relays (MAILROOM_ACTIVE_RELAYS) 100: must be between 1 and 64"},
 		{"run bad MAILROOM_MAX_MESSAGE_SIZE", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp, "MAILROOM_MAX_MESSAGE_SIZE=16MiB"}, []string{"run"}, "MAILROOM_MAX_MESSAGE_SIZE"},
 		{"run bad --max-message-size", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--max-message-size", "big"}, "-max-message-size"},
+		{"run bad CloudEvents prefix", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--cloudevents-source", "/orders", "--cloudevents-prefix", "ce_"}, `--cloudevents-prefix (MAILROOM_CLOUDEVENTS_PREFIX) "ce_": use cloudEvents_, cloudEvents:, ce-`},
+		{"run CloudEvents prefix without source", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp, "MAILROOM_CLOUDEVENTS_PREFIX=ce-"}, []string{"run"}, "without --cloudevents-source"},
 		{"run max message size over RabbitMQ's limit", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--max-message-size", "1073741824"}, "--max-message-size (MAILROOM_MAX_MESSAGE_SIZE) 1073741824: must be between 1 and 536870912"},
 		{"run bad purge batch", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--purge-batch", "0"}, "--purge-batch"},
 		{"dead without subcommand", nil, []string{"dead"}, "missing subcommand"},

@@ -87,6 +87,9 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 	fs.DurationVar(&cfg.MinBackoff, "min-backoff", envDuration("MAILROOM_MIN_BACKOFF"), "delay before the first retry of a failed row, doubled each time (default 1s) [$MAILROOM_MIN_BACKOFF]")
 	fs.DurationVar(&cfg.MaxBackoff, "max-backoff", envDuration("MAILROOM_MAX_BACKOFF"), "longest delay between retries of a row (default 5m) [$MAILROOM_MAX_BACKOFF]")
 	fs.DurationVar(&cfg.Retain, "retain", envDuration("MAILROOM_RETAIN"), "keep published rows this long in the published table instead of deleting them; maintenance purges older ones (default 0: delete at once) [$MAILROOM_RETAIN]")
+	var ce relay.CloudEvents
+	fs.StringVar(&ce.Source, "cloudevents-source", os.Getenv("MAILROOM_CLOUDEVENTS_SOURCE"), "publish every message as a CloudEvent 1.0 (binary mode) with this source attribute, e.g. /orders; empty: plain messages [$MAILROOM_CLOUDEVENTS_SOURCE]")
+	fs.StringVar(&ce.Prefix, "cloudevents-prefix", os.Getenv("MAILROOM_CLOUDEVENTS_PREFIX"), "header prefix of the CloudEvents attributes: cloudEvents_ (default, the AMQP binding's), cloudEvents: or ce- [$MAILROOM_CLOUDEVENTS_PREFIX]")
 	fs.BoolVar(&cfg.DisableListen, "no-listen", envBool("MAILROOM_NO_LISTEN"), "poll only, no LISTEN (PgBouncer in transaction mode) [$MAILROOM_NO_LISTEN]")
 	var o runOpts
 	fs.StringVar(&o.httpAddr, "http", envOr("MAILROOM_HTTP", "127.0.0.1:9108"), "listen address for /, /healthz, /readyz, /metrics; port 0 picks a free port (logged as \"http listening\") [$MAILROOM_HTTP]")
@@ -108,6 +111,12 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 	log, err := c.check()
 	if err != nil {
 		return err
+	}
+	switch {
+	case ce.Source != "":
+		cfg.CloudEvents = &ce
+	case ce.Prefix != "":
+		return usageErr("--cloudevents-prefix (MAILROOM_CLOUDEVENTS_PREFIX) without --cloudevents-source (MAILROOM_CLOUDEVENTS_SOURCE): set the source to publish CloudEvents")
 	}
 	if cfg.URL == "" {
 		cfg.URL = os.Getenv("AMQP_URL")

@@ -32,6 +32,8 @@ var settings = []setting{
 	{"max-backoff", "MAILROOM_MAX_BACKOFF", "MaxBackoff"},
 	{"retain", "MAILROOM_RETAIN", "Retain"},
 	{"no-listen", "MAILROOM_NO_LISTEN", "DisableListen"},
+	{"cloudevents-source", "MAILROOM_CLOUDEVENTS_SOURCE", "CloudEvents.Source"},
+	{"cloudevents-prefix", "MAILROOM_CLOUDEVENTS_PREFIX", "CloudEvents.Prefix"},
 	{"http", "MAILROOM_HTTP", ""},
 	{"admin-token", "MAILROOM_ADMIN_TOKEN", ""},
 	{"stall-timeout", "MAILROOM_STALL_TIMEOUT", ""},
