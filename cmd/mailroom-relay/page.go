@@ -37,6 +37,8 @@ type pageData struct {
 	Throughput    chart
 	Lag           chart
 	Dead          []relay.DeadLetter
+	Filter        relay.DeadFilter // from the query: ?exchange=&type=&error=
+	Filtered      bool
 	DeadErr       string
 	DeadMore      int64
 	Admin         bool
@@ -65,10 +67,15 @@ func (s *server) page(w http.ResponseWriter, r *http.Request) {
 	if d.Status, err = s.admin.Status(ctx); err != nil {
 		d.StatusErr = err.Error()
 	}
-	if d.Dead, err = s.admin.ListDead(ctx, pageDeadLimit); err != nil {
+	q := r.URL.Query()
+	d.Filter = relay.DeadFilter{Exchange: q.Get("exchange"), Type: q.Get("type"), Error: q.Get("error")}
+	d.Filtered = d.Filter != (relay.DeadFilter{})
+	if d.Dead, err = s.admin.ListDeadWhere(ctx, d.Filter, pageDeadLimit); err != nil {
 		d.DeadErr = err.Error()
 	}
-	d.DeadMore = max(0, d.Status.Dead-int64(len(d.Dead)))
+	if !d.Filtered {
+		d.DeadMore = max(0, d.Status.Dead-int64(len(d.Dead)))
+	}
 	samples := s.samp.snapshot()
 	d.Throughput = drawChart(samples, func(p sample) float64 { return p.Rate }, "/s")
 	d.Lag = drawChart(samples, func(p sample) float64 { return p.Lag }, "s")

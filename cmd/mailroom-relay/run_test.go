@@ -699,3 +699,36 @@ func TestWrongBrokerIsLoggedAtStart(t *testing.T) {
 		t.Fatalf("/readyz %d with the broker out of reach, want 503", code)
 	}
 }
+
+// The status page filters dead letters (exchange, type, error text) and
+// replays all that match the filter, and only those.
+func TestStatusPageDeadLetterFilter(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	testenv.NewBroker(t)
+	ids := addMessages(t, s,
+		outbox.Message{Exchange: "orders-" + s.Name, RoutingKey: "a", Type: "order.placed"},
+		outbox.Message{Exchange: "billing-" + s.Name, RoutingKey: "b", Type: "invoice.sent"},
+	)
+	bury(t, s, "relay: exchange does not exist", ids[0])
+	bury(t, s, "relay: nacked by the broker", ids[1])
+	const token = "a-token-of-sixteen-chars"
+	sc := startSidecar(t, s.URL, "--maintenance-interval", "0", "--admin-token", token)
+
+	_, page := sc.get("/?exchange=billing-" + s.Name)
+	if !strings.Contains(page, ids[1]) || strings.Contains(page, ids[0]) || !strings.Contains(page, `id="filtered"`) {
+		t.Fatalf("page filtered by exchange lists the wrong rows:\n%s", page)
+	}
+	if _, page := sc.get("/?error=nacked&type=order.placed"); !strings.Contains(page, `id="no-dead"`) || strings.Contains(page, ids[0]) || strings.Contains(page, ids[1]) {
+		t.Fatalf("page with a filter nothing matches:\n%s", page)
+	}
+	jsonHdr := map[string]string{"Authorization": "Bearer " + token, "Accept": "application/json"}
+	code, body := post(t, sc, "/dead/replay", url.Values{"all": {"true"}, "exchange": {"orders-" + s.Name}}, jsonHdr)
+	if code != http.StatusOK || strings.TrimSpace(body) != `{"replayed":1}` {
+		t.Fatalf("replay all matching: %d %s", code, body)
+	}
+	var left []string
+	if err := s.DB.Select(&left, `SELECT id::text FROM mailroom_outbox_dead`); err != nil || len(left) != 1 || left[0] != ids[1] {
+		t.Fatalf("left dead %v (%v), want only %s", left, err, ids[1])
+	}
+}

@@ -153,8 +153,8 @@ func (s *server) action(replay bool) http.HandlerFunc {
 		var n int64
 		var err error
 		switch {
-		case all:
-			n, err = s.admin.ReplayAllDead(ctx)
+		case all: // those matching the page's filter, if it had one
+			n, err = s.admin.ReplayDeadWhere(ctx, relay.DeadFilter{Exchange: r.PostForm.Get("exchange"), Type: r.PostForm.Get("type"), Error: r.PostForm.Get("error")})
 		case len(ids) == 0:
 			err = errors.New("select at least one dead letter")
 		case replay:
