@@ -7,6 +7,8 @@ import (
 
 	cloudevents "github.com/cloudevents/sdk-go/v2"
 	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/mailroom-go/mailroom/internal/wire"
 )
 
 // A binary-mode CloudEvent (any of the three header prefixes) fills the
@@ -43,8 +45,10 @@ func TestDecodeBinaryCloudEvent(t *testing.T) {
 	}
 }
 
-// A structured-mode event as the CloudEvents Go SDK writes it decodes to
-// its data, attributes and data content type.
+// A structured-mode event as the CloudEvents Go SDK writes it fills the
+// attributes; the payload stays the event as written, whose data is the
+// SDK's (a JSON body of that content type without specversion is no event
+// and passes as it is; one that is not JSON breaks the wire contract).
 func TestDecodeStructuredCloudEventOfTheSDK(t *testing.T) {
 	t.Parallel()
 	for _, c := range []struct {
@@ -72,9 +76,20 @@ func TestDecodeStructuredCloudEventOfTheSDK(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v\n%s", c.contentType, err, body)
 		}
-		if m.ID != "evt-9" || m.Type != "order.paid" || m.Source != "urn:acme:orders" || m.ContentType != c.contentType ||
-			string(m.Payload) != c.payload || !m.Time.Equal(e.Time()) {
+		if m.ID != "evt-9" || m.Type != "order.paid" || m.Source != "urn:acme:orders" || m.ContentType != "application/cloudevents+json; charset=utf-8" ||
+			string(m.Payload) != string(body) || !m.Time.Equal(e.Time()) {
 			t.Errorf("%s: decoded %+v (payload %q) from %s", c.contentType, m, m.Payload, body)
 		}
+		// The data inside is the SDK's, in its content type.
+		got, ok, err := wire.CloudEventFromJSON(m.Payload)
+		if err != nil || !ok || string(got.Data) != c.payload || got.DataContentType != c.contentType {
+			t.Errorf("%s: data %q (%s), %v, %v; want %q", c.contentType, got.Data, got.DataContentType, ok, err, c.payload)
+		}
+	}
+	if m, err := decode(&amqp.Delivery{MessageId: "m", ContentType: "application/cloudevents+json", Body: []byte(`{"id":42}`)}); err != nil || m.Source != "" || string(m.Payload) != `{"id":42}` {
+		t.Errorf("a JSON body without specversion: %+v, %v; want it as it is", m, err)
+	}
+	if _, err := decode(&amqp.Delivery{MessageId: "m", ContentType: "application/cloudevents+json", Body: []byte(`{"specversion":"0.3"}`)}); err == nil {
+		t.Error("specversion 0.3 decoded, want a poison message")
 	}
 }

@@ -55,23 +55,30 @@ type Message struct {
 	// Source and Time are a CloudEvent's source and time attributes, when
 	// the message is one (binary mode: cloudEvents_*, cloudEvents:* or ce-*
 	// headers; structured mode: an application/cloudevents+json body).
-	// A CloudEvent also fills ID (when message_id is absent), Type and
-	// ContentType (when the AMQP properties are empty) and, in structured
-	// mode, Payload (its data) and ContentType (its datacontenttype).
+	// A CloudEvent also fills ID (when message_id is absent) and Type
+	// (when the AMQP property is empty); in binary mode ContentType too.
+	// In structured mode Payload stays the event as written (its data
+	// inside).
 	Source string
 	Time   time.Time
 }
 
 // fromCloudEvent fills m from the CloudEvent d carries, if any: binary
-// mode (attribute headers) or structured mode (the whole event as the body).
+// mode (attribute headers) or structured mode (the whole event as the
+// body, which stays the Payload as written: a handler sees what was sent).
+// A body of content type application/cloudevents+json without a
+// specversion is no event, and passes as it is.
 func fromCloudEvent(d *amqp.Delivery, m *Message) error {
 	var e wire.CloudEvent
 	if wire.IsStructuredCloudEvent(d.ContentType) {
+		if err := wire.CheckPayload(d.ContentType, d.Body); err != nil {
+			return err // the wire contract's own words
+		}
+		var ok bool
 		var err error
-		if e, err = wire.CloudEventFromJSON(d.Body); err != nil {
+		if e, ok, err = wire.CloudEventFromJSON(d.Body); err != nil || !ok {
 			return err
 		}
-		m.Payload, m.ContentType = e.Data, e.DataContentType
 	} else {
 		var ok bool
 		var err error

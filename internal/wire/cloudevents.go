@@ -87,8 +87,9 @@ func IsStructuredCloudEvent(contentType string) bool {
 	return err == nil && strings.EqualFold(mt, CloudEventsStructuredType)
 }
 
-// CloudEventFromJSON reads a structured-mode event.
-func CloudEventFromJSON(body []byte) (CloudEvent, error) {
+// CloudEventFromJSON reads a structured-mode event; ok is false when the
+// body is a JSON object without specversion (no event).
+func CloudEventFromJSON(body []byte) (e CloudEvent, ok bool, err error) {
 	var s struct {
 		SpecVersion     string          `json:"specversion"`
 		ID              string          `json:"id"`
@@ -100,17 +101,25 @@ func CloudEventFromJSON(body []byte) (CloudEvent, error) {
 		Data            json.RawMessage `json:"data"`
 		DataBase64      string          `json:"data_base64"`
 	}
+	var probe struct {
+		SpecVersion *json.RawMessage `json:"specversion"`
+	}
+	if json.Unmarshal(body, &probe) != nil || probe.SpecVersion == nil {
+		return CloudEvent{}, false, nil // not an object with a specversion: no event
+	}
 	if err := json.Unmarshal(body, &s); err != nil {
-		return CloudEvent{}, fmt.Errorf("a structured CloudEvent that is not a JSON object: %v", err)
+		return CloudEvent{}, true, fmt.Errorf("a structured CloudEvent whose attributes are not strings: %v", err)
 	}
-	if s.SpecVersion != CloudEventsSpecVersion {
-		return CloudEvent{}, fmt.Errorf("CloudEvents specversion %q: only %s is read", s.SpecVersion, CloudEventsSpecVersion)
+	switch s.SpecVersion {
+	case CloudEventsSpecVersion:
+	default:
+		return CloudEvent{}, true, fmt.Errorf("CloudEvents specversion %q: only %s is read", s.SpecVersion, CloudEventsSpecVersion)
 	}
-	e := CloudEvent{ID: s.ID, Source: s.Source, Type: s.Type, Subject: s.Subject, DataContentType: s.DataContentType}
+	e = CloudEvent{ID: s.ID, Source: s.Source, Type: s.Type, Subject: s.Subject, DataContentType: s.DataContentType}
 	if s.Time != "" {
 		t, err := time.Parse(time.RFC3339Nano, s.Time)
 		if err != nil {
-			return e, fmt.Errorf("CloudEvents time %q is not RFC 3339", s.Time)
+			return e, true, fmt.Errorf("CloudEvents time %q is not RFC 3339", s.Time)
 		}
 		e.Time = t
 	}
@@ -118,7 +127,7 @@ func CloudEventFromJSON(body []byte) (CloudEvent, error) {
 	case s.DataBase64 != "":
 		d, err := base64.StdEncoding.DecodeString(s.DataBase64)
 		if err != nil {
-			return e, fmt.Errorf("CloudEvents data_base64 is not base64: %v", err)
+			return e, true, fmt.Errorf("CloudEvents data_base64 is not base64: %v", err)
 		}
 		e.Data = d
 	case len(s.Data) > 0 && string(s.Data) != "null":
@@ -131,5 +140,5 @@ func CloudEventFromJSON(body []byte) (CloudEvent, error) {
 			e.DataContentType = DefaultContentType
 		}
 	}
-	return e, nil
+	return e, true, nil
 }
