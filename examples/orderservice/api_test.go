@@ -196,3 +196,19 @@ func TestGetOrder(t *testing.T) {
 		}
 	}
 }
+
+// healthcheck exits 0 against a serving API (GET /healthz) and 1, saying
+// why, against an address nothing listens on: the image's health check.
+func TestHealthcheck(t *testing.T) {
+	t.Parallel()
+	a := newTestApp(t, false)
+	addr := strings.TrimPrefix(a.URL, "http://")
+	var out, errs strings.Builder
+	if code := run([]string{"healthcheck", "--addr", addr}, func(string) string { return "" }, &out, &errs); code != 0 || !strings.Contains(out.String(), "healthy") {
+		t.Fatalf("healthcheck of a serving API: exit %d, stdout %q, stderr %q", code, out.String(), errs.String())
+	}
+	errs.Reset()
+	if code := run([]string{"healthcheck", "--addr", "127.0.0.1:1"}, func(string) string { return "" }, &out, &errs); code != 1 || !strings.Contains(errs.String(), "not healthy") {
+		t.Fatalf("healthcheck of nothing: exit %d, stderr %q; want 1 and why", code, errs.String())
+	}
+}

@@ -17,6 +17,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"syscall"
@@ -41,6 +42,8 @@ Usage:
                                    all are paid, print a summary; exit 1 unless all are
                                    placed, charged and paid exactly once
   orderservice serve [--addr A]    run the API, relays and workers until SIGINT/SIGTERM
+  orderservice healthcheck [--addr A]
+                                   exit 0 when the API at A answers GET /healthz (a container health check)
 
 Environment: DATABASE_URL (default ` + defaultDatabaseURL + `),
 AMQP_URL (default amqp://guest:***@127.0.0.1:5672/).
@@ -70,8 +73,10 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 		err = cmdDemo(ctx, args[1:], getenv, stdout, stderr)
 	case "serve":
 		err = cmdServe(ctx, args[1:], getenv, stderr)
+	case "healthcheck":
+		err = cmdHealthcheck(ctx, args[1:], stdout, stderr)
 	default:
-		err = errUsage{fmt.Errorf("unknown command %q; commands: demo, serve (see orderservice -h)", args[0])}
+		err = errUsage{fmt.Errorf("unknown command %q; commands: demo, serve, healthcheck (see orderservice -h)", args[0])}
 	}
 	var ue errUsage
 	switch {
@@ -164,6 +169,32 @@ func cmdDemo(ctx context.Context, args []string, getenv func(string) string, std
 	if !s.OK(*orders) {
 		return errFailed
 	}
+	return nil
+}
+
+// cmdHealthcheck asks a running API's /healthz: for the image's health
+// check, which has no shell or curl.
+func cmdHealthcheck(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flagSet("healthcheck", "exit 0 when the API answers GET /healthz", stderr)
+	addr := fs.String("addr", "127.0.0.1:8080", "the API's address (serve --addr)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+*addr+"/healthz", nil)
+	if err != nil {
+		return errUsage{fmt.Errorf("healthcheck: --addr %q: %w", *addr, err)}
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("not healthy: %w (is `orderservice serve` listening on %s?)", err, *addr)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("not healthy: /healthz answered %d", resp.StatusCode)
+	}
+	fmt.Fprintln(stdout, "healthy")
 	return nil
 }
 
