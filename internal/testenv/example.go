@@ -23,17 +23,7 @@ type ExampleEnv struct {
 // skip: a package with runnable examples calls SkipWithoutServices from its
 // TestMain, so Example only panics when a service fails midway.
 func Example() *ExampleEnv {
-	admin, err := sql.Open("postgres", DatabaseURL())
-	if err != nil {
-		panic(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	name := Unique("ex")
-	if _, err := admin.ExecContext(ctx, `CREATE SCHEMA `+name); err != nil {
-		panic(fmt.Sprintf("create schema: %v", err))
-	}
-	u, err := WithSearchPath(DatabaseURL(), name)
+	name, u, drop, err := createSchema("ex")
 	if err != nil {
 		panic(err)
 	}
@@ -42,15 +32,12 @@ func Example() *ExampleEnv {
 		panic(err)
 	}
 	defer db.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
 	if err := mailroom.Migrate(ctx, db, mailroom.Tables{}); err != nil {
 		panic(fmt.Sprintf("migrate: %v", err))
 	}
-	return &ExampleEnv{DatabaseURL: u, AMQPURL: AMQPURL(), Suffix: name, drop: func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		admin.ExecContext(ctx, `DROP SCHEMA `+name+` CASCADE`) //nolint:errcheck // best effort, as a test's cleanup
-		admin.Close()
-	}}
+	return &ExampleEnv{DatabaseURL: u, AMQPURL: AMQPURL(), Suffix: name, drop: func() { drop() }} //nolint:errcheck // best effort, as a test's cleanup
 }
 
 // Done drops the example's schema.

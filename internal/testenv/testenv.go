@@ -10,6 +10,7 @@ import (
 	"crypto/rand"
 	"database/sql"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net/url"
 	"os"
@@ -104,23 +105,12 @@ func NewSchema(t testing.TB) *Schema {
 // NewEmptySchema is NewSchema without the migration.
 func NewEmptySchema(t testing.TB) *Schema {
 	t.Helper()
-	admin, err := sql.Open("postgres", DatabaseURL())
-	if err != nil {
-		t.Fatalf("open %s: %v", Redact(DatabaseURL()), err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := admin.PingContext(ctx); err != nil {
-		admin.Close()
-		Unavailable(t, "PostgreSQL at "+Redact(DatabaseURL()), err, startPostgres)
-	}
-	name := Unique("t")
-	if _, err := admin.ExecContext(ctx, `CREATE SCHEMA `+name); err != nil {
-		admin.Close()
-		t.Fatalf("create schema: %v", err)
-	}
-	u, err := WithSearchPath(DatabaseURL(), name)
-	if err != nil {
+	name, u, drop, err := createSchema("t")
+	var down errUnreachable
+	switch {
+	case errors.As(err, &down):
+		Unavailable(t, "PostgreSQL at "+Redact(DatabaseURL()), down.err, startPostgres)
+	case err != nil:
 		t.Fatal(err)
 	}
 	db, err := sqlx.Open(Driver(), u)
@@ -129,14 +119,51 @@ func NewEmptySchema(t testing.TB) *Schema {
 	}
 	t.Cleanup(func() {
 		db.Close()
+		if err := drop(); err != nil {
+			t.Error(err)
+		}
+	})
+	return &Schema{Name: name, URL: u, DB: db}
+}
+
+// errUnreachable is createSchema's error when PostgreSQL does not answer.
+type errUnreachable struct{ err error }
+
+func (e errUnreachable) Error() string { return e.err.Error() }
+
+// createSchema creates a schema named prefix plus a random suffix and
+// returns its name, the URL whose search_path is it, and drop, which drops
+// it and closes the admin connection.
+func createSchema(prefix string) (name, url string, drop func() error, err error) {
+	admin, err := sql.Open("postgres", DatabaseURL())
+	if err != nil {
+		return "", "", nil, fmt.Errorf("open %s: %v", Redact(DatabaseURL()), err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := admin.PingContext(ctx); err != nil {
+		admin.Close()
+		return "", "", nil, errUnreachable{err}
+	}
+	name = Unique(prefix)
+	if _, err := admin.ExecContext(ctx, `CREATE SCHEMA `+name); err != nil {
+		admin.Close()
+		return "", "", nil, fmt.Errorf("create schema: %v", err)
+	}
+	drop = func() error {
+		defer admin.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		if _, err := admin.ExecContext(ctx, `DROP SCHEMA `+name+` CASCADE`); err != nil {
-			t.Errorf("drop schema %s: %v", name, err)
+			return fmt.Errorf("drop schema %s: %v", name, err)
 		}
-		admin.Close()
-	})
-	return &Schema{Name: name, URL: u, DB: db}
+		return nil
+	}
+	if url, err = WithSearchPath(DatabaseURL(), name); err != nil {
+		drop() //nolint:errcheck // the URL error says what is wrong
+		return "", "", nil, err
+	}
+	return name, url, drop, nil
 }
 
 // WithSearchPath returns a lib/pq URL whose connections use schema first.

@@ -4,7 +4,6 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
-	"mime"
 	"strings"
 	"time"
 )
@@ -82,9 +81,14 @@ func CloudEventFromHeaders(get func(name string) (string, bool)) (e CloudEvent, 
 
 // IsStructuredCloudEvent reports whether a content type is structured
 // mode's (application/cloudevents+json, parameters allowed).
+// It is on the inbox's path of every delivery: a prefix test, no parsing.
 func IsStructuredCloudEvent(contentType string) bool {
-	mt, _, err := mime.ParseMediaType(contentType)
-	return err == nil && strings.EqualFold(mt, CloudEventsStructuredType)
+	n := len(CloudEventsStructuredType)
+	if len(contentType) < n || !strings.EqualFold(contentType[:n], CloudEventsStructuredType) {
+		return false
+	}
+	rest := strings.TrimLeft(contentType[n:], " \t")
+	return rest == "" || rest[0] == ';'
 }
 
 // CloudEventFromJSON reads a structured-mode event; ok is false when the
