@@ -213,9 +213,9 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 	// it, the next one starts when the channel closes, with those
 	// deliveries returned.
 	if result == nil && !c.cfg.OrderedByKey {
-		_ = ch.Cancel(tag, true) // no wait: a blocked connection is not read (see amqpx.Close)
+		cancelConsumer(ch, tag, w, &bg)
 		wk.finish.Store(true)
-		d.passOn(deliveries)
+		d.passOn(deliveries, c.cfg.ShutdownTimeout)
 	}
 	close(stop)
 	timer := time.AfterFunc(c.cfg.ShutdownTimeout, hcancel)
@@ -223,6 +223,20 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 	timer.Stop()
 	wk.flushAcks()
 	return result
+}
+
+// cancelConsumer cancels the consumer. It waits for the broker's answer
+// (in the background: a blocked connection is not read, see amqpx.Close),
+// because amqp091-go drops what arrives for a consumer cancelled without
+// waiting, and the broker may have sent more before it read the cancel.
+// Either way the delivery channel closes once what arrived was read.
+func cancelConsumer(ch *amqp.Channel, tag string, w *amqpx.Watch, bg *sync.WaitGroup) {
+	if w.Blocked() {
+		_ = ch.Cancel(tag, true)
+		return
+	}
+	bg.Add(1)
+	go func() { defer bg.Done(); _ = ch.Cancel(tag, false) }() // returns at the latest when the session closes the connection
 }
 
 // openChannels makes sure the queues exist and opens the session's two

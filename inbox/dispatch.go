@@ -74,6 +74,12 @@ func (d *dispatcher) run(ctx context.Context, deliveries <-chan amqp.Delivery, b
 		select {
 		case in <- dl:
 		case <-ctx.Done():
+			if !d.c.cfg.OrderedByKey {
+				select { // it fits (see passOn) and is finished with the rest
+				case in <- dl:
+				default:
+				}
+			}
 			return nil
 		case <-broken:
 			return errors.New("session broken")
@@ -98,19 +104,23 @@ func (d *dispatcher) stamp(dl *amqp.Delivery, waited bool) {
 	d.w.acks.received(dl.DeliveryTag, d.since)
 }
 
-// passOn gives the workers what amqp091 already holds, while it fits, when
-// Run stops and the consumer was cancelled (only the dispatcher sends to
-// shared).
-func (d *dispatcher) passOn(deliveries <-chan amqp.Delivery) {
+// passOn gives the workers what the broker delivered before the consumer
+// was cancelled (see cancelConsumer), until the delivery channel closes or
+// limit passes; what it could not read is handed back with the connection.
+// It fits: the broker sends at most Prefetch unacked, the size of shared
+// (only the dispatcher sends to it).
+func (d *dispatcher) passOn(deliveries <-chan amqp.Delivery, limit time.Duration) {
+	timeout := time.NewTimer(limit)
+	defer timeout.Stop()
 	for {
 		select {
 		case dl, ok := <-deliveries:
-			if !ok || len(d.shared) == cap(d.shared) {
+			if !ok {
 				return
 			}
 			d.w.acks.received(dl.DeliveryTag, time.Now())
 			d.shared <- dl
-		default:
+		case <-timeout.C:
 			return
 		}
 	}
