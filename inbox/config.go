@@ -44,8 +44,15 @@ const (
 // Config configures a Consumer. URL, Queue, Consumer and Handler are
 // required; every other field has a default.
 type Config struct {
-	// URL is the AMQP URL, e.g. amqp://guest:guest@127.0.0.1:5672/.
+	// URL is the AMQP URL, e.g. amqp://guest:guest@127.0.0.1:5672/, or the
+	// URLs of a cluster's nodes separated by commas. Required unless URLs
+	// is set.
 	URL string
+	// URLs are the nodes of one RabbitMQ cluster (instead of URL). The
+	// consumer connects to the first that answers, starting from a random
+	// one so consumers spread, and to another when its node goes away;
+	// what it held unacked there is redelivered and deduplicated.
+	URLs []string
 	// Queue is the queue to consume. It must exist; DeclareTopology creates
 	// it with its retry and dead-letter queues.
 	Queue string
@@ -185,11 +192,8 @@ func (cfg Config) withDefaults() (Config, error) {
 	bad := func(field, format string, args ...any) (Config, error) {
 		return cfg, fmt.Errorf("inbox: Config.%s: %s", field, fmt.Sprintf(format, args...))
 	}
-	if cfg.URL == "" {
-		return bad("URL", "required, e.g. amqp://guest:guest@127.0.0.1:5672/")
-	}
-	if !amqpx.IsURL(cfg.URL) {
-		return bad("URL", "not an amqp:// or amqps:// URL")
+	if _, err := amqpx.ParseNodes(cfg.URL, cfg.URLs); err != nil {
+		return cfg, fmt.Errorf("inbox: Config.%w", err)
 	}
 	if cfg.Queue == "" {
 		return bad("Queue", "required: the queue to consume (see DeclareTopology)")

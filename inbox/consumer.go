@@ -27,6 +27,7 @@ import (
 type Consumer struct {
 	db      *sqlx.DB
 	cfg     Config
+	nodes   *amqpx.Nodes
 	store   *dedupe.Store
 	running atomic.Bool
 	stats   stats
@@ -72,15 +73,16 @@ func New(db *sqlx.DB, cfg Config) (*Consumer, error) {
 	if err != nil {
 		return nil, err
 	}
+	nodes, _ := amqpx.ParseNodes(cfg.URL, cfg.URLs) // checked by withDefaults
 	store, err := dedupe.New(dedupe.Config{Table: cfg.Table})
 	if err != nil {
 		return nil, fmt.Errorf("inbox: %w", err) // unreachable: Table is validated above
 	}
-	tel, err := newInstruments(&cfg)
+	tel, err := newInstruments(&cfg, nodes)
 	if err != nil {
 		return nil, err
 	}
-	return &Consumer{db: db, cfg: cfg, store: store, tel: tel}, nil
+	return &Consumer{db: db, cfg: cfg, nodes: nodes, store: store, tel: tel}, nil
 }
 
 // Run consumes until ctx ends, reconnecting with backoff whenever the
@@ -111,7 +113,7 @@ func (c *Consumer) Run(ctx context.Context) error {
 	b := backoff.NewExponentialBackOff()
 	b.InitialInterval, b.MaxInterval, b.MaxElapsedTime = 100*time.Millisecond, c.cfg.ReconnectMaxWait, 0
 	for {
-		conn, err := amqpx.DialRetry(ctx, c.cfg.URL, c.cfg.ConnectionName, c.cfg.ReconnectMaxWait, func(err error, d time.Duration) {
+		conn, err := c.nodes.DialRetry(ctx, c.cfg.ConnectionName, c.cfg.ReconnectMaxWait, func(err error, d time.Duration) {
 			log.Warn("inbox: cannot connect; retrying", "queue", c.cfg.Queue, "error", err, "retry_in", d.String())
 		})
 		if err != nil {

@@ -31,6 +31,10 @@ func TestNewValidatesConfig(t *testing.T) {
 	}{
 		{"URL", func(c *inbox.Config) { c.URL = "" }},
 		{"URL", func(c *inbox.Config) { c.URL = "http://localhost" }},
+		{"URL: node 2 of 2", func(c *inbox.Config) { c.URL = "amqp://a/,http://b" }},
+		{"URL: node 2 of 3", func(c *inbox.Config) { c.URL = "amqp://a/,,amqp://c/" }},
+		{"URLs: node 1 of 2", func(c *inbox.Config) { c.URL, c.URLs = "", []string{"localhost:5672", "amqp://b/"} }},
+		{"URL and URLs", func(c *inbox.Config) { c.URLs = []string{"amqp://b/"} }},
 		{"Queue", func(c *inbox.Config) { c.Queue = "" }},
 		{"Consumer", func(c *inbox.Config) { c.Consumer = "" }},
 		{"Consumer", func(c *inbox.Config) { c.Consumer = "pay\x00ments" }},
@@ -61,6 +65,11 @@ func TestNewValidatesConfig(t *testing.T) {
 	}
 	if _, err := inbox.New(db, ok); err != nil {
 		t.Fatalf("valid config: %v", err)
+	}
+	cluster := ok
+	cluster.URL, cluster.URLs = "", []string{"amqp://a/", "amqps://b/"}
+	if _, err := inbox.New(db, cluster); err != nil {
+		t.Fatalf("valid config with URLs: %v", err)
 	}
 }
 

@@ -12,6 +12,7 @@ import (
 	semconv "go.opentelemetry.io/otel/semconv/v1.39.0"
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/mailroom-go/mailroom/internal/amqpx"
 	"github.com/mailroom-go/mailroom/internal/telemetry"
 )
 
@@ -32,7 +33,7 @@ type instruments struct {
 	purgedOpts []metric.AddOption
 }
 
-func newInstruments(cfg *Config) (*instruments, error) {
+func newInstruments(cfg *Config, nodes *amqpx.Nodes) (*instruments, error) {
 	t := &instruments{
 		tracer:     telemetry.NewTracing(cfg.TracerProvider, telemetry.ScopeInbox),
 		propagator: cfg.Propagator,
@@ -40,7 +41,7 @@ func newInstruments(cfg *Config) (*instruments, error) {
 		spanStart: []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindConsumer), trace.WithAttributes(append([]attribute.KeyValue{
 			semconv.MessagingSystemRabbitMQ, semconv.MessagingOperationTypeProcess, semconv.MessagingOperationName("process"),
 			semconv.MessagingConsumerGroupName(cfg.Consumer), semconv.MessagingDestinationSubscriptionName(cfg.Queue)},
-			telemetry.ServerAttrs(cfg.URL)...)...)},
+			telemetry.ServerAttrs(nodes.Single())...)...)},
 		meter: telemetry.MeterProvider(cfg.MeterProvider).Meter(telemetry.ScopeInbox),
 		attrs: attribute.NewSet(telemetry.AttrConsumer.String(cfg.Consumer), telemetry.AttrQueue.String(cfg.Queue)),
 	}

@@ -14,7 +14,6 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/mailroom-go/mailroom"
-	"github.com/mailroom-go/mailroom/internal/amqpx"
 	"github.com/mailroom-go/mailroom/internal/locks"
 	"github.com/mailroom-go/mailroom/internal/redact"
 	"github.com/mailroom-go/mailroom/internal/wire"
@@ -22,8 +21,15 @@ import (
 
 // Config configures a Relay. Zero values take the documented defaults.
 type Config struct {
-	// URL is the AMQP URL, e.g. amqp://guest:guest@127.0.0.1:5672/. Required.
+	// URL is the AMQP URL, e.g. amqp://guest:guest@127.0.0.1:5672/, or the
+	// URLs of a cluster's nodes separated by commas. Required unless URLs
+	// is set.
 	URL string
+	// URLs are the nodes of one RabbitMQ cluster (instead of URL). The
+	// relay connects to the first that answers, starting from a random
+	// one so relays spread, and to another when its node goes away; what
+	// was in flight there is released and published again.
+	URLs []string
 	// DatabaseURL is the lib/pq URL the relay LISTENs on for wake-ups,
 	// holds the wake lock on while it sleeps, and shows itself to the other
 	// relays of the table on (three sessions of its own).
@@ -204,10 +210,6 @@ func (c *Config) setDefaults() {
 
 func (c *Config) validate() error {
 	switch {
-	case c.URL == "":
-		return fmt.Errorf("relay: Config.URL is empty: set the AMQP URL, e.g. amqp://guest:guest@127.0.0.1:5672/")
-	case !amqpx.IsURL(c.URL):
-		return fmt.Errorf("relay: Config.URL is not an amqp:// or amqps:// URL")
 	case c.DatabaseURL == "" && !c.DisableListen:
 		return fmt.Errorf("relay: Config.DatabaseURL is empty: set it (the relay LISTENs for wake-ups) or set DisableListen to rely on polling")
 	case c.BatchSize < 1 || c.BatchSize > 10000:

@@ -335,7 +335,7 @@ func (p *publisher) connect(ctx context.Context) error {
 			p.reset(ctx, errors.New("channel closed"))
 		}
 		if p.conn == nil || p.conn.IsClosed() {
-			conn, wire, err := amqpx.DialBatchRetry(ctx, p.r.cfg.URL, "mailroom-relay "+p.r.cfg.Name, 5*time.Second, func(err error, d time.Duration) {
+			conn, wire, err := p.r.nodes.DialBatchRetry(ctx, "mailroom-relay "+p.r.cfg.Name, 5*time.Second, func(err error, d time.Duration) {
 				p.down.Store(true)
 				p.r.log.Warn("broker connection failed; retrying", "error", err, "retry_in", d.String())
 			})

@@ -12,6 +12,7 @@ import (
 
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/mailroom-go/mailroom/internal/amqpx"
 	"github.com/mailroom-go/mailroom/internal/tablenames"
 )
 
@@ -43,6 +44,7 @@ var ErrNoExchange = errors.New("relay: exchange does not exist")
 type Relay struct {
 	db     *sql.DB
 	cfg    Config
+	nodes  *amqpx.Nodes
 	q      queries
 	tables tablenames.Resolved
 	admin  *Admin // the backlog gauges' Status
@@ -113,6 +115,10 @@ func (r *Relay) Stats() Stats {
 func New(db *sql.DB, cfg Config) (*Relay, error) {
 	shareDefault := cfg.ConfirmWindow == 0
 	cfg.setDefaults()
+	nodes, err := amqpx.ParseNodes(cfg.URL, cfg.URLs)
+	if err != nil {
+		return nil, fmt.Errorf("relay: Config.%w", err)
+	}
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
@@ -120,12 +126,12 @@ func New(db *sql.DB, cfg Config) (*Relay, error) {
 	if err != nil {
 		return nil, fmt.Errorf("relay: Config.%w", err)
 	}
-	tel, err := newInstruments(&cfg, t.Outbox.String())
+	tel, err := newInstruments(&cfg, nodes, t.Outbox.String())
 	if err != nil {
 		return nil, err
 	}
 	r := &Relay{
-		db: db, cfg: cfg, q: newQueries(t), tables: t, stmts: statements{db: db},
+		db: db, cfg: cfg, nodes: nodes, q: newQueries(t), tables: t, stmts: statements{db: db},
 		admin: &Admin{db: db, tables: t, q: newAdminQueries(t)},
 		log:   cfg.Logger.With("relay", cfg.Name),
 		tel:   tel, shareDefault: shareDefault,

@@ -139,7 +139,11 @@ func TestNewValidatesConfig(t *testing.T) {
 		cfg  relay.Config
 		want string
 	}{
-		{relay.Config{URL: "http://x"}, "Config.URL is not an amqp:// or amqps:// URL"},
+		{relay.Config{URL: "http://x"}, "Config.URL: http://x is not an amqp:// or amqps:// URL"},
+		{relay.Config{}, "Config.URL: required"},
+		{relay.Config{URL: "amqp://a/, amqp://u:secret@b:bad/"}, "Config.URL: node 2 of 2: (unparsable URL) is not an amqp:// or amqps:// URL"},
+		{relay.Config{URLs: []string{"amqp://a/", ""}}, "Config.URLs: node 2 of 2: empty"},
+		{relay.Config{URL: "amqp://a/", URLs: []string{"amqp://b/"}}, "Config.URL and URLs: both set"},
 		{relay.Config{URL: "amqp://x", ConfirmTimeout: 3}, "ConfirmTimeout 3ns: must be at least 100ms"},
 		{relay.Config{URL: "amqp://x", ConfirmTimeout: 200 * 365 * 24 * time.Hour, Lease: time.Second}, "Lease 1s must be at least twice ConfirmTimeout (1752000h0m0s)"}, // 2× overflows
 		{relay.Config{URL: "amqp://x", MinBackoff: -time.Second}, "MinBackoff -1s"},

@@ -15,6 +15,7 @@ import (
 	semconv "go.opentelemetry.io/otel/semconv/v1.39.0"
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/mailroom-go/mailroom/internal/amqpx"
 	"github.com/mailroom-go/mailroom/internal/telemetry"
 )
 
@@ -63,13 +64,13 @@ type instruments struct {
 	confirm, batch, claim metric.Float64Histogram
 }
 
-func newInstruments(cfg *Config, table string) (*instruments, error) {
+func newInstruments(cfg *Config, nodes *amqpx.Nodes, table string) (*instruments, error) {
 	t := &instruments{
 		tracer:     telemetry.NewTracing(cfg.TracerProvider, telemetry.ScopeRelay),
 		propagator: cfg.Propagator,
 		spanStart: []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindProducer), trace.WithAttributes(append([]attribute.KeyValue{
 			semconv.MessagingSystemRabbitMQ, semconv.MessagingOperationTypeSend, semconv.MessagingOperationName("publish")},
-			telemetry.ServerAttrs(cfg.URL)...)...)},
+			telemetry.ServerAttrs(nodes.Single())...)...)},
 		meter: telemetry.MeterProvider(cfg.MeterProvider).Meter(telemetry.ScopeRelay),
 		attrs: attribute.NewSet(telemetry.AttrTable.String(table)),
 	}

@@ -22,8 +22,9 @@ const brokerRedialDelay = time.Second
 // /readyz. Closing the relay's connection by name (rabbitmqctl
 // close_connection, a network cut, a broker restart) closes this one too.
 type brokerWatch struct {
-	url, name string
-	log       *slog.Logger
+	nodes *amqpx.Nodes
+	name  string
+	log   *slog.Logger
 
 	mu    sync.Mutex
 	up    bool
@@ -31,8 +32,8 @@ type brokerWatch struct {
 	err   string
 }
 
-func newBrokerWatch(url, name string, log *slog.Logger) *brokerWatch {
-	return &brokerWatch{url: url, name: name, log: log, since: time.Now(), err: "not connected yet"}
+func newBrokerWatch(nodes *amqpx.Nodes, name string, log *slog.Logger) *brokerWatch {
+	return &brokerWatch{nodes: nodes, name: name, log: log, since: time.Now(), err: "not connected yet"}
 }
 
 // state reports whether the connection is up, since when, and the last
@@ -55,7 +56,7 @@ func (w *brokerWatch) set(up bool, err string) {
 func (w *brokerWatch) run(ctx context.Context) {
 	for {
 		said := false // an outage is logged once, at its first failed dial
-		conn, err := amqpx.DialRetry(ctx, w.url, w.name, 5*time.Second, func(err error, d time.Duration) {
+		conn, err := w.nodes.DialRetry(ctx, w.name, 5*time.Second, func(err error, d time.Duration) {
 			w.set(false, err.Error()) // amqpx errors carry the redacted URL only
 			if !said {
 				w.log.Warn("cannot connect to the broker; not ready until it answers (check AMQP_URL)", "error", err.Error(), "retry_in", d.String())

@@ -49,7 +49,7 @@ func TestBadInput(t *testing.T) {
 		{"unknown flag", []string{"DATABASE_URL=" + db}, []string{"migrate", "--nope"}, "flag provided but not defined"},
 		{"stray argument", []string{"DATABASE_URL=" + db}, []string{"status", "extra"}, `unexpected argument "extra"`},
 		{"run without AMQP_URL", []string{"DATABASE_URL=" + db}, []string{"run"}, "AMQP_URL is not set"},
-		{"run AMQP_URL not amqp", []string{"DATABASE_URL=" + db, "AMQP_URL=http://guest:" + secret + "@h/"}, []string{"run"}, "not an amqp:// URL"},
+		{"run AMQP_URL not amqp", []string{"DATABASE_URL=" + db, "AMQP_URL=http://guest:" + secret + "@h/"}, []string{"run"}, "is not an amqp:// or amqps:// URL"},
 		{"run bad --http", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp}, []string{"run", "--http", "9108"}, "--http"},
 		{"run short token", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp, "MAILROOM_ADMIN_TOKEN=short"}, []string{"run"}, "--admin-token"},
 		{"run bad env number", []string{"DATABASE_URL=" + db, "AMQP_URL=" + amqp, "MAILROOM_BATCH_SIZE=lots"}, []string{"run"}, "MAILROOM_BATCH_SIZE"},

@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -74,7 +75,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 	var c common
 	c.register(fs)
 	cfg := relay.Config{}
-	fs.StringVar(&cfg.URL, "amqp-url", "", "RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/ [$AMQP_URL]")
+	fs.Var(urlsFlag{&cfg.URL}, "amqp-url", "RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/; repeat it for each node of a cluster (the variable takes them comma-separated): the relay connects to one and moves to another when it goes away [$AMQP_URL]")
 	fs.StringVar(&cfg.Name, "name", os.Getenv("MAILROOM_NAME"), "instance name for logs, the AMQP connection name (\"mailroom-relay <name>\") and the PostgreSQL application_name (default host-pid) [$MAILROOM_NAME]")
 	fs.IntVar(&cfg.BatchSize, "batch-size", envInt("MAILROOM_BATCH_SIZE"), "rows per claim (default 500) [$MAILROOM_BATCH_SIZE]")
 	fs.IntVar(&cfg.ConfirmWindow, "confirm-window", envInt("MAILROOM_CONFIRM_WINDOW"), "messages published but not yet confirmed, at most (at least --batch-size; default 1024 shared among the relays publishing on the table, e.g. 512 each for two) [$MAILROOM_CONFIRM_WINDOW]")
@@ -124,8 +125,9 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 	if cfg.URL == "" {
 		return usageErr("AMQP_URL is not set: pass --amqp-url or set AMQP_URL, e.g. amqp://guest:guest@127.0.0.1:5672/")
 	}
-	if !amqpx.IsURL(cfg.URL) {
-		return usageErr("AMQP_URL is not an amqp:// URL (got %s)", redact.String(cfg.URL))
+	nodes, err := amqpx.ParseNodes(cfg.URL, nil)
+	if err != nil {
+		return usageErr("AMQP_URL (--amqp-url): %s", strings.TrimPrefix(err.Error(), "URL: "))
 	}
 	hide(cfg.URL)
 	if o.adminToken == "" {
@@ -207,7 +209,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 	m := newMetrics(reg, db, admin, c.tables, log)
 	resolved, _ := tablenames.Resolve(tablenames.Names(c.tables))
 	registerRelayProgress(reg, r, resolved.Outbox.String())
-	watch := newBrokerWatch(cfg.URL, "mailroom-relay "+cfg.Name, log)
+	watch := newBrokerWatch(nodes, "mailroom-relay "+cfg.Name, log)
 	m.registerBroker(reg, watch)
 	samp := newSampler(admin, r, o.sampleEvery, log)
 	maint := newMaintainer(o.maint, db, admin, c.tables, store, m, log)
@@ -233,7 +235,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 	go func() { defer wg.Done(); maint.run(ctx) }()
 
 	log.Info("http listening", "addr", ln.Addr().String(), "admin", o.adminToken != "")
-	log.Info("relay starting", "name", cfg.Name, "outbox", resolved.Outbox.String(), "amqp", redact.String(cfg.URL), "database", redact.String(c.databaseURL))
+	log.Info("relay starting", "name", cfg.Name, "outbox", resolved.Outbox.String(), "amqp", nodes.String(), "database", redact.String(c.databaseURL))
 	runErr := r.Run(ctx) // returns after ctx ends, with in-flight rows finished or released
 	srv.stopping.Store(true)
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -307,4 +309,23 @@ func envIntOr(k string, def int) int {
 		return def
 	}
 	return envInt(k)
+}
+
+// urlsFlag is --amqp-url: each use adds a node, kept comma-separated as
+// AMQP_URL has them.
+type urlsFlag struct{ urls *string }
+
+func (f urlsFlag) String() string {
+	if f.urls == nil {
+		return ""
+	}
+	return redact.String(*f.urls)
+}
+
+func (f urlsFlag) Set(v string) error {
+	if *f.urls != "" {
+		*f.urls += ","
+	}
+	*f.urls += v
+	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"net/url"
 	"strings"
@@ -730,5 +731,33 @@ func TestStatusPageDeadLetterFilter(t *testing.T) {
 	var left []string
 	if err := s.DB.Select(&left, `SELECT id::text FROM mailroom_outbox_dead`); err != nil || len(left) != 1 || left[0] != ids[1] {
 		t.Fatalf("left dead %v (%v), want only %s", left, err, ids[1])
+	}
+}
+
+// --amqp-url repeated names the nodes of a cluster: the sidecar connects
+// to one that answers, whichever it tries first, and publishes.
+func TestSidecarNodesOfACluster(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	b := testenv.NewBroker(t)
+	ex := b.Exchange()
+	q := b.Queue(ex, "#", nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := "amqp://guest:guest@" + ln.Addr().String() + "/"
+	ln.Close() // nothing answers there now
+	sc := startSidecar(t, s.URL, "--amqp-url", dead, "--amqp-url", testenv.AMQPURL())
+	sc.waitReady()
+	var msgs []outbox.Message
+	for i := range 20 {
+		msgs = append(msgs, outbox.Message{Exchange: ex, RoutingKey: "order.placed", Key: fmt.Sprint("k", i%3)})
+	}
+	receiveIDs(t, b, q, addMessages(t, s, msgs...), time.Minute)
+	for _, l := range sc.lines() {
+		if strings.Contains(l, "relay starting") && !strings.Contains(l, ln.Addr().String()) {
+			t.Errorf("the start line does not name both nodes: %s", l)
+		}
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/jmoiron/sqlx"
@@ -37,7 +38,7 @@ var (
 // required; the names default to what a real deployment would use.
 type Config struct {
 	DatabaseURL string // lib/pq URL; its search_path picks the schema
-	AMQPURL     string // e.g. amqp://guest:guest@127.0.0.1:5672/
+	AMQPURL     string // e.g. amqp://guest:guest@127.0.0.1:5672/, or a cluster's nodes separated by commas
 
 	OrdersExchange   string // order.placed is published here; default "orders"
 	PaymentsExchange string // payment.captured is published here; default "payments"
@@ -286,18 +287,25 @@ func runAll(ctx context.Context, tasks ...func(context.Context) error) error {
 	return first
 }
 
-// dialAMQP connects under a connection name, which the management UI and
-// `rabbitmqctl list_connections client_properties` show.
-func dialAMQP(url, name string) (*amqp.Connection, error) {
+// dialAMQP connects to the first node of urls (one URL, or the nodes of a
+// cluster separated by commas, as AMQP_URL has them) that answers, under a
+// connection name, which the management UI and `rabbitmqctl
+// list_connections client_properties` show.
+func dialAMQP(urls, name string) (*amqp.Connection, error) {
 	cfg := amqp.Config{
 		Properties: amqp.NewConnectionProperties(),
 		Heartbeat:  10 * time.Second,
 		Dial:       amqp.DefaultDial(10 * time.Second),
 	}
 	cfg.Properties.SetClientConnectionName(name)
-	conn, err := amqp.DialConfig(url, cfg)
-	if err != nil {
-		return nil, fmt.Errorf("connect to RabbitMQ at %s: %w", redact.String(url), redact.Error(err, url))
+	var errs []error
+	for _, url := range strings.Split(urls, ",") { // the nodes of a cluster: the first that answers
+		url = strings.TrimSpace(url)
+		conn, err := amqp.DialConfig(url, cfg)
+		if err == nil {
+			return conn, nil
+		}
+		errs = append(errs, fmt.Errorf("connect to RabbitMQ at %s: %w", redact.String(url), redact.Error(err, url)))
 	}
-	return conn, nil
+	return nil, errors.Join(errs...)
 }

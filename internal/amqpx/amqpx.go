@@ -43,12 +43,6 @@ func dialConfig(amqpURL string, cfg amqp.Config) (*amqp.Connection, error) {
 	return conn, nil
 }
 
-// DialRetry dials until it succeeds or ctx ends, waiting between attempts
-// with exponential backoff (capped at maxWait). onError sees each failure.
-func DialRetry(ctx context.Context, amqpURL, name string, maxWait time.Duration, onError func(error, time.Duration)) (*amqp.Connection, error) {
-	return retry(ctx, maxWait, onError, func() (*amqp.Connection, error) { return Dial(amqpURL, name) })
-}
-
 func retry(ctx context.Context, maxWait time.Duration, onError func(error, time.Duration), dial func() (*amqp.Connection, error)) (*amqp.Connection, error) {
 	b := backoff.NewExponentialBackOff()
 	b.InitialInterval = 100 * time.Millisecond

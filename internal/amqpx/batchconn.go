@@ -84,20 +84,22 @@ func (c *BatchConn) fail(err error) {
 
 // DialBatchRetry is DialRetry for a connection whose writes can be held
 // (see BatchConn).
-func DialBatchRetry(ctx context.Context, amqpURL, name string, maxWait time.Duration, onError func(error, time.Duration)) (*amqp.Connection, *BatchConn, error) {
+func (n *Nodes) DialBatchRetry(ctx context.Context, name string, maxWait time.Duration, onError func(error, time.Duration)) (*amqp.Connection, *BatchConn, error) {
 	var bc *BatchConn
 	conn, err := retry(ctx, maxWait, onError, func() (*amqp.Connection, error) {
-		cfg := config(name)
-		dial := amqp.DefaultDial(30 * time.Second)
-		cfg.Dial = func(network, addr string) (net.Conn, error) {
-			nc, err := dial(network, addr)
-			if err != nil {
-				return nil, err
+		return n.dial(func() amqp.Config {
+			cfg := config(name)
+			dial := amqp.DefaultDial(30 * time.Second)
+			cfg.Dial = func(network, addr string) (net.Conn, error) {
+				nc, err := dial(network, addr)
+				if err != nil {
+					return nil, err
+				}
+				bc = &BatchConn{Conn: nc}
+				return bc, nil
 			}
-			bc = &BatchConn{Conn: nc}
-			return bc, nil
-		}
-		return dialConfig(amqpURL, cfg)
+			return cfg
+		})
 	})
 	return conn, bc, err
 }

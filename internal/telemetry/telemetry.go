@@ -221,7 +221,8 @@ func isNoop(tp trace.TracerProvider) bool {
 // ServerAttrs are the server.address and server.port of the broker at
 // amqpURL, as the messaging semantic conventions put on every span (the
 // scheme's port when the URL names none: 5672, 5671 for amqps). None when
-// the URL does not parse (configs validate it first).
+// the URL is empty (a cluster: which node serves is known per connection)
+// or does not parse (configs validate it first).
 func ServerAttrs(amqpURL string) []attribute.KeyValue {
 	u, err := url.Parse(amqpURL)
 	if err != nil || u.Hostname() == "" {
