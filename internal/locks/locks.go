@@ -13,6 +13,7 @@
 //	Active+i     (Active+i, OID), session    relay             publishing slot i < Config.ActiveRelays
 //	Alone        (Alone, OID), session       relay             the one publishing relay claims without leases; claims hold it shared
 //	Maintenance  (hash, OID), session        mailroom-relay    one sidecar purges; the hash is seeded by Maintenance and the purges it runs
+//	GroupSlots+s one bigint, session         inbox.Group       member slot s of a partitioned group; the high half is a hash of the group's consumer and queue, so pg_locks shows classid = that hash, objid = GroupSlots+s
 package locks
 
 const (
@@ -24,4 +25,5 @@ const (
 	Active      = 1633907830         // "actv"; slot i is Active+i
 	MaxActive   = 64                 // slots Active … Active+MaxActive-1 are reserved
 	Maintenance = 0x6d726d6e         // "mrmn"
+	GroupSlots  = 0x67727000         // "grp\0"; slot s is GroupSlots+s, s < 4096
 )
