@@ -4,6 +4,7 @@
 //	go run ./bench                 # the default figures (see -run)
 //	go run ./bench -run scale,dedupe  # the slow ones: millions of rows
 //	go run ./bench -run drain -events 100000
+//	go run ./bench -run soak -soak-duration 30m -soak-rate 0.5,0.8 -soak-hold 10m
 //
 // Each figure sets up its own schema, exchange and queue (a consumer
 // attached: prefetch 1000, multiple acks), prints one line, and cleans up.
@@ -36,8 +37,8 @@ import (
 )
 
 var (
-	runFlag      = flag.String("run", "broker,naive,drain,latency,relays,writecost,keyed,keyedlatency", "figures to run, comma-separated: broker, naive, drain, latency, relays, keyed, keyedlatency, scale, dedupe, writecost")
-	events       = flag.Int("events", 100000, "backlog size for broker and drain")
+	runFlag      = flag.String("run", "broker,naive,drain,latency,relays,writecost,keyed,keyedlatency", "figures to run, comma-separated: broker, naive, drain, latency, relays, keyed, keyedlatency, scale, dedupe, writecost, soak (long: see -soak-duration)")
+	events       = flag.Int("events", 100000, "backlog size for broker and drain, and of the soak's capacity drain")
 	rates        = flag.String("rates", "200,5000", "steady event rates (events/s) for latency, comma-separated")
 	duration     = flag.Duration("duration", 10*time.Second, "how long each latency rate runs")
 	quorum       = flag.Bool("quorum", false, "use a quorum queue instead of a classic one")
@@ -168,6 +169,9 @@ func main() {
 	if want["dedupe"] {
 		empty, full := must(benchDedupe(0)), must(benchDedupe(10_000_000))
 		fmt.Printf("dedupe   Claim (new ids, 8 clients): empty table %8.0f claims/s, 10,000,000 entries %8.0f claims/s  (%.2f×)\n", empty, full, full/empty)
+	}
+	if want["soak"] {
+		runSoak()
 	}
 	if want["latency"] {
 		for _, s := range strings.Split(*rates, ",") {
