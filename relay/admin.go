@@ -145,6 +145,132 @@ func (a *Admin) Status(ctx context.Context) (StatusReport, error) {
 	return s, nil
 }
 
+// HorizonReport says whether VACUUM can clean the outbox. A relay deletes
+// every row it publishes; while something holds PostgreSQL's vacuum
+// horizon back (a long or idle-in-transaction session, a REPEATABLE READ
+// snapshot, a prepared transaction, a replication slot), none of those
+// deleted rows can be removed, and every claim reads past them.
+type HorizonReport struct {
+	// DeadTuples and LiveTuples are the outbox's n_dead_tup and n_live_tup
+	// (pg_stat_all_tables): estimates, which sessions flush about once a
+	// second. Dead tuples that keep growing while the outbox drains mean
+	// the horizon is held, or autovacuum does not keep up.
+	DeadTuples int64 `json:"outbox_dead_tuples"`
+	LiveTuples int64 `json:"outbox_live_tuples"`
+	// LastVacuum is when the outbox was last vacuumed, by autovacuum or
+	// VACUUM; zero if never since the statistics were reset.
+	LastVacuum time.Time `json:"-"`
+	// Age is how long the oldest transaction holding the horizon back has
+	// been open (a session's since it began, a prepared transaction's since
+	// PREPARE); 0 when nothing holds it. A replication slot has no age in
+	// time: it shows in XminAge.
+	Age time.Duration `json:"-"`
+	// XminAge is how many transactions behind the horizon is held: the
+	// greatest age(xmin) of the Holders, 0 when there are none.
+	XminAge int64 `json:"horizon_xmin_age"`
+	// HeldBy describes Holders[0], the holder with the oldest xmin: the
+	// one to end first. "" when there is none.
+	HeldBy string `json:"horizon_held_by"`
+	// Holders is everything holding the horizon back now, oldest xmin
+	// first. It includes statements running for a moment, as every
+	// statement holds a snapshot.
+	Holders []HorizonHolder `json:"-"`
+}
+
+// MarshalJSON adds horizon_age_seconds (a number, 0 when nothing holds the
+// horizon, never null) and outbox_last_vacuum (null when never).
+func (h HorizonReport) MarshalJSON() ([]byte, error) {
+	type plain HorizonReport
+	var vacuumed *time.Time
+	if !h.LastVacuum.IsZero() {
+		vacuumed = &h.LastVacuum
+	}
+	return json.Marshal(struct {
+		plain
+		LastVacuum *time.Time `json:"outbox_last_vacuum"`
+		Age        float64    `json:"horizon_age_seconds"`
+	}{plain(h), vacuumed, h.Age.Seconds()})
+}
+
+// HorizonHolder is one thing holding the vacuum horizon back. The query it
+// runs is never read: query texts may carry secrets.
+type HorizonHolder struct {
+	// Kind is "session", "prepared transaction" or "replication slot".
+	Kind string
+	// PID is the session's backend (a slot's, while one streams from it).
+	PID int
+	// ApplicationName, State ("idle in transaction", "active", …) and
+	// BackendType are the session's, from pg_stat_activity.
+	ApplicationName, State, BackendType string
+	// Name is the prepared transaction's gid or the replication slot's name.
+	Name string
+	// Age is how long the transaction has been open (0 for a slot).
+	Age time.Duration
+	// XminAge is age(xmin) of what it holds, in transactions.
+	XminAge int64
+}
+
+// String says what the holder is, for a log line or a person:
+// `pid 4242 (application_name "billing", idle in transaction)`,
+// `prepared transaction "gid"`, `replication slot "standby1"`.
+func (h HorizonHolder) String() string {
+	switch h.Kind {
+	case "prepared transaction", "replication slot":
+		return fmt.Sprintf("%s %q", h.Kind, h.Name)
+	}
+	var what []string
+	if h.BackendType != "" && h.BackendType != "client backend" {
+		what = append(what, h.BackendType)
+	}
+	what = append(what, fmt.Sprintf("application_name %q", h.ApplicationName))
+	if h.State != "" {
+		what = append(what, h.State)
+	}
+	return fmt.Sprintf("pid %d (%s)", h.PID, strings.Join(what, ", "))
+}
+
+// Horizon reports the outbox's dead and live tuples and what holds the
+// vacuum horizon of its database back. Sessions count when they are in
+// the outbox's database or in none (a walsender relaying a standby's
+// hot_standby_feedback), as PostgreSQL counts them for a table's horizon;
+// a role sees other roles' sessions only with pg_read_all_stats (or
+// pg_monitor). Prepared transactions count for their database;
+// replication slots by their xmin (a logical slot's catalog_xmin holds only
+// the system catalogs). It reads statistics and shared memory, no table:
+// cheap enough for every scrape; it is kept apart from Status, which the
+// relay's backlog gauges call often and which is about rows, not the
+// database.
+func (a *Admin) Horizon(ctx context.Context) (HorizonReport, error) {
+	var h HorizonReport
+	var vacuumed sql.NullTime
+	if err := a.db.QueryRowContext(ctx, a.q.tuples).Scan(&h.DeadTuples, &h.LiveTuples, &vacuumed); err != nil {
+		return HorizonReport{}, fmt.Errorf("relay: horizon: outbox statistics: %w", err)
+	}
+	h.LastVacuum = vacuumed.Time
+	rs, err := a.db.QueryContext(ctx, horizonSQL)
+	if err != nil {
+		return HorizonReport{}, fmt.Errorf("relay: horizon: %w", err)
+	}
+	defer rs.Close()
+	for rs.Next() {
+		var hh HorizonHolder
+		var age float64
+		if err := rs.Scan(&hh.Kind, &hh.PID, &hh.ApplicationName, &hh.State, &hh.BackendType, &hh.Name, &age, &hh.XminAge); err != nil {
+			return HorizonReport{}, fmt.Errorf("relay: horizon: %w", err)
+		}
+		hh.Age = time.Duration(age * float64(time.Second))
+		h.Age = max(h.Age, hh.Age)
+		h.Holders = append(h.Holders, hh)
+	}
+	if err := rs.Err(); err != nil {
+		return HorizonReport{}, fmt.Errorf("relay: horizon: %w", err)
+	}
+	if len(h.Holders) > 0 {
+		h.XminAge, h.HeldBy = h.Holders[0].XminAge, h.Holders[0].String()
+	}
+	return h, nil
+}
+
 // DeadFilter selects dead letters; its zero value selects every one. Set
 // fields must all match.
 type DeadFilter struct {

@@ -397,7 +397,39 @@ const asyncCommitSQL = `SET LOCAL synchronous_commit = off`
 // adminQueries are the statements of Admin (admin.go).
 type adminQueries struct {
 	status, listDead, showDead, lockDead, lastDead, replay, replayAll, discard, purgePublished string
+	// tuples is Admin.Horizon's, with horizonSQL.
+	tuples string
 }
+
+// horizonSQL lists what holds this database's vacuum horizon back (see
+// Admin.Horizon), oldest xmin first: columns kind, pid, application_name,
+// state, backend_type, name, age in seconds (0 for a replication slot),
+// age(xmin) in transactions. It reads shared memory only (pg_stat_activity,
+// the procarray and slot arrays); no table, no lock, no query text.
+//
+// Sessions count when they are in this database or in none (a walsender
+// relaying a standby's hot_standby_feedback): PostgreSQL 14 and later
+// compute the horizon of a database's tables from its own sessions and
+// those, and ignore sessions that are only vacuuming (pg_stat_progress_vacuum).
+// Prepared transactions count for their database. Replication slots count
+// by xmin, which holds every database; a logical slot's catalog_xmin holds
+// only the system catalogs, not the outbox, and is left out.
+const horizonSQL = `SELECT kind, pid, application_name, state, backend_type, name, age_seconds, xmin_age FROM (
+SELECT 'session' AS kind, a.pid, coalesce(a.application_name, '') AS application_name, coalesce(a.state, '') AS state,
+    coalesce(a.backend_type, '') AS backend_type, '' AS name,
+    greatest(extract(epoch FROM now() - a.xact_start), 0)::float8 AS age_seconds,
+    greatest(age(a.backend_xmin), age(a.backend_xid))::bigint AS xmin_age
+FROM pg_stat_activity a
+WHERE (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL) AND a.pid <> pg_backend_pid()
+  AND (a.datname = current_database() OR a.datid IS NULL)
+  AND a.pid NOT IN (SELECT pid FROM pg_stat_progress_vacuum)
+UNION ALL
+SELECT 'prepared transaction', 0, '', '', '', p.gid, greatest(extract(epoch FROM now() - p.prepared), 0)::float8, age(p.transaction)::bigint
+FROM pg_prepared_xacts p WHERE p.database = current_database()
+UNION ALL
+SELECT 'replication slot', coalesce(s.active_pid, 0), '', '', '', s.slot_name, 0, age(s.xmin)::bigint
+FROM pg_replication_slots s WHERE s.xmin IS NOT NULL
+) h ORDER BY xmin_age DESC, age_seconds DESC`
 
 // deadWhere is DeadFilter as SQL: $2 exchange, $3 type, $4 a substring of
 // last_error (” for any), $5 dead for at least, $6 at most, that many
@@ -456,6 +488,11 @@ SELECT id, exchange, routing_key, key, type, content_type, headers, payload, cre
 INSERT INTO ` + ob + ` (id, exchange, routing_key, key, type, content_type, headers, payload, created_at)
 SELECT id, exchange, routing_key, key, type, content_type, headers, payload, created_at FROM d ORDER BY seq`,
 		discard: `DELETE FROM ` + dead + ` WHERE id = ANY($1::uuid[])`,
+		// The outbox's counters in the cumulative statistics, as the
+		// sessions that changed it last flushed them (each at most once a
+		// second, and within about 10 s of going idle). Scans nothing.
+		tuples: `SELECT n_dead_tup, n_live_tup, greatest(last_autovacuum, last_vacuum)
+FROM pg_stat_all_tables WHERE relid = ` + obOID,
 		// Oldest first along published_at_idx, at most $2 rows, skipping rows
 		// another purger holds.
 		purgePublished: `DELETE FROM ` + pub + ` WHERE seq IN (

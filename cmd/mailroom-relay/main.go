@@ -4,7 +4,7 @@
 //
 //	mailroom-relay migrate                 create or upgrade the mailroom tables
 //	mailroom-relay run                     run the relay, /healthz /readyz /metrics and a status page
-//	mailroom-relay status [--json]         pending rows, oldest pending age, dead letters
+//	mailroom-relay status [--json]         pending rows, oldest pending age, dead letters, vacuum horizon
 //	mailroom-relay dead list [--json]      dead letters with their last error
 //	mailroom-relay dead replay ID…|--all   move dead letters back into the outbox
 //	mailroom-relay dead discard ID…        delete dead letters
@@ -50,7 +50,8 @@ Usage:
 Commands:
   migrate                create or upgrade the mailroom tables (safe to run concurrently and repeatedly)
   run                    run the relay until SIGINT or SIGTERM; serves /, /healthz, /readyz, /metrics on --http
-  status [--json]        pending rows, age of the oldest pending row (the lag), dead letters
+  status [--json]        pending rows, age of the oldest pending row (the lag), dead letters,
+                         the outbox's dead tuples and what holds the vacuum horizon back
   dead list [--json]     dead letters: id, exchange, routing key, key, attempts, last error, when
   dead replay ID...      move dead letters back into the outbox (--all: every one)
   dead discard ID...     delete dead letters
@@ -60,9 +61,9 @@ Commands:
 
 Environment (flags win): DATABASE_URL, AMQP_URL, MAILROOM_OUTBOX_TABLE,
 MAILROOM_DEAD_TABLE, MAILROOM_PUBLISHED_TABLE, MAILROOM_INBOX_TABLE,
-MAILROOM_LOG_LEVEL; for run also MAILROOM_HTTP, MAILROOM_ADMIN_TOKEN,
-MAILROOM_NAME, MAILROOM_BATCH_SIZE, MAILROOM_POLL_INTERVAL, ... (see
-mailroom-relay run -h).
+MAILROOM_LOG_LEVEL, MAILROOM_HORIZON_WARN; for run also MAILROOM_HTTP,
+MAILROOM_ADMIN_TOKEN, MAILROOM_NAME, MAILROOM_BATCH_SIZE,
+MAILROOM_POLL_INTERVAL, ... (see mailroom-relay run -h).
 
 Exit status: 0 done, 1 failed (e.g. database unreachable, unknown dead-letter
 id), 2 bad command line or configuration.

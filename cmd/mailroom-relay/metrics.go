@@ -112,15 +112,19 @@ func registerRelayProgress(reg *prometheus.Registry, r *relay.Relay, table strin
 	}))
 }
 
-// outboxCollector reads the outbox at scrape time, so the gauges are never
-// staler than the scrape. A failed read is counted and the gauges are left
-// out of that scrape (alert on absent(mailroom_outbox_pending_rows)).
+// outboxCollector reads the outbox, and what holds its database's vacuum
+// horizon back, at scrape time, so the gauges are never staler than the
+// scrape. A failed read is counted and its gauges are left out of that
+// scrape (alert on absent(mailroom_outbox_pending_rows)).
 type outboxCollector struct {
-	admin  *relay.Admin
-	log    *slog.Logger
-	errors prometheus.Counter
+	admin         *relay.Admin
+	log           *slog.Logger
+	errors        prometheus.Counter
+	horizonErrors prometheus.Counter
 
 	pending, scheduled, retrying, inFlight, age, dead *prometheus.Desc
+	// From Admin.Horizon: the outbox's tuples, and the database's horizon.
+	deadTuples, liveTuples, lastVacuum, horizonAge, horizonXminAge *prometheus.Desc
 }
 
 func newOutboxCollector(admin *relay.Admin, outbox string, log *slog.Logger) *outboxCollector {
@@ -139,25 +143,39 @@ func newOutboxCollector(admin *relay.Admin, outbox string, log *slog.Logger) *ou
 		inFlight:  d("mailroom_outbox_in_flight_rows", "Pending rows leased by a relay right now (relays publishing side by side; a relay publishing alone leases none)."),
 		age:       d("mailroom_outbox_oldest_pending_age_seconds", "How long the oldest pending row has waited since it was due, or since it was written once it failed (the relay's lag); 0 when none is pending."),
 		dead:      d("mailroom_outbox_dead_rows", "Rows in the dead-letter table."),
+		horizonErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name:        "mailroom_db_horizon_errors_total",
+			Help:        "Scrapes whose read of the outbox's tuple statistics and the vacuum horizon failed (those gauges are missing from those scrapes).",
+			ConstLabels: labels,
+		}),
+		deadTuples: d("mailroom_outbox_dead_tuples", "Dead tuples in the outbox table (pg_stat_all_tables.n_dead_tup, an estimate): rows deleted but not yet vacuumed away; they grow while the vacuum horizon is held back."),
+		liveTuples: d("mailroom_outbox_live_tuples", "Live tuples in the outbox table (pg_stat_all_tables.n_live_tup, an estimate)."),
+		lastVacuum: d("mailroom_outbox_last_vacuum_timestamp_seconds", "Unix time the outbox table was last vacuumed (autovacuum or VACUUM); 0 if never since the statistics were reset."),
+		horizonAge: prometheus.NewDesc("mailroom_db_horizon_age_seconds",
+			"How long the oldest transaction holding this database's vacuum horizon back has been open (a session's, or a prepared transaction's); 0 when nothing holds it. Dead rows deleted since cannot be removed.", nil, nil),
+		horizonXminAge: prometheus.NewDesc("mailroom_db_horizon_xmin_age_transactions",
+			"How many transactions the vacuum horizon is held behind: the greatest age(xmin) of the sessions, prepared transactions and replication slots holding it.", nil, nil),
 	}
 }
 
 func (c *outboxCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.pending, c.scheduled, c.retrying, c.inFlight, c.age, c.dead} {
+	for _, d := range []*prometheus.Desc{c.pending, c.scheduled, c.retrying, c.inFlight, c.age, c.dead,
+		c.deadTuples, c.liveTuples, c.lastVacuum, c.horizonAge, c.horizonXminAge} {
 		ch <- d
 	}
 	c.errors.Describe(ch)
+	c.horizonErrors.Describe(ch)
 }
 
 func (c *outboxCollector) Collect(ch chan<- prometheus.Metric) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
+	g := func(d *prometheus.Desc, v float64) { ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v) }
 	st, err := c.admin.Status(ctx)
 	if err != nil {
 		c.errors.Inc()
 		c.log.Warn("metrics: reading the outbox status failed", "error", err)
 	} else {
-		g := func(d *prometheus.Desc, v float64) { ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v) }
 		g(c.pending, float64(st.Pending))
 		g(c.scheduled, float64(st.Scheduled))
 		g(c.retrying, float64(st.Retrying))
@@ -165,5 +183,21 @@ func (c *outboxCollector) Collect(ch chan<- prometheus.Metric) {
 		g(c.age, st.OldestPendingAge.Seconds())
 		g(c.dead, float64(st.Dead))
 	}
+	h, err := c.admin.Horizon(ctx)
+	if err != nil {
+		c.horizonErrors.Inc()
+		c.log.Warn("metrics: reading the vacuum horizon failed", "error", err)
+	} else {
+		g(c.deadTuples, float64(h.DeadTuples))
+		g(c.liveTuples, float64(h.LiveTuples))
+		vacuumed := 0.0
+		if !h.LastVacuum.IsZero() {
+			vacuumed = float64(h.LastVacuum.UnixNano()) / 1e9
+		}
+		g(c.lastVacuum, vacuumed)
+		g(c.horizonAge, h.Age.Seconds())
+		g(c.horizonXminAge, float64(h.XminAge))
+	}
 	c.errors.Collect(ch)
+	c.horizonErrors.Collect(ch)
 }

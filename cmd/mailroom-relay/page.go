@@ -33,6 +33,10 @@ type pageData struct {
 	Checks        []check
 	Status        relay.StatusReport
 	StatusErr     string
+	Horizon       relay.HorizonReport
+	HorizonErr    string
+	HorizonLine   string // horizonLine
+	HorizonPast   bool   // past --horizon-warn
 	Stats         relay.Stats
 	Throughput    chart
 	Lag           chart
@@ -67,6 +71,10 @@ func (s *server) page(w http.ResponseWriter, r *http.Request) {
 	if d.Status, err = s.admin.Status(ctx); err != nil {
 		d.StatusErr = err.Error()
 	}
+	if d.Horizon, err = s.admin.Horizon(ctx); err != nil {
+		d.HorizonErr = err.Error()
+	}
+	d.HorizonLine, d.HorizonPast = horizonLine(d.Horizon, s.horizonWarn), horizonPast(d.Horizon, s.horizonWarn)
 	q := r.URL.Query()
 	d.Filter = relay.DeadFilter{Exchange: q.Get("exchange"), Type: q.Get("type"), Error: q.Get("error")}
 	d.Filtered = d.Filter != (relay.DeadFilter{})

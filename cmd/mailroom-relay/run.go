@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
@@ -54,6 +55,13 @@ most --maintenance-timeout per run:
     idempotency key store), or for a consumer that was retired.
   - with --retain, published rows older than --retain.
 With neither, maintenance has nothing to do and does not run.
+
+Every --sample-interval it looks at what holds the database's vacuum
+horizon back (docs/operations.md, "Vacuum horizon and dead tuples"). When a
+transaction has held it for --horizon-warn, it logs a warning naming the
+holder (pid, application_name, state; never its query), again every 5
+minutes while it lasts, and an info line when it clears: meanwhile the rows
+it deletes cannot be cleaned up and claims slow down.
 `
 
 // runOpts are the sidecar's settings beyond relay.Config.
@@ -62,6 +70,7 @@ type runOpts struct {
 	adminToken  string
 	stall       time.Duration
 	sampleEvery time.Duration
+	horizonWarn time.Duration // 0 = off
 	maint       maintConfig
 
 	removedDedupeRetention string // refused unless empty or a zero duration
@@ -97,6 +106,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&o.adminToken, "admin-token", "", "enables replay/discard on the status page; POSTs must carry it (form field token or Authorization: Bearer); at least 16 characters [$MAILROOM_ADMIN_TOKEN]")
 	fs.DurationVar(&o.stall, "stall-timeout", envDurationOr("MAILROOM_STALL_TIMEOUT", 30*time.Second), "/readyz fails when the relay loop made no progress for this long [$MAILROOM_STALL_TIMEOUT]")
 	fs.DurationVar(&o.sampleEvery, "sample-interval", envDurationOr("MAILROOM_SAMPLE_INTERVAL", 5*time.Second), "how often the status page's chart samples throughput and lag (it keeps 10 minutes) [$MAILROOM_SAMPLE_INTERVAL]")
+	horizonWarnFlag(fs, &o.horizonWarn)
 	fs.DurationVar(&o.maint.interval, "maintenance-interval", envDurationOr("MAILROOM_MAINTENANCE_INTERVAL", time.Minute), "how often maintenance runs; 0 turns it off [$MAILROOM_MAINTENANCE_INTERVAL]")
 	fs.DurationVar(&o.maint.timeout, "maintenance-timeout", envDurationOr("MAILROOM_MAINTENANCE_TIMEOUT", 30*time.Second), "longest one maintenance run may take; the rest waits for the next run [$MAILROOM_MAINTENANCE_TIMEOUT]")
 	o.maint.inbox = envPurgeList()
@@ -212,17 +222,18 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 	watch := newBrokerWatch(nodes, "mailroom-relay "+cfg.Name, log)
 	m.registerBroker(reg, watch)
 	samp := newSampler(admin, r, o.sampleEvery, log)
+	horizon := &horizonWatch{admin: admin, warnAfter: o.horizonWarn, log: log}
 	maint := newMaintainer(o.maint, db, admin, c.tables, store, m, log)
 	srv := &server{
 		db: db, admin: admin, relay: r, watch: watch, samp: samp, reg: reg,
-		stall: o.stall, token: o.adminToken, name: cfg.Name, log: log, started: time.Now(),
+		stall: o.stall, token: o.adminToken, horizonWarn: o.horizonWarn, name: cfg.Name, log: log, started: time.Now(),
 	}
 	context.AfterFunc(ctx, func() { srv.stopping.Store(true) }) // /readyz fails at once on SIGTERM
 	httpSrv := &http.Server{Handler: srv.routes(), ReadHeaderTimeout: 10 * time.Second}
 
 	var wg sync.WaitGroup
 	serveErr := make(chan error, 1)
-	wg.Add(4)
+	wg.Add(5)
 	go func() {
 		defer wg.Done()
 		if err := httpSrv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
@@ -233,6 +244,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 	go func() { defer wg.Done(); watch.run(ctx) }()
 	go func() { defer wg.Done(); samp.run(ctx) }()
 	go func() { defer wg.Done(); maint.run(ctx) }()
+	go func() { defer wg.Done(); horizon.run(ctx, o.sampleEvery) }()
 
 	log.Info("http listening", "addr", ln.Addr().String(), "admin", o.adminToken != "")
 	log.Info("relay starting", "name", cfg.Name, "outbox", resolved.Outbox.String(), "amqp", nodes.String(), "database", redact.String(c.databaseURL))
@@ -265,6 +277,8 @@ func (o *runOpts) check() error {
 		return usageErr("--stall-timeout %s: must be at least 1s", o.stall)
 	case o.sampleEvery < 100*time.Millisecond:
 		return usageErr("--sample-interval %s: must be at least 100ms", o.sampleEvery)
+	case o.horizonWarn < 0:
+		return usageErr("--horizon-warn %s: must be positive, or 0 to turn the warning off", o.horizonWarn)
 	case o.maint.interval < 0 || o.maint.interval > 0 && o.maint.interval < 10*time.Millisecond:
 		return usageErr("--maintenance-interval %s: must be at least 10ms, or 0 to turn maintenance off", o.maint.interval)
 	case o.maint.interval > 0 && o.maint.timeout <= 0:
@@ -275,6 +289,71 @@ func (o *runOpts) check() error {
 		return usageErr("--purge-batch %d: must be between 1 and 100000", o.maint.batch)
 	}
 	return nil
+}
+
+// horizonRepeat is how often the horizon warning repeats while the
+// horizon stays held.
+const horizonRepeat = 5 * time.Minute
+
+// horizonWatch logs when something has held the database's vacuum horizon
+// back for warnAfter: a warning when it starts, again every horizonRepeat
+// while it lasts, and an info line when it clears. Dead tuples pile up in
+// the outbox meanwhile and every claim reads past them, long before the
+// lag shows anything.
+type horizonWatch struct {
+	admin     *relay.Admin
+	warnAfter time.Duration // 0 = off
+	log       *slog.Logger
+
+	since  time.Time // when the horizon went past warnAfter; zero while it is not
+	warned time.Time // the last warning
+}
+
+func (w *horizonWatch) run(ctx context.Context, every time.Duration) {
+	if w.warnAfter == 0 {
+		return
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		cctx, cancel := context.WithTimeout(ctx, max(every, time.Second))
+		h, err := w.admin.Horizon(cctx)
+		cancel()
+		switch {
+		case err == nil:
+			w.observe(h, time.Now())
+		case ctx.Err() == nil: // the sampler and /readyz report a database that is down
+			w.log.Debug("horizon check failed", "error", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// observe takes one reading of the horizon, at now.
+func (w *horizonWatch) observe(h relay.HorizonReport, now time.Time) {
+	if !horizonPast(h, w.warnAfter) {
+		if !w.since.IsZero() {
+			w.log.Info("vacuum horizon no longer held back", "past_horizon_warn_for", now.Sub(w.since).Round(time.Second).String(),
+				"horizon_age", h.Age.Round(time.Millisecond).String(), "outbox_dead_tuples", h.DeadTuples)
+			w.since = time.Time{}
+		}
+		return
+	}
+	if !w.since.IsZero() && now.Sub(w.warned) < horizonRepeat {
+		return
+	}
+	if w.since.IsZero() {
+		w.since = now
+	}
+	w.warned = now
+	w.log.Warn("vacuum horizon held back: rows deleted from the outbox cannot be cleaned up and claims slow down",
+		"held_by", heldBy(h, w.warnAfter), "horizon_age", h.Age.Round(time.Second).String(), "xmin_age", h.XminAge,
+		"outbox_dead_tuples", h.DeadTuples, "horizon_warn", w.warnAfter.String(),
+		"fix", "end that transaction: its application commits or rolls back, or SELECT pg_terminate_backend(pid); ROLLBACK PREPARED for a prepared transaction; see docs/operations.md, \""+horizonSection+"\"")
 }
 
 // minDedupeRetention is the shortest --purge-inbox retention taken: a guard

@@ -24,18 +24,19 @@ import (
 // server is the sidecar's HTTP side: probes, metrics, the status page and
 // its admin actions.
 type server struct {
-	db       *sql.DB
-	admin    *relay.Admin
-	relay    *relay.Relay
-	watch    *brokerWatch
-	samp     *sampler
-	reg      *prometheus.Registry
-	stall    time.Duration
-	token    string // "" = admin actions disabled
-	name     string
-	log      *slog.Logger
-	started  time.Time
-	stopping atomic.Bool
+	db          *sql.DB
+	admin       *relay.Admin
+	relay       *relay.Relay
+	watch       *brokerWatch
+	samp        *sampler
+	reg         *prometheus.Registry
+	stall       time.Duration
+	token       string        // "" = admin actions disabled
+	horizonWarn time.Duration // --horizon-warn: the page flags the vacuum horizon past it
+	name        string
+	log         *slog.Logger
+	started     time.Time
+	stopping    atomic.Bool
 }
 
 func (s *server) routes() http.Handler {

@@ -38,6 +38,7 @@ var settings = []setting{
 	{"admin-token", "MAILROOM_ADMIN_TOKEN", ""},
 	{"stall-timeout", "MAILROOM_STALL_TIMEOUT", ""},
 	{"sample-interval", "MAILROOM_SAMPLE_INTERVAL", ""},
+	{"horizon-warn", "MAILROOM_HORIZON_WARN", ""},
 	{"maintenance-interval", "MAILROOM_MAINTENANCE_INTERVAL", ""},
 	{"maintenance-timeout", "MAILROOM_MAINTENANCE_TIMEOUT", ""},
 	{"purge-inbox", "MAILROOM_PURGE_INBOX", ""},
