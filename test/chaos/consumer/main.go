@@ -2,7 +2,9 @@
 // whose handler records one effect row per message, so the driver can check
 // from the database that every event had exactly one effect, in key order.
 //
-// Environment: DATABASE_URL, AMQP_URL, CHAOS_QUEUE, CHAOS_NAME.
+// Environment: DATABASE_URL, AMQP_URL, CHAOS_QUEUE, CHAOS_NAME, and
+// CHAOS_PARTITIONS: when set, a member of an inbox.Group consuming that many
+// partitions of CHAOS_QUEUE (test/cluster runs it so).
 package main
 
 import (
@@ -13,6 +15,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -44,7 +47,7 @@ func run() error {
 	}
 	defer db.Close()
 	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	c, err := inbox.New(db, inbox.Config{
+	cfg := inbox.Config{
 		URL:              os.Getenv("AMQP_URL"),
 		Queue:            os.Getenv("CHAOS_QUEUE"),
 		Consumer:         "chaos",
@@ -68,8 +71,21 @@ func run() error {
 			_, err := tx.ExecContext(ctx, `INSERT INTO chaos_effects (message_id, key, n, consumer) VALUES ($1, $2, $3, $4)`, m.ID, e.Key, e.N, name)
 			return err
 		},
-	})
-	if err != nil {
+	}
+	var c interface {
+		Run(context.Context) error
+		Stats() inbox.Stats
+	}
+	if p := os.Getenv("CHAOS_PARTITIONS"); p != "" {
+		n, err := strconv.Atoi(p)
+		if err != nil {
+			return fmt.Errorf("CHAOS_PARTITIONS %q: %w", p, err)
+		}
+		c, err = inbox.NewGroup(db, cfg, n)
+		if err != nil {
+			return err
+		}
+	} else if c, err = inbox.New(db, cfg); err != nil {
 		return err
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
