@@ -323,21 +323,46 @@ func (b *Broker) CleanupExchanges(names ...string) {
 // same time on the same broker.
 func CloseConnection(t testing.TB, name string) int {
 	t.Helper()
-	out, err := exec.Command("rabbitmqctl", "-q", "list_connections", "pid", "client_properties").CombinedOutput()
+	out, err := Ctl("-q", "list_connections", "pid", "client_properties")
 	if err != nil {
 		t.Fatalf("rabbitmqctl list_connections: %v: %s", err, out)
 	}
 	want := `{"connection_name","` + name + `"}`
 	closed := 0
-	for _, line := range strings.Split(string(out), "\n") {
+	for _, line := range strings.Split(out, "\n") {
 		pid, props, ok := strings.Cut(line, "\t")
 		if !ok || !strings.Contains(props, want) {
 			continue
 		}
-		if out, err := exec.Command("rabbitmqctl", "-q", "close_connection", pid, "closed by test").CombinedOutput(); err != nil {
+		if out, err := Ctl("-q", "close_connection", pid, "closed by test"); err != nil {
 			t.Fatalf("rabbitmqctl close_connection %s: %v: %s", pid, err, out)
 		}
 		closed++
 	}
 	return closed
+}
+
+// ctl runs rabbitmqctl on the tests' broker (see UseBroker).
+var ctl = func(args ...string) (string, error) {
+	var stderr strings.Builder
+	cmd := exec.Command("rabbitmqctl", args...)
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		err = fmt.Errorf("%w: %s", err, strings.TrimSpace(stderr.String()))
+	}
+	return string(out), err
+}
+
+// Ctl runs rabbitmqctl with args against the broker the tests use (the
+// machine's, or a private node: see UseBroker) and returns its standard
+// output; the error carries its standard error.
+func Ctl(args ...string) (string, error) { return ctl(args...) }
+
+// UseBroker makes the broker at url, managed by run (rabbitmqctl with its
+// arguments), the one AMQPURL and Ctl name for the rest of this process and
+// the processes it starts: a TestMain's first step, before any test runs.
+func UseBroker(url string, run func(args ...string) (string, error)) {
+	os.Setenv("AMQP_URL", url)
+	ctl = run
 }

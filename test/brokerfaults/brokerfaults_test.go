@@ -5,7 +5,7 @@ package brokerfaults
 import (
 	"context"
 	"fmt"
-	"os/exec"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -17,15 +17,28 @@ import (
 
 	"github.com/mailroom-go/mailroom/inbox"
 	"github.com/mailroom-go/mailroom/internal/testenv"
+	"github.com/mailroom-go/mailroom/internal/testenv/cluster"
 	"github.com/mailroom-go/mailroom/outbox"
 	"github.com/mailroom-go/mailroom/relay"
 )
 
-// These tests never run in parallel: each faults the whole broker.
+// These tests never run in parallel: each faults the whole broker, a
+// private node of their own (see TestMain).
+
+// TestMain runs the package on a private RabbitMQ node: stopping,
+// restarting and alarming it, and changing its settings, touch no other
+// user of the machine's broker.
+func TestMain(m *testing.M) {
+	testenv.SkipWithoutServices(true)
+	stop := cluster.Private()
+	code := m.Run()
+	stop()
+	os.Exit(code)
+}
 
 func rabbitmqctl(t *testing.T, args ...string) {
 	t.Helper()
-	out, err := exec.Command("rabbitmqctl", args...).CombinedOutput()
+	out, err := testenv.Ctl(args...)
 	if err != nil {
 		t.Fatalf("rabbitmqctl %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
@@ -34,9 +47,9 @@ func rabbitmqctl(t *testing.T, args ...string) {
 // ensureBrokerUp is every test's cleanup: the app started and no alarm, so
 // the next test (and CI) finds the broker as it was.
 func ensureBrokerUp(t *testing.T) {
-	exec.Command("rabbitmqctl", "start_app").Run()
-	exec.Command("rabbitmqctl", "set_vm_memory_high_watermark", "0.4").Run()
-	exec.Command("rabbitmqctl", "await_startup").Run()
+	testenv.Ctl("start_app")
+	testenv.Ctl("set_vm_memory_high_watermark", "0.4")
+	testenv.Ctl("await_startup")
 	deadline := time.Now().Add(60 * time.Second)
 	for time.Now().Before(deadline) {
 		if c, err := testenv.Dial(testenv.AMQPURL(), "brokerfaults-check"); err == nil {
@@ -53,12 +66,12 @@ func ensureBrokerUp(t *testing.T) {
 // run last-registered first), so the relay's close is answered rather than
 // cut off at its bound (amqpx.CloseTimeout).
 func raiseMemoryAlarm(t *testing.T) {
-	t.Cleanup(func() { exec.Command("rabbitmqctl", "set_vm_memory_high_watermark", "0.4").Run() })
+	t.Cleanup(func() { testenv.Ctl("set_vm_memory_high_watermark", "0.4") })
 	rabbitmqctl(t, "set_vm_memory_high_watermark", "0.000001")
 	// The memory monitor raises the alarm on its own time: publishes sent
 	// before it would go through.
 	testenv.Eventually(t, 30*time.Second, "the memory alarm in effect", func() bool {
-		out, _ := exec.Command("rabbitmqctl", "-q", "eval", "rabbit_alarm:get_alarms().").Output()
+		out, _ := testenv.Ctl("-q", "eval", "rabbit_alarm:get_alarms().")
 		return strings.Contains(string(out), "resource_limit,memory")
 	})
 }
@@ -68,7 +81,7 @@ func raiseMemoryAlarm(t *testing.T) {
 func waitBlocked(t *testing.T) {
 	t.Helper()
 	testenv.Eventually(t, 30*time.Second, "a connection blocked by the alarm", func() bool {
-		out, _ := exec.Command("rabbitmqctl", "list_connections", "state", "-q").Output()
+		out, _ := testenv.Ctl("list_connections", "state", "-q")
 		return strings.Contains(string(out), "blocked")
 	})
 }

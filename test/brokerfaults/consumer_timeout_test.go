@@ -9,7 +9,6 @@ import (
 	"io"
 	"log/slog"
 	"net/url"
-	"os/exec"
 	"strings"
 	"sync"
 	"testing"
@@ -29,7 +28,7 @@ import (
 // had, or its absence, even when the test fails.
 func setRabbitEnv(t *testing.T, key, value string) {
 	t.Helper()
-	out, err := exec.Command("rabbitmqctl", "-q", "eval", "application:get_env(rabbit, "+key+").").Output()
+	out, err := testenv.Ctl("-q", "eval", "application:get_env(rabbit, "+key+").")
 	if err != nil {
 		t.Fatalf("read %s: %v", key, err)
 	}
@@ -38,7 +37,7 @@ func setRabbitEnv(t *testing.T, key, value string) {
 		restore = "application:set_env(rabbit, " + key + ", " + strings.TrimSuffix(strings.TrimPrefix(v, "{ok,"), "}") + ")."
 	}
 	t.Cleanup(func() {
-		if out, err := exec.Command("rabbitmqctl", "-q", "eval", restore).CombinedOutput(); err != nil {
+		if out, err := testenv.Ctl("-q", "eval", restore); err != nil {
 			t.Errorf("restore %s (%s): %v\n%s", key, restore, err, out)
 		}
 	})

@@ -4,7 +4,6 @@ package brokerfaults
 
 import (
 	"context"
-	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -14,27 +13,6 @@ import (
 	"github.com/mailroom-go/mailroom/relay"
 )
 
-// lowerMaxMessageSize sets the broker's max_message_size to limit until
-// the test ends (a server setting: it would hit every other test's large
-// messages, hence this package).
-func lowerMaxMessageSize(t *testing.T, limit string) {
-	t.Helper()
-	out, err := exec.Command("rabbitmqctl", "-q", "eval", "application:get_env(rabbit, max_message_size).").Output()
-	if err != nil {
-		t.Fatalf("read max_message_size: %v", err)
-	}
-	restore := "application:unset_env(rabbit, max_message_size)."
-	if v := strings.TrimSpace(string(out)); strings.HasPrefix(v, "{ok,") {
-		restore = "application:set_env(rabbit, max_message_size, " + strings.TrimSuffix(strings.TrimPrefix(v, "{ok,"), "}") + ")."
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("rabbitmqctl", "-q", "eval", restore).CombinedOutput(); err != nil {
-			t.Errorf("restore max_message_size (%s): %v %s", restore, err, out)
-		}
-	})
-	rabbitmqctl(t, "-q", "eval", "application:set_env(rabbit, max_message_size, "+limit+").")
-}
-
 // A row larger than the broker's max_message_size (which closes the
 // channel with 406 PRECONDITION_FAILED) counts attempts and is
 // dead-lettered, with an error naming its size and the limit; the next
@@ -43,7 +21,7 @@ func lowerMaxMessageSize(t *testing.T, limit string) {
 // again, and stop the whole outbox.
 func TestRelayDeadLettersRowOverBrokerMaxSize(t *testing.T) {
 	t.Cleanup(func() { ensureBrokerUp(t) })
-	lowerMaxMessageSize(t, "1048576")
+	setRabbitEnv(t, "max_message_size", "1048576")
 	s := testenv.NewSchema(t)
 	b := testenv.NewBroker(t)
 	ex := b.Exchange()

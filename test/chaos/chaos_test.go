@@ -24,6 +24,7 @@ import (
 	"github.com/mailroom-go/mailroom/atcommit"
 	"github.com/mailroom-go/mailroom/inbox"
 	"github.com/mailroom-go/mailroom/internal/testenv"
+	"github.com/mailroom-go/mailroom/internal/testenv/cluster"
 	"github.com/mailroom-go/mailroom/outbox"
 )
 
@@ -137,9 +138,21 @@ func freeAddr(t *testing.T) string {
 }
 
 func rabbitmqctl(t *testing.T, args ...string) {
-	if out, err := exec.Command("rabbitmqctl", args...).CombinedOutput(); err != nil {
+	if out, err := testenv.Ctl(args...); err != nil {
 		t.Logf("rabbitmqctl %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
+}
+
+// TestMain runs the suite on a private RabbitMQ node (its faults stop
+// and restart the broker's app); the relay and consumer processes get its
+// URL through AMQP_URL.
+func TestMain(m *testing.M) {
+	flag.Parse()
+	testenv.SkipWithoutServices(true)
+	stop := cluster.Private()
+	code := m.Run()
+	stop()
+	os.Exit(code)
 }
 
 func TestChaos(t *testing.T) {
@@ -150,8 +163,8 @@ func TestChaos(t *testing.T) {
 	t.Logf("chaos seed %d (replay: -chaos.seed %d), duration %s, %d events/s", seed, seed, *runFor, *rate)
 	rng := rand.New(rand.NewSource(seed))
 	t.Cleanup(func() { // the broker as we found it, even on failure
-		exec.Command("rabbitmqctl", "start_app").Run()
-		exec.Command("rabbitmqctl", "await_startup").Run()
+		testenv.Ctl("start_app")
+		testenv.Ctl("await_startup")
 	})
 
 	s := testenv.NewSchema(t)
