@@ -12,7 +12,7 @@ test:
 	MAILROOM_TEST_DRIVER=pgx go test -race -count=1 ./outbox/... ./inbox/... ./dedupe/ ./relay/
 	go test -race -count=1 -p 1 -tags brokerfaults ./test/brokerfaults/
 	go test -count=1 -p 1 -tags chaos -v -run TestChaos ./test/chaos/ | grep -v '^=== '; test $${PIPESTATUS[0]} -eq 0
-	go test -race -count=1 -p 1 -tags cluster ./test/cluster/
+	go test -race -count=1 -p 1 -tags cluster ./internal/testenv/cluster/ ./test/cluster/
 
 # The long fault-injection profile (20 minutes); replay a seed with
 # CHAOS_FLAGS='-chaos.seed N'.
