@@ -6,13 +6,15 @@ SHELL := /bin/bash
 # database/sql driver (lib/pq is the default), then, one package at a time,
 # the whole-broker fault tests and the short fault-injection profile (each
 # on a private RabbitMQ node it starts: they stop, restart and alarm it)
-# and the cluster tests (on a private 3-node cluster).
+# and the cluster tests (on a private 3-node cluster); last the two-minute
+# soak (the sidecar under steady load through a held snapshot).
 test:
 	go test -race -count=1 ./...
 	MAILROOM_TEST_DRIVER=pgx go test -race -count=1 ./outbox/... ./inbox/... ./dedupe/ ./relay/
 	go test -race -count=1 -p 1 -tags brokerfaults ./test/brokerfaults/
 	go test -count=1 -p 1 -tags chaos -v -run TestChaos ./test/chaos/ | grep -v '^=== '; test $${PIPESTATUS[0]} -eq 0
 	go test -race -count=1 -p 1 -tags cluster ./internal/testenv/cluster/ ./test/cluster/
+	go test -count=1 -tags soak -v ./test/soak/ | grep -v '^=== '; test $${PIPESTATUS[0]} -eq 0
 
 # The long fault-injection profile (20 minutes); replay a seed with
 # CHAOS_FLAGS='-chaos.seed N'.

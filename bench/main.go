@@ -5,6 +5,7 @@
 //	go run ./bench -run scale,dedupe  # the slow ones: millions of rows
 //	go run ./bench -run drain -events 100000
 //	go run ./bench -run soak -soak-duration 30m -soak-rate 0.5,0.8 -soak-hold 10m
+//	go run ./bench -cluster 3 -run broker,drain,partitions  # a private 3-node cluster
 //
 // Each figure sets up its own schema, exchange and queue (a consumer
 // attached: prefetch 1000, multiple acks), prints one line, and cleans up.
@@ -37,7 +38,7 @@ import (
 )
 
 var (
-	runFlag      = flag.String("run", "broker,naive,drain,latency,relays,writecost,keyed,keyedlatency", "figures to run, comma-separated: broker, naive, drain, latency, relays, keyed, keyedlatency, scale, dedupe, writecost, soak (long: see -soak-duration)")
+	runFlag      = flag.String("run", "broker,naive,drain,latency,relays,writecost,keyed,keyedlatency", "figures to run, comma-separated: broker, naive, drain, latency, relays, keyed, keyedlatency, scale, dedupe, writecost, soak (long: see -soak-duration), partitions (needs -cluster)")
 	events       = flag.Int("events", 100000, "backlog size for broker and drain, and of the soak's capacity drain")
 	rates        = flag.String("rates", "200,5000", "steady event rates (events/s) for latency, comma-separated")
 	duration     = flag.Duration("duration", 10*time.Second, "how long each latency rate runs")
@@ -63,6 +64,7 @@ func main() {
 		pprof.StartCPUProfile(f)
 		defer pprof.StopCPUProfile()
 	}
+	defer useCluster()()
 	want := map[string]bool{}
 	for _, f := range strings.Split(*runFlag, ",") {
 		want[strings.TrimSpace(f)] = true
@@ -173,6 +175,9 @@ func main() {
 	if want["soak"] {
 		runSoak()
 	}
+	if want["partitions"] {
+		runPartitions()
+	}
 	if want["latency"] {
 		for _, s := range strings.Split(*rates, ",") {
 			var rate int
@@ -246,7 +251,7 @@ func setup() (*world, error) {
 	if err := mailroom.Migrate(ctx, w.db, mailroom.Tables{}); err != nil {
 		return nil, err
 	}
-	w.conn, err = amqpx.Dial(testenv.AMQPURL(), "bench")
+	w.conn, err = amqpx.Dial(firstNode(), "bench")
 	if err != nil {
 		return nil, err
 	}
@@ -343,7 +348,7 @@ func benchBroker(publishers, keys, window int) (float64, cpuUse, error) {
 	body := []byte(`{"order_id":"0190c1b2-7c1e-7d3a-9f1e-5b2d3c4e5f60","amount_cents":1999}`)
 	conns := make([]*amqp.Connection, publishers)
 	for p := range conns {
-		if conns[p], err = amqpx.Dial(testenv.AMQPURL(), fmt.Sprintf("bench-publisher-%d", p)); err != nil {
+		if conns[p], err = amqpx.Dial(firstNode(), fmt.Sprintf("bench-publisher-%d", p)); err != nil {
 			return 0, cpuUse{}, err
 		}
 		defer conns[p].Close()
