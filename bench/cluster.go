@@ -25,7 +25,17 @@ var (
 	partitions   = flag.String("partitions", "1,2,4", "partitions: the partition counts, each consumed by as many inbox.Group members (needs the consistent-hash exchange: use -cluster)")
 	partEvents   = flag.Int("partition-events", 20000, "partitions: messages per count, over -partition-keys keys")
 	partKeys     = flag.Int("partition-keys", 1000, "partitions: ordering keys")
+	relayFirst   = flag.Bool("cluster-relay-first", false, "with -cluster: give the relays only node 1, where the bench's queue is declared (its leader), instead of every node")
 )
+
+// relayURL is the broker URL the relays get: every node of AMQP_URL, or
+// with -cluster-relay-first only the first.
+func relayURL() string {
+	if *relayFirst {
+		return firstNode()
+	}
+	return testenv.AMQPURL()
+}
 
 // useCluster starts the private cluster of -cluster and makes it the run's
 // broker: AMQP_URL lists its nodes (the relays get them all), the bench's
@@ -44,8 +54,12 @@ func useCluster() (stop func()) {
 	}
 	testenv.UseBroker(strings.Join(c.URLs(), ","), func(args ...string) (string, error) { return c.Ctl(0, args...) })
 	*quorum = true
-	fmt.Printf("cluster  %d private RabbitMQ nodes started in %s; quorum queues; the bench publishes and consumes through node 1, relays connect to any node\n",
-		*clusterNodes, time.Since(began).Round(time.Second))
+	relays := "any node (all given)"
+	if *relayFirst {
+		relays = "node 1 only"
+	}
+	fmt.Printf("cluster  %d private RabbitMQ nodes started in %s; quorum queues declared through node 1; the bench publishes and consumes through node 1, relays connect to %s\n",
+		*clusterNodes, time.Since(began).Round(time.Second), relays)
 	return func() {
 		if err := stopNodes(); err != nil {
 			fmt.Fprintln(os.Stderr, "bench: stop the private cluster:", err)

@@ -435,7 +435,7 @@ func newRelay(w *world, name string, edit func(*relay.Config)) (*relay.Relay, er
 	db.SetMaxIdleConns(4)
 	w.closers = append(w.closers, db.Close)
 	cfg := relay.Config{
-		URL: testenv.AMQPURL(), DatabaseURL: w.dbURL, Name: name,
+		URL: relayURL(), DatabaseURL: w.dbURL, Name: name,
 		BatchSize: *batchSize, ConfirmWindow: *window,
 		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	}
