@@ -160,7 +160,6 @@ func (r *Relay) claimLoop(ctx context.Context, wake <-chan struct{}, batches cha
 func (r *Relay) claim(ctx context.Context) ([]*row, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
-	r.refreshFloor(ctx)
 	start := time.Now()
 	clock := &batchClock{claimed: start}
 	defer func() { r.tel.claim.Record(ctx, time.Since(start).Seconds(), r.tel.record...) }()
@@ -180,11 +179,11 @@ func (r *Relay) claimOnce(ctx context.Context, clock *batchClock, alone, checkAl
 				return nil, err
 			}
 			n := r.cfg.BatchSize
-			return st.QueryContext(ctx, n, pq.Array(held), r.keyCursor, n, windowRows*n, max(n, r.cfg.ConfirmWindow), r.floor.value.Load(), r.floor.windowFrom())
+			return st.QueryContext(ctx, n, pq.Array(held), r.keyCursor, n, windowRows*n, max(n, r.cfg.ConfirmWindow))
 		})
 	}
 	lease := uuid.NewString()
-	q := claimText(r.q.claim, r.cfg.BatchSize, r.cfg.ConfirmWindow, r.cfg.Lease.Milliseconds(), lease, held, checkAlone, r.keyCursor, r.floor.value.Load(), r.floor.windowFrom())
+	q := claimText(r.q.claim, r.cfg.BatchSize, r.cfg.ConfirmWindow, r.cfg.Lease.Milliseconds(), lease, held, checkAlone, r.keyCursor)
 	if skipped := r.turnSkipped.Load(); skipped == 0 || time.Since(time.Unix(0, skipped)) > claimLockSkip {
 		rows, err := r.claimInTurn(ctx, clock, lease, q)
 		if !pgerr.Is(err, "55P03") { // lock_not_available

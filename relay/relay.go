@@ -65,8 +65,6 @@ type Relay struct {
 	// delivered (more of the key may be due; see finish).
 	wake chan struct{}
 
-	// floor is the seq below which nothing is left to claim (floor.go).
-	floor seqFloor
 	// keyCursor is the key the last claim's walk of keys ended at (see
 	// found in sql.go); the claim loop's alone.
 	keyCursor string

@@ -18,9 +18,6 @@ import (
 // configured table names.
 type queries struct {
 	claim, claimAlone, deleteDone, deleteDoneAsync, archiveDone, retry, retryReturning, bury, release string
-	// floorLast, floorWriters, floorSettled and floorMin find the seq
-	// floor (floor.go).
-	floorLast, floorWriters, floorSettled, floorMin, floorWindow string
 
 	// turn takes the claim lock for the claim that follows it in the same
 	// message (see claimInTurn); turnTimeout and turnLock are its two
@@ -38,14 +35,13 @@ const claimLockTimeout = time.Second
 // prepared statement cannot (claimAlone is prepared; see aloneParams). The
 // values: limit, the lease's length and token, the seqs this relay holds
 // (claimed, not yet finished), which the claim skips, whether the claim
-// checks that no relay publishes alone, the key the last claim's walk of
-// keys ended at (quoted as a literal: it is the users' data), the seq
-// floor and how far back the window looks (floor.go).
+// checks that no relay publishes alone, and the key the last claim's walk
+// of keys ended at (quoted as a literal: it is the users' data).
 //
 // Each claim looks at windowRows × BatchSize rows in time order and walks
 // BatchSize keys (see found in newQueries); it takes up to limit heads and,
 // with their runs, up to runRows rows in all ($9; see runs).
-func claimText(query string, limit, runRows int, leaseMS int64, lease string, held []int64, checkAlone bool, cursor string, floor int64, from time.Time) string {
+func claimText(query string, limit, runRows int, leaseMS int64, lease string, held []int64, checkAlone bool, cursor string) string {
 	var b strings.Builder
 	b.WriteString("'{")
 	for i, seq := range held {
@@ -62,7 +58,6 @@ func claimText(query string, limit, runRows int, leaseMS int64, lease string, he
 	return strings.NewReplacer(
 		"$1", strconv.Itoa(limit), "$2", strconv.FormatInt(leaseMS, 10), "$3", "'"+lease+"'::uuid", "$4", b.String(), "$5", check,
 		"$6", pq.QuoteLiteral(cursor), "$7", strconv.Itoa(limit), "$8", strconv.Itoa(windowRows*limit), "$9", strconv.Itoa(max(limit, runRows)),
-		"$F", strconv.FormatInt(floor, 10), "$A", "'"+from.Format(time.RFC3339Nano)+"'::timestamptz",
 	).Replace(query)
 }
 
@@ -98,34 +93,22 @@ func newQueries(t tablenames.Resolved) queries {
 	// whose key's earlier rows are all held here continues their run
 	// (prev in runs, and chains.go).
 	//
-	// The window starts at $A (floor.go): a second before the oldest due
-	// row at the relay's last look, so it steps over the index entries
-	// of rows deleted before it, which a snapshot holding the vacuum
-	// horizon back keeps. A row committed later with an older
-	// available_at waits for the next look (or the walk, if keyed).
-	//
-	// Every probe of key_idx starts at the seq floor ($F, floor.go): no
-	// row below it is live or can still commit, and the index entries of
-	// deleted rows below it, which a snapshot holding the vacuum horizon
-	// back keeps, are skipped inside the index instead of each visiting
-	// the heap.
-	//
 	// held is the seqs this relay holds ($4), hashed once for the
 	// statement (NOT IN a subquery): the literal appears once, which
 	// keeps the planning short (a literal array in each place cost the
 	// planner more than running the claim).
-	found := `windowed AS (SELECT o.seq, o.key, o.available_at FROM ` + ob + ` o WHERE o.available_at >= $A AND ` + due + ` ORDER BY o.available_at LIMIT $8),
+	found := `windowed AS (SELECT o.seq, o.key, o.available_at FROM ` + ob + ` o WHERE ` + due + ` ORDER BY o.available_at LIMIT $8),
 held AS MATERIALIZED (SELECT unnest($4) AS seq),
 walk1(key, seq, n) AS (
-    SELECT f.key, f.seq, 1 FROM (SELECT p.key, p.seq FROM ` + ob + ` p WHERE p.key <> '' AND p.key > $6 AND p.seq >= $F ORDER BY p.key, p.seq LIMIT 1) f
+    SELECT f.key, f.seq, 1 FROM (SELECT p.key, p.seq FROM ` + ob + ` p WHERE p.key <> '' AND p.key > $6 ORDER BY p.key, p.seq LIMIT 1) f
     UNION ALL
-    SELECT f.key, f.seq, w.n + 1 FROM walk1 w, LATERAL (SELECT p.key, p.seq FROM ` + ob + ` p WHERE p.key <> '' AND p.key > w.key AND p.seq >= $F ORDER BY p.key, p.seq LIMIT 1) f
+    SELECT f.key, f.seq, w.n + 1 FROM walk1 w, LATERAL (SELECT p.key, p.seq FROM ` + ob + ` p WHERE p.key <> '' AND p.key > w.key ORDER BY p.key, p.seq LIMIT 1) f
     WHERE w.n < $7),
 walk2(key, seq, n) AS (
-    SELECT f.key, f.seq, (SELECT count(*) FROM walk1) + 1 FROM (SELECT p.key, p.seq FROM ` + ob + ` p WHERE p.key <> '' AND p.key <= $6 AND p.seq >= $F ORDER BY p.key, p.seq LIMIT 1) f
+    SELECT f.key, f.seq, (SELECT count(*) FROM walk1) + 1 FROM (SELECT p.key, p.seq FROM ` + ob + ` p WHERE p.key <> '' AND p.key <= $6 ORDER BY p.key, p.seq LIMIT 1) f
     WHERE (SELECT count(*) FROM walk1) < $7
     UNION ALL
-    SELECT f.key, f.seq, w.n + 1 FROM walk2 w, LATERAL (SELECT p.key, p.seq FROM ` + ob + ` p WHERE p.key <> '' AND p.key > w.key AND p.key <= $6 AND p.seq >= $F ORDER BY p.key, p.seq LIMIT 1) f
+    SELECT f.key, f.seq, w.n + 1 FROM walk2 w, LATERAL (SELECT p.key, p.seq FROM ` + ob + ` p WHERE p.key <> '' AND p.key > w.key AND p.key <= $6 ORDER BY p.key, p.seq LIMIT 1) f
     WHERE w.n < $7),
 walked AS (SELECT * FROM walk1 UNION ALL SELECT * FROM walk2),
 last AS (SELECT key FROM walked ORDER BY n DESC LIMIT 1),
@@ -133,10 +116,10 @@ found AS (
     SELECT w.seq, w.key, w.available_at FROM windowed w WHERE w.key = ''
     UNION
     SELECT f.seq, f.key, f.available_at FROM (SELECT DISTINCT ON (w.key) w.seq, w.key, w.available_at FROM windowed w WHERE w.key <> '' ORDER BY w.key, w.seq) f
-    WHERE f.seq = (SELECT p.seq FROM ` + ob + ` p WHERE p.key = f.key AND p.key <> '' AND p.seq >= $F AND ` + notHeld("p") + ` ORDER BY p.seq LIMIT 1)
+    WHERE f.seq = (SELECT p.seq FROM ` + ob + ` p WHERE p.key = f.key AND p.key <> '' AND ` + notHeld("p") + ` ORDER BY p.seq LIMIT 1)
     UNION
     SELECT o.seq, o.key, o.available_at FROM walked w JOIN ` + ob + ` o ON o.seq = CASE WHEN ` + notHeld("w") + ` THEN w.seq
-        ELSE (SELECT p.seq FROM ` + ob + ` p WHERE p.key = w.key AND p.key <> '' AND p.seq >= $F AND ` + notHeld("p") + ` ORDER BY p.seq LIMIT 1) END
+        ELSE (SELECT p.seq FROM ` + ob + ` p WHERE p.key = w.key AND p.key <> '' AND ` + notHeld("p") + ` ORDER BY p.seq LIMIT 1) END
     WHERE ` + due + `)`
 	// runs follows the heads (first rows of their key, or unkeyed rows)
 	// of a claim with the rows after them of their key, in seq order, as
@@ -155,7 +138,7 @@ found AS (
 picked AS (
     SELECT c.seq, c.rn, c.prev FROM (
         SELECT h.seq, 0 AS rn, h.available_at AS at,
-               CASE WHEN h.key <> '' THEN (SELECT max(p.seq) FROM ` + ob + ` p WHERE p.key = h.key AND p.key <> '' AND p.seq >= $F AND p.seq < h.seq) END AS prev
+               CASE WHEN h.key <> '' THEN (SELECT max(p.seq) FROM ` + ob + ` p WHERE p.key = h.key AND p.key <> '' AND p.seq < h.seq) END AS prev
         FROM heads h
         UNION ALL
         SELECT q.seq, q.rn, h.available_at, NULL FROM heads h CROSS JOIN LATERAL (
@@ -240,29 +223,6 @@ heads AS (SELECT * FROM found ORDER BY available_at, seq LIMIT $1),
 SELECT o.seq, picked.rn, picked.prev, (SELECT key FROM last), ` + prefixed("o.", columns) + ` FROM picked JOIN ` + ob + ` o ON o.seq = picked.seq
 ORDER BY picked.rn, o.available_at, o.seq`),
 
-		// floorLast is the outbox sequence's last value: every row drawn
-		// so far has a seq at most that (with the identity's default
-		// CACHE 1: values are drawn in order across sessions).
-		floorLast: `SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('` + strings.ReplaceAll(ob, `'`, `''`) + `', 'seq')), 0)`,
-		// floorWriters are the transactions that may still insert rows
-		// drawn before floorLast ran: an INSERT or COPY takes
-		// RowExclusiveLock on the table before it draws a seq (a cached
-		// plan too) and keeps it until its transaction ends. The relays'
-		// own updates and deletes are among them, briefly.
-		floorWriters: `SELECT coalesce(string_agg(virtualtransaction, ','), '') FROM pg_locks
-WHERE locktype = 'relation' AND relation = ` + obOID + `::oid AND mode = 'RowExclusiveLock'
-  AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND pid <> pg_backend_pid()`,
-		// floorSettled: have all of $1 (floorWriters' list) ended?
-		floorSettled: `SELECT NOT EXISTS (SELECT FROM pg_locks WHERE locktype = 'relation' AND relation = ` + obOID + `::oid
-  AND mode = 'RowExclusiveLock' AND virtualtransaction = ANY(string_to_array($1::text, ',')))`,
-		// floorMin is the least live seq from $1 up, or $2 + 1 when there
-		// is none up to $2 (pkey; from the old floor, it walks only the
-		// entries of rows deleted since).
-		floorMin: `SELECT least(coalesce(min(seq), $2::bigint + 1), $2::bigint + 1) FROM ` + ob + ` WHERE seq >= $1::bigint`,
-		// floorWindow is where the claims' window starts: a second
-		// before the oldest due row (any lease), or before now.
-		floorWindow: `SELECT coalesce(min(available_at), now()) - interval '1 second' FROM ` + ob + ` WHERE available_at <= now()`,
-
 		// deleteDone removes confirmed rows by primary key. No lease check: a
 		// confirmed message is delivered whoever holds the row now.
 		deleteDone: `DELETE FROM ` + ob + ` WHERE seq = ANY($1::bigint[])`,
@@ -329,7 +289,7 @@ const owned = `CASE WHEN f.lease = '' THEN o.leased_until IS NULL OR o.leased_un
 // walk, $5 the window's rows, $6 the rows with runs (see claimText). The
 // held seqs are hashed once (held), so a generic plan costs them nothing
 // more than a literal would.
-var aloneParams = strings.NewReplacer("$1", "$1::int", "$4", "$2::bigint[]", "$6", "$3::text", "$7", "$4::int", "$8", "$5::int", "$9", "$6::int", "$F", "$7::bigint", "$A", "$8::timestamptz")
+var aloneParams = strings.NewReplacer("$1", "$1::int", "$4", "$2::bigint[]", "$6", "$3::text", "$7", "$4::int", "$8", "$5::int", "$9", "$6::int")
 
 // notHeld is the condition that row a is not held by this relay (the
 // held CTE of a claim).
