@@ -2,42 +2,15 @@ package relay_test
 
 import (
 	"context"
-	"database/sql"
 	"encoding/json"
 	"fmt"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/mailroom-go/mailroom"
 	"github.com/mailroom-go/mailroom/internal/testenv"
-	"github.com/mailroom-go/mailroom/outbox"
 	"github.com/mailroom-go/mailroom/relay"
 )
-
-// holdSnapshot opens a REPEATABLE READ transaction that has taken its
-// snapshot, on a session of its own whose application_name is app, and
-// keeps it open until release (at the latest when the test ends).
-func holdSnapshot(t *testing.T, dbURL string) (app string, release func()) {
-	t.Helper()
-	app = testenv.Unique("horizon")
-	db, err := sql.Open("postgres", testenv.WithAppName(dbURL, app))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { db.Close() })
-	tx, err := db.BeginTx(context.Background(), &sql.TxOptions{Isolation: sql.LevelRepeatableRead})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := tx.Exec(`SELECT 1`); err != nil { // the snapshot is taken here
-		t.Fatal(err)
-	}
-	var once sync.Once
-	release = func() { once.Do(func() { _ = tx.Rollback() }) }
-	t.Cleanup(release)
-	return app, release
-}
 
 // holderNamed returns the holder whose application_name is app.
 func holderNamed(h relay.HorizonReport, app string) (relay.HorizonHolder, bool) {
@@ -57,36 +30,16 @@ func TestHorizonNamesAHeldSnapshotAndDeadTuplesStay(t *testing.T) {
 	ctx := context.Background()
 	s := testenv.NewSchema(t)
 	admin := adminOf(t, s.DB.DB, mailroom.Tables{})
-	app, release := holdSnapshot(t, s.URL)
+	app, release := testenv.HoldSnapshot(t, s.URL)
 
 	// Rows written and deleted after the snapshot: dead, and not removable
-	// while it is held. One session does both and flushes its statistics.
-	conn, err := s.DB.Conn(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	ob, err := outbox.New(outbox.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	msgs := make([]outbox.Message, 100)
-	for i := range msgs {
-		msgs[i] = outbox.Message{Exchange: "x", RoutingKey: "r", Payload: []byte(`{}`)}
-	}
-	if err := ob.Add(ctx, conn, msgs...); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := conn.ExecContext(ctx, `DELETE FROM mailroom_outbox WHERE seq IN (SELECT seq FROM mailroom_outbox ORDER BY seq LIMIT 60)`); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := conn.ExecContext(ctx, `SELECT pg_stat_force_next_flush()`); err != nil {
-		t.Fatal(err)
-	}
+	// while it is held.
+	testenv.DeadRows(t, s.DB, 100, 60)
 
 	var h relay.HorizonReport
 	var ours relay.HorizonHolder
 	testenv.Eventually(t, 30*time.Second, "the held snapshot listed with an age, and the outbox's 60 dead tuples", func() bool {
+		var err error
 		if h, err = admin.Horizon(ctx); err != nil {
 			t.Fatal(err)
 		}
@@ -109,6 +62,7 @@ func TestHorizonNamesAHeldSnapshotAndDeadTuplesStay(t *testing.T) {
 
 	release()
 	testenv.Eventually(t, 30*time.Second, "the released snapshot gone from the holders", func() bool {
+		var err error
 		if h, err = admin.Horizon(ctx); err != nil {
 			t.Fatal(err)
 		}

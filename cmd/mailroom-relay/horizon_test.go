@@ -2,8 +2,6 @@ package main
 
 import (
 	"bytes"
-	"context"
-	"database/sql"
 	"encoding/json"
 	"log/slog"
 	"strings"
@@ -11,7 +9,6 @@ import (
 	"time"
 
 	"github.com/mailroom-go/mailroom/internal/testenv"
-	"github.com/mailroom-go/mailroom/outbox"
 	"github.com/mailroom-go/mailroom/relay"
 )
 
@@ -69,59 +66,14 @@ func TestHorizonWarningOncePerEpisode(t *testing.T) {
 	}
 }
 
-// holdSnapshot opens a REPEATABLE READ transaction that has taken its
-// snapshot, on a session of its own whose application_name is app, and
-// keeps it open until release (at the latest when the test ends).
-func holdSnapshot(t *testing.T, dbURL string) (app string, release func()) {
-	t.Helper()
-	app = testenv.Unique("horizon")
-	db, err := sql.Open("postgres", testenv.WithAppName(dbURL, app))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { db.Close() })
-	tx, err := db.BeginTx(context.Background(), &sql.TxOptions{Isolation: sql.LevelRepeatableRead})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := tx.Exec(`SELECT 1`); err != nil { // the snapshot is taken here
-		t.Fatal(err)
-	}
-	release = func() { _ = tx.Rollback() }
-	t.Cleanup(release)
-	return app, release
-}
-
 // Other tests on the same server may hold transactions too: the test looks
 // for its own holder among those named, not for it to be the oldest.
 func TestSidecarWarnsOfAHeldHorizon(t *testing.T) {
 	t.Parallel()
-	ctx := context.Background()
 	s := testenv.NewSchema(t)
-	app, release := holdSnapshot(t, s.URL)
+	app, release := testenv.HoldSnapshot(t, s.URL)
 
-	// 50 rows written and deleted after the snapshot: dead, and kept.
-	conn, err := s.DB.Conn(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	ob, err := outbox.New(outbox.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	msgs := make([]outbox.Message, 50)
-	for i := range msgs {
-		msgs[i] = outbox.Message{Exchange: "x", RoutingKey: "r", Payload: []byte(`{}`)}
-	}
-	if err := ob.Add(ctx, conn, msgs...); err != nil {
-		t.Fatal(err)
-	}
-	for _, q := range []string{`DELETE FROM mailroom_outbox`, `SELECT pg_stat_force_next_flush()`} {
-		if _, err := conn.ExecContext(ctx, q); err != nil {
-			t.Fatal(err)
-		}
-	}
+	testenv.DeadRows(t, s.DB, 50, 50) // written and deleted after the snapshot: dead, and kept
 	// Past --horizon-warn before the sidecar's first look.
 	testenv.Eventually(t, 30*time.Second, "the snapshot held for a second", func() bool {
 		var past bool

@@ -155,21 +155,10 @@ func TestRelayMovesToAnotherNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	name := testenv.Unique("cluster")
-	r, err := relay.New(s.DB.DB, relay.Config{URLs: c.URLs(), DatabaseURL: s.URL, Name: name,
-		BatchSize: 100, ConfirmTimeout: 2 * time.Second, Lease: 5 * time.Second,
-		PollInterval: 50 * time.Millisecond, MinBackoff: 10 * time.Millisecond, MaxBackoff: 100 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	}()
+	r, stop := runRelay(t, c, s, func(cfg *relay.Config) {
+		cfg.Name, cfg.BatchSize, cfg.ConfirmTimeout, cfg.Lease = name, 100, 2*time.Second, 5*time.Second
+	})
+	defer stop()
 	testenv.Eventually(t, time.Minute, "the relay to have published part of the backlog", func() bool {
 		return r.Stats().Published >= n/10
 	})
@@ -377,7 +366,7 @@ func TestPartitionedConsumersScaleAndSurviveAKill(t *testing.T) {
 		start()
 	}
 
-	stopRelay := runRelay(t, c, s)
+	_, stopRelay := runRelay(t, c, s, nil)
 	defer stopRelay()
 	const keys, rounds = 40, 30
 	ob, err := outbox.New(outbox.Config{})
@@ -438,18 +427,23 @@ func TestPartitionedConsumersScaleAndSurviveAKill(t *testing.T) {
 	}
 }
 
-// runRelay runs a relay on s's outbox publishing to c's nodes.
-func runRelay(t *testing.T, c *cluster.Cluster, s *testenv.Schema) (stop func()) {
+// runRelay runs a relay on s's outbox publishing to c's nodes, with edit
+// applied to its configuration; stop ends it.
+func runRelay(t *testing.T, c *cluster.Cluster, s *testenv.Schema, edit func(*relay.Config)) (r *relay.Relay, stop func()) {
 	t.Helper()
-	r, err := relay.New(s.DB.DB, relay.Config{URLs: c.URLs(), DatabaseURL: s.URL, Name: testenv.Unique("cluster"),
-		PollInterval: 50 * time.Millisecond, MinBackoff: 10 * time.Millisecond, MaxBackoff: 100 * time.Millisecond})
+	cfg := relay.Config{URLs: c.URLs(), DatabaseURL: s.URL, Name: testenv.Unique("cluster"),
+		PollInterval: 50 * time.Millisecond, MinBackoff: 10 * time.Millisecond, MaxBackoff: 100 * time.Millisecond}
+	if edit != nil {
+		edit(&cfg)
+	}
+	r, err := relay.New(s.DB.DB, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- r.Run(ctx) }()
-	return func() {
+	return r, func() {
 		cancel()
 		if err := <-done; err != nil {
 			t.Errorf("relay Run: %v", err)

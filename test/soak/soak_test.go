@@ -148,18 +148,9 @@ func TestHeldSnapshotLosesNothingAndTheRelayRecovers(t *testing.T) {
 	}
 	time.Sleep(phase) // the load's phases are durations, not synchronisation
 	report("before", phase)
-	holder, err := s.DB.Conn(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := holder.ExecContext(context.Background(), `BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1`); err != nil {
-		t.Fatal(err)
-	}
+	_, release := testenv.HoldSnapshot(t, s.URL)
 	time.Sleep(2 * phase)
-	if _, err := holder.ExecContext(context.Background(), `COMMIT`); err != nil {
-		t.Fatal(err)
-	}
-	holder.Close()
+	release()
 	report("hold", 2*phase)
 	time.Sleep(phase)
 	report("after", phase)
