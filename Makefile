@@ -1,5 +1,5 @@
 # The README's commands: `make demo` and `make test`.
-.PHONY: test demo bench chaos cluster
+.PHONY: test demo bench chaos chaos-cluster cluster
 SHELL := /bin/bash
 
 # The parallel suite first, then the database packages again on pgx's
@@ -20,6 +20,11 @@ test:
 # CHAOS_FLAGS='-chaos.seed N'.
 chaos:
 	go test -count=1 -timeout 40m -tags chaos -v -run TestChaos ./test/chaos/ -chaos.duration 20m $(CHAOS_FLAGS)
+
+# The cluster profile: the same faults on a private 3-node cluster, the
+# processes given every node, a node stopped and started every 40 s.
+chaos-cluster:
+	go test -count=1 -timeout 40m -tags chaos -v -run TestChaos ./test/chaos/ -chaos.nodes 3 -chaos.duration 5m $(CHAOS_FLAGS)
 
 # A private 3-node RabbitMQ cluster on loopback ports until Ctrl-C; prints
 # its AMQP URLs (for AMQP_URL) and node names. CLUSTER_FLAGS='-n 1'.

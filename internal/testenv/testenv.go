@@ -202,15 +202,20 @@ type Broker struct {
 	t    testing.TB
 }
 
-// NewBroker connects to RabbitMQ and closes the connection when the test ends.
+// NewBroker connects to RabbitMQ (the first node of AMQPURL that answers,
+// when it lists a cluster's) and closes the connection when the test ends.
 func NewBroker(t testing.TB) *Broker {
 	t.Helper()
-	conn, err := Dial(AMQPURL(), Unique("test"))
-	if err != nil {
-		Unavailable(t, "RabbitMQ at "+Redact(AMQPURL()), err, startRabbit)
+	var err error
+	for _, url := range strings.Split(AMQPURL(), ",") {
+		var conn *amqp.Connection
+		if conn, err = Dial(url, Unique("test")); err == nil {
+			t.Cleanup(func() { conn.Close() })
+			return &Broker{URL: url, Conn: conn, t: t}
+		}
 	}
-	t.Cleanup(func() { conn.Close() })
-	return &Broker{URL: AMQPURL(), Conn: conn, t: t}
+	Unavailable(t, "RabbitMQ at "+Redact(AMQPURL()), err, startRabbit)
+	return nil
 }
 
 // Dial connects with a connection_name, which `rabbitmqctl list_connections

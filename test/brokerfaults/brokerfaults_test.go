@@ -30,7 +30,7 @@ import (
 // user of the machine's broker.
 func TestMain(m *testing.M) {
 	testenv.SkipWithoutServices(true)
-	stop := cluster.Private()
+	_, stop := cluster.Private(1)
 	code := m.Run()
 	stop()
 	os.Exit(code)

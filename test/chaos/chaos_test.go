@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"math/rand"
 	"net"
+	"net/url"
 	"os"
 	"os/exec"
 	"sort"
@@ -31,7 +32,10 @@ import (
 var (
 	runFor  = flag.Duration("chaos.duration", 100*time.Second, "how long events are written and faults injected")
 	seedArg = flag.Int64("chaos.seed", 0, "schedule seed (0 = from the clock); printed so a failing run can be replayed")
-	rate    = flag.Int("chaos.rate", 40, "events per second written")
+	// nodeCount > 1 is the cluster profile.
+	nodeCount = flag.Int("chaos.nodes", 1, "private RabbitMQ nodes: 1, or 3 for the cluster profile (a node stopped and started again every 40 s)")
+	nodes     *cluster.Cluster
+	rate      = flag.Int("chaos.rate", 40, "events per second written")
 )
 
 const (
@@ -143,13 +147,16 @@ func rabbitmqctl(t *testing.T, args ...string) {
 	}
 }
 
-// TestMain runs the suite on a private RabbitMQ node (its faults stop
-// and restart the broker's app); the relay and consumer processes get its
-// URL through AMQP_URL.
+// TestMain runs the suite on private RabbitMQ nodes (its faults stop and
+// restart the broker's app): one, or with -chaos.nodes 3 a cluster (the
+// cluster profile: the relays and consumers get every node, and the
+// broker's restart becomes a node's, repeated). The relay and consumer
+// processes get the URLs through AMQP_URL, each node behind a proxy.
 func TestMain(m *testing.M) {
 	flag.Parse()
 	testenv.SkipWithoutServices(true)
-	stop := cluster.Private()
+	var stop func()
+	nodes, stop = cluster.Private(*nodeCount)
 	code := m.Run()
 	stop()
 	os.Exit(code)
@@ -190,16 +197,28 @@ func TestChaos(t *testing.T) {
 	// Proxies between the processes and the services.
 	tp := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(nil), zerolog.Nop())
 	pgProxy := toxiproxy.NewProxy(tp, "pg", freeAddr(t), "127.0.0.1:5432")
-	amqpProxy := toxiproxy.NewProxy(tp, "amqp", freeAddr(t), "127.0.0.1:5672")
-	for _, p := range []*toxiproxy.Proxy{pgProxy, amqpProxy} {
+	// One proxy for each private node (TestMain), and the URL list the
+	// processes get: every node, through its proxy.
+	proxies := []*toxiproxy.Proxy{pgProxy}
+	var amqpURLs []string
+	for i, node := range nodes.URLs() {
+		u, err := url.Parse(node)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := toxiproxy.NewProxy(tp, fmt.Sprint("amqp", i), freeAddr(t), u.Host)
+		proxies = append(proxies, p)
+		amqpURLs = append(amqpURLs, strings.Replace(node, u.Host, p.Listen, 1))
+	}
+	for _, p := range proxies {
 		if err := p.Start(); err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(p.Stop)
 	}
-	viaProxy := func(url, hostport, app string) string {
-		u := strings.Replace(url, "127.0.0.1:5432", hostport, 1)
-		u = strings.Replace(u, "127.0.0.1:5672", hostport, 1)
+	amqpURL := strings.Join(amqpURLs, ",")
+	viaProxy := func(dsn, hostport, app string) string {
+		u := strings.Replace(dsn, "127.0.0.1:5432", hostport, 1)
 		if app != "" {
 			u = testenv.WithAppName(u, app)
 		}
@@ -213,13 +232,13 @@ func TestChaos(t *testing.T) {
 		name := fmt.Sprintf("%s-relay-%d", tag, i)
 		procs = append(procs, &proc{name: name, bin: relayBin,
 			args: []string{"run", "--name", name, "--batch-size", "50", "--lease", "3s", "--confirm-timeout", "1s", "--poll-interval", "100ms", "--max-attempts", "1000", "--active-relays", "2", "--http", "127.0.0.1:0"},
-			env:  []string{"DATABASE_URL=" + viaProxy(s.URL, pgProxy.Listen, name), "AMQP_URL=" + viaProxy(testenv.AMQPURL(), amqpProxy.Listen, "")},
+			env:  []string{"DATABASE_URL=" + viaProxy(s.URL, pgProxy.Listen, name), "AMQP_URL=" + amqpURL},
 		})
 	}
 	for i := 0; i < consumers; i++ {
 		name := fmt.Sprintf("%s-consumer-%d", tag, i)
 		procs = append(procs, &proc{name: name, bin: consumerBin,
-			env: []string{"DATABASE_URL=" + viaProxy(s.URL, pgProxy.Listen, name), "AMQP_URL=" + viaProxy(testenv.AMQPURL(), amqpProxy.Listen, ""),
+			env: []string{"DATABASE_URL=" + viaProxy(s.URL, pgProxy.Listen, name), "AMQP_URL=" + amqpURL,
 				"CHAOS_QUEUE=" + queue, "CHAOS_NAME=" + name},
 		})
 	}
@@ -331,6 +350,9 @@ func TestChaos(t *testing.T) {
 	// longer than a standby waits before it ends a silent publisher's
 	// session, then thawed.
 	const freezeEvery = 90 * time.Second
+	// In the cluster profile a node stops and starts again every
+	// nodeStopEvery, from brokerRestartAt on.
+	const nodeStopEvery = 40 * time.Second
 	nextFreeze := time.Duration(rng.Int63n(int64(freezeEvery)/2)) + freezeEvery/4
 	start := time.Now()
 	for ctx.Err() == nil {
@@ -358,13 +380,22 @@ func TestChaos(t *testing.T) {
 			p.signal(syscall.SIGCONT)
 			continue
 		}
-		if !restarted && time.Since(start) > brokerRestartAt {
+		if !restarted && time.Since(start) > brokerRestartAt && *nodeCount == 1 {
 			restarted = true
 			faults["broker stop_app/start_app"]++
 			rabbitmqctl(t, "stop_app")
 			time.Sleep(time.Duration(500+rng.Intn(1500)) * time.Millisecond) // the outage itself
 			rabbitmqctl(t, "start_app")
 			rabbitmqctl(t, "await_startup")
+			continue
+		}
+		if *nodeCount > 1 && time.Since(start) > brokerRestartAt {
+			brokerRestartAt += nodeStopEvery
+			faults["node stop_app/start_app"]++
+			i := rng.Intn(*nodeCount)
+			nodes.StopNode(t, i)
+			time.Sleep(time.Duration(2000+rng.Intn(4000)) * time.Millisecond) // the node's outage
+			nodes.StartNode(t, i)
 			continue
 		}
 		switch k := rng.Intn(7); k {
@@ -398,7 +429,7 @@ func TestChaos(t *testing.T) {
 			}
 		case 4:
 			faults["latency (toxiproxy)"]++
-			p := []*toxiproxy.Proxy{pgProxy, amqpProxy}[rng.Intn(2)]
+			p := proxies[rng.Intn(len(proxies))]
 			lat := 50 + rng.Intn(400)
 			if _, err := p.Toxics.AddToxicJson(strings.NewReader(fmt.Sprintf(`{"name":"lat","type":"latency","stream":"downstream","attributes":{"latency":%d,"jitter":%d}}`, lat, lat/4))); err != nil {
 				t.Fatalf("add latency toxic: %v", err)
@@ -407,7 +438,7 @@ func TestChaos(t *testing.T) {
 			p.Toxics.RemoveToxic(context.Background(), "lat")
 		case 5, 6:
 			faults["cut connections (toxiproxy)"]++
-			p := []*toxiproxy.Proxy{pgProxy, amqpProxy}[rng.Intn(2)]
+			p := proxies[rng.Intn(len(proxies))]
 			p.Stop() // closes every proxied connection and refuses new ones
 			time.Sleep(time.Duration(300+rng.Intn(2000)) * time.Millisecond)
 			if err := p.Start(); err != nil {
@@ -446,7 +477,7 @@ func TestChaos(t *testing.T) {
 	// is that every poisoned message, and nothing else, is there.
 	inDLQ := map[string]int{}
 	// A fresh connection: the faults closed the test's own.
-	checkConn, err := testenv.Dial(testenv.AMQPURL(), "chaos-check")
+	checkConn, err := testenv.Dial(b.URL, "chaos-check")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -846,27 +846,28 @@ func poll(ctx context.Context, cond func() (bool, error)) error {
 	}
 }
 
-// Private starts one private node and makes it the broker of this test
-// process and of the processes it starts (testenv.UseBroker), so a
-// package whose tests stop, restart or alarm the broker faults only its
-// own. For TestMain; it exits the process when the node cannot start
-// (with CI=true) or skips the package otherwise. stop stops the node.
-func Private(plugins ...string) (stop func()) {
+// Private starts n private nodes (one cluster) and makes them the broker
+// of this test process and of the processes it starts (testenv.UseBroker:
+// AMQP_URL lists every node; testenv.Ctl runs on the first), so a package
+// whose tests stop, restart or alarm the broker faults only its own. For
+// TestMain; it exits the process when the nodes cannot start (with
+// CI=true) or skips the package otherwise. stop stops them.
+func Private(n int, plugins ...string) (c *Cluster, stop func()) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	c, stopNodes, err := StartNodes(ctx, 1, plugins...)
+	c, stopNodes, err := StartNodes(ctx, n, plugins...)
 	if err != nil {
 		if os.Getenv("CI") != "true" {
-			fmt.Fprintln(os.Stderr, "SKIP: cannot start a private RabbitMQ node (set CI=true to fail instead):", err)
+			fmt.Fprintln(os.Stderr, "SKIP: cannot start private RabbitMQ nodes (set CI=true to fail instead):", err)
 			os.Exit(0)
 		}
-		fmt.Fprintln(os.Stderr, "FAIL: start a private RabbitMQ node:", err)
+		fmt.Fprintln(os.Stderr, "FAIL: start private RabbitMQ nodes:", err)
 		os.Exit(1)
 	}
-	testenv.UseBroker(c.URL(0), func(args ...string) (string, error) { return c.Ctl(0, args...) })
-	return func() {
+	testenv.UseBroker(strings.Join(c.URLs(), ","), func(args ...string) (string, error) { return c.Ctl(0, args...) })
+	return c, func() {
 		if err := stopNodes(); err != nil {
-			fmt.Fprintln(os.Stderr, "stop the private RabbitMQ node:", err)
+			fmt.Fprintln(os.Stderr, "stop the private RabbitMQ nodes:", err)
 		}
 	}
 }
