@@ -214,13 +214,13 @@ func (c *Consumer) session(ctx context.Context, conn *amqp.Connection) error {
 	// cancel, while earlier deliveries of its keys are still here; without
 	// it, the next one starts when the channel closes, with those
 	// deliveries returned.
+	timer := time.AfterFunc(c.cfg.ShutdownTimeout, hcancel) // ShutdownTimeout in all
 	if result == nil && !c.cfg.OrderedByKey {
 		cancelConsumer(ch, tag, w, &bg)
 		wk.finish.Store(true)
 		d.passOn(deliveries, c.cfg.ShutdownTimeout)
 	}
 	close(stop)
-	timer := time.AfterFunc(c.cfg.ShutdownTimeout, hcancel)
 	d.workers.Wait()
 	timer.Stop()
 	wk.flushAcks()
