@@ -147,13 +147,17 @@ func benchDedupe(prefill int) (float64, error) {
 }
 
 // peakRSS is the process's high-water resident set size (VmHWM), in bytes.
-func peakRSS() int64 {
-	b, err := os.ReadFile("/proc/self/status")
+func peakRSS() int64 { return procStatusBytes("self", "VmHWM:") }
+
+// procStatusBytes reads field (a size in kB) of /proc/<pid>/status, in
+// bytes; 0 if unknown.
+func procStatusBytes(pid, field string) int64 {
+	b, err := os.ReadFile("/proc/" + pid + "/status")
 	if err != nil {
 		return 0
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+		if v, ok := strings.CutPrefix(line, field); ok {
 			kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
 			return kb << 10
 		}

@@ -524,19 +524,7 @@ WHERE c.oid = 'mailroom_outbox'::regclass`).Scan(&total, &indexes, &dead)
 }
 
 // vmRSS reads a process's resident set size from /proc (0 if unknown).
-func vmRSS(pid int) int64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
-			return kb << 10
-		}
-	}
-	return 0
-}
+func vmRSS(pid int) int64 { return procStatusBytes(strconv.Itoa(pid), "VmRSS:") }
 
 func mib(b int64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
 
