@@ -334,7 +334,7 @@ func TestPartitionedConsumersScaleAndSurviveAKill(t *testing.T) {
 	c := nodes(t)
 	s := testenv.NewSchema(t)
 	s.DB.MustExec(`CREATE TABLE chaos_effects (seq bigserial PRIMARY KEY, message_id text NOT NULL, key text NOT NULL, n int NOT NULL, consumer text NOT NULL)`)
-	s.DB.MustExec(`CREATE TABLE chaos_stats (process text PRIMARY KEY, duplicates bigint, requeued bigint, retried bigint, sessions bigint)`)
+	s.DB.MustExec(`CREATE TABLE chaos_stats (process text PRIMARY KEY, duplicates bigint, requeued bigint, retried bigint, sessions bigint, owned text)`)
 	queue, ex := testenv.Unique("q"), testenv.Unique("ex")
 	ch, err := dialAny(t, c, -1).Channel()
 	if err != nil {
@@ -365,6 +365,19 @@ func TestPartitionedConsumersScaleAndSurviveAKill(t *testing.T) {
 	for range 3 {
 		start()
 	}
+	// Write only once the three share the partitions out (each reports
+	// what it owns), so that each has keys of its own from the start.
+	testenv.Eventually(t, time.Minute, "the 4 partitions shared by the 3 processes", func() bool {
+		var owned []string
+		if s.DB.Select(&owned, `SELECT owned FROM chaos_stats WHERE owned IS NOT NULL AND owned <> '[]'`) != nil || len(owned) != 3 {
+			return false
+		}
+		total := 0
+		for _, o := range owned {
+			total += len(strings.Fields(strings.Trim(o, "[]")))
+		}
+		return total == 4
+	})
 
 	_, stopRelay := runRelay(t, c, s, nil)
 	defer stopRelay()
