@@ -115,7 +115,8 @@ func TestHeldSnapshotLosesNothingAndTheRelayRecovers(t *testing.T) {
 			var ids []string
 			for i := range perTx {
 				id := outbox.NewID()
-				if err := ob.Add(ctx, tx, outbox.Message{ID: id, Exchange: ex, RoutingKey: "soak", Key: fmt.Sprint("k", (n*perTx+i)%keys),
+				// Not ctx: the stop ends the loop at the next tick, not mid-transaction.
+				if err := ob.Add(context.Background(), tx, outbox.Message{ID: id, Exchange: ex, RoutingKey: "soak", Key: fmt.Sprint("k", (n*perTx+i)%keys),
 					Headers: map[string]string{"commit": commit}, Payload: []byte(`{"pad":"` + fmt.Sprintf("%0180d", n) + `"}`)}); err != nil {
 					tx.Rollback()
 					t.Error(err)
