@@ -11,6 +11,7 @@ import (
 
 	"github.com/cenkalti/backoff/v4"
 	"github.com/google/uuid"
+	"github.com/lib/pq"
 
 	"github.com/mailroom-go/mailroom/internal/pgerr"
 	"github.com/mailroom-go/mailroom/internal/wait"
@@ -170,35 +171,38 @@ func (r *Relay) claim(ctx context.Context) ([]*row, error) {
 // claimOnce runs the claim that suits the relay's company on the table
 // (see coordination.claim), skipping the rows in held.
 func (r *Relay) claimOnce(ctx context.Context, clock *batchClock, alone, checkAlone bool, held []int64) ([]*row, error) {
-	floor, from := r.floor.value.Load(), r.floor.windowFrom()
 	if alone { // set by the coordinator, which does not run with DisableListen
 		// Nobody to take turns with, nor to keep out by leases.
-		q := claimText(r.q.claimAlone, r.cfg.BatchSize, r.cfg.ConfirmWindow, 0, "", held, false, r.keyCursor, floor, from)
-		return r.claimIn(ctx, clock, "", plan, q)
+		return r.claimRows(clock, "", func() (*sql.Rows, error) {
+			st, err := r.stmts.get(ctx, r.q.claimAlone)
+			if err != nil {
+				return nil, err
+			}
+			n := r.cfg.BatchSize
+			return st.QueryContext(ctx, n, pq.Array(held), r.keyCursor, n, windowRows*n, max(n, r.cfg.ConfirmWindow))
+		})
 	}
 	lease := uuid.NewString()
-	q := claimText(r.q.claim, r.cfg.BatchSize, r.cfg.ConfirmWindow, r.cfg.Lease.Milliseconds(), lease, held, checkAlone, r.keyCursor, floor, from)
+	q := claimText(r.q.claim, r.cfg.BatchSize, r.cfg.ConfirmWindow, r.cfg.Lease.Milliseconds(), lease, held, checkAlone, r.keyCursor)
 	if skipped := r.turnSkipped.Load(); skipped == 0 || time.Since(time.Unix(0, skipped)) > claimLockSkip {
-		rows, err := r.claimIn(ctx, clock, lease, r.q.turn, q)
+		rows, err := r.claimInTurn(ctx, clock, lease, q)
 		if !pgerr.Is(err, "55P03") { // lock_not_available
 			return rows, err
 		}
 		r.log.Warn("waited too long for the claim lock; claiming without it for a while", "wait", claimLockTimeout.String(), "for", claimLockSkip.String())
 		r.turnSkipped.Store(time.Now().UnixNano())
 	}
-	return r.claimIn(ctx, clock, lease, plan, q)
+	return r.claimRows(clock, lease, func() (*sql.Rows, error) { return r.db.QueryContext(ctx, q) })
 }
 
-// claimIn runs the claim q after the statements before it, in one
-// transaction: in one message, one round trip, where the driver sends a
-// statement without arguments as a simple query (lib/pq); else (pgx, whose
-// extended protocol takes one command per statement: SQLSTATE 42601,
-// noticed once) in an explicit transaction, a statement at a time.
-func (r *Relay) claimIn(ctx context.Context, clock *batchClock, lease string, before []string, q string) ([]*row, error) {
+// claimInTurn runs the leased claim q after taking the claim lock: in one
+// message, turn then q, one round trip, where the driver sends a statement
+// without arguments as a simple query (lib/pq); else (pgx, whose extended
+// protocol takes one command per statement: SQLSTATE 42601, noticed once)
+// in an explicit transaction of three statements.
+func (r *Relay) claimInTurn(ctx context.Context, clock *batchClock, lease, q string) ([]*row, error) {
 	if !r.turnInTx.Load() {
-		rows, err := r.claimRows(clock, lease, func() (*sql.Rows, error) {
-			return r.db.QueryContext(ctx, strings.Join(before, ";\n")+";\n"+q)
-		})
+		rows, err := r.claimRows(clock, lease, func() (*sql.Rows, error) { return r.db.QueryContext(ctx, r.q.turn+q) })
 		if !pgerr.Is(err, "42601") || !strings.Contains(err.Error(), "multiple commands") {
 			return rows, err
 		}
@@ -209,9 +213,9 @@ func (r *Relay) claimIn(ctx context.Context, clock *batchClock, lease string, be
 		return nil, fmt.Errorf("claim from %s: %w", r.tables.Outbox, err)
 	}
 	defer tx.Rollback() //nolint:errcheck // after Commit this is a no-op
-	for _, stmt := range before {
+	for _, stmt := range []string{r.q.turnTimeout, r.q.turnLock} {
 		if _, err := tx.ExecContext(ctx, stmt); err != nil {
-			return nil, fmt.Errorf("claim from %s: %s: %w", r.tables.Outbox, stmt, err)
+			return nil, fmt.Errorf("claim from %s: the claim lock: %w", r.tables.Outbox, err)
 		}
 	}
 	rows, err := r.claimRows(clock, lease, func() (*sql.Rows, error) { return tx.QueryContext(ctx, q) })

@@ -61,12 +61,12 @@ func TestClaimsTakeTurns(t *testing.T) {
 	}
 	// Noticing the waiter and releasing the lock must not race the claim's
 	// lock timeout (1 s) on a loaded machine.
-	wait := strings.Replace(r.q.turnTimeout, "lock_timeout = 1000", "lock_timeout = 60000", 1)
-	i := slices.Index(r.q.turn, r.q.turnTimeout)
-	if wait == r.q.turnTimeout || i < 0 {
+	wait := strings.Replace(r.q.turn, "lock_timeout = 1000;", "lock_timeout = 60000;", 1)
+	if wait == r.q.turn {
 		t.Fatalf("no lock_timeout of 1000 ms in %q", r.q.turn)
 	}
-	r.q.turn[i], r.q.turnTimeout = wait, wait
+	r.q.turn = wait
+	r.q.turnTimeout = strings.Replace(r.q.turnTimeout, "lock_timeout = 1000", "lock_timeout = 60000", 1) // the same, one statement at a time (pgx)
 	release := holdClaimLock(t, s)
 	claimed := make(chan []*row, 1)
 	go func() {

@@ -65,8 +65,6 @@ type Relay struct {
 	// delivered (more of the key may be due; see finish).
 	wake chan struct{}
 
-	// floor is the seq below which nothing is left to claim (floor.go).
-	floor seqFloor
 	// keyCursor is the key the last claim's walk of keys ended at (see
 	// found in sql.go); the claim loop's alone.
 	keyCursor string
@@ -227,8 +225,7 @@ func (r *Relay) Run(ctx context.Context) error {
 		wg.Add(1)
 		go func() { defer wg.Done(); r.coordinate(coordCtx, pub, r.shareDefault, wake) }()
 	}
-	wg.Add(3)
-	go func() { defer wg.Done(); r.floorLoop(ctx) }()
+	wg.Add(2)
 	go func() { defer wg.Done(); defer lock.close(); r.claimLoop(ctx, wake, batches, lock) }()
 	go func() { defer wg.Done(); pub.run(ctx, batches); close(outcomes) }()
 	r.finishLoop(ctx, outcomes) // returns when outcomes is closed and flushed

@@ -3,7 +3,6 @@ package relay
 import (
 	"context"
 	"database/sql"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -19,52 +18,30 @@ import (
 // configured table names.
 type queries struct {
 	claim, claimAlone, deleteDone, deleteDoneAsync, archiveDone, retry, retryReturning, bury, release string
-	// floorLast, floorWriters, floorSettled and floorMin find the seq
-	// floor (floor.go).
-	floorLast, floorWriters, floorSettled, floorMin, floorWindow string
 
-	// turn goes before the claim of relays that lease, in the same
-	// message or transaction (see claimIn): plan, then turnTimeout and
-	// turnLock take the claim lock.
-	turn                  []string
-	turnTimeout, turnLock string
+	// turn takes the claim lock for the claim that follows it in the same
+	// message (see claimInTurn); turnTimeout and turnLock are its two
+	// statements, for a driver that takes one per call.
+	turn, turnTimeout, turnLock string
 }
-
-// plan goes before every claim, in its transaction (see claimIn): the
-// claim reads the outbox by index only, each probe an ordered walk of
-// key_idx, available_idx or the primary key, each join a nested loop into
-// an index. On statistics taken after a held horizon (few live rows among
-// many dead ones) the planner preferred bitmap scans of the primary key
-// from a bound, sorted, sequential scans, and hash joins over a scan of
-// available_idx from its start, reading every dead row the horizon keeps:
-// claims of 1–30 s in the soak (docs/performance.md). Turning those off
-// for the claim's transaction leaves it the index walks; and each lookup
-// of rows by seq is written so that it can only be one (a LATERAL … LIMIT
-// 1, or "seq = ANY(ARRAY(…))"): after the VACUUM that followed a release,
-// on statistics of a nearly empty table, the planner otherwise walked the
-// whole primary key once as the outer side of a nested loop: claims of
-// 7–9 s. (TestClaimPlanAfterAHeldHorizon)
-var plan = []string{`SET LOCAL enable_bitmapscan = off`, `SET LOCAL enable_seqscan = off`,
-	`SET LOCAL enable_hashjoin = off`, `SET LOCAL enable_mergejoin = off`}
 
 // claimLockTimeout bounds the wait for the claim lock. It is held for one
 // claim statement (milliseconds); a longer wait means the holder's server
 // is stalled, and the relay claims without the lock for a while.
 const claimLockTimeout = time.Second
 
-// claimText renders a claim statement (claim, or claimAlone, which has no
-// $2, $3 or $5) with its values as literals: it goes in one message after
-// turn or plan, which a prepared statement cannot. The values: limit, the
-// lease's length and token, the seqs this relay holds (claimed, not yet
-// finished), which the claim skips, whether the claim checks that no relay
-// publishes alone, the key the last claim's walk of keys ended at (quoted
-// as a literal: it is the users' data), the seq floor and how far back the
-// window looks (floor.go).
+// claimText renders the claim statement of relays that lease (claim) with
+// its values as literals: it goes in one message after turn, which a
+// prepared statement cannot (claimAlone is prepared; see aloneParams). The
+// values: limit, the lease's length and token, the seqs this relay holds
+// (claimed, not yet finished), which the claim skips, whether the claim
+// checks that no relay publishes alone, and the key the last claim's walk
+// of keys ended at (quoted as a literal: it is the users' data).
 //
 // Each claim looks at windowRows × BatchSize rows in time order and walks
 // BatchSize keys (see found in newQueries); it takes up to limit heads and,
 // with their runs, up to runRows rows in all ($9; see runs).
-func claimText(query string, limit, runRows int, leaseMS int64, lease string, held []int64, checkAlone bool, cursor string, floor int64, from time.Time) string {
+func claimText(query string, limit, runRows int, leaseMS int64, lease string, held []int64, checkAlone bool, cursor string) string {
 	var b strings.Builder
 	b.WriteString("'{")
 	for i, seq := range held {
@@ -81,7 +58,6 @@ func claimText(query string, limit, runRows int, leaseMS int64, lease string, he
 	return strings.NewReplacer(
 		"$1", strconv.Itoa(limit), "$2", strconv.FormatInt(leaseMS, 10), "$3", "'"+lease+"'::uuid", "$4", b.String(), "$5", check,
 		"$6", pq.QuoteLiteral(cursor), "$7", strconv.Itoa(limit), "$8", strconv.Itoa(windowRows*limit), "$9", strconv.Itoa(max(limit, runRows)),
-		"$F", strconv.FormatInt(floor, 10), "$A", "'"+from.Format(time.RFC3339Nano)+"'::timestamptz",
 	).Replace(query)
 }
 
@@ -117,39 +93,22 @@ func newQueries(t tablenames.Resolved) queries {
 	// whose key's earlier rows are all held here continues their run
 	// (prev in runs, and chains.go).
 	//
-	// The window starts at $A (floor.go): a second before the oldest due
-	// row at the relay's last look, so it steps over the index entries
-	// of rows deleted before it, which a snapshot holding the vacuum
-	// horizon back keeps. A row committed later with an older
-	// available_at waits for the next look (or the walk, if keyed).
-	//
-	// Every probe of key_idx starts at the seq floor ($F, floor.go): no
-	// row below it is live or can still commit, and the index entries of
-	// deleted rows below it, which a snapshot holding the vacuum horizon
-	// back keeps, are skipped inside the index instead of each visiting
-	// the heap. The floor is a sub-select, "(SELECT $F)": its value is
-	// unknown to the planner. Known, on statistics taken before the rows
-	// above it were written, it promised few rows from the floor up, and
-	// the planner walked the primary key from the floor and sorted, for
-	// each step of the walk of keys: 575 ms a claim instead of 39 on 300,000
-	// deleted rows a held horizon keeps (TestClaimPlanAfterAHeldHorizon).
-	//
 	// held is the seqs this relay holds ($4), hashed once for the
 	// statement (NOT IN a subquery): the literal appears once, which
 	// keeps the planning short (a literal array in each place cost the
 	// planner more than running the claim).
-	found := `windowed AS (SELECT o.seq, o.key, o.available_at FROM ` + ob + ` o WHERE o.available_at >= $A AND ` + due + ` ORDER BY o.available_at LIMIT $8),
+	found := `windowed AS (SELECT o.seq, o.key, o.available_at FROM ` + ob + ` o WHERE ` + due + ` ORDER BY o.available_at LIMIT $8),
 held AS MATERIALIZED (SELECT unnest($4) AS seq),
 walk1(key, seq, n) AS (
-    SELECT f.key, f.seq, 1 FROM (SELECT p.key, p.seq FROM ` + ob + ` p WHERE p.key <> '' AND p.key > $6 AND p.seq >= (SELECT $F) ORDER BY p.key, p.seq LIMIT 1) f
+    SELECT f.key, f.seq, 1 FROM (SELECT p.key, p.seq FROM ` + ob + ` p WHERE p.key <> '' AND p.key > $6 ORDER BY p.key, p.seq LIMIT 1) f
     UNION ALL
-    SELECT f.key, f.seq, w.n + 1 FROM walk1 w, LATERAL (SELECT p.key, p.seq FROM ` + ob + ` p WHERE p.key <> '' AND p.key > w.key AND p.seq >= (SELECT $F) ORDER BY p.key, p.seq LIMIT 1) f
+    SELECT f.key, f.seq, w.n + 1 FROM walk1 w, LATERAL (SELECT p.key, p.seq FROM ` + ob + ` p WHERE p.key <> '' AND p.key > w.key ORDER BY p.key, p.seq LIMIT 1) f
     WHERE w.n < $7),
 walk2(key, seq, n) AS (
-    SELECT f.key, f.seq, (SELECT count(*) FROM walk1) + 1 FROM (SELECT p.key, p.seq FROM ` + ob + ` p WHERE p.key <> '' AND p.key <= $6 AND p.seq >= (SELECT $F) ORDER BY p.key, p.seq LIMIT 1) f
+    SELECT f.key, f.seq, (SELECT count(*) FROM walk1) + 1 FROM (SELECT p.key, p.seq FROM ` + ob + ` p WHERE p.key <> '' AND p.key <= $6 ORDER BY p.key, p.seq LIMIT 1) f
     WHERE (SELECT count(*) FROM walk1) < $7
     UNION ALL
-    SELECT f.key, f.seq, w.n + 1 FROM walk2 w, LATERAL (SELECT p.key, p.seq FROM ` + ob + ` p WHERE p.key <> '' AND p.key > w.key AND p.key <= $6 AND p.seq >= (SELECT $F) ORDER BY p.key, p.seq LIMIT 1) f
+    SELECT f.key, f.seq, w.n + 1 FROM walk2 w, LATERAL (SELECT p.key, p.seq FROM ` + ob + ` p WHERE p.key <> '' AND p.key > w.key AND p.key <= $6 ORDER BY p.key, p.seq LIMIT 1) f
     WHERE w.n < $7),
 walked AS (SELECT * FROM walk1 UNION ALL SELECT * FROM walk2),
 last AS (SELECT key FROM walked ORDER BY n DESC LIMIT 1),
@@ -157,12 +116,11 @@ found AS (
     SELECT w.seq, w.key, w.available_at FROM windowed w WHERE w.key = ''
     UNION
     SELECT f.seq, f.key, f.available_at FROM (SELECT DISTINCT ON (w.key) w.seq, w.key, w.available_at FROM windowed w WHERE w.key <> '' ORDER BY w.key, w.seq) f
-    WHERE f.seq = (SELECT p.seq FROM ` + ob + ` p WHERE p.key = f.key AND p.key <> '' AND p.seq >= (SELECT $F) AND ` + notHeld("p") + ` ORDER BY p.seq LIMIT 1)
+    WHERE f.seq = (SELECT p.seq FROM ` + ob + ` p WHERE p.key = f.key AND p.key <> '' AND ` + notHeld("p") + ` ORDER BY p.seq LIMIT 1)
     UNION
-    SELECT o.seq, o.key, o.available_at FROM walked w CROSS JOIN LATERAL (
-        SELECT o.seq, o.key, o.available_at FROM ` + ob + ` o WHERE o.seq = CASE WHEN ` + notHeld("w") + ` THEN w.seq
-            ELSE (SELECT p.seq FROM ` + ob + ` p WHERE p.key = w.key AND p.key <> '' AND p.seq >= (SELECT $F) AND ` + notHeld("p") + ` ORDER BY p.seq LIMIT 1) END
-        AND ` + due + ` LIMIT 1) o)`
+    SELECT o.seq, o.key, o.available_at FROM walked w JOIN ` + ob + ` o ON o.seq = CASE WHEN ` + notHeld("w") + ` THEN w.seq
+        ELSE (SELECT p.seq FROM ` + ob + ` p WHERE p.key = w.key AND p.key <> '' AND ` + notHeld("p") + ` ORDER BY p.seq LIMIT 1) END
+    WHERE ` + due + `)`
 	// runs follows the heads (first rows of their key, or unkeyed rows)
 	// of a claim with the rows after them of their key, in seq order, as
 	// long as each is due: a key's run, published one at a time by the
@@ -180,7 +138,7 @@ found AS (
 picked AS (
     SELECT c.seq, c.rn, c.prev FROM (
         SELECT h.seq, 0 AS rn, h.available_at AS at,
-               CASE WHEN h.key <> '' THEN (SELECT max(p.seq) FROM ` + ob + ` p WHERE p.key = h.key AND p.key <> '' AND p.seq >= (SELECT $F) AND p.seq < h.seq) END AS prev
+               CASE WHEN h.key <> '' THEN (SELECT max(p.seq) FROM ` + ob + ` p WHERE p.key = h.key AND p.key <> '' AND p.seq < h.seq) END AS prev
         FROM heads h
         UNION ALL
         SELECT q.seq, q.rn, h.available_at, NULL FROM heads h CROSS JOIN LATERAL (
@@ -241,13 +199,13 @@ free AS MATERIALIZED (SELECT pg_try_advisory_xact_lock_shared(` + strconv.Itoa(l
 ` + found + `,
 heads AS (
     SELECT o.seq, o.key, o.available_at FROM ` + ob + ` o
-    WHERE o.seq = ANY(ARRAY(SELECT seq FROM found)) AND ` + due + `
+    WHERE o.seq IN (SELECT seq FROM found) AND ` + due + `
     ORDER BY o.available_at, o.seq
     LIMIT $1
     FOR UPDATE SKIP LOCKED),
 ` + runs + `
 UPDATE ` + ob + ` o SET leased_until = now() + $2 * interval '1 millisecond', lease = $3
-FROM picked WHERE o.seq = ANY(ARRAY(SELECT seq FROM picked)) AND o.seq = picked.seq AND (SELECT true FROM async) AND $5
+FROM picked WHERE o.seq = picked.seq AND (SELECT true FROM async) AND $5
 RETURNING o.seq, picked.rn, picked.prev, (SELECT key FROM last), ` + prefixed("o.", columns),
 
 		// claimAlone is the claim of a relay publishing alone on its table
@@ -259,37 +217,11 @@ RETURNING o.seq, picked.rn, picked.prev, (SELECT key FROM last), ` + prefixed("o
 		// 0.5-0.6 s without (keyed rows: 1.6-1.9 s and 1.0 s). The same
 		// conditions as claim: due, no live lease of another relay (one
 		// that published before), first of its key.
-		claimAlone: `WITH RECURSIVE ` + found + `,
+		claimAlone: aloneParams.Replace(`WITH RECURSIVE ` + found + `,
 heads AS (SELECT * FROM found ORDER BY available_at, seq LIMIT $1),
 ` + runs + `
 SELECT o.seq, picked.rn, picked.prev, (SELECT key FROM last), ` + prefixed("o.", columns) + ` FROM picked JOIN ` + ob + ` o ON o.seq = picked.seq
-WHERE o.seq = ANY(ARRAY(SELECT seq FROM picked))
-ORDER BY picked.rn, o.available_at, o.seq`,
-
-		// floorLast is the outbox sequence's last value: every row drawn
-		// so far has a seq at most that, with the identity's default
-		// CACHE 1 (values drawn in order across sessions); -1 when the
-		// sequence caches more, which rules the floor out.
-		floorLast: `SELECT CASE WHEN s.seqcache > 1 THEN -1 ELSE coalesce(pg_sequence_last_value(s.seqrelid), 0) END
-FROM pg_sequence s WHERE s.seqrelid = pg_get_serial_sequence('` + strings.ReplaceAll(ob, `'`, `''`) + `', 'seq')::regclass`,
-		// floorWriters are the transactions that may still insert rows
-		// drawn before floorLast ran: an INSERT or COPY takes
-		// RowExclusiveLock on the table before it draws a seq (a cached
-		// plan too) and keeps it until its transaction ends. The relays'
-		// own updates and deletes are among them, briefly.
-		floorWriters: `SELECT coalesce(string_agg(virtualtransaction, ','), '') FROM pg_locks
-WHERE locktype = 'relation' AND relation = ` + obOID + `::oid AND mode = 'RowExclusiveLock'
-  AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND pid IS DISTINCT FROM pg_backend_pid()`, // a prepared transaction's pid is NULL
-		// floorSettled: have all of $1 (floorWriters' list) ended?
-		floorSettled: `SELECT NOT EXISTS (SELECT FROM pg_locks WHERE locktype = 'relation' AND relation = ` + obOID + `::oid
-  AND mode = 'RowExclusiveLock' AND virtualtransaction = ANY(string_to_array($1::text, ',')))`,
-		// floorMin is the least live seq from $1 up, or $2 + 1 when there
-		// is none up to $2 (pkey; from the old floor, it walks only the
-		// entries of rows deleted since).
-		floorMin: `SELECT least(coalesce(min(seq), $2::bigint + 1), $2::bigint + 1) FROM ` + ob + ` WHERE seq >= $1::bigint`,
-		// floorWindow is where the claims' window starts: a second
-		// before the oldest due row (any lease), or before now.
-		floorWindow: `SELECT coalesce(min(available_at), now()) - interval '1 second' FROM ` + ob + ` WHERE available_at <= now()`,
+ORDER BY picked.rn, o.available_at, o.seq`),
 
 		// deleteDone removes confirmed rows by primary key. No lease check: a
 		// confirmed message is delivered whoever holds the row now.
@@ -339,7 +271,7 @@ RETURNING o.seq`,
 FROM unnest($1::bigint[], $2::uuid[]) AS f(seq, lease)
 WHERE o.seq = f.seq AND o.lease = f.lease`,
 	}
-	q.turn = append(slices.Clip(plan), q.turnTimeout, q.turnLock)
+	q.turn = q.turnTimeout + ";\n" + q.turnLock + ";\n"
 	// retryReturning is retry returning the seqs it scheduled (buryRows).
 	q.retryReturning = q.retry + ` RETURNING o.seq`
 	return q
@@ -350,6 +282,14 @@ WHERE o.seq = f.seq AND o.lease = f.lease`,
 // claimed without one (f.lease is ”), no other relay holds a live lease
 // on it.
 const owned = `CASE WHEN f.lease = '' THEN o.leased_until IS NULL OR o.leased_until <= now() ELSE o.lease = f.lease::uuid END`
+
+// aloneParams numbers the values of claimAlone, a prepared statement (the
+// claim a relay publishing alone runs at every turn, so its planning is
+// saved): $1 limit, $2 the held seqs, $3 the walk's cursor, $4 the keys to
+// walk, $5 the window's rows, $6 the rows with runs (see claimText). The
+// held seqs are hashed once (held), so a generic plan costs them nothing
+// more than a literal would.
+var aloneParams = strings.NewReplacer("$1", "$1::int", "$4", "$2::bigint[]", "$6", "$3::text", "$7", "$4::int", "$8", "$5::int", "$9", "$6::int")
 
 // notHeld is the condition that row a is not held by this relay (the
 // held CTE of a claim).
