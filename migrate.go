@@ -169,6 +169,7 @@ func render(src string, r tablenames.Resolved) (string, error) {
 		{"mailroom_outbox_wake", r.Wake},
 		{"mailroom_outbox_notify", r.Notify},
 		{"mailroom_outbox_lease_guard", r.LeaseGuard},
+		{"mailroom_outbox_relays", r.Relays},
 		{"mailroom_outbox", r.Outbox},
 		{"mailroom_inbox", r.Inbox},
 	}

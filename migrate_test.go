@@ -48,7 +48,7 @@ func TestMigrateTwiceAndConcurrently(t *testing.T) {
 	if err := s.DB.Select(&tables, `SELECT table_name FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1`, s.Name); err != nil {
 		t.Fatal(err)
 	}
-	want := "mailroom_inbox mailroom_outbox mailroom_outbox_dead mailroom_outbox_published mailroom_outbox_wake mailroom_schema_migrations"
+	want := "mailroom_inbox mailroom_outbox mailroom_outbox_dead mailroom_outbox_published mailroom_outbox_relays mailroom_outbox_wake mailroom_schema_migrations"
 	if got := strings.Join(tables, " "); got != want {
 		t.Fatalf("tables %q, want %q", got, want)
 	}

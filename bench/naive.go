@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"database/sql"
+	"encoding/json"
 	"fmt"
 	"time"
 
@@ -56,7 +57,7 @@ func naiveBatch(db *sql.DB, ch *amqp.Channel, confirms <-chan amqp.Confirmation)
 		return 0, err
 	}
 	defer tx.Rollback()
-	rs, err := tx.Query(`SELECT seq, id, exchange, routing_key, content_type, payload FROM mailroom_outbox
+	rs, err := tx.Query(`SELECT seq, id, exchange, routing_key, content_type, headers, payload FROM mailroom_outbox
 ORDER BY seq LIMIT 500 FOR UPDATE SKIP LOCKED`)
 	if err != nil {
 		return 0, err
@@ -67,8 +68,12 @@ ORDER BY seq LIMIT 500 FOR UPDATE SKIP LOCKED`)
 	for rs.Next() {
 		var seq int64
 		var m amqp.Publishing
-		if err := rs.Scan(&seq, &m.MessageId, &exchange, &routingKey, &m.ContentType, &m.Body); err != nil {
+		var headers []byte
+		if err := rs.Scan(&seq, &m.MessageId, &exchange, &routingKey, &m.ContentType, &headers, &m.Body); err != nil {
 			return 0, err
+		}
+		if err := json.Unmarshal(headers, &m.Headers); err != nil { // the soak's consumer reads its event numbers from them
+			return 0, fmt.Errorf("headers of row %d: %w", seq, err)
 		}
 		m.DeliveryMode = amqp.Persistent
 		seqs, msgs = append(seqs, seq), append(msgs, m)

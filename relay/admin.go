@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -27,6 +28,8 @@ type Admin struct {
 	db     *sql.DB
 	tables tablenames.Resolved
 	q      adminQueries
+
+	relaysTable atomic.Bool // the _relays table was found (Status)
 }
 
 // NewAdmin returns the Admin of the outbox named by tables (zero fields take
@@ -74,10 +77,14 @@ type StatusReport struct {
 	// Dead counts rows in the dead-letter table.
 	Dead int64 `json:"dead"`
 	// Relays counts the relays running on the outbox now: each shows
-	// itself by an advisory lock on a session of its own (relays with
-	// DisableListen do not). Publishing counts those of them that hold a
-	// publishing slot (Config.ActiveRelays); the others stand by.
+	// itself by an advisory lock on a session of its own, or, with
+	// DisableListen (no session of its own), by a row written every 5 s
+	// and counted for 15 s (schema version 7). Polling counts the latter
+	// (included in Relays). Publishing counts the relays that hold a
+	// publishing slot (Config.ActiveRelays); the others stand by. Relays
+	// with DisableListen take no slot: each publishes, with leases.
 	Relays     int64 `json:"relays"`
+	Polling    int64 `json:"polling"`
 	Publishing int64 `json:"publishing"`
 }
 
@@ -142,6 +149,19 @@ func (a *Admin) Status(ctx context.Context) (StatusReport, error) {
 		return StatusReport{}, fmt.Errorf("relay: status: %w", err)
 	}
 	s.OldestPendingAge = time.Duration(age * float64(time.Second))
+	if !a.relaysTable.Load() { // looked up until found: a migration may come while the sidecar runs
+		var exists bool
+		if err := a.db.QueryRowContext(ctx, a.q.relaysTable).Scan(&exists); err != nil {
+			return StatusReport{}, fmt.Errorf("relay: status: %w", err)
+		}
+		a.relaysTable.Store(exists)
+	}
+	if a.relaysTable.Load() {
+		if err := a.db.QueryRowContext(ctx, a.q.polling).Scan(&s.Polling); err != nil {
+			return StatusReport{}, fmt.Errorf("relay: status: relays without a session: %w", err)
+		}
+		s.Relays += s.Polling
+	}
 	return s, nil
 }
 

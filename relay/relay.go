@@ -224,6 +224,9 @@ func (r *Relay) Run(ctx context.Context) error {
 	if !r.cfg.DisableListen { // a session of its own: not through PgBouncer
 		wg.Add(1)
 		go func() { defer wg.Done(); r.coordinate(coordCtx, pub, r.shareDefault, wake) }()
+	} else {
+		wg.Add(1)
+		go func() { defer wg.Done(); r.heartbeat(coordCtx) }()
 	}
 	wg.Add(2)
 	go func() { defer wg.Done(); defer lock.close(); r.claimLoop(ctx, wake, batches, lock) }()

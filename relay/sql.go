@@ -19,6 +19,10 @@ import (
 type queries struct {
 	claim, claimAlone, deleteDone, deleteDoneAsync, archiveDone, retry, retryReturning, bury, release string
 
+	// seen, forgetGone and leave keep the row of a relay without a
+	// session of its own (heartbeat.go).
+	seen, forgetGone, leave string
+
 	// turn takes the claim lock for the claim that follows it in the same
 	// message (see claimInTurn); turnTimeout and turnLock are its two
 	// statements, for a driver that takes one per call.
@@ -227,6 +231,11 @@ ORDER BY picked.rn, o.available_at, o.seq`),
 		// confirmed message is delivered whoever holds the row now.
 		deleteDone: `DELETE FROM ` + ob + ` WHERE seq = ANY($1::bigint[])`,
 
+		seen: `INSERT INTO ` + t.Relays.Quoted() + ` (instance, name) VALUES ($1::uuid, $2)
+ON CONFLICT (instance) DO UPDATE SET seen_at = now(), name = excluded.name`,
+		forgetGone: `DELETE FROM ` + t.Relays.Quoted() + ` WHERE seen_at < now() - interval '1 minute'`,
+		leave:      `DELETE FROM ` + t.Relays.Quoted() + ` WHERE instance = $1::uuid`,
+
 		// deleteDoneAsync is deleteDone as one autocommit statement that
 		// commits asynchronously, like the claim.
 		deleteDoneAsync: `WITH async AS (SELECT set_config('synchronous_commit', 'off', true))
@@ -397,6 +406,10 @@ const asyncCommitSQL = `SET LOCAL synchronous_commit = off`
 // adminQueries are the statements of Admin (admin.go).
 type adminQueries struct {
 	status, listDead, showDead, lockDead, lastDead, replay, replayAll, discard, purgePublished string
+	// polling counts the relays without a session of their own seen
+	// lately (heartbeat.go); relaysTable says whether their table exists
+	// (schema version 7).
+	polling, relaysTable string
 	// tuples is Admin.Horizon's, with horizonSQL.
 	tuples string
 }
@@ -450,6 +463,8 @@ func newAdminQueries(t tablenames.Resolved) adminQueries {
 	obOID := `'` + strings.ReplaceAll(ob, `'`, `''`) + `'::regclass::oid`
 	const deadCols = `seq, id, exchange, routing_key, key, type, content_type, headers, payload, created_at`
 	return adminQueries{
+		polling:     `SELECT count(*) FROM ` + t.Relays.Quoted() + ` WHERE seen_at > now() - ` + strconv.Itoa(int(seenWithin.Seconds())) + ` * interval '1 second'`,
+		relaysTable: `SELECT to_regclass('` + strings.ReplaceAll(t.Relays.Quoted(), `'`, `''`) + `') IS NOT NULL`,
 		// A sequential scan of the outbox: it holds only what is not yet
 		// published, so it is small when the relay keeps up (and when it
 		// does not, this is the query that says so). The dead-letter count

@@ -22,7 +22,8 @@ later, retrying after a failure, in flight), how long the oldest pending
 row has waited since it was due, or since it was written once it failed
 (the lag: alert on it), the number of dead letters and
 the number of relays running on the outbox (publishing, or standing by
-to take over).
+to take over; relays run with --no-listen show themselves by a row every
+5 s instead of a session lock, and are counted apart as polling).
 
 It also prints the outbox's live and dead tuples and what holds the
 database's vacuum horizon back (the oldest transaction's age, and who holds
@@ -31,7 +32,7 @@ deletes cannot be cleaned up and claims slow down.
 
 --json prints one object:
   {"pending": 3, "scheduled": 0, "retrying": 1, "in_flight": 2,
-   "oldest_pending_age_seconds": 1.5, "dead": 0, "relays": 2, "publishing": 1,
+   "oldest_pending_age_seconds": 1.5, "dead": 0, "relays": 2, "polling": 0, "publishing": 1,
    "outbox_dead_tuples": 120, "outbox_live_tuples": 3,
    "outbox_last_vacuum": "2025-01-02T15:04:05Z", "horizon_age_seconds": 0.2,
    "horizon_xmin_age": 4, "horizon_held_by": "pid 4242 (application_name \"billing\", active)"}
@@ -84,7 +85,7 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 	fmt.Fprintf(stdout, "pending             %d (scheduled %d, retrying %d, in flight %d)\n", st.Pending, st.Scheduled, st.Retrying, st.InFlight)
 	fmt.Fprintf(stdout, "oldest pending age  %s\n", st.OldestPendingAge.Round(time.Millisecond))
 	fmt.Fprintf(stdout, "dead letters        %d\n", st.Dead)
-	fmt.Fprintf(stdout, "relays running      %d (publishing %d, standing by %d)\n", st.Relays, st.Publishing, max(st.Relays-st.Publishing, 0))
+	fmt.Fprintf(stdout, "relays running      %d (publishing %d, standing by %d, polling %d)\n", st.Relays, st.Publishing, max(st.Relays-st.Publishing-st.Polling, 0), st.Polling)
 	vacuumed := "never vacuumed"
 	if !h.LastVacuum.IsZero() {
 		vacuumed = "last vacuum " + time.Since(h.LastVacuum).Round(time.Second).String() + " ago"

@@ -34,6 +34,10 @@ type Resolved struct {
 	// "_notify", in the outbox's schema), called by the default of the
 	// outbox's notified column; see migrations 0003 and 0005.
 	Notify sqlident.Name
+	// Relays is where relays without a session of their own
+	// (DisableListen) show themselves (Outbox + "_relays", in the
+	// outbox's schema); see migration 0007.
+	Relays sqlident.Name
 	// LeaseGuard is the outbox's UPDATE trigger function (Outbox +
 	// "_lease_guard", in the outbox's schema) that rejects the claims of
 	// relays older than schema version 4; see migration 0005.
@@ -77,6 +81,9 @@ func Resolve(t Names) (Resolved, error) {
 	}
 	if r.Notify, err = r.Outbox.Derived("_notify"); err != nil {
 		return r, fmt.Errorf("mailroom: Tables.Outbox (its _notify function): %w", err)
+	}
+	if r.Relays, err = r.Outbox.Derived("_relays"); err != nil {
+		return r, fmt.Errorf("mailroom: Tables.Outbox (its _relays table): %w", err)
 	}
 	if r.LeaseGuard, err = r.Outbox.Derived("_lease_guard"); err != nil {
 		return r, fmt.Errorf("mailroom: Tables.Outbox (its _lease_guard trigger function): %w", err)
