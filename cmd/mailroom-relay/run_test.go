@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -759,5 +760,36 @@ func TestSidecarNodesOfACluster(t *testing.T) {
 		if strings.Contains(l, "relay starting") && !strings.Contains(l, ln.Addr().String()) {
 			t.Errorf("the start line does not name both nodes: %s", l)
 		}
+	}
+}
+
+// A sidecar run with --no-listen (behind PgBouncer) holds no session lock,
+// yet `status` counts it, apart as polling, beside one that listens; once
+// it stops it is no longer counted.
+func TestStatusCountsNoListenSidecars(t *testing.T) {
+	t.Parallel()
+	s := testenv.NewSchema(t)
+	testenv.NewBroker(t)
+	polling := startSidecar(t, s.URL, "--no-listen")
+	polling.waitReady()
+	startSidecar(t, s.URL).waitReady()
+	status := func() (st struct{ Relays, Polling, Publishing int64 }) {
+		t.Helper()
+		r := runBin(t, cleanEnv("DATABASE_URL="+s.URL), "status", "--json")
+		if r.code != 0 || json.Unmarshal([]byte(r.stdout), &st) != nil {
+			t.Fatalf("status --json: exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
+		}
+		return st
+	}
+	testenv.Eventually(t, 30*time.Second, "status counting 2 relays, 1 polling", func() bool {
+		st := status()
+		return st.Relays == 2 && st.Polling == 1
+	})
+	if err := polling.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	<-polling.done
+	if st := status(); st.Relays != 1 || st.Polling != 0 {
+		t.Fatalf("after the --no-listen sidecar stopped: %+v; want 1 relay, none polling", st)
 	}
 }
