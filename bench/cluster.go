@@ -22,7 +22,7 @@ import (
 
 var (
 	clusterNodes = flag.Int("cluster", 0, "run on a private RabbitMQ cluster of this many nodes started for the run (quorum queues), instead of the machine's broker")
-	partitions   = flag.String("partitions", "1,2,4", "partitions: the partition counts, each consumed by as many inbox.Group members (needs the consistent-hash exchange: use -cluster)")
+	partitions   = flag.String("partitions", "1,2,4", "partitions: the partition counts, each consumed by as many inbox.Group members (on a private cluster: use -cluster)")
 	partEvents   = flag.Int("partition-events", 20000, "partitions: messages per count, over -partition-keys keys")
 	partKeys     = flag.Int("partition-keys", 1000, "partitions: ordering keys")
 	relayFirst   = flag.Bool("cluster-relay-first", false, "with -cluster: give the relays only node 1, where the bench's queue is declared (its leader), instead of every node")
@@ -47,7 +47,7 @@ func useCluster() (stop func()) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	began := time.Now()
-	c, stopNodes, err := cluster.StartNodes(ctx, *clusterNodes, "rabbitmq_consistent_hash_exchange")
+	c, stopNodes, err := cluster.StartNodes(ctx, *clusterNodes)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench: start a private cluster:", err)
 		os.Exit(1)

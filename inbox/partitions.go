@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -15,18 +16,24 @@ import (
 
 	"github.com/mailroom-go/mailroom/internal/locks"
 	"github.com/mailroom-go/mailroom/internal/wait"
+	"github.com/mailroom-go/mailroom/internal/wire"
 )
 
-// Partitions spreads one stream over Count partition queues by a hash of
-// each message's key, so that ordered consumption scales past one process:
+// Partitions spreads one stream over Count partition queues by its
+// messages' keys, so that ordered consumption scales past one process:
 // each partition has a single active consumer, and the consumer processes
 // of a Group share the partitions between them.
 //
-// The hash is RabbitMQ's consistent-hash exchange (the
-// rabbitmq_consistent_hash_exchange plugin, shipped with RabbitMQ: enable
-// it on every node) on the x-mailroom-key header the relay sets: all
-// messages of a key go to one partition. Messages without a key all hash
-// alike and land in one partition; give ordered streams a key.
+// The relay puts each keyed message's bucket (KeyHeaders: FNV-1a of the
+// key modulo 64, a fixed part of the wire contract) in the
+// x-mailroom-bucket header, and a headers exchange routes bucket b to
+// partition b mod Count: all messages of a key go to one partition, and
+// the same one after any restart of any broker node, which RabbitMQ's
+// consistent-hash exchange did not keep (after a restart of the whole
+// cluster it placed half the keys in another partition:
+// TestPartitionOfAKeySurvivesRestarts). Messages without a key (no bucket)
+// go to partition 0 through the hash exchange's alternate exchange; give
+// ordered streams a key. Another publisher sets KeyHeaders(key).
 //
 // Count is fixed once declared: adding or removing a partition moves some
 // keys to another partition, and messages of those keys already queued in
@@ -35,7 +42,7 @@ import (
 type Partitions struct {
 	// Queue names the partitions: Queue.p0 … Queue.p<Count-1> (see
 	// PartitionQueueName), each with its own retry and dead-letter queues.
-	// The hash exchange is Queue.hash.
+	// The headers exchange is Queue.hash, its alternate Queue.nokey.
 	Queue string
 	// Count is how many partitions: the most consumer processes that work
 	// at once (more stand by). Between 1 and MaxPartitions.
@@ -51,24 +58,28 @@ type Partitions struct {
 	DeliveryLimit int
 }
 
-// MaxPartitions bounds Partitions.Count.
-const MaxPartitions = 256
+// MaxPartitions bounds Partitions.Count: one bucket each at most.
+const MaxPartitions = wire.Buckets
 
 // PartitionQueueName is the queue of partition i of queue.
 func PartitionQueueName(queue string, i int) string { return fmt.Sprintf("%s.p%d", queue, i) }
 
-// hashExchangeName is the consistent-hash exchange in front of queue's
-// partitions.
-func hashExchangeName(queue string) string { return queue + ".hash" }
+// hashExchangeName is the headers exchange in front of queue's partitions,
+// and noKeyExchangeName its alternate exchange, for messages without a
+// bucket.
+func hashExchangeName(queue string) string  { return queue + ".hash" }
+func noKeyExchangeName(queue string) string { return queue + ".nokey" }
 
-// keyHeader is the header the relay puts a message's key in.
-const keyHeader = "x-mailroom-key"
+// KeyHeaders are the headers that route a message of key to its partition,
+// as the relay sets them: for a publisher other than the relay.
+func KeyHeaders(key string) amqp.Table {
+	return amqp.Table{wire.HeaderKey: key, wire.HeaderBucket: wire.Bucket(key)}
+}
 
-// DeclarePartitions declares, idempotently, the hash exchange, every
-// partition queue as DeclareTopology does (with SingleActiveConsumer) and
-// bound to the hash exchange with equal weight, and Exchange bound to the
-// hash exchange. It fails, naming the plugin, when the consistent-hash
-// exchange type is not enabled; the channel is then closed.
+// DeclarePartitions declares, idempotently, the headers exchange with its
+// alternate, every partition queue as DeclareTopology does (with
+// SingleActiveConsumer), the binding of each bucket to its partition, and
+// Exchange bound to the headers exchange.
 func DeclarePartitions(ch *amqp.Channel, p Partitions) error {
 	if p.Queue == "" {
 		return errors.New("inbox: Partitions.Queue: required")
@@ -76,21 +87,30 @@ func DeclarePartitions(ch *amqp.Channel, p Partitions) error {
 	if p.Count < 1 || p.Count > MaxPartitions {
 		return fmt.Errorf("inbox: Partitions.Count %d: must be between 1 and %d", p.Count, MaxPartitions)
 	}
-	hx := hashExchangeName(p.Queue)
-	if err := ch.ExchangeDeclare(hx, "x-consistent-hash", true, false, false, false, amqp.Table{"hash-header": keyHeader}); err != nil {
+	hx, nx := hashExchangeName(p.Queue), noKeyExchangeName(p.Queue)
+	if err := ch.ExchangeDeclare(nx, "fanout", true, false, false, false, nil); err != nil {
+		return fmt.Errorf("inbox: declare exchange %q: %w", nx, err)
+	}
+	if err := ch.ExchangeDeclare(hx, "headers", true, false, false, false, amqp.Table{"alternate-exchange": nx}); err != nil {
 		var ae *amqp.Error
-		if errors.As(err, &ae) && ae.Code == amqp.CommandInvalid {
-			return fmt.Errorf("inbox: declare %q: the broker has no x-consistent-hash exchange type; enable the plugin on every node: rabbitmq-plugins enable rabbitmq_consistent_hash_exchange: %w", hx, err)
+		if errors.As(err, &ae) && ae.Code == amqp.PreconditionFailed {
+			return fmt.Errorf("inbox: declare headers exchange %q: one of that name exists with other settings (declared by an earlier mailroom as x-consistent-hash?): delete it, with the partitions drained, and declare again: %w", hx, err)
 		}
-		return fmt.Errorf("inbox: declare hash exchange %q: %w", hx, err)
+		return fmt.Errorf("inbox: declare headers exchange %q: %w", hx, err)
 	}
 	for i := range p.Count {
 		q := PartitionQueueName(p.Queue, i)
 		if err := DeclareTopology(ch, Topology{Queue: q, SingleActiveConsumer: true, Classic: p.Classic, DeliveryLimit: p.DeliveryLimit}); err != nil {
 			return err
 		}
-		if err := ch.QueueBind(q, "1", hx, false, nil); err != nil { // the binding key is the weight
-			return fmt.Errorf("inbox: bind %q to %q: %w", q, hx, err)
+	}
+	if err := ch.QueueBind(PartitionQueueName(p.Queue, 0), "", nx, false, nil); err != nil {
+		return fmt.Errorf("inbox: bind %q to %q: %w", PartitionQueueName(p.Queue, 0), nx, err)
+	}
+	for b := range wire.Buckets {
+		q := PartitionQueueName(p.Queue, b%p.Count)
+		if err := ch.QueueBind(q, "", hx, false, amqp.Table{"x-match": "all", wire.HeaderBucket: strconv.Itoa(b)}); err != nil {
+			return fmt.Errorf("inbox: bind %q to %q for bucket %d: %w", q, hx, b, err)
 		}
 	}
 	if p.Exchange == "" {

@@ -5,12 +5,14 @@ import (
 	"fmt"
 	"hash/fnv"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/jmoiron/sqlx"
+	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/mailroom-go/mailroom/inbox"
 	"github.com/mailroom-go/mailroom/internal/testenv"
@@ -25,9 +27,9 @@ type member struct {
 // Three members share four partitions, each partition with one of them;
 // when one leaves, the others take its partitions, and a newcomer gets a
 // share. Throughout, every message is applied once and each key's
-// messages in order. (The broker here has no consistent-hash exchange:
-// the test routes by key to the partitions itself; test/cluster runs the
-// whole topology.)
+// messages in order. (The test routes by key to the partitions itself;
+// TestDeclarePartitionsRoutesByKey checks the exchange's routing, and
+// test/cluster runs the whole topology.)
 func TestGroupSharesPartitions(t *testing.T) {
 	t.Parallel()
 	const parts, keys, perKey = 4, 40, 30
@@ -168,7 +170,7 @@ func TestNewGroupValidates(t *testing.T) {
 		want string
 	}{
 		{0, nil, "partitions 0"},
-		{inbox.MaxPartitions + 1, nil, "partitions 257"},
+		{inbox.MaxPartitions + 1, nil, "partitions 65"},
 		{2, func(c *inbox.Config) { c.RetryQueue = "r" }, "RetryQueue and DeadLetterQueue must be empty"},
 		{2, func(c *inbox.Config) { c.Queue = "" }, "Config.Queue"},
 	} {
@@ -178,6 +180,86 @@ func TestNewGroupValidates(t *testing.T) {
 		}
 		if _, err := inbox.NewGroup(&sqlx.DB{}, cfg, tc.n); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("NewGroup(%d): %v, want %q", tc.n, err, tc.want)
+		}
+	}
+}
+
+// DeclarePartitions routes each key's messages to partition Bucket mod
+// Count, every time, and messages without a key to partition 0; none is
+// routed twice. (A headers exchange: no plugin, so on the machine's broker.)
+func TestDeclarePartitionsRoutesByKey(t *testing.T) {
+	t.Parallel()
+	const parts, keys = 3, 60
+	b := testenv.NewBroker(t)
+	queue, ex := testenv.Unique("q"), testenv.Unique("ex")
+	for i := range parts {
+		q := inbox.PartitionQueueName(queue, i)
+		b.CleanupQueues(q, inbox.RetryQueueName(q), inbox.DeadLetterQueueName(q))
+		b.CleanupExchanges(inbox.DeadLetterExchangeName(q))
+	}
+	b.CleanupExchanges(ex, queue+".hash", queue+".nokey")
+	ch := b.Channel()
+	if err := inbox.DeclarePartitions(ch, inbox.Partitions{Queue: queue, Count: parts, Exchange: ex}); err != nil {
+		t.Fatal(err)
+	}
+	if err := inbox.DeclarePartitions(ch, inbox.Partitions{Queue: queue, Count: parts, Exchange: ex}); err != nil {
+		t.Fatalf("declared again: %v", err)
+	}
+	if err := ch.Confirm(false); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]int{}
+	for k := range keys {
+		key := fmt.Sprint("key-", k)
+		bucket, _ := strconv.Atoi(fmt.Sprint(inbox.KeyHeaders(key)["mailroom-bucket"]))
+		want[key] = bucket % parts
+		for range 2 {
+			if _, err := ch.PublishWithDeferredConfirm(ex, "e", true, false, amqp.Publishing{MessageId: key, Headers: inbox.KeyHeaders(key), Body: []byte("{}")}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for i := range 5 {
+		if _, err := ch.PublishWithDeferredConfirm(ex, "e", true, false, amqp.Publishing{MessageId: fmt.Sprint("nokey-", i), Body: []byte("{}")}); err != nil {
+			t.Fatal(err)
+		}
+		want[fmt.Sprint("nokey-", i)] = 0
+	}
+	// A consumer on each partition (a single active consumer's quorum
+	// queue refuses basic.get), until every copy has arrived.
+	type arrival struct {
+		id string
+		p  int
+	}
+	arrived := make(chan arrival)
+	for p := range parts {
+		ds, err := b.Channel().Consume(inbox.PartitionQueueName(queue, p), "", true, false, false, false, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		go func() {
+			for d := range ds {
+				arrived <- arrival{d.MessageId, p}
+			}
+		}()
+	}
+	got := map[string][]int{}
+	deadline := time.After(30 * time.Second)
+	for n := 0; n < 2*keys+5; n++ {
+		select {
+		case a := <-arrived:
+			got[a.id] = append(got[a.id], a.p)
+		case <-deadline:
+			t.Fatalf("%d of %d messages arrived in the partitions", n, 2*keys+5)
+		}
+	}
+	for id, p := range want {
+		copies := 2
+		if strings.HasPrefix(id, "nokey-") {
+			copies = 1
+		}
+		if len(got[id]) != copies || got[id][0] != p || got[id][copies-1] != p {
+			t.Errorf("%s: in partitions %v, want %d×%d", id, got[id], copies, p)
 		}
 	}
 }

@@ -225,13 +225,14 @@ func (p *publisher) publish(ctx context.Context, w *row) {
 func message(w *row, traced bool, ce *CloudEvents) amqp.Publishing {
 	var h amqp.Table
 	if len(w.headers) > 0 || w.key != "" || traced || ce != nil {
-		h = make(amqp.Table, len(w.headers)+1)
+		h = make(amqp.Table, len(w.headers)+2)
 	}
 	for k, v := range w.headers {
 		h[k] = v
 	}
 	if w.key != "" {
 		h[wire.HeaderKey] = w.key
+		h[wire.HeaderBucket] = wire.Bucket(w.key)
 	}
 	if ce != nil {
 		for k, v := range wire.CloudEventHeaders(cmp.Or(ce.Prefix, wire.DefaultCloudEventsPrefix), wire.CloudEvent{

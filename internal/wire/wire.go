@@ -10,18 +10,25 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"hash/fnv"
 	"mime"
+	"strconv"
 	"strings"
 	"unicode/utf8"
 )
 
 // Headers mailroom reads and writes. Names starting with ReservedPrefix
-// are mailroom's: Add refuses them, the relay refuses a row that has them,
-// and the inbox never shows them to a handler.
+// are mailroom's, and HeaderBucket: Add refuses them, the relay refuses a
+// row that has them, and the inbox never shows them to a handler.
 const (
 	ReservedPrefix = "x-mailroom-"
 	// HeaderKey carries the ordering key (the row's key column).
 	HeaderKey = "x-mailroom-key"
+	// HeaderBucket carries Bucket(key) beside HeaderKey: partitioned
+	// consumption routes on it (inbox.DeclarePartitions) through a headers
+	// exchange, which ignores every name starting with "x-" — hence the
+	// one reserved name without that prefix.
+	HeaderBucket = "mailroom-bucket"
 	// HeaderAttempt is the attempt number of a redelivery through the
 	// retry queue (absent = 1).
 	HeaderAttempt = "x-mailroom-attempt"
@@ -54,9 +61,23 @@ const (
 	DefaultContentType = "application/json"
 )
 
+// Buckets is how many buckets Bucket spreads keys over.
+const Buckets = 64
+
+// Bucket is the bucket of an ordering key, in decimal: FNV-1a (32-bit) of
+// its bytes modulo Buckets. It is part of the wire contract and never
+// changes: a key's bucket decides its partition, and a key that moved to
+// another partition could be applied there before its earlier messages.
+func Bucket(key string) string {
+	h := fnv.New32a()
+	h.Write([]byte(key))
+	return strconv.Itoa(int(h.Sum32() % Buckets))
+}
+
 // Reserved reports whether a header name is mailroom's (any case).
 func Reserved(name string) bool {
-	return len(name) >= len(ReservedPrefix) && strings.EqualFold(name[:len(ReservedPrefix)], ReservedPrefix)
+	return (len(name) >= len(ReservedPrefix) && strings.EqualFold(name[:len(ReservedPrefix)], ReservedPrefix)) ||
+		strings.EqualFold(name, HeaderBucket)
 }
 
 // BrokerHeader reports whether a header is the broker's bookkeeping
@@ -119,6 +140,8 @@ func Check(m Message) error {
 		switch {
 		case name == "":
 			return violation("Headers", "empty header name")
+		case strings.EqualFold(name, HeaderBucket):
+			return violation("Headers", "%q is reserved by mailroom: the relay sets it from Message.Key", name)
 		case Reserved(name):
 			return violation("Headers", "%q: names starting with %q are reserved by mailroom (use Message.Key for the ordering key)", name, ReservedPrefix)
 		}
