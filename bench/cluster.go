@@ -195,7 +195,7 @@ func publishKeyed(ch *amqp.Channel, exchange string, n, keys int) error {
 		}
 		err := ch.PublishWithContext(context.Background(), exchange, "e", false, false, amqp.Publishing{
 			MessageId: newID(), DeliveryMode: amqp.Persistent, ContentType: "application/json", Body: []byte(`{}`),
-			Headers: amqp.Table{inbox.HeaderKey: fmt.Sprint("k", i%keys)},
+			Headers: inbox.KeyHeaders(fmt.Sprint("k", i%keys)), // as the relay sets them
 		})
 		if err != nil {
 			return err
