@@ -5,7 +5,7 @@
 // comma-separated on the first line and its node names on the second, and
 // stops it and removes its files on SIGINT or SIGTERM.
 //
-//	go run ./internal/testenv/cluster/cmd [-n 3] [-plugins rabbitmq_consistent_hash_exchange]
+//	go run ./internal/testenv/cluster/cmd [-n 3] [-plugins name,...]
 package main
 
 import (
@@ -23,7 +23,7 @@ import (
 
 func main() {
 	n := flag.Int("n", 3, "number of nodes")
-	plugins := flag.String("plugins", "rabbitmq_consistent_hash_exchange", "comma-separated plugins to enable on every node")
+	plugins := flag.String("plugins", "", "comma-separated plugins to enable on every node (none needed by mailroom)")
 	flag.Parse()
 
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
