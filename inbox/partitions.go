@@ -26,7 +26,7 @@ import (
 //
 // The relay puts each keyed message's bucket (KeyHeaders: FNV-1a of the
 // key modulo 64, a fixed part of the wire contract) in the
-// x-mailroom-bucket header, and a headers exchange routes bucket b to
+// mailroom-bucket header, and a headers exchange routes bucket b to
 // partition b mod Count: all messages of a key go to one partition, and
 // the same one after any restart of any broker node, which RabbitMQ's
 // consistent-hash exchange did not keep (after a restart of the whole
@@ -38,7 +38,10 @@ import (
 // Count is fixed once declared: adding or removing a partition moves some
 // keys to another partition, and messages of those keys already queued in
 // the old one would be applied alongside newer ones in the new one.
-// Change it only with the queues drained and the publishers stopped.
+// Change it only with the queues drained and the publishers stopped, and
+// delete the exchange Queue.hash first (its bindings go with it): declared
+// again with another Count, the old bindings would stay beside the new
+// ones and route a bucket to two partitions.
 type Partitions struct {
 	// Queue names the partitions: Queue.p0 … Queue.p<Count-1> (see
 	// PartitionQueueName), each with its own retry and dead-letter queues.
