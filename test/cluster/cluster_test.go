@@ -575,11 +575,6 @@ func TestPartitionOfAKeySurvivesRestarts(t *testing.T) {
 	c.StopNode(t, 0)
 	c.StartNode(t, 0)
 	same("after node 0 restarted", before, placement("after node 0 restarted"))
-	for i := range 3 {
-		c.StopNode(t, i)
-	}
-	for i := 2; i >= 0; i-- { // the last one stopped first
-		c.StartNode(t, i)
-	}
+	c.RestartAll(t)
 	same("after all three restarted", before, placement("after all three restarted"))
 }

@@ -205,6 +205,32 @@ func (c *Cluster) StartNode(t testing.TB, i int) {
 	}
 }
 
+// RestartAll stops the RabbitMQ application of every node, one after
+// another, then starts them all at once — as RabbitMQ asks of a whole
+// cluster's restart: a node started alone may wait for the others'
+// tables (started one by one here, the first did, past nodeTimeout) —
+// and waits until every node runs in the cluster.
+func (c *Cluster) RestartAll(t testing.TB) {
+	t.Helper()
+	for i := range c.nodes {
+		c.StopNode(t, i)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), nodeTimeout)
+	defer cancel()
+	if err := c.each(0, func(i int) error {
+		if _, err := c.ctl(ctx, i, "start_app"); err != nil {
+			return err
+		}
+		c.setAppDown(i, false)
+		return c.awaitPort(ctx, i)
+	}); err != nil {
+		t.Fatalf("cluster: start every node again: %v", err)
+	}
+	if err := c.awaitRunning(ctx, 0, c.runningNodes()); err != nil {
+		t.Fatalf("cluster: start every node again: %v", c.withLogs(0, err))
+	}
+}
+
 // Ctl runs rabbitmqctl -n <node i> args... with the node's environment
 // (private cookie, configuration) and returns its standard output; the error
 // carries its standard error.
