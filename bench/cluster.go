@@ -125,6 +125,7 @@ func benchPartitions(parts, n, keys int) (float64, error) {
 			dch.ExchangeDelete(inbox.DeadLetterExchangeName(q), false, false)
 		}
 		dch.ExchangeDelete(queue+".hash", false, false)
+		dch.ExchangeDelete(queue+".nokey", false, false)
 	}()
 	if _, err := w.db.Exec(`CREATE TABLE applied (id text PRIMARY KEY, key text NOT NULL, n int NOT NULL)`); err != nil {
 		return 0, err
